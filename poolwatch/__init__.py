@@ -1,0 +1,24 @@
+"""poolwatch: connection-pool observability for Python services, through OpenTelemetry.
+
+Call :func:`instrument` once at start-up. Every connection pool of the libraries poolwatch
+knows is hooked, whether created before or after, and exported through OpenTelemetry as
+the ``poolwatch.*`` metric family: connections used and idle against the limit, callers
+waiting, time to get a connection, time to open one, how long connections are held,
+timeouts, connections closed and why, and leaks.
+"""
+
+from poolwatch._api import Instrumentation, instrument, pools, track, uninstrument
+from poolwatch._config import ConfigError
+from poolwatch._registry import PoolSnapshot
+from poolwatch._version import __version__
+
+__all__ = [
+    "ConfigError",
+    "Instrumentation",
+    "PoolSnapshot",
+    "__version__",
+    "instrument",
+    "pools",
+    "track",
+    "uninstrument",
+]

@@ -1,0 +1,263 @@
+"""``instrument()``, ``uninstrument()``, ``track()``, ``pools()``: idempotent and reversible."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Mapping
+from types import ModuleType, TracebackType
+from typing import Any
+
+from opentelemetry import metrics as otel_metrics
+from opentelemetry.sdk.metrics import MeterProvider
+
+from poolwatch._config import ConfigError, Settings, resolve
+from poolwatch._export import Bridge, Producer
+from poolwatch._imports import PostImportHooks
+from poolwatch._ledger import Ledger
+from poolwatch._naming import check_pool_name
+from poolwatch._provider import OwnedProvider, build
+from poolwatch._registry import PoolSnapshot, Registry, Series, snapshot_of
+from poolwatch._safe import ErrorLog, logger
+from poolwatch.adapters import ADAPTERS, Adapter
+
+_lock = threading.RLock()
+_current: Instrumentation | None = None
+
+
+class _Tracker:
+    """The core as adapters see it."""
+
+    def __init__(self, registry: Registry, errors: ErrorLog) -> None:
+        self._registry = registry
+        self._errors = errors
+
+    def track(
+        self,
+        pool: Any,
+        adapter: Adapter,
+        *,
+        target: str,
+        site: str | None = None,
+        name: str | None = None,
+        attributes: Mapping[str, str | int] | None = None,
+    ) -> Ledger:
+        return self._registry.track(
+            pool, adapter, target=target, site=site, name=name, attributes=attributes
+        )
+
+    def series_of(self, pool: Any) -> Series | None:
+        return self._registry.series_of(pool)
+
+    def report(self, where: str, error: BaseException) -> None:
+        self._errors.report(where, error)
+
+
+class Instrumentation:
+    """The handle ``instrument()`` returns: what is hooked, and how to undo it."""
+
+    def __init__(
+        self, settings: Settings, provider: MeterProvider, owned: OwnedProvider | None
+    ) -> None:
+        self.settings = settings
+        self.meter_provider = provider
+        self._owned = owned
+        self._errors = ErrorLog()
+        self._registry = Registry(settings, self._errors)
+        self._tracker = _Tracker(self._registry, self._errors)
+        self._producer = Producer(self._registry, settings, self._errors)
+        self._bridge = Bridge(self._producer, provider, self._errors)
+        self._hooks = PostImportHooks()
+        self._adapters: dict[str, Adapter] = {}
+        self._active: dict[str, Adapter] = {}
+        self._stopped = False
+
+    @property
+    def prometheus_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the Prometheus endpoint poolwatch serves, if any."""
+        return self._owned.prometheus_address if self._owned else None
+
+    @property
+    def libraries(self) -> tuple[str, ...]:
+        """Libraries hooked now (a library is hooked once the application imports it)."""
+        return tuple(self._active)
+
+    @property
+    def errors(self) -> dict[str, int]:
+        """Internal failures so far, by place; each was logged once and never raised."""
+        return self._errors.counts
+
+    def _start(self) -> None:
+        self._bridge.attach()
+        for library in self.settings.libraries:
+            adapter = ADAPTERS[library](self._tracker)
+            self._adapters[library] = adapter
+            if adapter.module in sys.modules:
+                self._activate(adapter, imported_before=True)
+            else:
+                self._hooks.watch(adapter.module, self._on_import(adapter))
+
+    def _on_import(self, adapter: Adapter) -> Any:
+        def hook(_module: ModuleType) -> None:
+            with _lock:
+                if not self._stopped:
+                    self._activate(adapter, imported_before=False)
+
+        return hook
+
+    def _activate(self, adapter: Adapter, *, imported_before: bool) -> None:
+        try:
+            adapter.instrument(imported_before=imported_before)
+        except Exception as error:
+            self._errors.report(f"{adapter.name} instrument", error)
+            try:
+                adapter.uninstrument()
+            except Exception as undo_error:
+                self._errors.report(f"{adapter.name} uninstrument", undo_error)
+            return
+        self._active[adapter.name] = adapter
+
+    def track(self, obj: Any, name: str | None = None) -> None:
+        """Track ``obj``'s pools, under ``name`` if given; see :func:`poolwatch.track`."""
+        if name is not None:
+            try:
+                check_pool_name(name)
+            except ValueError:
+                raise ConfigError(
+                    f"poolwatch.track() got name {name!r}: expected 1-200 printable characters "
+                    "without credentials or a query string"
+                ) from None
+        with _lock:
+            for adapter in self._active.values():
+                if adapter.track(obj, name):
+                    return
+        hooked = ", ".join(self._active) or "none yet"
+        raise TypeError(
+            f"poolwatch.track() got {type(obj).__module__}.{type(obj).__qualname__}: expected an "
+            f"engine, client or pool of a hooked library (hooked: {hooked})"
+        )
+
+    def pools(self) -> list[PoolSnapshot]:
+        """A snapshot of every pool series, sorted by kind and name."""
+        readings = self._registry.read()
+        return sorted((snapshot_of(r) for r in readings), key=lambda s: (s.kind, s.name))
+
+    def uninstrument(self) -> None:
+        """Undo ``instrument()``; see :func:`poolwatch.uninstrument`."""
+        global _current
+        with _lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._hooks.close()
+            self._bridge.detach()
+            for adapter in self._active.values():
+                try:
+                    adapter.uninstrument()
+                except Exception as error:
+                    self._errors.report(f"{adapter.name} uninstrument", error)
+                self._registry.untrack_adapter(adapter)
+            self._active.clear()
+            if self._owned is not None:
+                self._owned.shutdown()
+            if _current is self:
+                _current = None
+
+    def _after_fork_in_child(self) -> None:
+        self._registry.reset_after_fork()
+        self._producer.reset()
+
+    def __enter__(self) -> Instrumentation:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.uninstrument()
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopped else "active"
+        return f"<poolwatch.Instrumentation {state} libraries={list(self.libraries)}>"
+
+
+def _provider_for(
+    arguments: Mapping[str, Any], settings: Settings, environ: Mapping[str, str]
+) -> tuple[MeterProvider, OwnedProvider | None]:
+    if "meter_provider" in arguments:
+        provider = arguments["meter_provider"]
+        if not isinstance(provider, MeterProvider):
+            raise ConfigError(
+                f"poolwatch setting 'meter_provider' (argument) got {type(provider).__name__}: "
+                "expected an opentelemetry.sdk.metrics.MeterProvider"
+            )
+        if settings.prometheus_port is not None:
+            raise ConfigError(
+                "poolwatch setting 'prometheus_port' cannot be combined with 'meter_provider': "
+                "add a PrometheusMetricReader to your MeterProvider instead"
+            )
+        return provider, None
+    global_provider = otel_metrics.get_meter_provider()
+    if settings.prometheus_port is None and isinstance(global_provider, MeterProvider):
+        return global_provider, None
+    owned = build(settings, environ)
+    return owned.provider, owned
+
+
+def instrument(**settings: Any) -> Instrumentation:
+    """Hook every connection pool of the libraries poolwatch knows; see the package docs."""
+    global _current
+    with _lock:
+        resolved = resolve(settings, os.environ, tuple(ADAPTERS))
+        if _current is not None:
+            if settings and resolved != _current.settings:
+                logger.warning(
+                    "poolwatch: instrument() called again with other settings; they are "
+                    "ignored: call uninstrument() first to change them"
+                )
+            return _current
+        provider, owned = _provider_for(settings, resolved, os.environ)
+        handle = Instrumentation(resolved, provider, owned)
+        try:
+            handle._start()
+        except BaseException:
+            handle.uninstrument()
+            raise
+        _current = handle
+        return handle
+
+
+def uninstrument() -> None:
+    """Restore every patched function, remove every listener, stop what poolwatch started."""
+    with _lock:
+        if _current is not None:
+            _current.uninstrument()
+
+
+def track(obj: Any, *, name: str | None = None) -> None:
+    """Track ``obj`` (an engine, async engine or pool) explicitly, optionally naming it."""
+    with _lock:
+        if _current is None:
+            raise RuntimeError("poolwatch.track() needs poolwatch.instrument() to be called first")
+        _current.track(obj, name)
+
+
+def pools() -> list[PoolSnapshot]:
+    """Snapshots of every tracked pool series (empty when poolwatch is not instrumented)."""
+    current = _current
+    return current.pools() if current is not None else []
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.RLock()
+    current = _current
+    if current is not None:
+        current._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

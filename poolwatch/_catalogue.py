@@ -1,0 +1,283 @@
+"""Every metric poolwatch exports: name, instrument, unit, attributes, description.
+
+This module is the public contract. Metric names, units and attribute names here are
+pinned by ``tests/test_catalogue.py``, both as OpenTelemetry names and as the names the
+Prometheus exporter renders. Change them only with a major version.
+
+Two families:
+
+* the ``poolwatch.*`` family, one set of metrics for every pool kind, so one dashboard and
+  one rule set cover SQLAlchemy, urllib3, botocore, httpx and aiohttp pools alike;
+* semantic-convention mirrors (``db.client.connection.*``), emitted for database pools
+  when ``semconv=True``. The semconv pool metrics are still at Development status in
+  OpenTelemetry, which is why the product's own contract is the poolwatch family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal
+
+Instrument = Literal["counter", "updowncounter", "histogram"]
+"""How a metric is exported: monotonic sum, non-monotonic sum, or explicit-bucket histogram."""
+
+# -- attribute names --------------------------------------------------------------------
+POOL_NAME: Final = "pool.name"
+POOL_KIND: Final = "pool.kind"
+SERVER_ADDRESS: Final = "server.address"
+SERVER_PORT: Final = "server.port"
+STATE: Final = "state"
+OUTCOME: Final = "outcome"
+REASON: Final = "reason"
+
+SEMCONV_POOL_NAME: Final = "db.client.connection.pool.name"
+SEMCONV_STATE: Final = "db.client.connection.state"
+
+# -- attribute values -------------------------------------------------------------------
+STATE_USED: Final = "used"
+STATE_IDLE: Final = "idle"
+
+OUTCOME_ACQUIRED: Final = "acquired"
+OUTCOME_TIMEOUT: Final = "timeout"
+OUTCOME_ERROR: Final = "error"
+WAIT_OUTCOMES: Final = (OUTCOME_ACQUIRED, OUTCOME_TIMEOUT, OUTCOME_ERROR)
+
+CONNECT_OK: Final = "ok"
+CONNECT_ERROR: Final = "error"
+CONNECT_OUTCOMES: Final = (CONNECT_OK, CONNECT_ERROR)
+
+REASON_IDLE_EXPIRED: Final = "idle_expired"
+REASON_MAX_LIFETIME: Final = "max_lifetime"
+REASON_POOL_FULL: Final = "pool_full"
+REASON_STALE: Final = "stale"
+REASON_INVALIDATED: Final = "invalidated"
+REASON_ERROR: Final = "error"
+REASON_DISPOSED: Final = "disposed"
+CLOSE_REASONS: Final = (
+    REASON_IDLE_EXPIRED,
+    REASON_MAX_LIFETIME,
+    REASON_POOL_FULL,
+    REASON_STALE,
+    REASON_INVALIDATED,
+    REASON_ERROR,
+    REASON_DISPOSED,
+)
+
+# -- histogram buckets (seconds) --------------------------------------------------------
+DURATION_BUCKETS: Final[tuple[float, ...]] = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+"""Wait, connect and use durations: 100 µs resolution at the bottom, a minute at the top.
+
+The SDK default (0 … 10000) is meant for milliseconds and would put every pool wait in
+its first bucket.
+"""
+
+LIFETIME_BUCKETS: Final[tuple[float, ...]] = (
+    1.0,
+    5.0,
+    15.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+    7200.0,
+    21600.0,
+    86400.0,
+)
+"""Connection lifetimes: from a second (churn) to a day."""
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One exported metric."""
+
+    name: str
+    instrument: Instrument
+    unit: str
+    description: str
+    attributes: tuple[str, ...] = ()
+    """Attributes beyond the pool identity (pool.name, pool.kind, server.*)."""
+
+
+# -- the poolwatch family ---------------------------------------------------------------
+CONNECTIONS: Final = MetricSpec(
+    "poolwatch.connections",
+    "updowncounter",
+    "{connection}",
+    "Connections in the pool by state: used (checked out) or idle (open, ready).",
+    (STATE,),
+)
+CONNECTIONS_MAX: Final = MetricSpec(
+    "poolwatch.connections.max",
+    "updowncounter",
+    "{connection}",
+    "The most connections the pool may hold at once; absent for unbounded pools.",
+)
+PENDING_REQUESTS: Final = MetricSpec(
+    "poolwatch.pending_requests",
+    "updowncounter",
+    "{request}",
+    "Callers waiting for a connection right now.",
+)
+WAIT_DURATION: Final = MetricSpec(
+    "poolwatch.wait.duration",
+    "histogram",
+    "s",
+    "Time a caller spent getting a connection from the pool, by outcome.",
+    (OUTCOME,),
+)
+USE_DURATION: Final = MetricSpec(
+    "poolwatch.use.duration",
+    "histogram",
+    "s",
+    "Time a connection was held between checkout and return.",
+)
+CONNECT_DURATION: Final = MetricSpec(
+    "poolwatch.connect.duration",
+    "histogram",
+    "s",
+    "Time to open a new connection (the driver's or socket's connect), by outcome.",
+    (OUTCOME,),
+)
+CONNECTION_LIFETIME: Final = MetricSpec(
+    "poolwatch.connection.lifetime",
+    "histogram",
+    "s",
+    "Age of connections when they were closed, by close reason.",
+    (REASON,),
+)
+TIMEOUTS: Final = MetricSpec(
+    "poolwatch.timeouts",
+    "counter",
+    "{timeout}",
+    "Callers that gave up waiting for a connection: the pool was exhausted.",
+)
+CONNECTIONS_CLOSED: Final = MetricSpec(
+    "poolwatch.connections.closed",
+    "counter",
+    "{connection}",
+    "Connections closed by the pool, by reason.",
+    (REASON,),
+)
+LEAKS: Final = MetricSpec(
+    "poolwatch.leaks",
+    "counter",
+    "{checkout}",
+    "Checkouts held longer than the leak threshold.",
+)
+LEAKS_ACTIVE: Final = MetricSpec(
+    "poolwatch.leaks.active",
+    "updowncounter",
+    "{checkout}",
+    "Checkouts held longer than the leak threshold that are still out now.",
+)
+
+POOLWATCH_METRICS: Final = (
+    CONNECTIONS,
+    CONNECTIONS_MAX,
+    PENDING_REQUESTS,
+    WAIT_DURATION,
+    USE_DURATION,
+    CONNECT_DURATION,
+    CONNECTION_LIFETIME,
+    TIMEOUTS,
+    CONNECTIONS_CLOSED,
+    LEAKS,
+    LEAKS_ACTIVE,
+)
+
+# -- semantic-convention mirrors for database pools -------------------------------------
+DB_CONNECTION_COUNT: Final = MetricSpec(
+    "db.client.connection.count",
+    "updowncounter",
+    "{connection}",
+    "The number of connections that are currently in state described by the state attribute.",
+    (SEMCONV_STATE,),
+)
+DB_CONNECTION_IDLE_MAX: Final = MetricSpec(
+    "db.client.connection.idle.max",
+    "updowncounter",
+    "{connection}",
+    "The maximum number of idle open connections allowed.",
+)
+DB_CONNECTION_IDLE_MIN: Final = MetricSpec(
+    "db.client.connection.idle.min",
+    "updowncounter",
+    "{connection}",
+    "The minimum number of idle open connections allowed.",
+)
+DB_CONNECTION_MAX: Final = MetricSpec(
+    "db.client.connection.max",
+    "updowncounter",
+    "{connection}",
+    "The maximum number of open connections allowed.",
+)
+DB_CONNECTION_PENDING_REQUESTS: Final = MetricSpec(
+    "db.client.connection.pending_requests",
+    "updowncounter",
+    "{request}",
+    "The number of current pending requests for an open connection.",
+)
+DB_CONNECTION_TIMEOUTS: Final = MetricSpec(
+    "db.client.connection.timeouts",
+    "counter",
+    "{timeout}",
+    "The number of connection timeouts that have occurred trying to obtain a connection "
+    "from the pool.",
+)
+DB_CONNECTION_CREATE_TIME: Final = MetricSpec(
+    "db.client.connection.create_time",
+    "histogram",
+    "s",
+    "The time it took to create a new connection.",
+)
+DB_CONNECTION_WAIT_TIME: Final = MetricSpec(
+    "db.client.connection.wait_time",
+    "histogram",
+    "s",
+    "The time it took to obtain an open connection from the pool.",
+)
+DB_CONNECTION_USE_TIME: Final = MetricSpec(
+    "db.client.connection.use_time",
+    "histogram",
+    "s",
+    "The time between borrowing a connection and returning it to the pool.",
+)
+
+DB_SEMCONV_METRICS: Final = (
+    DB_CONNECTION_COUNT,
+    DB_CONNECTION_IDLE_MAX,
+    DB_CONNECTION_IDLE_MIN,
+    DB_CONNECTION_MAX,
+    DB_CONNECTION_PENDING_REQUESTS,
+    DB_CONNECTION_TIMEOUTS,
+    DB_CONNECTION_CREATE_TIME,
+    DB_CONNECTION_WAIT_TIME,
+    DB_CONNECTION_USE_TIME,
+)
+
+ALL_METRICS: Final = POOLWATCH_METRICS + DB_SEMCONV_METRICS
+
+SCOPE_NAME: Final = "poolwatch"
+"""The instrumentation scope every poolwatch metric is exported under."""

@@ -1,0 +1,280 @@
+"""Per-pool hot-path state: plain counters, fixed-bucket histograms, the checkout table.
+
+This is the only poolwatch code that runs on the application's thread for every checkout
+and return. It does no OpenTelemetry call, no allocation beyond a dict slot, and no I/O:
+a bucket index by bisection, a few integer and float updates, under one uncontended lock
+so that counts stay exact with any number of threads. Everything else — levels,
+exporting, leak scans — happens at collection time on the exporter's thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from bisect import bisect_left, bisect_right
+from collections.abc import Hashable
+from dataclasses import dataclass
+from math import inf
+
+from poolwatch import _catalogue as c
+
+
+class Histogram:
+    """Explicit-bucket histogram; bucket ``i`` counts values in ``(bounds[i-1], bounds[i]]``."""
+
+    __slots__ = ("bounds", "counts", "max", "min", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.min = inf
+        self.max = -inf
+
+    def observe(self, value: float) -> None:
+        """Add one value (the caller holds the ledger's lock)."""
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.min = min(self.min, value)
+        self.max = max(self.max, value)
+
+    def snapshot(self) -> HistogramSnapshot:
+        """An immutable copy (the caller holds the ledger's lock)."""
+        return HistogramSnapshot(self.bounds, tuple(self.counts), self.total, self.min, self.max)
+
+
+@dataclass(frozen=True)
+class HistogramSnapshot:
+    """A histogram's cumulative state at one moment."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    total: float
+    min: float
+    max: float
+
+    @property
+    def count(self) -> int:
+        """Number of values observed."""
+        return sum(self.counts)
+
+    def quantile(self, q: float) -> float | None:
+        """Estimate the ``q`` quantile by linear interpolation inside its bucket."""
+        n = self.count
+        if n == 0:
+            return None
+        rank = q * n
+        seen = 0
+        for i, count in enumerate(self.counts):
+            if count and seen + count >= rank:
+                lower = self.bounds[i - 1] if i > 0 else 0.0
+                upper = self.bounds[i] if i < len(self.bounds) else self.max
+                lower = max(lower, self.min)
+                upper = min(upper, self.max)
+                return lower + (upper - lower) * ((rank - seen) / count)
+            seen += count
+        return self.max
+
+
+@dataclass(frozen=True)
+class LedgerSnapshot:
+    """Everything a ledger counted, copied consistently at one moment."""
+
+    wait: dict[str, HistogramSnapshot]
+    """By outcome: acquired, timeout, error."""
+    use: HistogramSnapshot
+    connect: dict[str, HistogramSnapshot]
+    """By outcome: ok, error."""
+    lifetime: dict[str, HistogramSnapshot]
+    """By close reason."""
+    closed: dict[str, int]
+    timeouts: int
+    leaks: int
+    leaks_active: int
+    checked_out: int
+    """Checkouts not yet returned, as seen by the hooks."""
+
+    @property
+    def checkouts(self) -> int:
+        """Successful checkouts."""
+        return self.wait[c.OUTCOME_ACQUIRED].count
+
+
+DRAIN_AT = 16384
+"""Pending observations a list may hold before the hot path folds them itself."""
+
+
+class Ledger:
+    """Counters and histograms for one pool series, shared by its pool instances.
+
+    Hot path: ``acquired`` and ``released`` only append a float to a list and set or pop
+    one dict key — single C operations, atomic under the GIL and internally locked on
+    free-threaded builds — so counts stay exact without taking a lock. The pending
+    values are bucketed in bulk (sort, then one bisection per bucket boundary) at
+    collection time, or by the hot path once ``DRAIN_AT`` values are waiting.
+
+    Rare events (timeouts, connects, closes) and bucketing take a re-entrant lock:
+    re-entrant because a garbage-collected connection can be returned by a finalizer
+    that runs on whichever thread is allocating, possibly one already holding the lock.
+    """
+
+    __slots__ = (
+        "_leaked",
+        "_lock",
+        "active",
+        "closed",
+        "connect",
+        "leak_threshold",
+        "leaks",
+        "lifetime",
+        "timeouts",
+        "use",
+        "uses",
+        "wait",
+        "waits",
+    )
+
+    def __init__(
+        self,
+        bounds: tuple[float, ...] = c.DURATION_BUCKETS,
+        lifetime_bounds: tuple[float, ...] = c.LIFETIME_BUCKETS,
+        leak_threshold: float | None = None,
+    ) -> None:
+        self._lock = threading.RLock()
+        self.leak_threshold = inf if leak_threshold is None else leak_threshold
+        self.wait = {outcome: Histogram(bounds) for outcome in c.WAIT_OUTCOMES}
+        self.use = Histogram(bounds)
+        self.connect = {outcome: Histogram(bounds) for outcome in c.CONNECT_OUTCOMES}
+        # Every reason exists from the start: no allocation under the lock later.
+        self.lifetime = {reason: Histogram(lifetime_bounds) for reason in c.CLOSE_REASONS}
+        self.closed = dict.fromkeys(c.CLOSE_REASONS, 0)
+        self.timeouts = 0
+        self.leaks = 0
+        self.waits: list[float] = []
+        self.uses: list[float] = []
+        self.active: dict[Hashable, float] = {}
+        self._leaked: set[Hashable] = set()
+
+    # -- hot path: every checkout and return -------------------------------------------
+    # The hot-path contract: ``waits.append(wait)`` and ``active[key] = now`` on checkout;
+    # ``start = active.pop(key, None)``, ``uses.append(now - start)`` on return, then
+    # ``settle(key, held)`` only when ``needs_settling(held)``. An adapter whose hook is
+    # hot enough that a method call shows in its benchmark may inline exactly that.
+    def acquired(self, key: Hashable, start: float, end: float) -> None:
+        """A caller got connection ``key`` after waiting from ``start`` to ``end``."""
+        self.waits.append(end - start)
+        self.active[key] = end
+
+    def released(self, key: Hashable, now: float) -> None:
+        """Connection ``key`` came back to the pool at ``now``."""
+        start = self.active.pop(key, None)
+        if start is None:
+            return
+        held = now - start
+        self.uses.append(held)
+        if held > self.leak_threshold or len(self.uses) > DRAIN_AT:
+            self.settle(key, held)
+
+    def settle(self, key: Hashable, held: float) -> None:
+        """After a return: count a leak returned late, bound the pending values."""
+        if held > self.leak_threshold:
+            with self._lock:
+                if key in self._leaked:
+                    self._leaked.discard(key)  # already counted while it was out
+                else:
+                    self.leaks += 1
+        if len(self.uses) > DRAIN_AT:
+            self.drain()
+
+    # -- less frequent events ----------------------------------------------------------
+    def failed(self, start: float, end: float, *, timeout: bool) -> None:
+        """A caller gave up (``timeout``) or failed getting a connection."""
+        with self._lock:
+            self.wait[c.OUTCOME_TIMEOUT if timeout else c.OUTCOME_ERROR].observe(end - start)
+            if timeout:
+                self.timeouts += 1
+
+    def connected(self, duration: float, *, ok: bool) -> None:
+        """A new connection was opened (``ok``) or failed to open, taking ``duration``."""
+        with self._lock:
+            self.connect[c.CONNECT_OK if ok else c.CONNECT_ERROR].observe(duration)
+
+    def closed_connection(self, reason: str, lifetime: float | None) -> None:
+        """The pool closed a connection for ``reason`` (a catalogue reason) after ``lifetime``."""
+        with self._lock:
+            self.closed[reason] += 1
+            if lifetime is not None and lifetime >= 0:
+                self.lifetime[reason].observe(lifetime)
+
+    def forget(self, key: Hashable) -> None:
+        """Drop ``key`` from the checkout table without recording a use (detached)."""
+        self.active.pop(key, None)
+        with self._lock:
+            self._leaked.discard(key)
+
+    # -- collection time ---------------------------------------------------------------
+    def drain(self) -> None:
+        """Bucket the values the hot path left pending."""
+        with self._lock:
+            _fold(self.waits, self.wait[c.OUTCOME_ACQUIRED])
+            _fold(self.uses, self.use)
+
+    def snapshot(self, now: float | None = None) -> LedgerSnapshot:
+        """Copy every counter; checkouts held past the threshold are counted as leaks."""
+        now = time.perf_counter() if now is None else now
+        threshold = self.leak_threshold
+        active = self.active.copy()
+        with self._lock:
+            _fold(self.waits, self.wait[c.OUTCOME_ACQUIRED])
+            _fold(self.uses, self.use)
+            leaks_active = 0
+            for key, start in active.items():
+                if now - start > threshold:
+                    leaks_active += 1
+                    if key not in self._leaked:
+                        self._leaked.add(key)
+                        self.leaks += 1
+            return LedgerSnapshot(
+                wait={k: h.snapshot() for k, h in self.wait.items()},
+                use=self.use.snapshot(),
+                connect={k: h.snapshot() for k, h in self.connect.items()},
+                lifetime={
+                    k: h.snapshot() for k, h in self.lifetime.items() if h.total or any(h.counts)
+                },
+                closed=dict(self.closed),
+                timeouts=self.timeouts,
+                leaks=self.leaks,
+                leaks_active=leaks_active,
+                checked_out=len(active),
+            )
+
+    def reset(self) -> None:
+        """Start from zero (a forked child); also replaces a lock a dead thread may hold."""
+        fresh = Ledger(self.use.bounds, self.lifetime[c.REASON_DISPOSED].bounds, None)
+        fresh.leak_threshold = self.leak_threshold
+        for name in Ledger.__slots__:
+            setattr(self, name, getattr(fresh, name))
+
+
+def _fold(pending: list[float], histogram: Histogram) -> None:
+    """Move ``pending`` values into ``histogram`` (the caller holds the ledger's lock).
+
+    Appenders only ever add at the end, so copying the first ``n`` values and then
+    deleting exactly those loses nothing that is appended in between.
+    """
+    n = len(pending)
+    if not n:
+        return
+    batch = pending[:n]
+    del pending[:n]
+    batch.sort()
+    counts = histogram.counts
+    below = 0
+    for i, bound in enumerate(histogram.bounds):
+        upto = bisect_right(batch, bound)
+        counts[i] += upto - below
+        below = upto
+    counts[-1] += n - below
+    histogram.total += sum(batch)
+    histogram.min = min(histogram.min, batch[0])
+    histogram.max = max(histogram.max, batch[-1])

@@ -1,0 +1,303 @@
+"""The weak registry of live pools: naming, series, the cardinality cap.
+
+Pools are grouped into *series*: one series per exported identity (kind and name). Pools
+created at the same place for the same target share a series, so an application that
+creates a client per request shows one series with many pool instances instead of
+thousands of series. A series owns the ledger its pools report into; counters therefore
+stay monotonic when individual pools come and go.
+
+Pools are held by weak reference only: poolwatch never keeps a pool, client or engine
+alive. A series whose pools are all gone is exported one last time, then removed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from poolwatch._config import Settings
+from poolwatch._ledger import Ledger, LedgerSnapshot
+from poolwatch._safe import ErrorLog, logger
+from poolwatch.adapters._base import Adapter, Levels
+
+OVERFLOW_NAME = "_overflow"
+"""The ``pool.name`` of the series pools fold into once ``max_pools`` series exist."""
+
+
+class Series:
+    """One exported pool identity and the live pool instances behind it."""
+
+    __slots__ = (
+        "adapter",
+        "attributes",
+        "created_ns",
+        "instances_created",
+        "kind",
+        "ledger",
+        "name",
+        "pools",
+        "site",
+        "target",
+    )
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        *,
+        name: str,
+        target: str,
+        site: str | None,
+        attributes: Mapping[str, str | int],
+        ledger: Ledger,
+    ) -> None:
+        self.adapter = adapter
+        self.kind = adapter.kind
+        self.name = name
+        self.target = target
+        self.site = site
+        self.attributes = dict(attributes)
+        self.ledger = ledger
+        self.pools: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.created_ns = time.time_ns()
+        self.instances_created = 0
+
+
+@dataclass(frozen=True)
+class SeriesReading:
+    """A series as read at one collection: its levels and a copy of its ledger."""
+
+    series: Series
+    levels: Levels
+    ledger: LedgerSnapshot
+    instances: int
+
+
+@dataclass(frozen=True)
+class PoolSnapshot:
+    """One pool series as ``poolwatch.pools()`` reports it."""
+
+    name: str
+    kind: str
+    used: int
+    idle: int
+    max: int | None
+    pending: int
+    instances: int
+    """Live pool objects behind this series (more than one: same target, same site)."""
+    instances_created: int
+    """Pool objects created for this series since it appeared."""
+    checkouts: int
+    timeouts: int
+    connects: int
+    connect_errors: int
+    closed: dict[str, int]
+    leaks: int
+    leaks_active: int
+    wait_p99: float | None
+    """Estimated 99th percentile of successful waits, in seconds."""
+    attributes: dict[str, str | int] = field(default_factory=dict)
+
+    @property
+    def utilization(self) -> float | None:
+        """used / max, or None for an unbounded pool."""
+        if not self.max:
+            return None
+        return self.used / self.max
+
+    def __repr__(self) -> str:
+        limit = "unbounded" if self.max is None else str(self.max)
+        return (
+            f"<PoolSnapshot {self.kind} {self.name!r} [used {self.used}, idle {self.idle}, "
+            f"max {limit}, pending {self.pending} | checkouts {self.checkouts}, "
+            f"timeouts {self.timeouts}]>"
+        )
+
+
+def _sum_levels(readings: list[Levels]) -> Levels:
+    def total(values: list[int | None]) -> int | None:
+        return None if any(v is None for v in values) else sum(v for v in values if v)
+
+    return Levels(
+        used=sum(r.used for r in readings),
+        idle=sum(r.idle for r in readings),
+        max=total([r.max for r in readings]),
+        pending=sum(r.pending for r in readings),
+        idle_max=total([r.idle_max for r in readings]),
+        idle_min=total([r.idle_min for r in readings]),
+    )
+
+
+class Registry:
+    """Every tracked pool, grouped into series, weakly."""
+
+    def __init__(self, settings: Settings, errors: ErrorLog) -> None:
+        self._settings = settings
+        self._errors = errors
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, str], Series] = {}
+        self._of_pool: weakref.WeakKeyDictionary[Any, Series] = weakref.WeakKeyDictionary()
+        self._first_site: dict[tuple[str, str], str | None] = {}
+        self.folded = 0
+        """Pools folded into an overflow series because of the ``max_pools`` cap."""
+
+    def _new_ledger(self) -> Ledger:
+        s = self._settings
+        return Ledger(s.buckets, s.lifetime_buckets, s.leak_threshold)
+
+    def _name_for(self, kind: str, target: str, site: str | None, name: str | None) -> str:
+        if name is not None:
+            return name
+        chosen = self._settings.pool_names.get(target)
+        if chosen is not None:
+            return chosen
+        first = self._first_site.setdefault((kind, target), site)
+        if site is None or first is None or site == first:
+            return target
+        derived = f"{target} ({site})"
+        return self._settings.pool_names.get(derived, derived)
+
+    def track(
+        self,
+        pool: Any,
+        adapter: Adapter,
+        *,
+        target: str,
+        site: str | None = None,
+        name: str | None = None,
+        attributes: Mapping[str, str | int] | None = None,
+    ) -> Ledger:
+        """Add ``pool`` to its series (creating it, or folding past the cap)."""
+        with self._lock:
+            series_name = self._name_for(adapter.kind, target, site, name)
+            key = (adapter.kind, series_name)
+            current = self._of_pool.get(pool)
+            if current is not None:
+                if name is None or (current.kind, current.name) == key:
+                    return current.ledger
+                current.pools.discard(pool)  # explicitly renamed: move it
+                if not current.pools:
+                    self._series.pop((current.kind, current.name), None)
+            series = self._series.get(key)
+            if series is None:
+                live = sum(1 for s in self._series.values() if s.name != OVERFLOW_NAME)
+                if live >= self._settings.max_pools:
+                    self.folded += 1
+                    if self.folded == 1:
+                        logger.warning(
+                            "poolwatch: more than %d pool series (max_pools); further pools, "
+                            "starting with %s %r, are folded into the %r series",
+                            self._settings.max_pools,
+                            adapter.kind,
+                            series_name,
+                            OVERFLOW_NAME,
+                        )
+                    key = (adapter.kind, OVERFLOW_NAME)
+                    series = self._series.get(key)
+                    if series is None:
+                        series = Series(
+                            adapter,
+                            name=OVERFLOW_NAME,
+                            target=OVERFLOW_NAME,
+                            site=None,
+                            attributes={},
+                            ledger=self._new_ledger(),
+                        )
+                        self._series[key] = series
+                else:
+                    series = Series(
+                        adapter,
+                        name=series_name,
+                        target=target,
+                        site=site,
+                        attributes=attributes or {},
+                        ledger=self._new_ledger(),
+                    )
+                    self._series[key] = series
+            elif series.name == OVERFLOW_NAME:
+                self.folded += 1
+            series.pools.add(pool)
+            series.instances_created += 1
+            self._of_pool[pool] = series
+            return series.ledger
+
+    def series_of(self, pool: Any) -> Series | None:
+        """The series ``pool`` reports into, if tracked."""
+        with self._lock:
+            return self._of_pool.get(pool)
+
+    def untrack_adapter(self, adapter: Adapter) -> None:
+        """Forget every series of ``adapter``."""
+        with self._lock:
+            for key in [k for k, s in self._series.items() if s.adapter is adapter]:
+                del self._series[key]
+
+    def tracked_pools(self, adapter: Adapter) -> list[Any]:
+        """Live pools of ``adapter``."""
+        with self._lock:
+            return [p for s in self._series.values() if s.adapter is adapter for p in s.pools]
+
+    def read(self) -> list[SeriesReading]:
+        """Read every series; series with no live pool left are read once more, then dropped."""
+        with self._lock:
+            everything = list(self._series.items())
+        now = time.perf_counter()
+        readings: list[SeriesReading] = []
+        gone: list[tuple[tuple[str, str], Series]] = []
+        for key, series in everything:
+            pools = list(series.pools)
+            levels: list[Levels] = []
+            for pool in pools:
+                try:
+                    levels.append(series.adapter.levels(pool))
+                except Exception as error:  # a pool in a state we did not foresee
+                    self._errors.report(f"{series.kind} levels", error)
+            if not pools:
+                gone.append((key, series))
+            try:
+                snapshot = series.ledger.snapshot(now)
+            except Exception as error:
+                self._errors.report("ledger snapshot", error)
+                continue
+            readings.append(SeriesReading(series, _sum_levels(levels), snapshot, len(pools)))
+        if gone:
+            with self._lock:
+                for key, series in gone:
+                    if self._series.get(key) is series and not series.pools:
+                        del self._series[key]
+        return readings
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: zero every ledger so the child reports only its own work."""
+        self._lock = threading.Lock()
+        for series in self._series.values():
+            series.ledger.reset()
+            series.created_ns = time.time_ns()
+            series.instances_created = len(series.pools)
+
+
+def snapshot_of(reading: SeriesReading) -> PoolSnapshot:
+    """The public view of one series reading."""
+    series, levels, ledger = reading.series, reading.levels, reading.ledger
+    return PoolSnapshot(
+        name=series.name,
+        kind=series.kind,
+        used=levels.used,
+        idle=levels.idle,
+        max=levels.max,
+        pending=levels.pending,
+        instances=reading.instances,
+        instances_created=series.instances_created,
+        checkouts=ledger.checkouts,
+        timeouts=ledger.timeouts,
+        connects=ledger.connect["ok"].count,
+        connect_errors=ledger.connect["error"].count,
+        closed=dict(ledger.closed),
+        leaks=ledger.leaks,
+        leaks_active=ledger.leaks_active,
+        wait_p99=ledger.wait["acquired"].quantile(0.99),
+        attributes=dict(series.attributes),
+    )

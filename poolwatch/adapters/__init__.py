@@ -1,0 +1,16 @@
+"""One adapter per library, all behind :class:`~poolwatch.adapters._base.Adapter`.
+
+Adding a library means adding one module here and one entry to :data:`ADAPTERS`.
+"""
+
+from __future__ import annotations
+
+from poolwatch.adapters._base import Adapter, Levels, Tracker
+from poolwatch.adapters.sqlalchemy import SQLAlchemyAdapter
+
+ADAPTERS: dict[str, type[Adapter]] = {
+    SQLAlchemyAdapter.name: SQLAlchemyAdapter,
+}
+"""Every adapter poolwatch has, by library name (the values of the ``libraries`` setting)."""
+
+__all__ = ["ADAPTERS", "Adapter", "Levels", "Tracker"]

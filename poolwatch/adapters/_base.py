@@ -1,0 +1,97 @@
+"""The one interface every adapter implements, and what the core offers adapters.
+
+An adapter knows one library and nothing about OpenTelemetry. It finds the library's
+pools, reads their levels cheaply at collection time, reports events from hooks into the
+pool's :class:`~poolwatch._ledger.Ledger`, and undoes everything it did.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from poolwatch._ledger import Ledger
+
+if TYPE_CHECKING:
+    from poolwatch._registry import Series
+
+
+@dataclass(frozen=True)
+class Levels:
+    """A pool's levels at one moment, read from the pool itself."""
+
+    used: int
+    """Connections checked out."""
+    idle: int
+    """Open connections ready to be checked out."""
+    max: int | None
+    """The most connections the pool may hold at once; None when unbounded."""
+    pending: int
+    """Callers waiting for a connection now."""
+    idle_max: int | None = None
+    """The most idle connections the pool keeps (database semconv); None if unknown."""
+    idle_min: int | None = None
+    """The fewest idle connections the pool keeps (database semconv); None if unknown."""
+
+
+class Tracker(Protocol):
+    """What the core offers an adapter."""
+
+    def track(
+        self,
+        pool: Any,
+        adapter: Adapter,
+        *,
+        target: str,
+        site: str | None = None,
+        name: str | None = None,
+        attributes: Mapping[str, str | int] | None = None,
+    ) -> Ledger:
+        """Track ``pool`` (weakly) and return the ledger its hooks report into."""
+
+    def series_of(self, pool: Any) -> Series | None:
+        """The series ``pool`` reports into, if it is tracked."""
+
+    def report(self, where: str, error: BaseException) -> None:
+        """Record a failure inside poolwatch; logged once per ``where``, never raised."""
+
+
+class Adapter(abc.ABC):
+    """Hooks for one library's connection pools."""
+
+    name: ClassVar[str]
+    """The library's name in the ``libraries`` setting, e.g. ``"sqlalchemy"``."""
+    kind: ClassVar[str]
+    """The ``pool.kind`` attribute of the pools it reports."""
+    module: ClassVar[str]
+    """The module whose import activates the adapter."""
+    database: ClassVar[bool] = False
+    """Whether the database semantic-convention mirrors apply to its pools."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+
+    @abc.abstractmethod
+    def instrument(self, *, imported_before: bool) -> None:
+        """Hook the library, which is imported by now.
+
+        ``imported_before``: the application imported it before ``instrument()``, so pools
+        may already exist and must be found.
+        """
+
+    @abc.abstractmethod
+    def uninstrument(self) -> None:
+        """Restore every patched function, remove every listener, forget every pool."""
+
+    @abc.abstractmethod
+    def levels(self, pool: Any) -> Levels:
+        """Read ``pool``'s levels; called at collection time, never on the hot path."""
+
+    @abc.abstractmethod
+    def track(self, obj: Any, name: str | None) -> bool:
+        """Track the pools of ``obj`` (an engine, client, pool) under ``name``.
+
+        Return False when ``obj`` is not something this adapter knows.
+        """
