@@ -1,0 +1,71 @@
+"""Fixtures shared by the suite: a metric reader per test, a real PostgreSQL per session."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+import poolwatch
+from tests.support.metrics import Collected, collect
+
+
+class Harness:
+    """poolwatch instrumented into a fresh MeterProvider with an in-memory reader."""
+
+    def __init__(self) -> None:
+        self.reader = InMemoryMetricReader()
+        self.provider = MeterProvider(metric_readers=[self.reader])
+        self.handle: poolwatch.Instrumentation | None = None
+
+    def instrument(self, **settings: object) -> poolwatch.Instrumentation:
+        gc.collect()  # engines of earlier tests awaiting collection would be found too
+        self.handle = poolwatch.instrument(meter_provider=self.provider, **settings)
+        return self.handle
+
+    def collect(self) -> Collected:
+        return collect(self.reader)
+
+
+@pytest.fixture(autouse=True)
+def _isolated() -> Iterator[None]:
+    """Each test starts with no garbage engines of earlier tests and ends uninstrumented."""
+    gc.collect()
+    try:
+        yield
+    finally:
+        poolwatch.uninstrument()
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    """A fresh provider and reader; poolwatch is uninstrumented after the test."""
+    h = Harness()
+    try:
+        yield h
+    finally:
+        poolwatch.uninstrument()
+        h.provider.shutdown()
+
+
+@pytest.fixture
+def pw(harness: Harness) -> Harness:
+    """``harness`` already instrumented with default settings."""
+    harness.instrument()
+    return harness
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[object]:
+    """A throw-away PostgreSQL cluster on a free loopback port, for the whole session."""
+    from tests.support.postgres import PostgresCluster
+
+    cluster = PostgresCluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -1,0 +1,161 @@
+"""Metric names are a contract: pinned as OpenTelemetry names and as Prometheus renders them."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import exc
+
+import poolwatch
+from poolwatch import _catalogue as c
+
+POOLWATCH_FAMILY = [
+    ("poolwatch.connections", "updowncounter", "{connection}", ("state",)),
+    ("poolwatch.connections.max", "updowncounter", "{connection}", ()),
+    ("poolwatch.pending_requests", "updowncounter", "{request}", ()),
+    ("poolwatch.wait.duration", "histogram", "s", ("outcome",)),
+    ("poolwatch.use.duration", "histogram", "s", ()),
+    ("poolwatch.connect.duration", "histogram", "s", ("outcome",)),
+    ("poolwatch.connection.lifetime", "histogram", "s", ("reason",)),
+    ("poolwatch.timeouts", "counter", "{timeout}", ()),
+    ("poolwatch.connections.closed", "counter", "{connection}", ("reason",)),
+    ("poolwatch.leaks", "counter", "{checkout}", ()),
+    ("poolwatch.leaks.active", "updowncounter", "{checkout}", ()),
+]
+
+DB_SEMCONV = [
+    (
+        "db.client.connection.count",
+        "updowncounter",
+        "{connection}",
+        ("db.client.connection.state",),
+    ),
+    ("db.client.connection.idle.max", "updowncounter", "{connection}", ()),
+    ("db.client.connection.idle.min", "updowncounter", "{connection}", ()),
+    ("db.client.connection.max", "updowncounter", "{connection}", ()),
+    ("db.client.connection.pending_requests", "updowncounter", "{request}", ()),
+    ("db.client.connection.timeouts", "counter", "{timeout}", ()),
+    ("db.client.connection.create_time", "histogram", "s", ()),
+    ("db.client.connection.wait_time", "histogram", "s", ()),
+    ("db.client.connection.use_time", "histogram", "s", ()),
+]
+
+PROMETHEUS_NAMES = {
+    "poolwatch_connections",
+    "poolwatch_connections_max",
+    "poolwatch_pending_requests",
+    "poolwatch_wait_duration_seconds_bucket",
+    "poolwatch_wait_duration_seconds_count",
+    "poolwatch_wait_duration_seconds_sum",
+    "poolwatch_use_duration_seconds_bucket",
+    "poolwatch_use_duration_seconds_count",
+    "poolwatch_use_duration_seconds_sum",
+    "poolwatch_connect_duration_seconds_bucket",
+    "poolwatch_connect_duration_seconds_count",
+    "poolwatch_connect_duration_seconds_sum",
+    "poolwatch_connection_lifetime_seconds_bucket",
+    "poolwatch_connection_lifetime_seconds_count",
+    "poolwatch_connection_lifetime_seconds_sum",
+    "poolwatch_timeouts_total",
+    "poolwatch_connections_closed_total",
+    "poolwatch_leaks_total",
+    "poolwatch_leaks_active",
+    "db_client_connection_count",
+    "db_client_connection_idle_max",
+    "db_client_connection_idle_min",
+    "db_client_connection_max",
+    "db_client_connection_pending_requests",
+    "db_client_connection_timeouts_total",
+    "db_client_connection_create_time_seconds_bucket",
+    "db_client_connection_create_time_seconds_count",
+    "db_client_connection_create_time_seconds_sum",
+    "db_client_connection_wait_time_seconds_bucket",
+    "db_client_connection_wait_time_seconds_count",
+    "db_client_connection_wait_time_seconds_sum",
+    "db_client_connection_use_time_seconds_bucket",
+    "db_client_connection_use_time_seconds_count",
+    "db_client_connection_use_time_seconds_sum",
+}
+
+
+def test_poolwatch_family_is_pinned() -> None:
+    assert [(m.name, m.instrument, m.unit, m.attributes) for m in c.POOLWATCH_METRICS] == (
+        POOLWATCH_FAMILY
+    )
+
+
+def test_database_semconv_mirrors_are_pinned() -> None:
+    assert [(m.name, m.instrument, m.unit, m.attributes) for m in c.DB_SEMCONV_METRICS] == (
+        DB_SEMCONV
+    )
+
+
+def test_attribute_values_are_pinned() -> None:
+    assert c.WAIT_OUTCOMES == ("acquired", "timeout", "error")
+    assert c.CONNECT_OUTCOMES == ("ok", "error")
+    assert c.CLOSE_REASONS == (
+        "idle_expired",
+        "max_lifetime",
+        "pool_full",
+        "stale",
+        "invalidated",
+        "error",
+        "disposed",
+    )
+    assert (c.POOL_NAME, c.POOL_KIND, c.SERVER_ADDRESS, c.SERVER_PORT) == (
+        "pool.name",
+        "pool.kind",
+        "server.address",
+        "server.port",
+    )
+
+
+def test_buckets_are_seconds_with_sub_millisecond_resolution() -> None:
+    assert c.DURATION_BUCKETS[0] == 0.0001
+    assert c.DURATION_BUCKETS[-1] == 60.0
+    assert list(c.DURATION_BUCKETS) == sorted(set(c.DURATION_BUCKETS))
+
+
+def test_every_metric_has_a_sentence_for_help() -> None:
+    for metric in c.ALL_METRICS:
+        assert metric.description.endswith("."), metric.name
+
+
+def _exhaust_and_discard(engine: sa.Engine) -> None:
+    first = engine.connect()
+    second = engine.connect()  # the overflow connection
+    with pytest.raises(exc.TimeoutError):
+        engine.connect()
+    second.close()  # returned to a full pool: closed (pool_full)
+    first.close()
+
+
+def test_prometheus_renders_the_pinned_names(tmp_path: Path) -> None:
+    handle = poolwatch.instrument(prometheus_port=0)
+    try:
+        assert handle.prometheus_address is not None
+        host, port = handle.prometheus_address
+        assert host == "127.0.0.1"
+        engine = sa.create_engine(
+            f"sqlite:///{tmp_path}/names.db", pool_size=1, max_overflow=1, pool_timeout=0.05
+        )
+        _exhaust_and_discard(engine)
+        body = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
+    finally:
+        poolwatch.uninstrument()
+    rendered = set(re.findall(r"^([a-z_]+)[{ ]", body, re.M)) - {"target_info"}
+    assert rendered == PROMETHEUS_NAMES
+    name = f"sqlite:///{tmp_path}/names.db"
+    assert 'poolwatch_timeouts_total{otel_scope_name="poolwatch"' in body
+    assert re.search(
+        r'^poolwatch_connections_closed_total\{[^}]*pool_kind="sqlalchemy",pool_name="'
+        + re.escape(name)
+        + r'",reason="pool_full"\} 1\.0$',
+        body,
+        re.M,
+    )
+    assert re.search(r"^poolwatch_timeouts_total\{[^}]*\} 1\.0$", body, re.M)

@@ -1,0 +1,208 @@
+"""The OpenTelemetry bridge: temporality, merging, providers, OTLP to a real endpoint."""
+
+from __future__ import annotations
+
+import http.server
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import sqlalchemy as sa
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+from opentelemetry.sdk.metrics import (
+    Counter,
+    Histogram,
+    MeterProvider,
+    ObservableCounter,
+    ObservableUpDownCounter,
+    UpDownCounter,
+)
+from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
+
+import poolwatch
+from tests.support.metrics import collect
+
+
+def test_delta_readers_get_deltas(tmp_path: Path) -> None:
+    delta = AggregationTemporality.DELTA
+    reader = InMemoryMetricReader(
+        preferred_temporality={
+            Counter: delta,
+            Histogram: delta,
+            ObservableCounter: delta,
+            UpDownCounter: AggregationTemporality.CUMULATIVE,
+            ObservableUpDownCounter: AggregationTemporality.CUMULATIVE,
+        }
+    )
+    provider = MeterProvider(metric_readers=[reader])
+    poolwatch.instrument(meter_provider=provider)
+    try:
+        engine = sa.create_engine(
+            f"sqlite:///{tmp_path}/x.db", pool_size=1, max_overflow=0, pool_timeout=0.01
+        )
+        for _ in range(3):
+            engine.connect().close()
+        first = collect(reader)
+        held = engine.connect()
+        with pytest.raises(sa.exc.TimeoutError):
+            engine.connect()
+        second = collect(reader)
+        held.close()
+    finally:
+        poolwatch.uninstrument()
+    wait1 = first.histogram("poolwatch.wait.duration", outcome="acquired")
+    wait2 = second.histogram("poolwatch.wait.duration", outcome="acquired")
+    assert (wait1.count, wait2.count) == (3, 1)
+    assert wait2.start_time_unix_nano == wait1.time_unix_nano
+    assert sum(wait2.bucket_counts) == 1
+    assert (first.value("poolwatch.timeouts"), second.value("poolwatch.timeouts")) == (0, 1)
+    assert second.metrics["poolwatch.timeouts"].data.aggregation_temporality == delta
+    # levels stay cumulative (up-down counters): the current number of connections
+    assert second.value("poolwatch.connections", state="used") == 1
+    assert second.metrics["poolwatch.connections"].data.is_monotonic is False
+
+
+def test_cumulative_points_keep_their_start_time(pw: object, tmp_path: Path) -> None:
+    name = f"sqlite:///{tmp_path}/x.db"
+    engine = sa.create_engine(name)
+    engine.connect().close()
+    reader = pw.reader  # type: ignore[attr-defined]
+    wait = "poolwatch.wait.duration"
+    first = collect(reader).histogram(wait, outcome="acquired", pool__name=name)
+    engine.connect().close()
+    second = collect(reader).histogram(wait, outcome="acquired", pool__name=name)
+    assert (first.count, second.count) == (1, 2)
+    assert first.start_time_unix_nano == second.start_time_unix_nano
+
+
+def test_metrics_join_the_applications_own_on_its_provider(tmp_path: Path) -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    provider.get_meter("shop").create_counter("orders").add(2)
+    poolwatch.instrument(meter_provider=provider)
+    try:
+        sa.create_engine(f"sqlite:///{tmp_path}/x.db").connect().close()
+        data = reader.get_metrics_data()
+    finally:
+        poolwatch.uninstrument()
+    assert data is not None
+    [resource_metrics] = data.resource_metrics
+    assert [s.scope.name for s in resource_metrics.scope_metrics] == ["shop", "poolwatch"]
+    assert resource_metrics.resource is provider._sdk_config.resource
+
+
+def test_uninstrument_gives_the_reader_back(tmp_path: Path) -> None:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    original = reader._collect
+    poolwatch.instrument(meter_provider=provider)
+    assert reader._collect is not original
+    poolwatch.uninstrument()
+    assert reader._collect is original
+
+
+def test_the_global_sdk_provider_is_used_when_the_app_set_one() -> None:
+    script = textwrap.dedent(
+        """
+        from opentelemetry import metrics
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        import sqlalchemy, poolwatch
+        reader = InMemoryMetricReader()
+        provider = MeterProvider(metric_readers=[reader])
+        metrics.set_meter_provider(provider)
+        handle = poolwatch.instrument()
+        assert handle.meter_provider is provider and handle.prometheus_address is None
+        sqlalchemy.create_engine("sqlite://").connect().close()
+        data = reader.get_metrics_data()
+        print(sorted({m.name for rm in data.resource_metrics for s in rm.scope_metrics
+                      for m in s.metrics if m.name.startswith("poolwatch.wait")}))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['poolwatch.wait.duration']"
+
+
+class _Collector(http.server.BaseHTTPRequestHandler):
+    """A loopback OTLP/HTTP endpoint that keeps what it receives."""
+
+    received: ClassVar[list[tuple[str, bytes]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Collector.received.append((self.path, body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        return None
+
+
+@pytest.fixture
+def otlp_endpoint() -> Iterator[str]:
+    _Collector.received = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_otlp_export_from_the_environment(
+    otlp_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_endpoint)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "checkout-api")
+    monkeypatch.delenv("OTEL_METRICS_EXPORTER", raising=False)
+    handle = poolwatch.instrument()
+    try:
+        sa.create_engine(f"sqlite:///{tmp_path}/x.db").connect().close()
+        assert handle.meter_provider.force_flush(10_000)
+    finally:
+        poolwatch.uninstrument()
+    paths = {path for path, _ in _Collector.received}
+    assert paths == {"/v1/metrics"}
+    request = ExportMetricsServiceRequest()
+    request.ParseFromString(_Collector.received[0][1])
+    [resource_metrics] = request.resource_metrics
+    resource = {a.key: a.value.string_value for a in resource_metrics.resource.attributes}
+    assert resource["service.name"] == "checkout-api"
+    assert resource["service.instance.id"]
+    [scope] = resource_metrics.scope_metrics
+    assert scope.scope.name == "poolwatch"
+    wait = next(m for m in scope.metrics if m.name == "poolwatch.wait.duration")
+    counts = {
+        next(a.value.string_value for a in p.attributes if a.key == "outcome"): p.count
+        for p in wait.histogram.data_points
+    }
+    assert counts == {"acquired": 1, "timeout": 0, "error": 0}
+
+
+def test_prometheus_port_in_use_is_a_config_error() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(poolwatch.ConfigError) as caught:
+            poolwatch.instrument(prometheus_port=port)
+    assert str(caught.value).startswith(
+        f"poolwatch setting 'prometheus_port' got {port}: cannot listen on 127.0.0.1:{port}"
+    )
+    assert poolwatch.pools() == []

@@ -1,0 +1,223 @@
+"""DESIGN.md's failure rules: never raise into the app, survive fork, hold pools weakly, cap."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import tracemalloc
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
+
+import poolwatch
+from poolwatch._export import Producer
+from poolwatch._ledger import Ledger
+from poolwatch.adapters.sqlalchemy import SQLAlchemyAdapter
+from tests.conftest import Harness
+
+
+class _BrokenExporter(MetricExporter):
+    """An exporter whose backend is down: every export raises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: object
+    ) -> MetricExportResult:
+        self.calls += 1
+        raise ConnectionRefusedError("collector is down")
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: object) -> None:
+        return None
+
+
+def test_a_failing_exporter_costs_the_application_nothing(tmp_path: Path) -> None:
+    exporter = _BrokenExporter()
+    reader = PeriodicExportingMetricReader(exporter, export_interval_millis=20)
+    provider = MeterProvider(metric_readers=[reader])
+    poolwatch.instrument(meter_provider=provider)
+    try:
+        engine = sa.create_engine(f"sqlite:///{tmp_path}/x.db")
+        for _ in range(200):
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("select 1")).scalar() == 1
+        provider.force_flush()
+        assert exporter.calls >= 1
+        assert [s.checkouts for s in poolwatch.pools()] == [200]
+    finally:
+        poolwatch.uninstrument()
+        provider.shutdown()
+
+
+def test_a_fault_in_the_producer_leaves_other_metrics_and_the_app_alone(
+    pw: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: Producer, readings: Sequence[object]) -> dict[str, list[object]]:
+        raise RuntimeError("injected producer fault")
+
+    monkeypatch.setattr(Producer, "points", broken)
+    app_counter = pw.provider.get_meter("app").create_counter("app.requests")
+    app_counter.add(1)
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/x.db")
+    engine.connect().close()
+    with caplog.at_level(logging.WARNING, logger="poolwatch"):
+        data = pw.reader.get_metrics_data()
+        pw.reader.get_metrics_data()
+    assert data is not None
+    scopes = [s.scope.name for rm in data.resource_metrics for s in rm.scope_metrics]
+    assert scopes == ["app"]
+    assert pw.handle is not None and pw.handle.errors == {"export": 2}
+    assert len([r for r in caplog.records if "internal error in export" in r.message]) == 1
+    engine.connect().close()
+
+
+def test_a_fault_reading_levels_is_contained(
+    pw: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: SQLAlchemyAdapter, pool: object) -> object:
+        raise AttributeError("pool internals changed")
+
+    monkeypatch.setattr(SQLAlchemyAdapter, "levels", broken)
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/x.db")
+    engine.connect().close()
+    got = pw.collect()
+    assert got.count("poolwatch.wait.duration", outcome="acquired") == 1
+    assert got.value("poolwatch.connections", state="used") == 0
+    assert pw.handle is not None and pw.handle.errors == {"sqlalchemy levels": 1}
+
+
+def test_a_fault_on_the_hot_path_never_reaches_the_caller(
+    harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handle = harness.instrument(leak_threshold=0.000001)
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/x.db")
+
+    def broken(self: Ledger, key: object, held: float) -> None:
+        raise RuntimeError("injected hot-path fault")
+
+    monkeypatch.setattr(Ledger, "settle", broken)
+    for _ in range(3):
+        with engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+    assert handle.errors == {"sqlalchemy checkin": 3}
+
+
+def test_an_adapter_that_cannot_hook_is_undone_and_reported(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = SQLAlchemyAdapter.instrument
+
+    def half_then_fail(self: SQLAlchemyAdapter, *, imported_before: bool) -> None:
+        original(self, imported_before=imported_before)
+        raise RuntimeError("unsupported SQLAlchemy")
+
+    monkeypatch.setattr(SQLAlchemyAdapter, "instrument", half_then_fail)
+    handle = harness.instrument()
+    assert handle.libraries == ()
+    assert handle.errors == {"sqlalchemy instrument": 1}
+    from sqlalchemy.pool import base
+
+    assert not hasattr(base.Pool, "_poolwatch_ledger")
+    sa.create_engine("sqlite://").connect().close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork() exists on POSIX only")
+def test_a_forked_child_records_its_own_pools(pw: Harness, tmp_path: Path) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/x.db")
+    for _ in range(5):
+        engine.connect().close()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it sees, then leave without running pytest's exit
+        try:
+            engine.dispose(close=False)
+            for _ in range(3):
+                engine.connect().close()
+            payload = json.dumps([[s.name, s.checkouts] for s in poolwatch.pools()])
+            os.write(write, payload.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    assert child == [[f"sqlite:///{tmp_path}/x.db", 3]]
+    assert [s.checkouts for s in poolwatch.pools()] == [5]
+
+
+def test_pools_are_tracked_weakly(pw: Harness, tmp_path: Path) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/x.db")
+    engine.connect().close()
+    assert len(poolwatch.pools()) == 1
+    del engine
+    gc.collect()
+    assert [s.instances for s in poolwatch.pools()] == [0]  # exported one last time
+    assert poolwatch.pools() == []
+    assert pw.collect().names() == set()
+
+
+def test_ten_thousand_engines_created_and_dropped_leave_no_growth(pw: Harness) -> None:
+    def churn(count: int) -> None:
+        for _ in range(count):
+            engine = sa.create_engine("sqlite://")
+            engine.connect().close()
+            engine.dispose()
+        gc.collect()
+        poolwatch.pools()
+
+    churn(500)  # warm caches (SQLAlchemy's and ours)
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    churn(10_000)
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    ours = after.filter_traces([tracemalloc.Filter(True, "*/poolwatch/*")])
+    ours_before = before.filter_traces([tracemalloc.Filter(True, "*/poolwatch/*")])
+    growth = sum(s.size for s in ours.statistics("filename")) - sum(
+        s.size for s in ours_before.statistics("filename")
+    )
+    assert growth < 64 * 1024, f"poolwatch memory grew by {growth} bytes"
+    gc.collect()
+    poolwatch.pools()  # the last engine's series is read one last time
+    assert poolwatch.pools() == []
+
+
+def test_series_past_the_cap_fold_into_an_overflow_series(
+    harness: Harness, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness.instrument(max_pools=2)
+    with caplog.at_level(logging.WARNING, logger="poolwatch"):
+        engines = [sa.create_engine(f"sqlite:///{tmp_path}/db{i}.db") for i in range(5)]
+    for engine in engines:
+        engine.connect().close()
+    snaps = {s.name: s for s in poolwatch.pools()}
+    assert sorted(snaps) == [
+        "_overflow",
+        f"sqlite:///{tmp_path}/db0.db",
+        f"sqlite:///{tmp_path}/db1.db",
+    ]
+    assert (snaps["_overflow"].instances, snaps["_overflow"].checkouts) == (3, 3)
+    warnings = [r.message for r in caplog.records if "max_pools" in r.message]
+    assert warnings == [
+        f"poolwatch: more than 2 pool series (max_pools); further pools, starting with "
+        f"sqlalchemy 'sqlite:///{tmp_path}/db2.db', are folded into the '_overflow' series"
+    ]
+    assert (
+        harness.collect().value("poolwatch.connections", pool__name="_overflow", state="idle") == 3
+    )

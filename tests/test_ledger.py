@@ -1,0 +1,108 @@
+"""The ledger: exact counts under many threads, exact buckets, leak accounting."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from poolwatch._ledger import DRAIN_AT, Histogram, Ledger
+
+
+def test_buckets_are_upper_inclusive_like_opentelemetry() -> None:
+    ledger = Ledger(bounds=(0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 1.0, 2.0):
+        ledger.acquired(object(), 0.0, value)
+    wait = ledger.snapshot().wait["acquired"]
+    assert wait.counts == (2, 2, 1)
+    assert wait.total == 3.65
+    assert (wait.min, wait.max) == (0.05, 2.0)
+
+
+def test_histogram_observe_matches_bulk_fold() -> None:
+    values = [0.0001 * (i % 997) for i in range(5000)]
+    direct = Histogram((0.001, 0.01, 0.05))
+    for v in values:
+        direct.observe(v)
+    ledger = Ledger(bounds=(0.001, 0.01, 0.05))
+    for v in values:
+        ledger.acquired(object(), 0.0, v)
+    folded = ledger.snapshot().wait["acquired"]
+    assert folded.counts == tuple(direct.counts)
+    assert abs(folded.total - direct.total) < 1e-9
+
+
+def test_counts_stay_exact_with_many_threads() -> None:
+    ledger = Ledger()
+    threads, per_thread = 8, 20_000
+    barrier = threading.Barrier(threads)
+
+    def hammer() -> None:
+        barrier.wait()
+        for _ in range(per_thread):
+            key = object()
+            ledger.acquired(key, 0.0, 0.001)
+            ledger.released(key, 0.003)
+
+    workers = [threading.Thread(target=hammer) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    # Collect concurrently too: folding must not lose values appended meanwhile.
+    while any(w.is_alive() for w in workers):
+        ledger.snapshot()
+    for w in workers:
+        w.join()
+    snap = ledger.snapshot()
+    assert snap.wait["acquired"].count == threads * per_thread
+    assert snap.use.count == threads * per_thread
+    assert snap.checked_out == 0
+
+
+def test_pending_values_are_bounded_on_the_hot_path() -> None:
+    ledger = Ledger()
+    for _ in range(DRAIN_AT + 10):
+        key = object()
+        ledger.acquired(key, 0.0, 0.0)
+        ledger.released(key, 0.0)
+    assert len(ledger.uses) <= DRAIN_AT
+    assert ledger.snapshot().use.count == DRAIN_AT + 10
+
+
+def test_leaks_are_counted_once_whether_seen_out_or_returned_late() -> None:
+    ledger = Ledger(leak_threshold=1.0)
+    held_out, returned_late, quick = object(), object(), object()
+    ledger.acquired(held_out, 0.0, 0.0)
+    ledger.acquired(returned_late, 0.0, 0.0)
+    ledger.acquired(quick, 0.0, 0.0)
+    ledger.released(quick, 0.5)
+    first = ledger.snapshot(now=2.0)  # both long checkouts are seen out past 1 s
+    assert (first.leaks, first.leaks_active) == (2, 2)
+    ledger.released(returned_late, 3.0)  # already counted: not counted again
+    second = ledger.snapshot(now=4.0)
+    assert (second.leaks, second.leaks_active) == (2, 1)
+    late = object()
+    ledger.acquired(late, 10.0, 10.0)
+    ledger.released(late, 12.0)  # returned late between two collections
+    assert ledger.snapshot(now=13.0).leaks == 3
+
+
+def test_quantile_interpolates_inside_the_bucket() -> None:
+    ledger = Ledger(bounds=(0.1, 0.2, 0.4))
+    for value in [0.15] * 99 + [0.3]:
+        ledger.acquired(object(), 0.0, value)
+    wait = ledger.snapshot().wait["acquired"]
+    # Rank 50 of the 99 values in (0.1, 0.2], whose observed floor is the min 0.15.
+    assert wait.quantile(0.5) == pytest.approx(0.15 + 0.05 * 50 / 99)
+    assert wait.quantile(1.0) == 0.3
+    assert Ledger().snapshot().wait["acquired"].quantile(0.99) is None
+
+
+def test_reset_starts_from_zero() -> None:
+    ledger = Ledger(leak_threshold=5.0)
+    ledger.acquired(object(), 0.0, 0.1)
+    ledger.closed_connection("pool_full", 3.0)
+    ledger.reset()
+    snap = ledger.snapshot()
+    assert snap.checkouts == 0
+    assert snap.closed["pool_full"] == 0
+    assert ledger.leak_threshold == 5.0

@@ -1,0 +1,63 @@
+"""The public API is a contract: these names, and nothing else, are exported."""
+
+from __future__ import annotations
+
+import inspect
+import types
+
+import poolwatch
+
+
+def test_exported_names_are_pinned() -> None:
+    assert poolwatch.__all__ == [
+        "ConfigError",
+        "Instrumentation",
+        "PoolSnapshot",
+        "__version__",
+        "instrument",
+        "pools",
+        "track",
+        "uninstrument",
+    ]
+    public = {
+        name
+        for name, value in vars(poolwatch).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    }
+    assert public == set(poolwatch.__all__) - {"__version__"}
+
+
+def test_signatures_are_pinned() -> None:
+    assert (
+        str(inspect.signature(poolwatch.instrument)) == "(**settings: 'Any') -> 'Instrumentation'"
+    )
+    assert str(inspect.signature(poolwatch.uninstrument)) == "() -> 'None'"
+    assert (
+        str(inspect.signature(poolwatch.track))
+        == "(obj: 'Any', *, name: 'str | None' = None) -> 'None'"
+    )
+    assert str(inspect.signature(poolwatch.pools)) == "() -> 'list[PoolSnapshot]'"
+
+
+def test_version_is_a_release_string() -> None:
+    parts = poolwatch.__version__.split(".")
+    assert len(parts) == 3 and all(p.isdigit() for p in parts)
+
+
+def test_config_error_is_a_value_error() -> None:
+    assert issubclass(poolwatch.ConfigError, ValueError)
+
+
+def test_pools_is_empty_when_not_instrumented() -> None:
+    poolwatch.uninstrument()
+    assert poolwatch.pools() == []
+
+
+def test_track_before_instrument_says_what_to_do() -> None:
+    poolwatch.uninstrument()
+    try:
+        poolwatch.track(object())
+    except RuntimeError as error:
+        assert str(error) == "poolwatch.track() needs poolwatch.instrument() to be called first"
+    else:  # pragma: no cover - the assertion above is the test
+        raise AssertionError("track() before instrument() must raise")
