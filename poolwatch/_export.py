@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from math import inf
 from typing import Any
 
@@ -44,7 +43,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from poolwatch import _catalogue as c
 from poolwatch._config import Settings
 from poolwatch._ledger import HistogramSnapshot
-from poolwatch._registry import Registry, SeriesReading
+from poolwatch._registry import Registry, Series, SeriesReading
 from poolwatch._safe import ErrorLog
 from poolwatch._version import __version__
 
@@ -72,23 +71,8 @@ def temporalities(reader: MetricReader) -> dict[c.Instrument, AggregationTempora
     }
 
 
-Attributes = tuple[tuple[str, str | int], ...]
-PointKey = tuple[str, Attributes, int]
-"""(metric name, attributes, series start) identifies one exported time series."""
-
-
-@dataclass(frozen=True)
-class _SumPoint:
-    attributes: Attributes
-    value: int
-    start_ns: int
-
-
-@dataclass(frozen=True)
-class _HistogramPoint:
-    attributes: Attributes
-    value: HistogramSnapshot
-    start_ns: int
+PointKey = tuple[str, str, int]
+"""(metric name, variant such as "used" or "timeout", id of the series) — one time series."""
 
 
 class _ReaderState:
@@ -115,8 +99,114 @@ def _delta_histogram(now: HistogramSnapshot, before: HistogramSnapshot | None) -
     )
 
 
+class _Collection:
+    """The data points of one collection for one reader, by metric."""
+
+    def __init__(
+        self,
+        now_ns: int,
+        delta: dict[c.Instrument, bool],
+        state: _ReaderState,
+    ) -> None:
+        self.now_ns = now_ns
+        self.delta = delta
+        self.state = state
+        self.seen: dict[PointKey, int | HistogramSnapshot] = {}
+        self.points: dict[str, list[Any]] = {spec.name: [] for spec in c.ALL_METRICS}
+
+    def _attributes(self, series: Series, spec: c.MetricSpec, variant: str) -> dict[str, str | int]:
+        # Attributes of a series never change: built once, reused at every collection.
+        cache = series.export_cache
+        key = (spec.name, variant)
+        attributes = cache.get(key)
+        if attributes is None:
+            if spec.name.startswith("db."):
+                attributes = {c.SEMCONV_POOL_NAME: series.name}
+                if spec.attributes:
+                    attributes[spec.attributes[0]] = variant
+            else:
+                attributes = {c.POOL_NAME: series.name, c.POOL_KIND: series.kind}
+                attributes.update(series.attributes)
+                if spec.attributes:
+                    attributes[spec.attributes[0]] = variant
+            cache[key] = attributes
+        return attributes
+
+    def _start(self, key: PointKey, series: Series, delta: bool) -> int:
+        if delta and key in self.state.previous:
+            return max(series.created_ns, self.state.last_ns)
+        return series.created_ns
+
+    def number(self, spec: c.MetricSpec, series: Series, value: int, variant: str = "") -> None:
+        """Add one sum point."""
+        attributes = self._attributes(series, spec, variant)
+        start = series.created_ns
+        if self.delta[spec.instrument]:
+            key = (spec.name, variant, id(series))
+            self.seen[key] = value
+            before = self.state.previous.get(key)
+            start = self._start(key, series, True)
+            if isinstance(before, int):
+                value -= before
+        self.points[spec.name].append(NumberDataPoint(attributes, start, self.now_ns, value))
+
+    def histogram(
+        self, spec: c.MetricSpec, series: Series, value: HistogramSnapshot, variant: str = ""
+    ) -> None:
+        """Add one histogram point."""
+        attributes = self._attributes(series, spec, variant)
+        start = series.created_ns
+        if self.delta[spec.instrument]:
+            key = (spec.name, variant, id(series))
+            self.seen[key] = value
+            before = self.state.previous.get(key)
+            start = self._start(key, series, True)
+            value = _delta_histogram(
+                value, before if isinstance(before, HistogramSnapshot) else None
+            )
+        n = value.observations
+        self.points[spec.name].append(
+            HistogramDataPoint(
+                attributes=attributes,
+                start_time_unix_nano=start,
+                time_unix_nano=self.now_ns,
+                count=n,
+                sum=value.total,
+                bucket_counts=value.counts,
+                explicit_bounds=value.bounds,
+                min=value.min if n else 0.0,
+                max=value.max if n else 0.0,
+            )
+        )
+
+    def metrics(self) -> list[Metric]:
+        """The collection as OpenTelemetry metrics."""
+        out: list[Metric] = []
+        for spec in c.ALL_METRICS:
+            points = self.points[spec.name]
+            if not points:
+                continue
+            temporality = (
+                AggregationTemporality.DELTA
+                if self.delta[spec.instrument]
+                else AggregationTemporality.CUMULATIVE
+            )
+            data: Sum | Histogram
+            if spec.instrument == "histogram":
+                data = Histogram(points, temporality)
+            else:
+                data = Sum(points, temporality, is_monotonic=spec.instrument == "counter")
+            out.append(Metric(spec.name, spec.description, spec.unit, data))
+        return out
+
+
 class Producer:
-    """Builds poolwatch's metrics from the registry, per reader and temporality."""
+    """Builds poolwatch's metrics from the registry, per reader and temporality.
+
+    Points that only matter once something happened — waits that timed out or failed,
+    failed connects, closes of a given reason, lifetimes — appear from their first
+    occurrence; the others are always present.
+    """
 
     def __init__(self, registry: Registry, settings: Settings, errors: ErrorLog) -> None:
         self._registry = registry
@@ -131,132 +221,58 @@ class Producer:
         self._lock = threading.Lock()
         self._states = {}
 
-    def points(self, readings: Sequence[SeriesReading]) -> dict[str, list[Any]]:
-        """Cumulative points of every metric, by metric name."""
-        out: dict[str, list[Any]] = {spec.name: [] for spec in c.ALL_METRICS}
-
-        def add(spec: c.MetricSpec, attrs: dict[str, str | int], value: Any, start: int) -> None:
-            key = tuple(sorted(attrs.items()))
-            if spec.instrument == "histogram":
-                out[spec.name].append(_HistogramPoint(key, value, start))
-            else:
-                out[spec.name].append(_SumPoint(key, value, start))
-
-        for reading in readings:
-            series, levels, ledger = reading.series, reading.levels, reading.ledger
-            start = series.created_ns
-            base: dict[str, str | int] = {c.POOL_NAME: series.name, c.POOL_KIND: series.kind}
-            base.update(series.attributes)
-            add(c.CONNECTIONS, {**base, c.STATE: c.STATE_USED}, levels.used, start)
-            add(c.CONNECTIONS, {**base, c.STATE: c.STATE_IDLE}, levels.idle, start)
+    def _add(self, out: _Collection, reading: SeriesReading) -> None:
+        series, levels, ledger = reading.series, reading.levels, reading.ledger
+        out.number(c.CONNECTIONS, series, levels.used, c.STATE_USED)
+        out.number(c.CONNECTIONS, series, levels.idle, c.STATE_IDLE)
+        if levels.max is not None:
+            out.number(c.CONNECTIONS_MAX, series, levels.max)
+        out.number(c.PENDING_REQUESTS, series, levels.pending)
+        for outcome, wait in ledger.wait.items():
+            if outcome == c.OUTCOME_ACQUIRED or wait.observations:
+                out.histogram(c.WAIT_DURATION, series, wait, outcome)
+        out.histogram(c.USE_DURATION, series, ledger.use)
+        for outcome, connect in ledger.connect.items():
+            if outcome == c.CONNECT_OK or connect.observations:
+                out.histogram(c.CONNECT_DURATION, series, connect, outcome)
+        for reason, lifetimes in ledger.lifetime.items():
+            out.histogram(c.CONNECTION_LIFETIME, series, lifetimes, reason)
+        out.number(c.TIMEOUTS, series, ledger.timeouts)
+        for reason, closed in ledger.closed.items():
+            if closed:
+                out.number(c.CONNECTIONS_CLOSED, series, closed, reason)
+        out.number(c.LEAKS, series, ledger.leaks)
+        out.number(c.LEAKS_ACTIVE, series, ledger.leaks_active)
+        if self._settings.semconv and series.adapter.database:
+            out.number(c.DB_CONNECTION_COUNT, series, levels.used, c.STATE_USED)
+            out.number(c.DB_CONNECTION_COUNT, series, levels.idle, c.STATE_IDLE)
+            if levels.idle_max is not None:
+                out.number(c.DB_CONNECTION_IDLE_MAX, series, levels.idle_max)
+            if levels.idle_min is not None:
+                out.number(c.DB_CONNECTION_IDLE_MIN, series, levels.idle_min)
             if levels.max is not None:
-                add(c.CONNECTIONS_MAX, base, levels.max, start)
-            add(c.PENDING_REQUESTS, base, levels.pending, start)
-            for outcome in c.WAIT_OUTCOMES:
-                add(c.WAIT_DURATION, {**base, c.OUTCOME: outcome}, ledger.wait[outcome], start)
-            add(c.USE_DURATION, base, ledger.use, start)
-            for outcome in c.CONNECT_OUTCOMES:
-                add(
-                    c.CONNECT_DURATION, {**base, c.OUTCOME: outcome}, ledger.connect[outcome], start
-                )
-            for reason, lifetimes in ledger.lifetime.items():
-                add(c.CONNECTION_LIFETIME, {**base, c.REASON: reason}, lifetimes, start)
-            add(c.TIMEOUTS, base, ledger.timeouts, start)
-            for reason in c.CLOSE_REASONS:
-                closed = ledger.closed.get(reason, 0)
-                add(c.CONNECTIONS_CLOSED, {**base, c.REASON: reason}, closed, start)
-            add(c.LEAKS, base, ledger.leaks, start)
-            add(c.LEAKS_ACTIVE, base, ledger.leaks_active, start)
-            if self._settings.semconv and series.adapter.database:
-                pool: dict[str, str | int] = {c.SEMCONV_POOL_NAME: series.name}
-                add(c.DB_CONNECTION_COUNT, {**pool, c.SEMCONV_STATE: "used"}, levels.used, start)
-                add(c.DB_CONNECTION_COUNT, {**pool, c.SEMCONV_STATE: "idle"}, levels.idle, start)
-                if levels.idle_max is not None:
-                    add(c.DB_CONNECTION_IDLE_MAX, pool, levels.idle_max, start)
-                if levels.idle_min is not None:
-                    add(c.DB_CONNECTION_IDLE_MIN, pool, levels.idle_min, start)
-                if levels.max is not None:
-                    add(c.DB_CONNECTION_MAX, pool, levels.max, start)
-                add(c.DB_CONNECTION_PENDING_REQUESTS, pool, levels.pending, start)
-                add(c.DB_CONNECTION_TIMEOUTS, pool, ledger.timeouts, start)
-                add(c.DB_CONNECTION_CREATE_TIME, pool, ledger.connect[c.CONNECT_OK], start)
-                add(c.DB_CONNECTION_WAIT_TIME, pool, ledger.wait[c.OUTCOME_ACQUIRED], start)
-                add(c.DB_CONNECTION_USE_TIME, pool, ledger.use, start)
-        return out
+                out.number(c.DB_CONNECTION_MAX, series, levels.max)
+            out.number(c.DB_CONNECTION_PENDING_REQUESTS, series, levels.pending)
+            out.number(c.DB_CONNECTION_TIMEOUTS, series, ledger.timeouts)
+            out.histogram(c.DB_CONNECTION_CREATE_TIME, series, ledger.connect[c.CONNECT_OK])
+            out.histogram(c.DB_CONNECTION_WAIT_TIME, series, ledger.wait[c.OUTCOME_ACQUIRED])
+            out.histogram(c.DB_CONNECTION_USE_TIME, series, ledger.use)
 
     def produce(self, reader: MetricReader) -> list[Metric]:
         """The metrics for one collection by ``reader``, in the temporality it prefers."""
         readings = self._registry.read()
-        now_ns = time.time_ns()
-        points = self.points(readings)
-        temporality_of = temporalities(reader)
+        delta = {
+            kind: temporality == AggregationTemporality.DELTA
+            for kind, temporality in temporalities(reader).items()
+        }
         with self._lock:
             state = self._states.setdefault(id(reader), _ReaderState())
-            previous = state.previous
-            seen: dict[PointKey, int | HistogramSnapshot] = {}
-            metrics: list[Metric] = []
-            for spec in c.ALL_METRICS:
-                series_points = points[spec.name]
-                if not series_points:
-                    continue
-                delta = temporality_of[spec.instrument] == AggregationTemporality.DELTA
-                data = self._data(
-                    spec,
-                    points=series_points,
-                    delta=delta,
-                    state=state,
-                    previous=previous,
-                    seen=seen,
-                    now_ns=now_ns,
-                )
-                metrics.append(Metric(spec.name, spec.description, spec.unit, data))
-            state.previous = seen
-            state.last_ns = now_ns
-        return metrics
-
-    def _data(
-        self,
-        spec: c.MetricSpec,
-        *,
-        points: list[Any],
-        delta: bool,
-        state: _ReaderState,
-        previous: dict[PointKey, Any],
-        seen: dict[PointKey, Any],
-        now_ns: int,
-    ) -> Sum | Histogram:
-        temporality = AggregationTemporality.DELTA if delta else AggregationTemporality.CUMULATIVE
-        out: list[Any] = []
-        for point in points:
-            key = (spec.name, point.attributes, point.start_ns)
-            seen[key] = point.value
-            before = previous.get(key) if delta else None
-            start = (
-                max(point.start_ns, state.last_ns) if delta and key in previous else point.start_ns
-            )
-            attributes = dict(point.attributes)
-            if spec.instrument == "histogram":
-                h = _delta_histogram(point.value, before) if delta else point.value
-                n = h.count
-                out.append(
-                    HistogramDataPoint(
-                        attributes=attributes,
-                        start_time_unix_nano=start,
-                        time_unix_nano=now_ns,
-                        count=n,
-                        sum=h.total,
-                        bucket_counts=list(h.counts),
-                        explicit_bounds=list(h.bounds),
-                        min=h.min if n else 0.0,
-                        max=h.max if n else 0.0,
-                    )
-                )
-            else:
-                value = point.value - before if before is not None else point.value
-                out.append(NumberDataPoint(attributes, start, now_ns, value))
-        if spec.instrument == "histogram":
-            return Histogram(out, temporality)
-        return Sum(out, temporality, is_monotonic=spec.instrument == "counter")
+            out = _Collection(time.time_ns(), delta, state)
+            for reading in readings:
+                self._add(out, reading)
+            state.previous = out.seen
+            state.last_ns = out.now_ns
+            return out.metrics()
 
 
 def _merge(result: MetricsData | None, scope: ScopeMetrics, resource: Any) -> MetricsData:

@@ -15,6 +15,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Hashable
 from dataclasses import dataclass
 from math import inf
+from typing import NamedTuple
 
 from poolwatch import _catalogue as c
 
@@ -43,9 +44,8 @@ class Histogram:
         return HistogramSnapshot(self.bounds, tuple(self.counts), self.total, self.min, self.max)
 
 
-@dataclass(frozen=True)
-class HistogramSnapshot:
-    """A histogram's cumulative state at one moment."""
+class HistogramSnapshot(NamedTuple):
+    """A histogram's cumulative state at one moment (a tuple: cheap to make per collection)."""
 
     bounds: tuple[float, ...]
     counts: tuple[int, ...]
@@ -54,13 +54,13 @@ class HistogramSnapshot:
     max: float
 
     @property
-    def count(self) -> int:
+    def observations(self) -> int:
         """Number of values observed."""
         return sum(self.counts)
 
     def quantile(self, q: float) -> float | None:
         """Estimate the ``q`` quantile by linear interpolation inside its bucket."""
-        n = self.count
+        n = self.observations
         if n == 0:
             return None
         rank = q * n
@@ -81,12 +81,12 @@ class LedgerSnapshot:
     """Everything a ledger counted, copied consistently at one moment."""
 
     wait: dict[str, HistogramSnapshot]
-    """By outcome: acquired, timeout, error."""
+    """By outcome: acquired always; timeout and error once they happened."""
     use: HistogramSnapshot
     connect: dict[str, HistogramSnapshot]
-    """By outcome: ok, error."""
+    """By outcome: ok always; error once it happened."""
     lifetime: dict[str, HistogramSnapshot]
-    """By close reason."""
+    """By close reason, once connections were closed for it."""
     closed: dict[str, int]
     timeouts: int
     leaks: int
@@ -97,7 +97,7 @@ class LedgerSnapshot:
     @property
     def checkouts(self) -> int:
         """Successful checkouts."""
-        return self.wait[c.OUTCOME_ACQUIRED].count
+        return self.wait[c.OUTCOME_ACQUIRED].observations
 
 
 DRAIN_AT = 16384
@@ -235,11 +235,19 @@ class Ledger:
                         self._leaked.add(key)
                         self.leaks += 1
             return LedgerSnapshot(
-                wait={k: h.snapshot() for k, h in self.wait.items()},
+                wait={
+                    k: h.snapshot()
+                    for k, h in self.wait.items()
+                    if k == c.OUTCOME_ACQUIRED or h.max >= h.min
+                },
                 use=self.use.snapshot(),
-                connect={k: h.snapshot() for k, h in self.connect.items()},
+                connect={
+                    k: h.snapshot()
+                    for k, h in self.connect.items()
+                    if k == c.CONNECT_OK or h.max >= h.min
+                },
                 lifetime={
-                    k: h.snapshot() for k, h in self.lifetime.items() if h.total or any(h.counts)
+                    k: h.snapshot() for k, h in self.lifetime.items() if h.total or h.max > 0
                 },
                 closed=dict(self.closed),
                 timeouts=self.timeouts,

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from poolwatch import _catalogue as c
 from poolwatch._config import Settings
 from poolwatch._ledger import Ledger, LedgerSnapshot
 from poolwatch._safe import ErrorLog, logger
@@ -35,6 +36,7 @@ class Series:
         "adapter",
         "attributes",
         "created_ns",
+        "export_cache",
         "instances_created",
         "kind",
         "ledger",
@@ -64,6 +66,8 @@ class Series:
         self.pools: weakref.WeakSet[Any] = weakref.WeakSet()
         self.created_ns = time.time_ns()
         self.instances_created = 0
+        self.export_cache: dict[tuple[str, str], dict[str, str | int]] = {}
+        """Exported attributes by (metric, variant), built once by the producer."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,9 @@ class PoolSnapshot:
 
 
 def _sum_levels(readings: list[Levels]) -> Levels:
+    if len(readings) == 1:
+        return readings[0]
+
     def total(values: list[int | None]) -> int | None:
         return None if any(v is None for v in values) else sum(v for v in values if v)
 
@@ -293,11 +300,13 @@ def snapshot_of(reading: SeriesReading) -> PoolSnapshot:
         instances_created=series.instances_created,
         checkouts=ledger.checkouts,
         timeouts=ledger.timeouts,
-        connects=ledger.connect["ok"].count,
-        connect_errors=ledger.connect["error"].count,
+        connects=ledger.connect[c.CONNECT_OK].observations,
+        connect_errors=ledger.connect[c.CONNECT_ERROR].observations
+        if c.CONNECT_ERROR in ledger.connect
+        else 0,
         closed=dict(ledger.closed),
         leaks=ledger.leaks,
         leaks_active=ledger.leaks_active,
-        wait_p99=ledger.wait["acquired"].quantile(0.99),
+        wait_p99=ledger.wait[c.OUTCOME_ACQUIRED].quantile(0.99),
         attributes=dict(series.attributes),
     )

@@ -190,7 +190,7 @@ def test_otlp_export_from_the_environment(
         next(a.value.string_value for a in p.attributes if a.key == "outcome"): p.count
         for p in wait.histogram.data_points
     }
-    assert counts == {"acquired": 1, "timeout": 0, "error": 0}
+    assert counts == {"acquired": 1}  # timeout and error appear once they happen
 
 
 def test_prometheus_port_in_use_is_a_config_error() -> None:

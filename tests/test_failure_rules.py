@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import tracemalloc
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -68,10 +67,10 @@ def test_a_failing_exporter_costs_the_application_nothing(tmp_path: Path) -> Non
 def test_a_fault_in_the_producer_leaves_other_metrics_and_the_app_alone(
     pw: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(self: Producer, readings: Sequence[object]) -> dict[str, list[object]]:
+    def broken(self: Producer, out: object, reading: object) -> None:
         raise RuntimeError("injected producer fault")
 
-    monkeypatch.setattr(Producer, "points", broken)
+    monkeypatch.setattr(Producer, "_add", broken)
     app_counter = pw.provider.get_meter("app").create_counter("app.requests")
     app_counter.add(1)
     engine = sa.create_engine(f"sqlite:///{tmp_path}/x.db")

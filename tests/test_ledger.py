@@ -53,8 +53,8 @@ def test_counts_stay_exact_with_many_threads() -> None:
     for w in workers:
         w.join()
     snap = ledger.snapshot()
-    assert snap.wait["acquired"].count == threads * per_thread
-    assert snap.use.count == threads * per_thread
+    assert snap.wait["acquired"].observations == threads * per_thread
+    assert snap.use.observations == threads * per_thread
     assert snap.checked_out == 0
 
 
@@ -65,7 +65,7 @@ def test_pending_values_are_bounded_on_the_hot_path() -> None:
         ledger.acquired(key, 0.0, 0.0)
         ledger.released(key, 0.0)
     assert len(ledger.uses) <= DRAIN_AT
-    assert ledger.snapshot().use.count == DRAIN_AT + 10
+    assert ledger.snapshot().use.observations == DRAIN_AT + 10
 
 
 def test_leaks_are_counted_once_whether_seen_out_or_returned_late() -> None:

@@ -49,7 +49,11 @@ class Collected:
         return point
 
     def count(self, name: str, **attrs: Any) -> int:
-        return self.histogram(name, **attrs).count
+        """Observations in the histogram matching ``attrs``; 0 when it was never exported
+        (optional points, such as waits that timed out, appear from their first one)."""
+        points = self.points(name, **attrs)
+        assert len(points) <= 1, f"{name} {attrs}: expected at most one point, got {points}"
+        return points[0].count if points else 0
 
 
 def collect(reader: InMemoryMetricReader) -> Collected:
