@@ -1,0 +1,1 @@
+"""Helpers for the test suite: real servers and metric readers."""
