@@ -1,6 +1,7 @@
 # Sourced by scripts/test and scripts/demo: a virtual environment in .venv with the
-# project installed editable with the given extras, reinstalled only when pyproject.toml or
-# the extras change. Works on a fresh machine: needs python3 (>= 3.10) with venv.
+# project installed editable with the given extras, reinstalled only when pyproject.toml
+# changes or other extras are needed ("dev" includes every other extra). Works on a fresh
+# machine: needs python3 (>= 3.10) with venv.
 
 ensure_venv() {
     local extras="$1"
@@ -16,9 +17,11 @@ ensure_venv() {
         }
     fi
     local stamp="$venv/.poolwatch-installed"
-    local want
-    want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1) [$extras]"
-    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    local digest want have=""
+    digest="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
+    want="$digest [$extras]"
+    [ -f "$stamp" ] && have="$(cat "$stamp")"
+    if [ "$have" != "$want" ] && [ "$have" != "$digest [dev]" ]; then
         echo "==> installing poolwatch[$extras] into $venv"
         "$venv/bin/python" -m pip install --quiet --upgrade pip
         "$venv/bin/python" -m pip install --quiet -e "$root[$extras]"
