@@ -127,6 +127,7 @@ class Ledger:
         "leak_threshold",
         "leaks",
         "lifetime",
+        "lifetime_bounds",
         "timeouts",
         "use",
         "uses",
@@ -145,8 +146,10 @@ class Ledger:
         self.wait = {outcome: Histogram(bounds) for outcome in c.WAIT_OUTCOMES}
         self.use = Histogram(bounds)
         self.connect = {outcome: Histogram(bounds) for outcome in c.CONNECT_OUTCOMES}
+        self.lifetime_bounds = lifetime_bounds
+        self.lifetime: dict[str, Histogram] = {}
+        """By close reason, created at the first close for it."""
         # Every reason exists from the start: no allocation under the lock later.
-        self.lifetime = {reason: Histogram(lifetime_bounds) for reason in c.CLOSE_REASONS}
         self.closed = dict.fromkeys(c.CLOSE_REASONS, 0)
         self.timeouts = 0
         self.leaks = 0
@@ -158,8 +161,9 @@ class Ledger:
     # -- hot path: every checkout and return -------------------------------------------
     # The hot-path contract: ``waits.append(wait)`` and ``active[key] = now`` on checkout;
     # ``start = active.pop(key, None)``, ``uses.append(now - start)`` on return, then
-    # ``settle(key, held)`` only when ``needs_settling(held)``. An adapter whose hook is
-    # hot enough that a method call shows in its benchmark may inline exactly that.
+    # ``settle(key, held)`` when ``held > leak_threshold or len(uses) > DRAIN_AT``. An
+    # adapter whose hook is hot enough that a method call shows in its benchmark may
+    # inline exactly that.
     def acquired(self, key: Hashable, start: float, end: float) -> None:
         """A caller got connection ``key`` after waiting from ``start`` to ``end``."""
         self.waits.append(end - start)
@@ -204,7 +208,9 @@ class Ledger:
         with self._lock:
             self.closed[reason] += 1
             if lifetime is not None and lifetime >= 0:
-                self.lifetime[reason].observe(lifetime)
+                # setdefault is one C call: a finalizer re-entering while the new histogram
+                # is allocated inserts its own first, and both observations land in it.
+                self.lifetime.setdefault(reason, Histogram(self.lifetime_bounds)).observe(lifetime)
 
     def forget(self, key: Hashable) -> None:
         """Drop ``key`` from the checkout table without recording a use (detached)."""
@@ -246,9 +252,8 @@ class Ledger:
                     for k, h in self.connect.items()
                     if k == c.CONNECT_OK or h.max >= h.min
                 },
-                lifetime={
-                    k: h.snapshot() for k, h in self.lifetime.items() if h.total or h.max > 0
-                },
+                # list(): one C call, safe from a finalizer adding a reason meanwhile
+                lifetime={k: h.snapshot() for k, h in list(self.lifetime.items())},
                 closed=dict(self.closed),
                 timeouts=self.timeouts,
                 leaks=self.leaks,
@@ -258,7 +263,7 @@ class Ledger:
 
     def reset(self) -> None:
         """Start from zero (a forked child); also replaces a lock a dead thread may hold."""
-        fresh = Ledger(self.use.bounds, self.lifetime[c.REASON_DISPOSED].bounds, None)
+        fresh = Ledger(self.use.bounds, self.lifetime_bounds, None)
         fresh.leak_threshold = self.leak_threshold
         for name in Ledger.__slots__:
             setattr(self, name, getattr(fresh, name))

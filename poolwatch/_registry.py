@@ -148,6 +148,7 @@ class Registry:
         self._series: dict[tuple[str, str], Series] = {}
         self._of_pool: weakref.WeakKeyDictionary[Any, Series] = weakref.WeakKeyDictionary()
         self._first_site: dict[tuple[str, str], str | None] = {}
+        self._overflow_kinds: set[str] = set()
         self.folded = 0
         """Pools folded into an overflow series because of the ``max_pools`` cap."""
 
@@ -190,8 +191,9 @@ class Registry:
                     self._series.pop((current.kind, current.name), None)
             series = self._series.get(key)
             if series is None:
-                live = sum(1 for s in self._series.values() if s.name != OVERFLOW_NAME)
-                if live >= self._settings.max_pools:
+                # O(kinds), not O(series): registration stays cheap with many series.
+                overflow = sum((k, OVERFLOW_NAME) in self._series for k in self._overflow_kinds)
+                if len(self._series) - overflow >= self._settings.max_pools:
                     self.folded += 1
                     if self.folded == 1:
                         logger.warning(
@@ -203,6 +205,7 @@ class Registry:
                             OVERFLOW_NAME,
                         )
                     key = (adapter.kind, OVERFLOW_NAME)
+                    self._overflow_kinds.add(adapter.kind)
                     series = self._series.get(key)
                     if series is None:
                         series = Series(
