@@ -1,0 +1,208 @@
+"""poolwatch benchmarks: one command, side-by-side results measured in one run.
+
+Usage (from anywhere; paths are resolved from this file)::
+
+    python benchmarks/run.py            # full run, about 1 minute on 2 cores
+    python benchmarks/run.py --quick    # smaller sizes and fewer rounds (a smoke test)
+    python benchmarks/run.py --only hotpath,collect
+    python benchmarks/run.py --no-venv  # use the current interpreter as it is
+
+Unless ``--no-venv`` is given, the script creates ``benchmarks/.venv`` (gitignored) with the
+pinned versions of ``benchmarks/requirements.txt`` — poolwatch editable from this
+repository, SQLAlchemy 2.0.x and ``opentelemetry-instrumentation-sqlalchemy``, which refuses
+SQLAlchemy 2.1 — reinstalls it only when that file or ``pyproject.toml`` changes, and
+re-executes itself inside it. With ``--no-venv`` and no accepted contrib package, the
+contrib variant is skipped and the reason printed.
+
+Sections (see each module's docstring for the method):
+
+* ``hotpath`` (bench_sqlalchemy.py) — one QueuePool checkout+checkin: bare, poolwatch,
+  contrib; plus the cost poolwatch defers to collection (``Ledger.drain``/``snapshot``);
+* ``collect`` (bench_collect.py) — ``get_metrics_data()`` with 1 to 10,000 live pools;
+* ``memory`` (bench_memory.py) — bytes per tracked pool.
+
+docs/performance.md records a run and reads it against the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+VENV = HERE / ".venv"
+REQUIREMENTS = HERE / "requirements.txt"
+STAMP = VENV / ".requirements-installed"
+SECTIONS = ("hotpath", "collect", "memory")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description="poolwatch benchmarks")
+    parser.add_argument("--no-venv", action="store_true", help="run in this interpreter")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer rounds")
+    parser.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}"
+    )
+    args = parser.parse_args(argv)
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown or not chosen:
+        parser.error(f"--only got {args.only!r}: expected a comma-separated subset of {SECTIONS}")
+    args.sections = chosen
+    return args
+
+
+# -- the pinned environment --------------------------------------------------------------
+
+
+def _venv_python() -> Path:
+    return VENV / "bin" / "python"
+
+
+def in_bench_venv() -> bool:
+    """True when this interpreter is the one of benchmarks/.venv."""
+    return Path(sys.prefix).resolve() == VENV.resolve()
+
+
+def _wanted_stamp() -> str:
+    digest = hashlib.sha256()
+    for path in (REQUIREMENTS, REPO / "pyproject.toml"):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_venv() -> Path:
+    """Create or refresh benchmarks/.venv; return its interpreter."""
+    python = _venv_python()
+    if not python.exists():
+        print(f"==> creating {VENV}", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    wanted = _wanted_stamp()
+    if not STAMP.exists() or STAMP.read_text().strip() != wanted:
+        print(f"==> installing {REQUIREMENTS.name} into {VENV}", flush=True)
+        pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        subprocess.run([*pip, "-r", str(REQUIREMENTS)], check=True, cwd=REPO)
+        STAMP.write_text(wanted + "\n")
+    return python
+
+
+# -- reporting ---------------------------------------------------------------------------
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def environment() -> str:
+    """Where and with what the figures were measured."""
+    import poolwatch
+
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    packages = f"poolwatch {poolwatch.__version__} ({Path(poolwatch.__file__).parent}), "
+    packages += ", ".join(
+        f"{name} {_version(name)}"
+        for name in (
+            "SQLAlchemy",
+            "opentelemetry-sdk",
+            "opentelemetry-instrumentation-sqlalchemy",
+        )
+    )
+    return "\n".join(
+        [
+            f"machine: {os.cpu_count()} CPUs (nproc), {_cpu_model()}; load average {load}",
+            f"python:  {platform.python_implementation()} {platform.python_version()} "
+            f"({sys.executable})",
+            f"packages: {packages}",
+            f"commit:  {_commit()}",
+        ]
+    )
+
+
+# -- sections ------------------------------------------------------------------------------
+
+
+def run_sections(sections: Sequence[str], quick: bool) -> None:
+    """Run and print each chosen section as soon as it is done."""
+    import bench_collect
+    import bench_memory
+    import bench_sqlalchemy
+
+    if "hotpath" in sections:
+        config = (
+            bench_sqlalchemy.HotPathConfig(rounds=7, ops=1000, warmup=100, drain_rounds=3)
+            if quick
+            else bench_sqlalchemy.HotPathConfig()
+        )
+        hot = bench_sqlalchemy.run_hot_path(config)
+        print(bench_sqlalchemy.render_hot_path(hot, config), flush=True)
+        drain = bench_sqlalchemy.run_drain(config)
+        print(bench_sqlalchemy.render_drain(drain, hot, config), flush=True)
+    if "collect" in sections:
+        cases = bench_collect.QUICK_CASES if quick else bench_collect.FULL_CASES
+        collected = bench_collect.run_collection(cases)
+        print(bench_collect.render_collection(collected), flush=True)
+    if "memory" in sections:
+        memory_config = (
+            bench_memory.MemoryConfig(engines=200, rounds=1)
+            if quick
+            else bench_memory.MemoryConfig()
+        )
+        print(bench_memory.render_memory(bench_memory.run_memory(memory_config)), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(raw)
+    if not args.no_venv and not in_bench_venv():
+        python = ensure_venv()
+        os.execv(str(python), [str(python), str(Path(__file__).resolve()), *raw])
+    sys.path[:0] = [str(HERE), str(REPO)]
+    started = time.perf_counter()
+    print("poolwatch benchmarks" + (" (--quick: sizes reduced)" if args.quick else ""))
+    print(environment(), flush=True)
+    run_sections(args.sections, args.quick)
+    elapsed = time.perf_counter() - started
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\nfinished in {elapsed:.0f} s; load average now {load}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
