@@ -15,6 +15,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from poolwatch._config import ConfigError, Settings, resolve
 from poolwatch._export import Bridge, Producer
 from poolwatch._imports import PostImportHooks
+from poolwatch._janitor import Janitor
 from poolwatch._ledger import Ledger
 from poolwatch._naming import check_pool_name
 from poolwatch._provider import OwnedProvider, build
@@ -69,6 +70,7 @@ class Instrumentation:
         self._producer = Producer(self._registry, settings, self._errors)
         self._bridge = Bridge(self._producer, provider, self._errors)
         self._hooks = PostImportHooks()
+        self._janitor = Janitor(self._registry.ledgers, self._errors)
         self._adapters: dict[str, Adapter] = {}
         self._active: dict[str, Adapter] = {}
         self._stopped = False
@@ -90,6 +92,7 @@ class Instrumentation:
 
     def _start(self) -> None:
         self._bridge.attach()
+        self._janitor.start()
         for library in self.settings.libraries:
             adapter = ADAPTERS[library](self._tracker)
             self._adapters[library] = adapter
@@ -150,6 +153,7 @@ class Instrumentation:
             if self._stopped:
                 return
             self._stopped = True
+            self._janitor.stop()
             self._hooks.close()
             self._bridge.detach()
             for adapter in self._active.values():
@@ -167,6 +171,8 @@ class Instrumentation:
     def _after_fork_in_child(self) -> None:
         self._registry.reset_after_fork()
         self._producer.reset()
+        if not self._stopped:
+            self._janitor.start()  # the parent's thread does not exist in the child
 
     def __enter__(self) -> Instrumentation:
         return self

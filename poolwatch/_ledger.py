@@ -101,7 +101,7 @@ class LedgerSnapshot:
 
 
 DRAIN_AT = 16384
-"""Pending observations a list may hold before the hot path folds them itself."""
+"""Pending values past which the janitor (``_janitor.py``) folds a ledger between collections."""
 
 
 class Ledger:
@@ -111,7 +111,7 @@ class Ledger:
     one dict key — single C operations, atomic under the GIL and internally locked on
     free-threaded builds — so counts stay exact without taking a lock. The pending
     values are bucketed in bulk (sort, then one bisection per bucket boundary) at
-    collection time, or by the hot path once ``DRAIN_AT`` values are waiting.
+    collection time, or by the janitor thread once ``DRAIN_AT`` values are waiting.
 
     Rare events (timeouts, connects, closes) and bucketing take a re-entrant lock:
     re-entrant because a garbage-collected connection can be returned by a finalizer
@@ -161,9 +161,8 @@ class Ledger:
     # -- hot path: every checkout and return -------------------------------------------
     # The hot-path contract: ``waits.append(wait)`` and ``active[key] = now`` on checkout;
     # ``start = active.pop(key, None)``, ``uses.append(now - start)`` on return, then
-    # ``settle(key, held)`` when ``held > leak_threshold or len(uses) > DRAIN_AT``. An
-    # adapter whose hook is hot enough that a method call shows in its benchmark may
-    # inline exactly that.
+    # ``settle(key, held)`` when ``held > leak_threshold``. An adapter whose hook is hot
+    # enough that a method call shows in its benchmark may inline exactly that.
     def acquired(self, key: Hashable, start: float, end: float) -> None:
         """A caller got connection ``key`` after waiting from ``start`` to ``end``."""
         self.waits.append(end - start)
@@ -176,19 +175,16 @@ class Ledger:
             return
         held = now - start
         self.uses.append(held)
-        if held > self.leak_threshold or len(self.uses) > DRAIN_AT:
+        if held > self.leak_threshold:
             self.settle(key, held)
 
     def settle(self, key: Hashable, held: float) -> None:
-        """After a return: count a leak returned late, bound the pending values."""
-        if held > self.leak_threshold:
-            with self._lock:
-                if key in self._leaked:
-                    self._leaked.discard(key)  # already counted while it was out
-                else:
-                    self.leaks += 1
-        if len(self.uses) > DRAIN_AT:
-            self.drain()
+        """After a return held past the leak threshold: count the leak, once."""
+        with self._lock:
+            if key in self._leaked:
+                self._leaked.discard(key)  # already counted while it was out
+            else:
+                self.leaks += 1
 
     # -- less frequent events ----------------------------------------------------------
     def failed(self, start: float, end: float, *, timeout: bool) -> None:

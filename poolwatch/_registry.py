@@ -234,6 +234,11 @@ class Registry:
             self._of_pool[pool] = series
             return series.ledger
 
+    def ledgers(self) -> list[Ledger]:
+        """The ledger of every series."""
+        with self._lock:
+            return [series.ledger for series in self._series.values()]
+
     def series_of(self, pool: Any) -> Series | None:
         """The series ``pool`` reports into, if tracked."""
         with self._lock:

@@ -6,6 +6,8 @@ import gc
 import json
 import logging
 import os
+import threading
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from opentelemetry.sdk.metrics.export import (
 
 import poolwatch
 from poolwatch._export import Producer
-from poolwatch._ledger import Ledger
+from poolwatch._ledger import DRAIN_AT, Ledger
 from poolwatch.adapters.sqlalchemy import SQLAlchemyAdapter
 from tests.conftest import Harness
 
@@ -148,7 +150,8 @@ def test_a_forked_child_records_its_own_pools(pw: Harness, tmp_path: Path) -> No
             engine.dispose(close=False)
             for _ in range(3):
                 engine.connect().close()
-            payload = json.dumps([[s.name, s.checkouts] for s in poolwatch.pools()])
+            janitors = [t.name for t in threading.enumerate() if t.name == "poolwatch-janitor"]
+            payload = json.dumps([[[s.name, s.checkouts] for s in poolwatch.pools()], janitors])
             os.write(write, payload.encode())
         finally:
             os._exit(0)
@@ -156,7 +159,7 @@ def test_a_forked_child_records_its_own_pools(pw: Harness, tmp_path: Path) -> No
     with os.fdopen(read) as pipe:
         child = json.loads(pipe.read())
     os.waitpid(pid, 0)
-    assert child == [[f"sqlite:///{tmp_path}/x.db", 3]]
+    assert child == [[[f"sqlite:///{tmp_path}/x.db", 3]], ["poolwatch-janitor"]]
     assert [s.checkouts for s in poolwatch.pools()] == [5]
 
 
@@ -220,3 +223,26 @@ def test_series_past_the_cap_fold_into_an_overflow_series(
     assert (
         harness.collect().value("poolwatch.connections", pool__name="_overflow", state="idle") == 3
     )
+
+
+def _janitors() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "poolwatch-janitor"]
+
+
+def test_the_janitor_runs_while_instrumented(harness: Harness) -> None:
+    harness.instrument()
+    assert len(_janitors()) == 1
+    poolwatch.uninstrument()
+    assert _janitors() == []
+
+
+def test_pending_values_stay_bounded_without_any_collection(pw: Harness, tmp_path: Path) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/x.db")
+    ledger = engine.pool._poolwatch_ledger
+    for _ in range(DRAIN_AT + 100):  # about 0.2 s of checkouts, and no reader collects
+        engine.pool.connect().close()
+    deadline = time.monotonic() + 5
+    while len(ledger.uses) > DRAIN_AT:  # the janitor runs once a second
+        assert time.monotonic() < deadline, "the janitor did not fold the pending values"
+        time.sleep(0.05)
+    assert [s.checkouts for s in poolwatch.pools()] == [DRAIN_AT + 100]

@@ -6,7 +6,9 @@ import threading
 
 import pytest
 
+from poolwatch._janitor import Janitor
 from poolwatch._ledger import DRAIN_AT, Histogram, Ledger
+from poolwatch._safe import ErrorLog
 
 
 def test_buckets_are_upper_inclusive_like_opentelemetry() -> None:
@@ -58,14 +60,18 @@ def test_counts_stay_exact_with_many_threads() -> None:
     assert snap.checked_out == 0
 
 
-def test_pending_values_are_bounded_on_the_hot_path() -> None:
-    ledger = Ledger()
-    for _ in range(DRAIN_AT + 10):
-        key = object()
-        ledger.acquired(key, 0.0, 0.0)
-        ledger.released(key, 0.0)
-    assert len(ledger.uses) <= DRAIN_AT
-    assert ledger.snapshot().use.observations == DRAIN_AT + 10
+def test_the_janitor_folds_ledgers_with_too_many_pending_values() -> None:
+    busy, quiet = Ledger(), Ledger()
+    for ledger, count in ((busy, DRAIN_AT + 10), (quiet, 10)):
+        for _ in range(count):
+            key = object()
+            ledger.acquired(key, 0.0, 0.0)
+            ledger.released(key, 0.0)
+    janitor = Janitor(lambda: [busy, quiet], ErrorLog())
+    assert janitor.sweep() == 1
+    assert (len(busy.uses), len(busy.waits), len(quiet.uses)) == (0, 0, 10)
+    assert busy.snapshot().use.observations == DRAIN_AT + 10
+    assert quiet.snapshot().use.observations == 10
 
 
 def test_leaks_are_counted_once_whether_seen_out_or_returned_late() -> None:

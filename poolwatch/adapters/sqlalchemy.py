@@ -32,7 +32,7 @@ from time import perf_counter
 from typing import Any
 
 from poolwatch import _catalogue as c
-from poolwatch._ledger import DRAIN_AT, Ledger
+from poolwatch._ledger import Ledger
 from poolwatch._naming import creation_site, target_name
 from poolwatch.adapters._base import Adapter, Levels, Tracker
 
@@ -284,7 +284,7 @@ def _checkin_hook(adapter: SQLAlchemyAdapter, original: Callable[..., Any]) -> C
             if start is not None:
                 held = perf_counter() - start
                 ledger.uses.append(held)
-                if held > ledger.leak_threshold or len(ledger.uses) > DRAIN_AT:
+                if held > ledger.leak_threshold:
                     try:
                         ledger.settle(self, held)
                     except Exception as error:
