@@ -143,23 +143,49 @@ def test_names_can_be_chosen(harness: Harness, pg: PostgresCluster) -> None:
 def test_pre_ping_finds_a_killed_backend_stale(
     pw: Harness, pg: PostgresCluster, engine_factory: Callable[..., sa.Engine]
 ) -> None:
-    import psycopg
-
     engine = engine_factory(pool_size=1, max_overflow=0, pool_pre_ping=True)
     with engine.connect() as conn:
         pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
     name = _name(pg)
     before = pw.collect().count("poolwatch.connect.duration", pool__name=name, outcome="ok")
-    with psycopg.connect(  # outside SQLAlchemy: not a pool poolwatch sees
-        host=pg.host, port=pg.port, user=pg.user, password=pg.password, dbname=pg.dbname
-    ) as admin:
-        assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+    assert isinstance(pid, int)
+    _terminate(pg, pid)
     with engine.connect() as conn:  # pre-ping sees the dead backend and reconnects
         assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar() != pid
     got = pw.collect()
     assert got.value("poolwatch.connections.closed", pool__name=name, reason="stale") == 1
     after = got.count("poolwatch.connect.duration", pool__name=name, outcome="ok")
     assert after == before + 1
+
+
+def _terminate(pg: PostgresCluster, pid: int) -> None:
+    import psycopg
+
+    with psycopg.connect(  # outside SQLAlchemy: not a pool poolwatch sees
+        host=pg.host, port=pg.port, user=pg.user, password=pg.password, dbname=pg.dbname
+    ) as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+
+
+def test_a_disconnect_found_by_a_query_is_stale(
+    pw: Harness, pg: PostgresCluster, engine_factory: Callable[..., sa.Engine]
+) -> None:
+    engine = engine_factory(pool_size=1, max_overflow=0)  # no pre-ping
+    with engine.connect() as conn:
+        pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        assert isinstance(pid, int)
+        _terminate(pg, pid)
+        with pytest.raises(exc.OperationalError) as caught:
+            conn.execute(sa.text("SELECT 1"))
+        assert caught.value.connection_invalidated
+    with engine.connect() as conn:  # the pool opened a new connection
+        assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+    got = pw.collect()
+    closed = {
+        p.attributes["reason"]: p.value
+        for p in got.points("poolwatch.connections.closed", pool__name=_name(pg))
+    }
+    assert closed == {"stale": 1}
 
 
 def test_server_restart_mid_load_is_accounted_exactly(
