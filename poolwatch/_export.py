@@ -84,9 +84,7 @@ class _ReaderState:
         self.previous: dict[PointKey, int | HistogramSnapshot] = {}
 
 
-def _delta_histogram(now: HistogramSnapshot, before: HistogramSnapshot | None) -> HistogramSnapshot:
-    if before is None:
-        return now
+def _delta_histogram(now: HistogramSnapshot, before: HistogramSnapshot) -> HistogramSnapshot:
     counts = tuple(a - b for a, b in zip(now.counts, before.counts, strict=True))
     bounds = now.bounds
     filled = [i for i, n in enumerate(counts) if n]
@@ -133,22 +131,27 @@ class _Collection:
             cache[key] = attributes
         return attributes
 
-    def _start(self, key: PointKey, series: Series, delta: bool) -> int:
-        if delta and key in self.state.previous:
-            return max(series.created_ns, self.state.last_ns)
-        return series.created_ns
+    def _previous(
+        self, spec: c.MetricSpec, series: Series, variant: str, value: int | HistogramSnapshot
+    ) -> tuple[int, int | HistogramSnapshot | None]:
+        """Start time of a point and, for a delta reader, what it saw last time.
+
+        Also remembers ``value`` for this reader's next delta.
+        """
+        if not self.delta[spec.instrument]:
+            return series.created_ns, None
+        key = (spec.name, variant, id(series))
+        self.seen[key] = value
+        if key in self.state.previous:
+            return max(series.created_ns, self.state.last_ns), self.state.previous[key]
+        return series.created_ns, None
 
     def number(self, spec: c.MetricSpec, series: Series, value: int, variant: str = "") -> None:
         """Add one sum point."""
         attributes = self._attributes(series, spec, variant)
-        start = series.created_ns
-        if self.delta[spec.instrument]:
-            key = (spec.name, variant, id(series))
-            self.seen[key] = value
-            before = self.state.previous.get(key)
-            start = self._start(key, series, True)
-            if isinstance(before, int):
-                value -= before
+        start, before = self._previous(spec, series, variant, value)
+        if isinstance(before, int):
+            value -= before
         self.points[spec.name].append(NumberDataPoint(attributes, start, self.now_ns, value))
 
     def histogram(
@@ -156,15 +159,9 @@ class _Collection:
     ) -> None:
         """Add one histogram point."""
         attributes = self._attributes(series, spec, variant)
-        start = series.created_ns
-        if self.delta[spec.instrument]:
-            key = (spec.name, variant, id(series))
-            self.seen[key] = value
-            before = self.state.previous.get(key)
-            start = self._start(key, series, True)
-            value = _delta_histogram(
-                value, before if isinstance(before, HistogramSnapshot) else None
-            )
+        start, before = self._previous(spec, series, variant, value)
+        if isinstance(before, HistogramSnapshot):
+            value = _delta_histogram(value, before)
         n = value.observations
         self.points[spec.name].append(
             HistogramDataPoint(

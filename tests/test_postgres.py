@@ -22,6 +22,7 @@ from sqlalchemy import exc
 import poolwatch
 from tests.conftest import Harness
 from tests.support.postgres import PostgresCluster
+from tests.support.scenarios import exhaust_async_pool
 
 pytestmark = pytest.mark.postgres
 
@@ -359,25 +360,10 @@ def test_async_engine_on_asyncpg(pw: Harness, pg: PostgresCluster) -> None:
         for _ in range(100):
             async with engine.connect() as conn:
                 await conn.execute(sa.text("SELECT 1"))
-        held = await engine.connect()
-
-        async def wait() -> str:
-            try:
-                async with engine.connect():
-                    return "acquired"
-            except exc.TimeoutError:
-                return "timeout"
-
-        tasks = [asyncio.create_task(wait()) for _ in range(2)]
-        for _ in range(100):  # until both tasks are queued (bounded: 1 s)
-            await asyncio.sleep(0.01)
-            if _snapshot(name).pending == 2:
-                break
-        during = _snapshot(name)
-        outcomes = list(await asyncio.gather(*tasks))
-        await held.close()
-        await engine.dispose()
-        return during, outcomes
+        try:
+            return await exhaust_async_pool(engine, lambda: _snapshot(name))
+        finally:
+            await engine.dispose()
 
     during, outcomes = asyncio.run(scenario())
     assert (during.used, during.idle, during.max, during.pending) == (1, 0, 1, 2)

@@ -21,6 +21,7 @@ from sqlalchemy.pool import base
 
 import poolwatch
 from tests.conftest import Harness
+from tests.support.scenarios import exhaust_async_pool
 
 
 def _url(tmp_path: Path, name: str = "app.db") -> str:
@@ -323,26 +324,10 @@ def test_async_engine_waits_and_timeouts_on_a_real_event_loop(pw: Harness, tmp_p
             max_overflow=0,
             pool_timeout=0.3,
         )
-        held = await engine.connect()
-
-        async def wait_for_connection() -> str:
-            try:
-                async with engine.connect() as conn:
-                    await conn.execute(sa.text("select 1"))
-            except exc.TimeoutError:
-                return "timeout"
-            return "acquired"
-
-        waiting = [asyncio.create_task(wait_for_connection()) for _ in range(2)]
-        for _ in range(100):  # until both tasks are queued on the pool (bounded: 1 s)
-            await asyncio.sleep(0.01)
-            if _only().pending == 2:
-                break
-        during = _only()
-        outcomes = await asyncio.gather(*waiting)
-        await held.close()
-        await engine.dispose()
-        return during, outcomes
+        try:
+            return await exhaust_async_pool(engine, _only)
+        finally:
+            await engine.dispose()
 
     during, outcomes = asyncio.run(scenario())
     assert (during.used, during.idle, during.max, during.pending) == (1, 0, 1, 2)
