@@ -25,6 +25,9 @@ from poolwatch._ledger import Ledger, LedgerSnapshot
 from poolwatch._safe import ErrorLog, logger
 from poolwatch.adapters._base import Adapter, Levels
 
+_SITES_KEPT = 10
+"""Creation sites remembered per allowed series, for naming a second site of a target."""
+
 OVERFLOW_NAME = "_overflow"
 """The ``pool.name`` of the series pools fold into once ``max_pools`` series exist."""
 
@@ -162,7 +165,11 @@ class Registry:
         chosen = self._settings.pool_names.get(target)
         if chosen is not None:
             return chosen
-        first = self._first_site.setdefault((kind, target), site)
+        first = self._first_site.get((kind, target))
+        if first is None and len(self._first_site) < _SITES_KEPT * self._settings.max_pools:
+            # Bounded: an application with endless distinct targets (a URL per tenant)
+            # folds them into the overflow series anyway; past this, names stay the target.
+            first = self._first_site[(kind, target)] = site
         if site is None or first is None or site == first:
             return target
         derived = f"{target} ({site})"
@@ -249,11 +256,6 @@ class Registry:
         with self._lock:
             for key in [k for k, s in self._series.items() if s.adapter is adapter]:
                 del self._series[key]
-
-    def tracked_pools(self, adapter: Adapter) -> list[Any]:
-        """Live pools of ``adapter``."""
-        with self._lock:
-            return [p for s in self._series.values() if s.adapter is adapter for p in s.pools]
 
     def read(self) -> list[SeriesReading]:
         """Read every series; series with no live pool left are read once more, then dropped."""
