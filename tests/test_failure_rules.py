@@ -138,7 +138,6 @@ def test_an_adapter_that_cannot_hook_is_undone_and_reported(
     sa.create_engine("sqlite://").connect().close()
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork() exists on POSIX only")
 def test_a_forked_child_records_its_own_pools(pw: Harness, tmp_path: Path) -> None:
     engine = sa.create_engine(f"sqlite:///{tmp_path}/x.db")
     for _ in range(5):
