@@ -27,6 +27,7 @@ from opentelemetry.sdk.metrics import (
 from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
 
 import poolwatch
+from poolwatch._export import readers_of
 from tests.support.metrics import collect
 
 
@@ -206,3 +207,37 @@ def test_prometheus_port_in_use_is_a_config_error() -> None:
         f"poolwatch setting 'prometheus_port' got {port}: cannot listen on 127.0.0.1:{port}"
     )
     assert poolwatch.pools() == []
+
+
+def test_a_second_instrument_with_other_settings_keeps_the_first(
+    pw: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = poolwatch.instrument()
+    with caplog.at_level("WARNING", logger="poolwatch"):
+        again = poolwatch.instrument(max_pools=3)
+    assert again is first
+    assert again.settings.max_pools == 200
+    assert [r.message for r in caplog.records] == [
+        "poolwatch: instrument() called again with other settings; they are ignored: call "
+        "uninstrument() first to change them"
+    ]
+
+
+def test_no_exporter_still_serves_pools(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+    handle = poolwatch.instrument()
+    assert readers_of(handle.meter_provider) == []
+    assert handle.prometheus_address is None
+    sa.create_engine(f"sqlite:///{tmp_path}/x.db").connect().close()
+    assert [s.checkouts for s in poolwatch.pools()] == [1]
+
+
+def test_an_unknown_otlp_protocol_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+    with pytest.raises(poolwatch.ConfigError) as caught:
+        poolwatch.instrument()
+    assert str(caught.value) == (
+        "poolwatch: OTEL_EXPORTER_OTLP_METRICS_PROTOCOL/OTEL_EXPORTER_OTLP_PROTOCOL got "
+        "'http/json': expected 'grpc' or 'http/protobuf'"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import types
 
@@ -61,3 +62,32 @@ def test_track_before_instrument_says_what_to_do() -> None:
         assert str(error) == "poolwatch.track() needs poolwatch.instrument() to be called first"
     else:  # pragma: no cover - the assertion above is the test
         raise AssertionError("track() before instrument() must raise")
+
+
+def test_a_snapshot_tells_the_pool_state_in_one_line() -> None:
+    snap = poolwatch.PoolSnapshot(
+        name="postgresql://db:5432/orders",
+        kind="sqlalchemy",
+        used=8,
+        idle=2,
+        max=10,
+        pending=3,
+        instances=1,
+        instances_created=1,
+        checkouts=1200,
+        timeouts=4,
+        connects=10,
+        connect_errors=0,
+        closed={},
+        leaks=0,
+        leaks_active=0,
+        wait_p99=0.012,
+    )
+    assert repr(snap) == (
+        "<PoolSnapshot sqlalchemy 'postgresql://db:5432/orders' [used 8, idle 2, max 10, "
+        "pending 3 | checkouts 1200, timeouts 4]>"
+    )
+    assert snap.utilization == 0.8
+    unbounded = dataclasses.replace(snap, max=None)
+    assert "max unbounded" in repr(unbounded)
+    assert unbounded.utilization is None
