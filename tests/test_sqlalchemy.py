@@ -197,7 +197,14 @@ def test_non_queue_pools_are_reported_without_a_limit(pw: Harness, tmp_path: Pat
         (0, 1),
         (0, 1),
     ]
-    assert pw.collect().points("poolwatch.connections.max", pool__name="null") == []
+    got = pw.collect()
+    assert got.points("poolwatch.connections.max", pool__name="null") == []
+    # A NullPool closes every connection on return by design: disposed, never pool_full.
+    null_closed = {
+        p.attributes["reason"]: p.value
+        for p in got.points("poolwatch.connections.closed", pool__name="null")
+    }
+    assert null_closed == {"disposed": 2}
 
 
 def test_names_tell_apart_creation_sites_of_the_same_target(pw: Harness, tmp_path: Path) -> None:

@@ -393,13 +393,15 @@ def _close_reason(record: Any, pool: Any, caller: Any) -> str:
         return c.REASON_INVALIDATED  # soft invalidation
     if name == "invalidate":
         return c.REASON_INVALIDATED
+    from sqlalchemy.pool import NullPool
+
     returned = caller.f_back is not None and caller.f_back.f_code.co_name in (
         "_do_return_conn",
         "_cleanup",
     )
-    if name == "close" and returned:
+    if name == "close" and returned and not isinstance(pool, NullPool):
         return c.REASON_POOL_FULL  # returned to a full pool: overflow connection closed
-    return c.REASON_DISPOSED
+    return c.REASON_DISPOSED  # dispose(), or a NullPool closing on return by design
 
 
 def _checked_out_of(pool: Any) -> int:
