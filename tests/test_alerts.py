@@ -1,0 +1,128 @@
+"""Alert and recording rules: current, valid, unit-tested by promtool, documented.
+
+promtool comes from Debian's prometheus package; the test command installs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+
+ALERTS = Path(__file__).resolve().parent.parent / "alerts"
+RULES = ALERTS / "poolwatch.rules.yml"
+UNIT_TESTS = ALERTS / "tests" / "poolwatch.rules.test.yml"
+
+ALERT_NAMES = [
+    "PoolwatchPoolUtilizationHigh",
+    "PoolwatchPoolSaturated",
+    "PoolwatchPoolExhausted",
+    "PoolwatchPoolDiscarding",
+    "PoolwatchSlowAcquire",
+    "PoolwatchConnectionChurn",
+    "PoolwatchConnectionLeak",
+]
+RECORDING_RULES = [
+    "poolwatch:pool_utilization:ratio",
+    "poolwatch:wait_duration_seconds:p50",
+    "poolwatch:wait_duration_seconds:p95",
+    "poolwatch:wait_duration_seconds:p99",
+    "poolwatch:checkouts:rate",
+    "poolwatch:connects:rate",
+]
+
+
+def _build() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("poolwatch_alerts_build", ALERTS / "build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _promtool(*args: str, cwd: Path = ALERTS) -> subprocess.CompletedProcess[str]:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool not found: install Debian's prometheus package (scripts/test does)"
+    return subprocess.run(
+        [promtool, *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def _rules() -> dict[str, dict[str, object]]:
+    document = yaml.safe_load(RULES.read_text())
+    return {
+        str(rule.get("alert") or rule.get("record")): rule
+        for group in document["groups"]
+        for rule in group["rules"]
+    }
+
+
+def test_the_rules_file_is_rendered_from_the_config() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ALERTS / "build.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_promtool_checks_the_rules() -> None:
+    result = _promtool("check", "rules", str(RULES))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 13 rules found" in result.stdout
+
+
+def test_promtool_unit_tests_pass() -> None:
+    result = _promtool("test", "rules", str(UNIT_TESTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_unit_tests_notice_a_changed_threshold(tmp_path: Path) -> None:
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "poolwatch.rules.yml").write_text(_build().render(UTILIZATION_HIGH=0.91))
+    shutil.copy(UNIT_TESTS, tmp_path / "tests" / UNIT_TESTS.name)
+    result = _promtool("test", "rules", str(tmp_path / "tests" / UNIT_TESTS.name), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "PoolwatchPoolUtilizationHigh" in result.stdout + result.stderr
+
+
+def test_rule_names_are_pinned() -> None:
+    assert list(_rules()) == RECORDING_RULES + ALERT_NAMES
+
+
+@pytest.mark.parametrize("name", ALERT_NAMES)
+def test_every_alert_follows_the_mixin_conventions(name: str) -> None:
+    rule = _rules()[name]
+    labels = rule["labels"]
+    annotations = rule["annotations"]
+    assert isinstance(labels, dict) and isinstance(annotations, dict)
+    assert labels["severity"] in ("warning", "critical")
+    assert set(annotations) == {"summary", "description", "runbook_url"}
+    assert "{{" not in annotations["summary"]
+    for part in ("$labels.job", "$labels.instance", "$labels.pool_name", "$value"):
+        assert part in annotations["description"]
+    assert annotations["runbook_url"] == f"alerts/runbooks/{name}.md"
+    runbook = ALERTS / "runbooks" / f"{name}.md"
+    text = runbook.read_text()
+    for section in ("Meaning", "Impact", "Diagnosis", "Mitigation"):
+        assert f"## {section}" in text, f"{runbook.name} lacks a {section} section"
+
+
+def test_durations_and_thresholds_come_from_the_one_config_place() -> None:
+    build = _build()
+    short = yaml.safe_load(build.render(UTILIZATION_HIGH_FOR="30s", SELECTOR='job="api"'))
+    alerts = {r["alert"]: r for g in short["groups"] for r in g["rules"] if "alert" in r}
+    assert alerts["PoolwatchPoolUtilizationHigh"]["for"] == "30s"
+    recording = short["groups"][0]["rules"][0]["expr"]
+    assert 'poolwatch_connections{job="api", state="used"}' in recording
+    with pytest.raises(KeyError, match="unknown alert settings"):
+        build.render(UTILIZATION_HIGHER=0.9)
