@@ -58,6 +58,29 @@ def pw(harness: Harness) -> Harness:
     return harness
 
 
+@pytest.fixture
+def sample_snapshot() -> poolwatch.PoolSnapshot:
+    """A busy PostgreSQL pool, as ``poolwatch.pools()`` would report it."""
+    return poolwatch.PoolSnapshot(
+        name="postgresql://db:5432/orders",
+        kind="sqlalchemy",
+        used=8,
+        idle=2,
+        max=10,
+        pending=3,
+        instances=1,
+        instances_created=1,
+        checkouts=1200,
+        timeouts=4,
+        connects=10,
+        connect_errors=0,
+        closed={},
+        leaks=0,
+        leaks_active=0,
+        wait_p99=0.0123,
+    )
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[object]:
     """A throw-away PostgreSQL cluster on a free loopback port, for the whole session."""

@@ -30,25 +30,8 @@ def _last_row(output: str) -> list[str]:
     return rows[-1].split()
 
 
-def test_render_is_one_line_per_pool() -> None:
-    snap = PoolSnapshot(
-        name="postgresql://db:5432/orders",
-        kind="sqlalchemy",
-        used=8,
-        idle=2,
-        max=10,
-        pending=3,
-        instances=1,
-        instances_created=1,
-        checkouts=1200,
-        timeouts=4,
-        connects=10,
-        connect_errors=0,
-        closed={},
-        leaks=0,
-        leaks_active=0,
-        wait_p99=0.0123,
-    )
+def test_render_is_one_line_per_pool(sample_snapshot: PoolSnapshot) -> None:
+    snap = sample_snapshot
     assert render([snap]).splitlines()[1] == (
         "postgresql://db:5432/orders                  sqlalchemy      8/10 ########..    2    3"
         "      1200        4    12.3ms"

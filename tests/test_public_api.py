@@ -64,25 +64,10 @@ def test_track_before_instrument_says_what_to_do() -> None:
         raise AssertionError("track() before instrument() must raise")
 
 
-def test_a_snapshot_tells_the_pool_state_in_one_line() -> None:
-    snap = poolwatch.PoolSnapshot(
-        name="postgresql://db:5432/orders",
-        kind="sqlalchemy",
-        used=8,
-        idle=2,
-        max=10,
-        pending=3,
-        instances=1,
-        instances_created=1,
-        checkouts=1200,
-        timeouts=4,
-        connects=10,
-        connect_errors=0,
-        closed={},
-        leaks=0,
-        leaks_active=0,
-        wait_p99=0.012,
-    )
+def test_a_snapshot_tells_the_pool_state_in_one_line(
+    sample_snapshot: poolwatch.PoolSnapshot,
+) -> None:
+    snap = sample_snapshot
     assert repr(snap) == (
         "<PoolSnapshot sqlalchemy 'postgresql://db:5432/orders' [used 8, idle 2, max 10, "
         "pending 3 | checkouts 1200, timeouts 4]>"
