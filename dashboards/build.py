@@ -1,0 +1,489 @@
+"""Render poolwatch's Grafana dashboards: ``python dashboards/build.py [--check]``.
+
+Two dashboards, on the one poolwatch metric family, so they cover every pool kind:
+
+* ``poolwatch-overview.json`` — "Connection pools / overview": every pool of the selected
+  services and instances, ranked by utilization;
+* ``poolwatch-pool.json`` — "Connection pool / detail": one pool in depth.
+
+Both have the variables datasource (any Prometheus), job, instance, kind and pool; every
+panel has a unit and a description; every rate uses ``$__rate_interval``; no datasource uid
+is hard-coded. ``tests/test_dashboards.py`` lints that and parses every query with promtool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+SCHEMA_VERSION = 39
+BY = "job, instance, pool_kind, pool_name"
+SEL = 'job=~"$job", instance=~"$instance", pool_kind=~"$kind", pool_name=~"$pool"'
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def _utilization() -> str:
+    return (
+        f'sum by ({BY}) (poolwatch_connections{{{SEL}, state="used"}})\n'
+        f"/\n(sum by ({BY}) (poolwatch_connections_max{{{SEL}}}) > 0)"
+    )
+
+
+def _quantile(q: float, metric: str, by: str, *matchers: str) -> str:
+    selector = ", ".join((SEL, *matchers))
+    return (
+        f"histogram_quantile({q}, sum by ({by}, le) "
+        f"(rate({metric}_bucket{{{selector}}}[$__rate_interval])))"
+    )
+
+
+def _target(expr: str, legend: str = "", **extra: Any) -> dict[str, Any]:
+    return {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend, **extra}
+
+
+class _Layout:
+    """Places panels left to right, 24 grid units a row."""
+
+    def __init__(self) -> None:
+        self.x = 0
+        self.y = 0
+        self.row_height = 0
+        self.next_id = 1
+
+    def place(self, width: int, height: int) -> dict[str, int]:
+        if self.x + width > 24:
+            self.x, self.y = 0, self.y + self.row_height
+            self.row_height = 0
+        pos = {"x": self.x, "y": self.y, "w": width, "h": height}
+        self.x += width
+        self.row_height = max(self.row_height, height)
+        return pos
+
+
+def _panel(
+    layout: _Layout,
+    kind: str,
+    title: str,
+    description: str,
+    unit: str,
+    *,
+    targets: list[dict[str, Any]],
+    width: int = 12,
+    height: int = 8,
+    **options: Any,
+) -> dict[str, Any]:
+    panel = {
+        "id": layout.next_id,
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "gridPos": layout.place(width, height),
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "options": options,
+        "targets": [dict(t, refId=chr(ord("A") + i)) for i, t in enumerate(targets)],
+    }
+    layout.next_id += 1
+    return panel
+
+
+def _variable(name: str, label: str, query: str, multi: bool = True) -> dict[str, Any]:
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DATASOURCE,
+        "query": {"query": query, "refId": name},
+        "definition": query,
+        "refresh": 2,
+        "sort": 1,
+        "multi": multi,
+        "includeAll": multi,
+        "allValue": ".*" if multi else None,
+        "current": {},
+    }
+
+
+def _templating(pool_multi: bool) -> dict[str, Any]:
+    scope = 'job=~"$job", instance=~"$instance"'
+    return {
+        "list": [
+            {
+                "name": "datasource",
+                "label": "Data source",
+                "type": "datasource",
+                "query": "prometheus",
+                "current": {},
+            },
+            _variable("job", "Job", "label_values(poolwatch_connections, job)"),
+            _variable(
+                "instance", "Instance", 'label_values(poolwatch_connections{job=~"$job"}, instance)'
+            ),
+            _variable(
+                "kind", "Pool kind", f"label_values(poolwatch_connections{{{scope}}}, pool_kind)"
+            ),
+            _variable(
+                "pool",
+                "Pool",
+                f'label_values(poolwatch_connections{{{scope}, pool_kind=~"$kind"}}, pool_name)',
+                multi=pool_multi,
+            ),
+        ]
+    }
+
+
+def _dashboard(
+    uid: str, title: str, description: str, panels: list[dict[str, Any]], pool_multi: bool
+) -> dict[str, Any]:
+    return {
+        "uid": uid,
+        "title": title,
+        "description": description,
+        "tags": ["poolwatch", "connection-pools"],
+        "schemaVersion": SCHEMA_VERSION,
+        "editable": True,
+        "graphTooltip": 1,
+        "refresh": "30s",
+        "time": {"from": "now-3h", "to": "now"},
+        "timezone": "",
+        "templating": _templating(pool_multi),
+        "annotations": {"list": []},
+        "links": [
+            {
+                "title": "Connection pools",
+                "type": "dashboards",
+                "tags": ["poolwatch"],
+                "asDropdown": True,
+                "includeVars": True,
+                "keepTime": True,
+            }
+        ],
+        "panels": panels,
+    }
+
+
+def overview() -> dict[str, Any]:
+    """Every selected pool, ranked by utilization."""
+    layout = _Layout()
+    stat = {"reduceOptions": {"calcs": ["lastNotNull"]}, "colorMode": "background"}
+    panels = [
+        _panel(
+            layout,
+            "stat",
+            "Pools above 80%",
+            "Pools whose used connections are above 80% of their limit now "
+            "(PoolwatchPoolUtilizationHigh fires when this lasts 10m).",
+            "none",
+            targets=[_target(f"count(({_utilization()}) > 0.8) or vector(0)")],
+            width=6,
+            height=4,
+            **stat,
+        ),
+        _panel(
+            layout,
+            "stat",
+            "Timeouts in range",
+            "Callers that gave up waiting for a connection in the selected time range: "
+            "each was an error for the application.",
+            "none",
+            targets=[
+                _target(f"sum(increase(poolwatch_timeouts_total{{{SEL}}}[$__range])) or vector(0)")
+            ],
+            width=6,
+            height=4,
+            **stat,
+        ),
+        _panel(
+            layout,
+            "stat",
+            "Discards in range",
+            "Connections closed because the pool was full, in the selected time range: a "
+            "non-blocking pool too small for its traffic opens and throws them away.",
+            "none",
+            targets=[
+                _target(
+                    f'sum(increase(poolwatch_connections_closed_total{{{SEL}, reason="pool_full"}}'
+                    "[$__range])) or vector(0)"
+                )
+            ],
+            width=6,
+            height=4,
+            **stat,
+        ),
+        _panel(
+            layout,
+            "stat",
+            "Active leaks",
+            "Checkouts held longer than the leak threshold that are still out now.",
+            "none",
+            targets=[_target(f"sum(poolwatch_leaks_active{{{SEL}}}) or vector(0)")],
+            width=6,
+            height=4,
+            **stat,
+        ),
+        _panel(
+            layout,
+            "table",
+            "Pools by utilization",
+            "Every selected pool, most utilized first: used connections against the limit now. "
+            "Unbounded pools have no limit and are not listed.",
+            "percentunit",
+            targets=[_target(f"sort_desc({_utilization()})", "", instant=True, format="table")],
+            width=24,
+            height=8,
+            showHeader=True,
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Utilization",
+            "Used connections as a share of each pool's limit.",
+            "percentunit",
+            targets=[_target(_utilization(), "{{pool_name}} ({{instance}})")],
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Worst wait p99",
+            "The five pools with the slowest 99th-percentile wait for a connection.",
+            "s",
+            targets=[
+                _target(
+                    "topk(5, "
+                    + _quantile(0.99, "poolwatch_wait_duration_seconds", BY, 'outcome="acquired"')
+                    + ")",
+                    "{{pool_name}} ({{instance}})",
+                )
+            ],
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Callers waiting",
+            "Callers waiting for a connection right now, per pool.",
+            "none",
+            targets=[
+                _target(
+                    f"sum by ({BY}) (poolwatch_pending_requests{{{SEL}}})",
+                    "{{pool_name}} ({{instance}})",
+                )
+            ],
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Timeouts",
+            "Callers per second that gave up waiting for a connection, per pool.",
+            "ops",
+            targets=[
+                _target(
+                    f"sum by ({BY}) (rate(poolwatch_timeouts_total{{{SEL}}}[$__rate_interval]))",
+                    "{{pool_name}} ({{instance}})",
+                )
+            ],
+        ),
+    ]
+    return _dashboard(
+        "poolwatch-overview",
+        "Connection pools / overview",
+        "Every connection pool of the selected services, ranked by utilization.",
+        panels,
+        pool_multi=True,
+    )
+
+
+def pool_detail() -> dict[str, Any]:
+    """One pool in depth."""
+    layout = _Layout()
+    wait = "poolwatch_wait_duration_seconds"
+    panels = [
+        _panel(
+            layout,
+            "timeseries",
+            "Connections",
+            "Used and idle connections against the pool's limit, and callers waiting.",
+            "none",
+            targets=[
+                _target(f'sum(poolwatch_connections{{{SEL}, state="used"}})', "used"),
+                _target(f'sum(poolwatch_connections{{{SEL}, state="idle"}})', "idle"),
+                _target(f"sum(poolwatch_connections_max{{{SEL}}})", "max"),
+                _target(f"sum(poolwatch_pending_requests{{{SEL}}})", "waiting"),
+            ],
+            width=24,
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Wait for a connection",
+            "Time callers waited for a connection (queue wait, opening one when needed, "
+            "pre-ping), 50th, 95th and 99th percentiles.",
+            "s",
+            targets=[
+                _target(_quantile(q, wait, "pool_name", 'outcome="acquired"'), f"p{int(q * 100)}")
+                for q in (0.5, 0.95, 0.99)
+            ],
+        ),
+        _panel(
+            layout,
+            "heatmap",
+            "Wait distribution",
+            "How waits for a connection spread over the histogram's buckets.",
+            "s",
+            targets=[
+                _target(
+                    f'sum by (le) (increase({wait}_bucket{{{SEL}, outcome="acquired"}}'
+                    "[$__rate_interval]))",
+                    "{{le}}",
+                    format="heatmap",
+                )
+            ],
+            calculate=False,
+            yAxis={"unit": "s"},
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Time to open a connection",
+            "The driver's or socket's connect, 50th and 99th percentiles, successful connects.",
+            "s",
+            targets=[
+                _target(
+                    _quantile(q, "poolwatch_connect_duration_seconds", "pool_name", 'outcome="ok"'),
+                    f"p{int(q * 100)}",
+                )
+                for q in (0.5, 0.99)
+            ],
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Hold time",
+            "How long connections were held between checkout and return, "
+            "50th and 99th percentiles.",
+            "s",
+            targets=[
+                _target(
+                    _quantile(q, "poolwatch_use_duration_seconds", "pool_name"), f"p{int(q * 100)}"
+                )
+                for q in (0.5, 0.99)
+            ],
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Timeouts and failures",
+            "Callers per second that timed out or failed getting a connection, "
+            "and failed connects.",
+            "ops",
+            targets=[
+                _target(
+                    f"sum(rate(poolwatch_timeouts_total{{{SEL}}}[$__rate_interval]))", "timeouts"
+                ),
+                _target(
+                    f'sum(rate({wait}_count{{{SEL}, outcome="error"}}[$__rate_interval]))',
+                    "wait errors",
+                ),
+                _target(
+                    f'sum(rate(poolwatch_connect_duration_seconds_count{{{SEL}, outcome="error"}}'
+                    "[$__rate_interval]))",
+                    "connect errors",
+                ),
+            ],
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Connections closed by reason",
+            "Connections the pool closed per second: pool_full (a discard), stale, "
+            "max_lifetime, idle_expired, invalidated, error, disposed.",
+            "ops",
+            targets=[
+                _target(
+                    "sum by (reason) "
+                    f"(rate(poolwatch_connections_closed_total{{{SEL}}}[$__rate_interval]))",
+                    "{{reason}}",
+                )
+            ],
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Connection lifetime",
+            "Median age of connections when they were closed, by close reason.",
+            "s",
+            targets=[
+                _target(
+                    _quantile(0.5, "poolwatch_connection_lifetime_seconds", "reason"), "{{reason}}"
+                )
+            ],
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Used connections per host",
+            "For pools that span hosts (HTTP pools): used connections by server address and port.",
+            "none",
+            targets=[
+                _target(
+                    "sum by (server_address, server_port) "
+                    f'(poolwatch_connections{{{SEL}, state="used"}})',
+                    "{{server_address}}:{{server_port}}",
+                )
+            ],
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Leaks",
+            "Checkouts held past the leak threshold still out now, and new ones per second.",
+            "none",
+            targets=[
+                _target(f"sum(poolwatch_leaks_active{{{SEL}}})", "active"),
+                _target(
+                    f"sum(rate(poolwatch_leaks_total{{{SEL}}}[$__rate_interval]))", "new per second"
+                ),
+            ],
+        ),
+    ]
+    return _dashboard(
+        "poolwatch-pool",
+        "Connection pool / detail",
+        "One connection pool in depth: levels, waits, connects, hold times, closes and leaks.",
+        panels,
+        pool_multi=False,
+    )
+
+
+DASHBOARDS = {"poolwatch-overview.json": overview, "poolwatch-pool.json": pool_detail}
+
+
+def render(name: str) -> str:
+    """One dashboard as the JSON file holds it."""
+    return json.dumps(DASHBOARDS[name](), indent=2, sort_keys=False) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if a file is not current")
+    args = parser.parse_args()
+    stale = []
+    for name in DASHBOARDS:
+        path, text = HERE / name, render(name)
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(name)
+        else:
+            path.write_text(text)
+            print(f"wrote {path}")
+    if stale:
+        print(f"not current: {', '.join(stale)}: run python dashboards/build.py", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
