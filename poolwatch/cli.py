@@ -1,9 +1,10 @@
 """The ``poolwatch`` command.
 
 ``poolwatch demo`` runs the main job on an embedded default: a SQLAlchemy workload on a
-throw-away SQLite database, instrumented by poolwatch, with the Prometheus endpoint served
-on 127.0.0.1 and the live pool table printed every second. ``--scenario exhaustion``
-makes the pool really run out (callers time out), ``healthy`` keeps it comfortable.
+throw-away SQLite database (or the database ``--url`` names), instrumented by poolwatch,
+with the Prometheus endpoint served on 127.0.0.1 and the live pool table printed every
+second. ``--scenario exhaustion`` makes the pool really run out (callers time out),
+``healthy`` keeps it comfortable.
 
 Exit codes: 0 done, 1 a runtime failure (the message says which), 2 bad usage.
 """
@@ -104,14 +105,14 @@ def demo(args: argparse.Namespace, out: TextIO) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="poolwatch-demo-") as tmp:
             engine = sa.create_engine(
-                f"sqlite:///{Path(tmp) / 'orders.db'}",
+                args.url or f"sqlite:///{Path(tmp) / 'orders.db'}",
                 pool_size=scenario.pool_size,
                 max_overflow=scenario.max_overflow,
                 pool_timeout=scenario.pool_timeout,
             )
             poolwatch.track(engine, name="orders-db")
             with engine.begin() as conn:
-                conn.execute(sa.text("CREATE TABLE orders (id INTEGER PRIMARY KEY)"))
+                conn.execute(sa.text("CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY)"))
             if handle.prometheus_address:
                 host, port = handle.prometheus_address
                 print(f"Prometheus metrics on http://{host}:{port}/metrics", file=out)
@@ -157,6 +158,10 @@ def _parser() -> argparse.ArgumentParser:
     run_demo.add_argument("--workers", type=int, default=8, help="worker threads (default 8)")
     run_demo.add_argument(
         "--port", type=int, default=9464, help="Prometheus port on 127.0.0.1 (default 9464)"
+    )
+    run_demo.add_argument(
+        "--url",
+        help="a SQLAlchemy database URL to run against instead of a throw-away SQLite file",
     )
     return parser
 

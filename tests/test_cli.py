@@ -10,6 +10,7 @@ import pytest
 
 from poolwatch._registry import PoolSnapshot
 from poolwatch.cli import main, render
+from tests.support.postgres import PostgresCluster
 
 
 def _demo(*args: str) -> str:
@@ -51,6 +52,15 @@ def test_demo_healthy_never_times_out() -> None:
     row = _last_row(output)
     assert int(row[-3]) > 0  # checkouts
     assert row[-2] == "0"  # timeouts
+
+
+@pytest.mark.postgres
+def test_demo_runs_against_a_database_url(postgres: PostgresCluster) -> None:
+    output = _demo("--scenario", "exhaustion", "--duration", "2", "--url", postgres.url())
+    name, kind, used_max, *_rest, timeouts, _p99 = _last_row(output)
+    assert (name, kind, used_max) == ("orders-db", "sqlalchemy", "2/2")
+    assert int(timeouts) > 0
+    assert postgres.password not in output
 
 
 def test_bad_usage_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
