@@ -59,3 +59,10 @@ poolwatch's ``leak_threshold`` setting (default 30 s)."""
 RUNBOOK_URL: Final = "alerts/runbooks/{alert}.md"
 """Where each alert's runbook lives: point it at your copy of alerts/runbooks, e.g.
 ``https://git.example.com/ops/poolwatch/blob/main/alerts/runbooks/{alert}.md``."""
+
+GRAFANA_DATASOURCE_UID: Final = "prometheus"
+"""The uid of the Prometheus datasource the Grafana-managed copies of the alerts query (the
+demo stack provisions its datasource with this uid)."""
+
+GRAFANA_FOLDER: Final = "Connection pools"
+"""The Grafana folder holding the Grafana-managed alert rules."""

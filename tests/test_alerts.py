@@ -126,3 +126,30 @@ def test_durations_and_thresholds_come_from_the_one_config_place() -> None:
     assert 'poolwatch_connections{job="api", state="used"}' in recording
     with pytest.raises(KeyError, match="unknown alert settings"):
         build.render(UTILIZATION_HIGHER=0.9)
+
+
+def test_grafana_managed_rules_mirror_the_prometheus_rules() -> None:
+    grafana = yaml.safe_load(
+        (ALERTS.parent / "deploy/grafana/provisioning/alerting/poolwatch-alerts.yml").read_text()
+    )
+    assert grafana["apiVersion"] == 1
+    [group] = grafana["groups"]
+    assert (group["name"], group["folder"]) == ("poolwatch", "Connection pools")
+    rules = {rule["title"]: rule for rule in group["rules"]}
+    assert list(rules) == ALERT_NAMES
+    uids = [rule["uid"] for rule in group["rules"]]
+    assert len(set(uids)) == len(uids) and all(len(uid) <= 40 for uid in uids)
+    [datasource] = yaml.safe_load(
+        (ALERTS.parent / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text()
+    )["datasources"]
+    prometheus = _rules()
+    for name, rule in rules.items():
+        query, condition = rule["data"]
+        assert query["datasourceUid"] == datasource["uid"]
+        assert query["model"]["expr"] == prometheus[name]["expr"]
+        assert (condition["datasourceUid"], rule["condition"]) == ("__expr__", condition["refId"])
+        assert rule["for"] == prometheus[name]["for"]
+        assert rule["labels"] == prometheus[name]["labels"]
+        expected = dict(prometheus[name]["annotations"])  # type: ignore[call-overload]
+        expected["description"] = expected["description"].replace("$value", "$values.A.Value")
+        assert rule["annotations"] == expected
