@@ -71,7 +71,6 @@ class Instrumentation:
         self._bridge = Bridge(self._producer, provider, self._errors)
         self._hooks = PostImportHooks()
         self._janitor = Janitor(self._registry.ledgers, self._errors)
-        self._adapters: dict[str, Adapter] = {}
         self._active: dict[str, Adapter] = {}
         self._stopped = False
 
@@ -95,7 +94,6 @@ class Instrumentation:
         self._janitor.start()
         for library in self.settings.libraries:
             adapter = ADAPTERS[library](self._tracker)
-            self._adapters[library] = adapter
             if adapter.module in sys.modules:
                 self._activate(adapter, imported_before=True)
             else:
