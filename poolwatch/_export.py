@@ -148,20 +148,28 @@ class _Collection:
 
     def number(self, spec: c.MetricSpec, series: Series, value: int, variant: str = "") -> None:
         """Add one sum point."""
-        attributes = self._attributes(series, spec, variant)
-        start, before = self._previous(spec, series, variant, value)
-        if isinstance(before, int):
-            value -= before
+        attributes = series.export_cache.get((spec.name, variant))
+        if attributes is None:
+            attributes = self._attributes(series, spec, variant)
+        start = series.created_ns
+        if self.delta[spec.instrument]:
+            start, before = self._previous(spec, series, variant, value)
+            if isinstance(before, int):
+                value -= before
         self.points[spec.name].append(NumberDataPoint(attributes, start, self.now_ns, value))
 
     def histogram(
         self, spec: c.MetricSpec, series: Series, value: HistogramSnapshot, variant: str = ""
     ) -> None:
         """Add one histogram point."""
-        attributes = self._attributes(series, spec, variant)
-        start, before = self._previous(spec, series, variant, value)
-        if isinstance(before, HistogramSnapshot):
-            value = _delta_histogram(value, before)
+        attributes = series.export_cache.get((spec.name, variant))
+        if attributes is None:
+            attributes = self._attributes(series, spec, variant)
+        start = series.created_ns
+        if self.delta[spec.instrument]:
+            start, before = self._previous(spec, series, variant, value)
+            if isinstance(before, HistogramSnapshot):
+                value = _delta_histogram(value, before)
         n = value.observations
         self.points[spec.name].append(
             HistogramDataPoint(

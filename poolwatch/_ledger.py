@@ -13,7 +13,6 @@ import threading
 import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Hashable
-from dataclasses import dataclass
 from math import inf
 from typing import NamedTuple
 
@@ -76,8 +75,7 @@ class HistogramSnapshot(NamedTuple):
         return self.max
 
 
-@dataclass(frozen=True)
-class LedgerSnapshot:
+class LedgerSnapshot(NamedTuple):
     """Everything a ledger counted, copied consistently at one moment."""
 
     wait: dict[str, HistogramSnapshot]

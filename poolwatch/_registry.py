@@ -17,7 +17,7 @@ import time
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from poolwatch import _catalogue as c
 from poolwatch._config import Settings
@@ -73,8 +73,7 @@ class Series:
         """Exported attributes by (metric, variant), built once by the producer."""
 
 
-@dataclass(frozen=True)
-class SeriesReading:
+class SeriesReading(NamedTuple):
     """A series as read at one collection: its levels and a copy of its ledger."""
 
     series: Series

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 from poolwatch._ledger import Ledger
 
@@ -18,8 +17,7 @@ if TYPE_CHECKING:
     from poolwatch._registry import Series
 
 
-@dataclass(frozen=True)
-class Levels:
+class Levels(NamedTuple):
     """A pool's levels at one moment, read from the pool itself."""
 
     used: int

@@ -73,6 +73,7 @@ class SQLAlchemyAdapter(Adapter):
         super().__init__(tracker)
         self._patches: list[tuple[Any, str, Any]] = []
         self._tracked: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._pools: Any = None
 
     # -- patching ----------------------------------------------------------------------
     def _patch(self, owner: Any, attribute: str, replacement: Any) -> None:
@@ -80,10 +81,12 @@ class SQLAlchemyAdapter(Adapter):
         setattr(owner, attribute, replacement)
 
     def instrument(self, *, imported_before: bool) -> None:
+        import sqlalchemy.pool
         from sqlalchemy import exc
         from sqlalchemy.engine.base import Engine
         from sqlalchemy.pool import base
 
+        self._pools = sqlalchemy.pool
         record, fairy = base._ConnectionRecord, base._ConnectionFairy
         # Pools read their ledger as a plain attribute; the class default means "untracked".
         self._patch_attribute(base.Pool, _LEDGER, None)
@@ -211,20 +214,19 @@ class SQLAlchemyAdapter(Adapter):
 
     # -- levels ------------------------------------------------------------------------
     def levels(self, pool: Any) -> Levels:
-        from sqlalchemy.pool import AssertionPool, QueuePool, SingletonThreadPool, StaticPool
-
-        if isinstance(pool, QueuePool):
+        pools = self._pools  # sqlalchemy.pool, kept at instrument(): no import per reading
+        if isinstance(pool, pools.QueuePool):
             return _queue_levels(pool)
         used = _checked_out_of(pool)
-        if isinstance(pool, AssertionPool):
+        if isinstance(pool, pools.AssertionPool):
             conn = pool.__dict__.get("_conn")
             idle = 1 if conn is not None and conn.dbapi_connection is not None and not used else 0
             return Levels(used, idle, 1, 0, 1, 0)
-        if isinstance(pool, StaticPool):
+        if isinstance(pool, pools.StaticPool):
             record = pool.__dict__.get("connection")
             opened = record is not None and record.dbapi_connection is not None
             return Levels(used, 1 if opened and not used else 0, None, 0)
-        if isinstance(pool, SingletonThreadPool):
+        if isinstance(pool, pools.SingletonThreadPool):
             open_count = sum(1 for r in list(pool._all_conns) if r.dbapi_connection is not None)
             return Levels(used, max(open_count - used, 0), None, 0)
         return Levels(used, 0, None, 0)  # NullPool and unknown pools: nothing kept idle
