@@ -43,9 +43,10 @@ class _Tracker:
         site: str | None = None,
         name: str | None = None,
         attributes: Mapping[str, str | int] | None = None,
+        kind: str | None = None,
     ) -> Ledger:
         return self._registry.track(
-            pool, adapter, target=target, site=site, name=name, attributes=attributes
+            pool, adapter, target=target, site=site, name=name, attributes=attributes, kind=kind
         )
 
     def series_of(self, pool: Any) -> Series | None:

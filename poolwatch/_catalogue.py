@@ -8,9 +8,11 @@ Two families:
 
 * the ``poolwatch.*`` family, one set of metrics for every pool kind, so one dashboard and
   one rule set cover SQLAlchemy, urllib3, botocore, httpx and aiohttp pools alike;
-* semantic-convention mirrors (``db.client.connection.*``), emitted for database pools
-  when ``semconv=True``. The semconv pool metrics are still at Development status in
-  OpenTelemetry, which is why the product's own contract is the poolwatch family.
+* semantic-convention mirrors, emitted when ``semconv=True``: ``db.client.connection.*``
+  for database pools, ``http.client.open_connections``, ``http.client.connection.duration``
+  and ``http.client.request.time_in_queue`` for HTTP pools. The semconv pool metrics are
+  still at Development status in OpenTelemetry, which is why the product's own contract is
+  the poolwatch family.
 """
 
 from __future__ import annotations
@@ -32,10 +34,13 @@ REASON: Final = "reason"
 
 SEMCONV_POOL_NAME: Final = "db.client.connection.pool.name"
 SEMCONV_STATE: Final = "db.client.connection.state"
+HTTP_CONNECTION_STATE: Final = "http.connection.state"
 
 # -- attribute values -------------------------------------------------------------------
 STATE_USED: Final = "used"
 STATE_IDLE: Final = "idle"
+HTTP_STATE_ACTIVE: Final = "active"
+"""``http.connection.state`` of a checked-out connection (semconv's word for used)."""
 
 OUTCOME_ACQUIRED: Final = "acquired"
 OUTCOME_TIMEOUT: Final = "timeout"
@@ -277,7 +282,37 @@ DB_SEMCONV_METRICS: Final = (
     DB_CONNECTION_USE_TIME,
 )
 
-ALL_METRICS: Final = POOLWATCH_METRICS + DB_SEMCONV_METRICS
+# -- semantic-convention mirrors for HTTP pools -----------------------------------------
+# Besides the semconv attributes, each point carries ``pool.name``: two clients of one
+# server (a requests Session and a boto3 client, say) are distinct pools, and without it
+# their points would collide into one time series.
+HTTP_OPEN_CONNECTIONS: Final = MetricSpec(
+    "http.client.open_connections",
+    "updowncounter",
+    "{connection}",
+    "Number of outbound HTTP connections that are currently active or idle on the client.",
+    (HTTP_CONNECTION_STATE,),
+)
+HTTP_CONNECTION_DURATION: Final = MetricSpec(
+    "http.client.connection.duration",
+    "histogram",
+    "s",
+    "The duration of the successfully established outbound HTTP connections.",
+)
+HTTP_TIME_IN_QUEUE: Final = MetricSpec(
+    "http.client.request.time_in_queue",
+    "histogram",
+    "s",
+    "The amount of time requests spent on a queue waiting for an available connection.",
+)
+
+HTTP_SEMCONV_METRICS: Final = (
+    HTTP_OPEN_CONNECTIONS,
+    HTTP_CONNECTION_DURATION,
+    HTTP_TIME_IN_QUEUE,
+)
+
+ALL_METRICS: Final = POOLWATCH_METRICS + DB_SEMCONV_METRICS + HTTP_SEMCONV_METRICS
 
 SCOPE_NAME: Final = "poolwatch"
 """The instrumentation scope every poolwatch metric is exported under."""

@@ -43,10 +43,11 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from poolwatch import _catalogue as c
 from poolwatch._config import Settings
-from poolwatch._ledger import HistogramSnapshot
+from poolwatch._ledger import HistogramSnapshot, LedgerSnapshot
 from poolwatch._registry import Registry, Series, SeriesReading
 from poolwatch._safe import ErrorLog
 from poolwatch._version import __version__
+from poolwatch.adapters._base import HostLevels, Levels
 
 _TEMPORALITY_CLASS: dict[c.Instrument, str] = {
     "counter": "ObservableCounter",
@@ -74,6 +75,41 @@ def temporalities(reader: MetricReader) -> dict[c.Instrument, AggregationTempora
 
 PointKey = tuple[str, str, int]
 """(metric name, variant such as "used" or "timeout", id of the series) — one time series."""
+
+
+def _server(host: HostLevels) -> tuple[tuple[str, str | int], ...]:
+    return ((c.SERVER_ADDRESS, host.address), (c.SERVER_PORT, host.port))
+
+
+def _by_host(hosts: tuple[HostLevels, ...]) -> list[HostLevels]:
+    """One entry per server (pools of one series may share servers), in a stable order."""
+    merged: dict[tuple[str, int], HostLevels] = {}
+    for host in hosts:
+        key = (host.address, host.port)
+        seen = merged.get(key)
+        merged[key] = (
+            host
+            if seen is None
+            else seen._replace(used=seen.used + host.used, idle=seen.idle + host.idle)
+        )
+    return [merged[key] for key in sorted(merged)]
+
+
+def _merged(histograms: Iterable[HistogramSnapshot]) -> HistogramSnapshot | None:
+    """The sum of histograms with the same bounds (lifetimes of every close reason)."""
+    merged: HistogramSnapshot | None = None
+    for h in histograms:
+        if merged is None:
+            merged = h
+            continue
+        merged = HistogramSnapshot(
+            h.bounds,
+            tuple(a + b for a, b in zip(merged.counts, h.counts, strict=True)),
+            merged.total + h.total,
+            min(merged.min, h.min),
+            max(merged.max, h.max),
+        )
+    return merged
 
 
 class _ReaderState:
@@ -113,22 +149,29 @@ class _Collection:
         self.seen: dict[PointKey, int | HistogramSnapshot] = {}
         self.points: dict[str, list[Any]] = {spec.name: [] for spec in c.ALL_METRICS}
 
-    def _attributes(self, series: Series, spec: c.MetricSpec, variant: str) -> dict[str, str | int]:
+    def _attributes(
+        self,
+        series: Series,
+        spec: c.MetricSpec,
+        variant: str,
+        extra: tuple[tuple[str, str | int], ...] = (),
+    ) -> dict[str, str | int]:
         # Attributes of a series never change: built once, reused at every collection.
-        cache = series.export_cache
         key = (spec.name, variant)
-        attributes = cache.get(key)
+        attributes = series.export_cache.get(key)
         if attributes is None:
             if spec.name.startswith("db."):
                 attributes = {c.SEMCONV_POOL_NAME: series.name}
-                if spec.attributes:
-                    attributes[spec.attributes[0]] = variant
+            elif spec.name.startswith("http."):
+                attributes = {c.POOL_NAME: series.name}
+                attributes.update(series.attributes)
             else:
                 attributes = {c.POOL_NAME: series.name, c.POOL_KIND: series.kind}
                 attributes.update(series.attributes)
-                if spec.attributes:
-                    attributes[spec.attributes[0]] = variant
-            cache[key] = attributes
+            if spec.attributes:
+                attributes[spec.attributes[0]] = variant.split(" ", 1)[0]
+            attributes.update(extra)
+            series.export_cache[key] = attributes
         return attributes
 
     def _previous(
@@ -146,11 +189,19 @@ class _Collection:
             return max(series.created_ns, self.state.last_ns), self.state.previous[key]
         return series.created_ns, None
 
-    def number(self, spec: c.MetricSpec, series: Series, value: int, variant: str = "") -> None:
-        """Add one sum point."""
+    def number(
+        self,
+        spec: c.MetricSpec,
+        series: Series,
+        value: int,
+        variant: str = "",
+        host: HostLevels | None = None,
+    ) -> None:
+        """Add one sum point; ``host`` adds that server's attributes (variant names it)."""
         attributes = series.export_cache.get((spec.name, variant))
         if attributes is None:
-            attributes = self._attributes(series, spec, variant)
+            extra = _server(host) if host is not None else ()
+            attributes = self._attributes(series, spec, variant, extra)
         start = series.created_ns
         if self.delta[spec.instrument]:
             start, before = self._previous(spec, series, variant, value)
@@ -229,11 +280,8 @@ class Producer:
 
     def _add(self, out: _Collection, reading: SeriesReading) -> None:
         series, levels, ledger = reading.series, reading.levels, reading.ledger
-        out.number(c.CONNECTIONS, series, levels.used, c.STATE_USED)
-        out.number(c.CONNECTIONS, series, levels.idle, c.STATE_IDLE)
-        if levels.max is not None:
-            out.number(c.CONNECTIONS_MAX, series, levels.max)
-        out.number(c.PENDING_REQUESTS, series, levels.pending)
+        hosts = _by_host(levels.hosts) if levels.hosts else []
+        self._add_levels(out, series, levels, hosts)
         for outcome, wait in ledger.wait.items():
             if outcome == c.OUTCOME_ACQUIRED or wait.observations:
                 out.histogram(c.WAIT_DURATION, series, wait, outcome)
@@ -249,20 +297,71 @@ class Producer:
                 out.number(c.CONNECTIONS_CLOSED, series, closed, reason)
         out.number(c.LEAKS, series, ledger.leaks)
         out.number(c.LEAKS_ACTIVE, series, ledger.leaks_active)
-        if self._settings.semconv and series.adapter.database:
-            out.number(c.DB_CONNECTION_COUNT, series, levels.used, c.STATE_USED)
-            out.number(c.DB_CONNECTION_COUNT, series, levels.idle, c.STATE_IDLE)
-            if levels.idle_max is not None:
-                out.number(c.DB_CONNECTION_IDLE_MAX, series, levels.idle_max)
-            if levels.idle_min is not None:
-                out.number(c.DB_CONNECTION_IDLE_MIN, series, levels.idle_min)
-            if levels.max is not None:
-                out.number(c.DB_CONNECTION_MAX, series, levels.max)
-            out.number(c.DB_CONNECTION_PENDING_REQUESTS, series, levels.pending)
-            out.number(c.DB_CONNECTION_TIMEOUTS, series, ledger.timeouts)
-            out.histogram(c.DB_CONNECTION_CREATE_TIME, series, ledger.connect[c.CONNECT_OK])
-            out.histogram(c.DB_CONNECTION_WAIT_TIME, series, ledger.wait[c.OUTCOME_ACQUIRED])
-            out.histogram(c.DB_CONNECTION_USE_TIME, series, ledger.use)
+        if not self._settings.semconv:
+            return
+        family = series.adapter.family
+        if family == "database":
+            self._add_database(out, series, levels, ledger)
+        elif family == "http":
+            self._add_http(out, series, levels, ledger, hosts)
+
+    @staticmethod
+    def _add_levels(
+        out: _Collection, series: Series, levels: Levels, hosts: list[HostLevels]
+    ) -> None:
+        if hosts:  # a pool spanning servers: its connections per server
+            for host in hosts:
+                where = f" {host.address}:{host.port}"
+                out.number(c.CONNECTIONS, series, host.used, c.STATE_USED + where, host)
+                out.number(c.CONNECTIONS, series, host.idle, c.STATE_IDLE + where, host)
+        else:
+            out.number(c.CONNECTIONS, series, levels.used, c.STATE_USED)
+            out.number(c.CONNECTIONS, series, levels.idle, c.STATE_IDLE)
+        if levels.max is not None:
+            out.number(c.CONNECTIONS_MAX, series, levels.max)
+        out.number(c.PENDING_REQUESTS, series, levels.pending)
+
+    @staticmethod
+    def _add_database(
+        out: _Collection, series: Series, levels: Levels, ledger: LedgerSnapshot
+    ) -> None:
+        out.number(c.DB_CONNECTION_COUNT, series, levels.used, c.STATE_USED)
+        out.number(c.DB_CONNECTION_COUNT, series, levels.idle, c.STATE_IDLE)
+        if levels.idle_max is not None:
+            out.number(c.DB_CONNECTION_IDLE_MAX, series, levels.idle_max)
+        if levels.idle_min is not None:
+            out.number(c.DB_CONNECTION_IDLE_MIN, series, levels.idle_min)
+        if levels.max is not None:
+            out.number(c.DB_CONNECTION_MAX, series, levels.max)
+        out.number(c.DB_CONNECTION_PENDING_REQUESTS, series, levels.pending)
+        out.number(c.DB_CONNECTION_TIMEOUTS, series, ledger.timeouts)
+        out.histogram(c.DB_CONNECTION_CREATE_TIME, series, ledger.connect[c.CONNECT_OK])
+        out.histogram(c.DB_CONNECTION_WAIT_TIME, series, ledger.wait[c.OUTCOME_ACQUIRED])
+        out.histogram(c.DB_CONNECTION_USE_TIME, series, ledger.use)
+
+    @staticmethod
+    def _add_http(
+        out: _Collection,
+        series: Series,
+        levels: Levels,
+        ledger: LedgerSnapshot,
+        hosts: list[HostLevels],
+    ) -> None:
+        # server.address and server.port are required on open_connections: a pool of one
+        # server has them as series attributes, a pool spanning servers per host.
+        spec = c.HTTP_OPEN_CONNECTIONS
+        if hosts:
+            for host in hosts:
+                where = f" {host.address}:{host.port}"
+                out.number(spec, series, host.used, c.HTTP_STATE_ACTIVE + where, host)
+                out.number(spec, series, host.idle, c.STATE_IDLE + where, host)
+        elif c.SERVER_ADDRESS in series.attributes:
+            out.number(spec, series, levels.used, c.HTTP_STATE_ACTIVE)
+            out.number(spec, series, levels.idle, c.STATE_IDLE)
+        lifetimes = _merged(ledger.lifetime.values())
+        if lifetimes is not None:
+            out.histogram(c.HTTP_CONNECTION_DURATION, series, lifetimes)
+        out.histogram(c.HTTP_TIME_IN_QUEUE, series, ledger.wait[c.OUTCOME_ACQUIRED])
 
     def produce(self, reader: MetricReader) -> list[Metric]:
         """The metrics for one collection by ``reader``, in the temporality it prefers."""

@@ -58,9 +58,10 @@ class Series:
         site: str | None,
         attributes: Mapping[str, str | int],
         ledger: Ledger,
+        kind: str | None = None,
     ) -> None:
         self.adapter = adapter
-        self.kind = adapter.kind
+        self.kind = kind or adapter.kind
         self.name = name
         self.target = target
         self.site = site
@@ -137,6 +138,7 @@ def _sum_levels(readings: list[Levels]) -> Levels:
         pending=sum(r.pending for r in readings),
         idle_max=total([r.idle_max for r in readings]),
         idle_min=total([r.idle_min for r in readings]),
+        hosts=tuple(host for r in readings for host in r.hosts),
     )
 
 
@@ -183,11 +185,13 @@ class Registry:
         site: str | None = None,
         name: str | None = None,
         attributes: Mapping[str, str | int] | None = None,
+        kind: str | None = None,
     ) -> Ledger:
         """Add ``pool`` to its series (creating it, or folding past the cap)."""
+        kind = kind or adapter.kind
         with self._lock:
-            series_name = self._name_for(adapter.kind, target, site, name)
-            key = (adapter.kind, series_name)
+            series_name = self._name_for(kind, target, site, name)
+            key = (kind, series_name)
             current = self._of_pool.get(pool)
             if current is not None:
                 if name is None or (current.kind, current.name) == key:
@@ -206,12 +210,12 @@ class Registry:
                             "poolwatch: more than %d pool series (max_pools); further pools, "
                             "starting with %s %r, are folded into the %r series",
                             self._settings.max_pools,
-                            adapter.kind,
+                            kind,
                             series_name,
                             OVERFLOW_NAME,
                         )
-                    key = (adapter.kind, OVERFLOW_NAME)
-                    self._overflow_kinds.add(adapter.kind)
+                    key = (kind, OVERFLOW_NAME)
+                    self._overflow_kinds.add(kind)
                     series = self._series.get(key)
                     if series is None:
                         series = Series(
@@ -221,6 +225,7 @@ class Registry:
                             site=None,
                             attributes={},
                             ledger=self._new_ledger(),
+                            kind=kind,
                         )
                         self._series[key] = series
                 else:
@@ -231,6 +236,7 @@ class Registry:
                         site=site,
                         attributes=attributes or {},
                         ledger=self._new_ledger(),
+                        kind=kind,
                     )
                     self._series[key] = series
             elif series.name == OVERFLOW_NAME:

@@ -1,7 +1,7 @@
 """SQLAlchemy adapter on SQLite: levels, closes by reason, naming, discovery, undo.
 
-PostgreSQL and async-driver behaviour is in test_sqlalchemy_postgres.py and
-test_sqlalchemy_async.py; these tests need no server and pin the mechanics.
+PostgreSQL and asyncpg behaviour is in test_postgres.py; these tests need no server and pin
+the mechanics.
 """
 
 from __future__ import annotations

@@ -9,12 +9,23 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol
 
 from poolwatch._ledger import Ledger
 
 if TYPE_CHECKING:
     from poolwatch._registry import Series
+
+
+class HostLevels(NamedTuple):
+    """The part of a multi-host pool's levels that belongs to one server."""
+
+    address: str
+    """``server.address``: host name or IP literal, as the pool addresses it."""
+    port: int
+    """``server.port``."""
+    used: int
+    idle: int
 
 
 class Levels(NamedTuple):
@@ -32,6 +43,12 @@ class Levels(NamedTuple):
     """The most idle connections the pool keeps (database semconv); None if unknown."""
     idle_min: int | None = None
     """The fewest idle connections the pool keeps (database semconv); None if unknown."""
+    hosts: tuple[HostLevels, ...] = ()
+    """For a pool that spans servers (httpx, aiohttp): used and idle per server.
+
+    When given, ``poolwatch.connections`` is exported per server with ``server.address``
+    and ``server.port``; ``used`` and ``idle`` above remain the pool's totals.
+    """
 
 
 class Tracker(Protocol):
@@ -46,8 +63,13 @@ class Tracker(Protocol):
         site: str | None = None,
         name: str | None = None,
         attributes: Mapping[str, str | int] | None = None,
+        kind: str | None = None,
     ) -> Ledger:
-        """Track ``pool`` (weakly) and return the ledger its hooks report into."""
+        """Track ``pool`` (weakly) and return the ledger its hooks report into.
+
+        ``kind`` overrides the adapter's ``pool.kind`` for this pool (the urllib3 adapter
+        reports pools made by requests and botocore under their own kinds).
+        """
 
     def series_of(self, pool: Any) -> Series | None:
         """The series ``pool`` reports into, if it is tracked."""
@@ -65,8 +87,9 @@ class Adapter(abc.ABC):
     """The ``pool.kind`` attribute of the pools it reports."""
     module: ClassVar[str]
     """The module whose import activates the adapter."""
-    database: ClassVar[bool] = False
-    """Whether the database semantic-convention mirrors apply to its pools."""
+    family: ClassVar[Literal["database", "http"] | None] = None
+    """Which semantic-convention mirrors apply to its pools: ``db.client.connection.*``
+    (database) or ``http.client.*`` (http)."""
 
     def __init__(self, tracker: Tracker) -> None:
         self.tracker = tracker

@@ -67,7 +67,7 @@ class SQLAlchemyAdapter(Adapter):
     name = "sqlalchemy"
     kind = "sqlalchemy"
     module = "sqlalchemy"
-    database = True
+    family = "database"
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)

@@ -1,0 +1,316 @@
+"""Real HTTP/1.1 servers on 127.0.0.1 for the HTTP pool tests: threaded and asyncio.
+
+Both speak keep-alive HTTP/1.1 and share the same knobs:
+
+* ``delay`` — seconds each response waits before it is sent (a slow upstream); a request
+  may also ask for its own with ``/?delay=0.2``;
+* ``idle_timeout`` — seconds after which an idle keep-alive connection is closed by the
+  server (to make clients find stale connections on reuse); None keeps them open;
+* ``tls`` — serve HTTPS with a throw-away self-signed certificate (``ca_file`` trusts it).
+
+They count what really happened on the wire: ``connections`` accepted, ``requests``
+answered, ``closed_idle`` connections the server closed for being idle. ``refusing_port()``
+gives a loopback port where connects are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+BODY = b"ok\n"
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.connections = 0
+        self.requests = 0
+        self.closed_idle = 0
+
+    def add(self, what: str) -> None:
+        with self._lock:
+            setattr(self, what, getattr(self, what) + 1)
+
+
+def _delay_of(path: str, default: float) -> float:
+    query = parse_qs(urlsplit(path).query)
+    return float(query["delay"][0]) if "delay" in query else default
+
+
+class _Certificate:
+    """A self-signed certificate for 127.0.0.1 and localhost, in a temporary directory."""
+
+    def __init__(self) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "poolwatch test upstream")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=2))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.DNSName("localhost"),
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    ]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        self._dir = tempfile.TemporaryDirectory(prefix="poolwatch-tls-")
+        self.cert_file = str(Path(self._dir.name) / "cert.pem")
+        self.key_file = str(Path(self._dir.name) / "key.pem")
+        Path(self.cert_file).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        Path(self.key_file).write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
+class Upstream:
+    """What both server flavours offer the tests."""
+
+    def __init__(
+        self, *, delay: float = 0.0, idle_timeout: float | None = None, tls: bool = False
+    ) -> None:
+        self.delay = delay
+        self.idle_timeout = idle_timeout
+        self.counters = _Counters()
+        self._certificate = _Certificate() if tls else None
+        self.port = 0
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self._certificate else "http"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def origin(self) -> str:
+        """The pool name poolwatch derives for this server."""
+        return self.url
+
+    @property
+    def ca_file(self) -> str:
+        assert self._certificate is not None, "not a TLS upstream"
+        return self._certificate.cert_file
+
+    @property
+    def connections(self) -> int:
+        return self.counters.connections
+
+    @property
+    def requests(self) -> int:
+        return self.counters.requests
+
+    @property
+    def closed_idle(self) -> int:
+        return self.counters.closed_idle
+
+    def _server_context(self) -> ssl.SSLContext | None:
+        return self._certificate.server_context() if self._certificate else None
+
+    def _cleanup(self) -> None:
+        if self._certificate is not None:
+            self._certificate.close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _HTTPServer
+
+    def setup(self) -> None:
+        upstream = self.server.upstream
+        upstream.counters.add("connections")
+        self.timeout = upstream.idle_timeout  # read timeout between requests
+        super().setup()
+
+    def log_error(self, format: str, *args: Any) -> None:
+        # http.server handles the read timeout itself: closes the connection, logs this.
+        if format.startswith("Request timed out"):
+            self.server.upstream.counters.add("closed_idle")
+
+    def _respond(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        upstream = self.server.upstream
+        delay = _delay_of(self.path, upstream.delay)
+        if delay:
+            time.sleep(delay)
+        upstream.counters.add("requests")  # before the client can see the response
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+
+    do_GET = do_POST = do_PUT = _respond
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # quiet: the tests assert on counters, not on access logs
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    upstream: ThreadedUpstream
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients that hang up mid-request are part of the tests
+
+
+class ThreadedUpstream(Upstream):
+    """``http.server`` with a thread per connection."""
+
+    def __enter__(self) -> ThreadedUpstream:
+        self._server = _HTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.upstream = self
+        context = self._server_context()
+        if context is not None:
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+        self._cleanup()
+
+
+class AsyncioUpstream(Upstream):
+    """An ``asyncio`` server on its own event loop in a background thread."""
+
+    def __enter__(self) -> AsyncioUpstream:
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(started,), daemon=True)
+        self._thread.start()
+        if not started.wait(10):
+            raise RuntimeError("asyncio upstream did not start")
+        return self
+
+    def _run(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def serve() -> None:
+            self._server = await asyncio.start_server(
+                self._connection, "127.0.0.1", 0, ssl=self._server_context()
+            )
+            self.port = self._server.sockets[0].getsockname()[1]
+            started.set()
+
+        self._loop.run_until_complete(serve())
+        self._loop.run_forever()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.counters.add("connections")
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            while True:
+                try:
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.idle_timeout)
+                except TimeoutError:
+                    self.counters.add("closed_idle")
+                    return
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                lines = head.decode("latin-1").split("\r\n")
+                target = lines[0].split(" ")[1]
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in lines[1:] if line)
+                }
+                length = int(headers.get("content-length", "0"))
+                if length:
+                    await reader.readexactly(length)
+                delay = _delay_of(target, self.delay)
+                if delay:
+                    await asyncio.sleep(delay)
+                self.counters.add("requests")  # before the client can see the response
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                    + f"Content-Length: {len(BODY)}\r\n\r\n".encode()
+                    + BODY
+                )
+                await writer.drain()
+                if headers.get("connection", "").lower() == "close":
+                    return
+        except asyncio.CancelledError:
+            writer.transport.abort()  # the server is stopping: no TLS goodbye to wait for
+        finally:
+            writer.close()
+            self._tasks.discard(task)
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            self._server.close()
+            for task in list(self._tasks):
+                task.cancel()
+            while self._tasks:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # let the transports finish closing
+            await self._server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+        self._cleanup()
+
+
+@contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port that refuses connections (bound, never listening) while in use."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
