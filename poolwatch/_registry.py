@@ -127,6 +127,8 @@ class PoolSnapshot:
 def _sum_levels(readings: list[Levels]) -> Levels:
     if len(readings) == 1:
         return readings[0]
+    if not readings:  # every pool of the series is gone: nothing open, no limit
+        return Levels(0, 0, None, 0)
 
     def total(values: list[int | None]) -> int | None:
         return None if any(v is None for v in values) else sum(v for v in values if v)

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+import urllib3
 from sqlalchemy import exc
 
 import poolwatch
 from poolwatch import _catalogue as c
+from tests.support.upstream import ThreadedUpstream
 
 POOLWATCH_FAMILY = [
     ("poolwatch.connections", "updowncounter", "{connection}", ("state",)),
@@ -43,6 +45,22 @@ DB_SEMCONV = [
     ("db.client.connection.wait_time", "histogram", "s", ()),
     ("db.client.connection.use_time", "histogram", "s", ()),
 ]
+
+HTTP_SEMCONV = [
+    ("http.client.open_connections", "updowncounter", "{connection}", ("http.connection.state",)),
+    ("http.client.connection.duration", "histogram", "s", ()),
+    ("http.client.request.time_in_queue", "histogram", "s", ()),
+]
+
+HTTP_PROMETHEUS_NAMES = {
+    "http_client_open_connections",
+    "http_client_connection_duration_seconds_bucket",
+    "http_client_connection_duration_seconds_count",
+    "http_client_connection_duration_seconds_sum",
+    "http_client_request_time_in_queue_seconds_bucket",
+    "http_client_request_time_in_queue_seconds_count",
+    "http_client_request_time_in_queue_seconds_sum",
+}
 
 PROMETHEUS_NAMES = {
     "poolwatch_connections",
@@ -91,6 +109,17 @@ def test_poolwatch_family_is_pinned() -> None:
 def test_database_semconv_mirrors_are_pinned() -> None:
     assert [(m.name, m.instrument, m.unit, m.attributes) for m in c.DB_SEMCONV_METRICS] == (
         DB_SEMCONV
+    )
+
+
+def test_http_semconv_mirrors_are_pinned() -> None:
+    assert [(m.name, m.instrument, m.unit, m.attributes) for m in c.HTTP_SEMCONV_METRICS] == (
+        HTTP_SEMCONV
+    )
+    assert (c.HTTP_CONNECTION_STATE, c.HTTP_STATE_ACTIVE, c.STATE_IDLE) == (
+        "http.connection.state",
+        "active",
+        "idle",
     )
 
 
@@ -159,3 +188,33 @@ def test_prometheus_renders_the_pinned_names(tmp_path: Path) -> None:
         re.M,
     )
     assert re.search(r"^poolwatch_timeouts_total\{[^}]*\} 1\.0$", body, re.M)
+
+
+def test_prometheus_renders_the_http_mirrors() -> None:
+    handle = poolwatch.instrument(prometheus_port=0)
+    try:
+        assert handle.prometheus_address is not None
+        host, port = handle.prometheus_address
+        with ThreadedUpstream() as upstream:
+            pool = urllib3.HTTPConnectionPool("127.0.0.1", upstream.port, maxsize=1)
+            pool.request("GET", "/")
+            pool.request("GET", "/", headers={"Connection": "close"})
+            pool.request("GET", "/")  # lets go of the connection the server ended
+            body = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read()
+            pool.close()
+    finally:
+        poolwatch.uninstrument()
+    text = body.decode()
+    rendered = set(re.findall(r"^([a-z_]+)[{ ]", text, re.M))
+    assert rendered >= HTTP_PROMETHEUS_NAMES
+    assert not {name for name in rendered if name.startswith("db_")}
+    origin = upstream.origin
+    assert re.search(
+        r'^http_client_open_connections\{[^}]*http_connection_state="idle",[^}]*'
+        + f'pool_name="{re.escape(origin)}",server_address="127.0.0.1",'
+        + f'server_port="{upstream.port}"'
+        + r"\} 1\.0$",
+        text,
+        re.M,
+    ), text
+    assert re.search(r"^http_client_request_time_in_queue_seconds_count\{[^}]*\} 3\.0$", text, re.M)

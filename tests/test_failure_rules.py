@@ -130,7 +130,7 @@ def test_an_adapter_that_cannot_hook_is_undone_and_reported(
 
     monkeypatch.setattr(SQLAlchemyAdapter, "instrument", half_then_fail)
     handle = harness.instrument()
-    assert handle.libraries == ()
+    assert "sqlalchemy" not in handle.libraries
     assert handle.errors == {"sqlalchemy instrument": 1}
     from sqlalchemy.pool import base
 

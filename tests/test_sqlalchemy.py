@@ -248,7 +248,8 @@ def test_track_accepts_async_engines(pw: Harness, tmp_path: Path) -> None:
     assert [s.name for s in poolwatch.pools()] == ["async-sqlite"]
 
 
-def test_track_rejects_what_it_does_not_know(pw: Harness) -> None:
+def test_track_rejects_what_it_does_not_know(harness: Harness) -> None:
+    harness.instrument(libraries=["sqlalchemy"])
     with pytest.raises(TypeError) as caught:
         poolwatch.track(object())
     assert str(caught.value) == (
@@ -291,7 +292,7 @@ def test_uninstrument_restores_everything(harness: Harness, tmp_path: Path) -> N
 
 
 def test_instrument_is_idempotent(harness: Harness) -> None:
-    first = harness.instrument()
+    first = harness.instrument(libraries=["sqlalchemy"])
     assert poolwatch.instrument() is first
     assert first.libraries == ("sqlalchemy",)
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from poolwatch.adapters._base import Adapter, HostLevels, Levels, Tracker
 from poolwatch.adapters.sqlalchemy import SQLAlchemyAdapter
+from poolwatch.adapters.urllib3 import Urllib3Adapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
     SQLAlchemyAdapter.name: SQLAlchemyAdapter,
+    Urllib3Adapter.name: Urllib3Adapter,
 }
 """Every adapter poolwatch has, by library name (the values of the ``libraries`` setting)."""
 

@@ -6,7 +6,9 @@ Both speak keep-alive HTTP/1.1 and share the same knobs:
   may also ask for its own with ``/?delay=0.2``;
 * ``idle_timeout`` — seconds after which an idle keep-alive connection is closed by the
   server (to make clients find stale connections on reuse); None keeps them open;
-* ``tls`` — serve HTTPS with a throw-away self-signed certificate (``ca_file`` trusts it).
+* ``tls`` — serve HTTPS with a throw-away self-signed certificate (``ca_file`` trusts it);
+* ``keep_alive`` — False answers every request with ``Connection: close`` and closes, as
+  does any request that asks for it.
 
 They count what really happened on the wire: ``connections`` accepted, ``requests``
 answered, ``closed_idle`` connections the server closed for being idle. ``refusing_port()``
@@ -107,8 +109,14 @@ class Upstream:
     """What both server flavours offer the tests."""
 
     def __init__(
-        self, *, delay: float = 0.0, idle_timeout: float | None = None, tls: bool = False
+        self,
+        *,
+        delay: float = 0.0,
+        idle_timeout: float | None = None,
+        tls: bool = False,
+        keep_alive: bool = True,
     ) -> None:
+        self.keep_alive = keep_alive
         self.delay = delay
         self.idle_timeout = idle_timeout
         self.counters = _Counters()
@@ -180,6 +188,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(BODY)))
+        closing = not upstream.keep_alive or self.headers.get("Connection", "") == "close"
+        if closing:
+            self.send_header("Connection", "close")  # also makes http.server close it
         self.end_headers()
         self.wfile.write(BODY)
 
@@ -273,14 +284,16 @@ class AsyncioUpstream(Upstream):
                 delay = _delay_of(target, self.delay)
                 if delay:
                     await asyncio.sleep(delay)
+                closing = not self.keep_alive or headers.get("connection", "") == "close"
                 self.counters.add("requests")  # before the client can see the response
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                    + (b"Connection: close\r\n" if closing else b"")
                     + f"Content-Length: {len(BODY)}\r\n\r\n".encode()
                     + BODY
                 )
                 await writer.drain()
-                if headers.get("connection", "").lower() == "close":
+                if closing:
                     return
         except asyncio.CancelledError:
             writer.transport.abort()  # the server is stopping: no TLS goodbye to wait for

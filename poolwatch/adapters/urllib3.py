@@ -1,0 +1,545 @@
+"""urllib3 pools, and through them requests and botocore/boto3.
+
+Every ``HTTPConnectionPool`` (and ``HTTPSConnectionPool``) is one pool of one server,
+whoever made it: the application directly, a ``PoolManager`` or ``ProxyManager``, a
+requests ``HTTPAdapter`` (``pool.kind`` = ``requests``) or a botocore ``URLLib3Session``
+(``pool.kind`` = ``botocore``, named by service and endpoint, e.g.
+``dynamodb https://dynamodb.eu-west-1.amazonaws.com``).
+
+Where it hooks, and why there:
+
+* ``PoolManager.__init__`` — who made the manager (requests, botocore and which service,
+  or the application) and where in user code: a ``requests.get()`` creates a Session, so a
+  manager, per call; its pools all land in the series of that call site, as many
+  short-lived pool instances. ``PoolManager._new_pool`` hands this to the pool it creates.
+* ``HTTPConnectionPool.__init__`` — a new pool: its server, its maker, its series.
+* ``HTTPConnectionPool._get_conn`` — the caller's whole wait for a connection (queue wait
+  when ``block=True``, and the stale check); ``EmptyPoolError`` is the pool's timeout.
+* ``HTTPConnectionPool._put_conn`` — end of use.
+* ``HTTPConnectionPool._new_conn`` — marks the connection with its pool's ledger.
+* ``HTTPConnection.connect`` / ``HTTPSConnection.connect`` — the real connect (TCP, proxy
+  tunnel, TLS); connection objects are reused after a close, so each connect starts a
+  new lifetime.
+* ``HTTPConnection.close`` — every close of an open connection, its reason told by who
+  closed it:
+
+  ============================  =============================================================
+  closed by                      reason
+  ============================  =============================================================
+  ``_get_conn``                  ``stale``: the server dropped the idle keep-alive connection
+  ``_put_conn``, pool open       ``pool_full``: urllib3 logs "Connection pool is full,
+                                 discarding connection" (``block=False`` overflow)
+  ``_put_conn``, pool closed     ``disposed``
+  ``urlopen``                    ``error``: the request failed; the connection is thrown away
+                                 and never returned, so its use ends here
+  ``getresponse``                ``invalidated``: the server ended the connection
+                                 (``Connection: close``, HTTP/1.0); ``error`` if it failed
+  pool ``close()``, collection   ``disposed`` (``PoolManager.clear()``, a pool evicted from
+                                 a manager and garbage-collected, a closed botocore client)
+  anything else                  ``invalidated`` (``error`` while an exception is handled)
+  ============================  =============================================================
+
+Levels, read at collection: used — connections checked out of this pool, including
+those beyond ``maxsize`` that a ``block=False`` pool opens and later discards; idle —
+connected sockets in the queue (not its ``None`` placeholders); max — ``maxsize``;
+pending — threads blocked on the queue (``block=True``). A pool a ``PoolManager`` evicts
+from its LRU is no longer the manager's, but while a response still holds one of its
+connections the pool is alive, so that connection stays visible until it is closed.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from time import perf_counter
+from types import FrameType
+from typing import Any, NamedTuple
+
+from poolwatch import _catalogue as c
+from poolwatch._ledger import Ledger
+from poolwatch._naming import creation_site, target_name
+from poolwatch.adapters._base import Adapter, Levels, Tracker
+
+_LEDGER = "_poolwatch_ledger"
+_BORN = "_poolwatch_born"
+_ENDED = "_poolwatch_ended"
+_OWNER = "_poolwatch_owner"
+_CONTEXT = "_poolwatch_context"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_FRAMES_SEARCHED = 40
+
+
+class _Maker(NamedTuple):
+    """Who made a PoolManager, and where in user code."""
+
+    kind: str
+    site: str | None
+    service: str | None = None
+    name: str | None = None
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _Absent()
+
+
+def _botocore_service(frame: FrameType) -> str | None:
+    """The AWS service a botocore frame works for (``create_endpoint`` or ``Endpoint``)."""
+    local = frame.f_locals
+    model = local.get("service_model")
+    prefix = getattr(model, "endpoint_prefix", None)
+    if isinstance(prefix, str):
+        return prefix
+    prefix = getattr(local.get("self"), "_endpoint_prefix", None)
+    return prefix if isinstance(prefix, str) else None
+
+
+def _maker_of(frame: FrameType | None) -> _Maker:
+    """Find, in the stack that creates a PoolManager, the library that asked for it."""
+    site = creation_site(frame)
+    f, depth = frame, 0
+    while f is not None and depth < _FRAMES_SEARCHED:
+        module = f.f_globals.get("__name__", "")
+        if module.startswith("requests."):
+            return _Maker("requests", site)
+        if module.startswith("botocore."):
+            while f is not None and depth < _FRAMES_SEARCHED:
+                service = _botocore_service(f)
+                if service is not None:
+                    return _Maker("botocore", site, service)
+                f, depth = f.f_back, depth + 1
+            return _Maker("botocore", site)
+        f, depth = f.f_back, depth + 1
+    return _Maker("urllib3", site)
+
+
+def pool_target(pool: Any) -> tuple[str, dict[str, str | int]]:
+    """Credential-free origin of a pool (``https://api.example.com``) and its server."""
+    scheme = getattr(pool, "scheme", "http")
+    host = pool.host
+    port = pool.port or _DEFAULT_PORTS.get(scheme)
+    target = target_name(scheme, host, None if port == _DEFAULT_PORTS.get(scheme) else port)
+    proxy = getattr(pool, "proxy", None)
+    if proxy is not None and proxy.host:
+        if (proxy.host, proxy.port) == (host, pool.port):
+            target = f"{target} (proxy)"  # plain-HTTP requests forwarded by the proxy
+        else:  # a tunnel through the proxy to the target
+            target = f"{target} via {target_name(proxy.scheme or 'http', proxy.host, proxy.port)}"
+    attributes: dict[str, str | int] = {c.SERVER_ADDRESS: host}
+    if port:
+        attributes[c.SERVER_PORT] = port
+    return target, attributes
+
+
+class Urllib3Adapter(Adapter):
+    """Hooks urllib3 2.x connection pools (requests and botocore included)."""
+
+    name = "urllib3"
+    kind = "urllib3"
+    module = "urllib3"
+    family = "http"
+
+    def __init__(self, tracker: Tracker) -> None:
+        super().__init__(tracker)
+        self._patches: list[tuple[Any, str, Any]] = []
+        self._tracked: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._making = threading.local()
+        self._queue_empty: type[BaseException] = Exception
+
+    # -- patching ----------------------------------------------------------------------
+    def _patch(self, owner: Any, attribute: str, replacement: Any) -> None:
+        self._patches.append((owner, attribute, owner.__dict__.get(attribute, _ABSENT)))
+        setattr(owner, attribute, replacement)
+
+    def instrument(self, *, imported_before: bool) -> None:
+        from urllib3 import connection, connectionpool, exceptions, poolmanager
+
+        pools = connectionpool.HTTPConnectionPool
+        https_pools = connectionpool.HTTPSConnectionPool
+        self._patch(pools, _LEDGER, None)  # class default: "untracked"
+        self._patch(connection.HTTPConnection, _LEDGER, None)
+        self._patch(pools, "__init__", _pool_init_hook(self, pools.__init__))
+        self._patch(
+            pools, "_get_conn", _get_conn_hook(self, pools._get_conn, exceptions.EmptyPoolError)
+        )
+        self._patch(pools, "_put_conn", _put_conn_hook(self, pools._put_conn))
+        self._patch(pools, "_new_conn", _new_conn_hook(self, pools.__dict__["_new_conn"]))
+        self._patch(
+            https_pools, "_new_conn", _new_conn_hook(self, https_pools.__dict__["_new_conn"])
+        )
+        for cls in (connection.HTTPConnection, connection.HTTPSConnection):
+            self._patch(cls, "connect", _connect_hook(self, cls.__dict__["connect"]))
+        close = connection.HTTPConnection.__dict__["close"]
+        self._patch(connection.HTTPConnection, "close", _close_hook(self, close))
+        managers = poolmanager.PoolManager
+        self._patch(managers, "__init__", _manager_init_hook(self, managers.__init__))
+        self._patch(managers, "_new_pool", _new_pool_hook(self, managers._new_pool))
+        if imported_before:
+            self._track_existing(managers, pools)
+
+    def uninstrument(self) -> None:
+        for pool in list(self._tracked):
+            pool.__dict__.pop(_LEDGER, None)
+            queue = pool.pool
+            for conn in list(queue.queue) if queue is not None else ():
+                if conn is not None:
+                    conn.__dict__.pop(_LEDGER, None)
+        for owner, attribute, original in reversed(self._patches):
+            if original is _ABSENT:
+                delattr(owner, attribute)
+            else:
+                setattr(owner, attribute, original)
+        self._patches.clear()
+
+    # -- tracking ----------------------------------------------------------------------
+    def _track_pool(self, pool: Any, maker: _Maker | None, name: str | None = None) -> Ledger:
+        target, attributes = pool_target(pool)
+        kind = maker.kind if maker else self.kind
+        if maker is not None and maker.service:
+            target = f"{maker.service} {target}"
+        ledger = self.tracker.track(
+            pool,
+            self,
+            target=target,
+            site=maker.site if maker else None,
+            name=name or (maker.name if maker else None),
+            attributes=attributes,
+            kind=kind,
+        )
+        pool.__dict__[_LEDGER] = ledger
+        self._tracked.add(pool)
+        queue = pool.pool
+        if queue is not None:  # connections it already has (a pool found late)
+            for conn in list(queue.queue):
+                if conn is not None:
+                    self._adopt(pool, conn, ledger)
+        return ledger
+
+    @staticmethod
+    def _adopt(pool: Any, conn: Any, ledger: Ledger) -> None:
+        conn.__dict__[_LEDGER] = ledger
+        conn.__dict__[_OWNER] = id(pool)
+
+    def _discover(self, pool: Any) -> Ledger | None:
+        """A pool first seen at checkout: made before instrument()."""
+        try:
+            return self._track_pool(pool, None)
+        except Exception as error:
+            self.tracker.report("urllib3 discover", error)
+            return None
+
+    def _track_existing(self, managers: type, pools: type) -> None:
+        """Pools made before instrument(): managers first, so that pools get their maker."""
+        found_managers: list[Any] = []
+        found_pools: list[Any] = []
+        candidates: list[tuple[Any, _Maker | None]] = []
+        makers: dict[int, _Maker] = {}
+        for obj in gc.get_objects():
+            if isinstance(obj, managers):
+                found_managers.append(obj)
+            elif isinstance(obj, pools):
+                found_pools.append(obj)
+            else:
+                owned = _existing_maker(obj)
+                if owned is not None:
+                    makers[id(owned[0])] = owned[1]
+        for manager in found_managers:
+            maker = makers.get(id(manager))
+            if maker is not None:
+                manager.__dict__[_CONTEXT] = maker
+            candidates.extend((pool, maker) for pool in _pools_of(manager))
+        candidates.extend((pool, None) for pool in found_pools)
+        for pool, maker in candidates:
+            if self.tracker.series_of(pool) is None:
+                try:
+                    self._track_pool(pool, maker)
+                except Exception as error:
+                    self.tracker.report("urllib3 existing pool", error)
+
+    def track(self, obj: Any, name: str | None) -> bool:
+        try:
+            from urllib3.connectionpool import HTTPConnectionPool
+            from urllib3.poolmanager import PoolManager
+        except ImportError:
+            return False
+        managers = _managers_of(obj, PoolManager)
+        if isinstance(obj, HTTPConnectionPool):
+            series = self.tracker.series_of(obj)
+            kind = series.kind if series else self.kind
+            self._track_pool(obj, _Maker(kind, None, None, name))
+            return True
+        if not managers:
+            return False
+        for manager in managers:
+            maker = manager.__dict__.get(_CONTEXT) or _Maker(self.kind, None)
+            maker = maker._replace(name=name)
+            manager.__dict__[_CONTEXT] = maker
+            for pool in _pools_of(manager):
+                self._track_pool(pool, maker, name)
+        return True
+
+    # -- closes ------------------------------------------------------------------------
+    def _closing(self, conn: Any, caller: FrameType | None) -> None:
+        ledger: Ledger | None = conn._poolwatch_ledger
+        if ledger is None:
+            return
+        # Subclasses (botocore's AWSConnection) close through super(): skip their frames.
+        while caller is not None and caller.f_code.co_name == "close":
+            if caller.f_locals.get("self") is not conn:
+                break
+            caller = caller.f_back
+        who = caller.f_code.co_name if caller is not None else ""
+        handling = sys.exc_info()[1] is not None
+        now = perf_counter()
+        if who == "urlopen":  # thrown away after an error, never returned: its use ends
+            start = ledger.active.pop(conn, None)
+            if start is not None:
+                ledger.uses.append(now - start)
+        if conn.sock is None and _ENDED not in conn.__dict__:
+            return  # never connected (a refused connect), or its close was counted
+        born = conn.__dict__.pop(_BORN, None)
+        lifetime = now - born if born is not None else None
+        ended = conn.__dict__.pop(_ENDED, _ABSENT)
+        if ended is not _ABSENT:
+            # The server ended it earlier; the pool lets go of the connection object now.
+            lifetime = ended
+            if who == "_put_conn" and not _pool_closed(caller):
+                reason = c.REASON_POOL_FULL
+            else:
+                reason = c.REASON_INVALIDATED
+        elif who == "getresponse" and not handling:
+            # The server ended it (Connection: close). Counted when the pool lets go of the
+            # object: urllib3 may yet discard it as "pool is full", which must count as such.
+            conn.__dict__[_ENDED] = lifetime
+            return
+        else:
+            reason = _close_reason(who, caller, handling)
+        ledger.closed_connection(reason, lifetime)
+
+    # -- levels ------------------------------------------------------------------------
+    def levels(self, pool: Any) -> Levels:
+        ledger: Ledger | None = pool.__dict__.get(_LEDGER)
+        owner = id(pool)
+        used = 0
+        if ledger is not None:
+            used = sum(1 for conn in list(ledger.active) if conn.__dict__.get(_OWNER) == owner)
+        queue = pool.pool
+        if queue is None:  # closed
+            return Levels(used, 0, None, 0)
+        idle = sum(1 for conn in list(queue.queue) if conn is not None and conn.sock is not None)
+        pending = len(queue.not_empty._waiters) if pool.block else 0
+        return Levels(used, idle, queue.maxsize or None, pending)
+
+
+def _close_reason(who: str, caller: FrameType | None, handling: bool) -> str:
+    """Why an open connection is closed, by the name of the function closing it."""
+    if who == "_get_conn":
+        return c.REASON_STALE  # found dropped by the server when about to be reused
+    if who == "_put_conn":
+        return c.REASON_DISPOSED if _pool_closed(caller) else c.REASON_POOL_FULL
+    if who == "_close_pool_connections":
+        return c.REASON_DISPOSED
+    # urlopen after an error, getresponse failing, a response closed early, user code
+    return c.REASON_ERROR if handling or who == "urlopen" else c.REASON_INVALIDATED
+
+
+def _pool_closed(frame: FrameType | None) -> bool:
+    """Whether the pool whose method runs in ``frame`` is closed (its queue is gone)."""
+    pool = frame.f_locals.get("self") if frame is not None else None
+    return getattr(pool, "pool", None) is None
+
+
+def _pools_of(manager: Any) -> list[Any]:
+    container = getattr(manager.pools, "_container", None)
+    return list(container.values()) if container is not None else []
+
+
+def _managers_of(obj: Any, manager_cls: type) -> list[Any]:
+    """The PoolManagers of a PoolManager, a requests Session or adapter, a botocore client."""
+    if isinstance(obj, manager_cls):
+        return [obj]
+    found: list[Any] = []
+    adapters = getattr(obj, "adapters", None)  # requests.Session
+    if isinstance(adapters, dict):
+        for adapter in adapters.values():
+            found.extend(_managers_of(adapter, manager_cls))
+        return found
+    manager = getattr(obj, "poolmanager", None)  # requests.adapters.HTTPAdapter
+    if isinstance(manager, manager_cls):
+        found.append(manager)
+        found.extend(getattr(obj, "proxy_manager", {}).values())
+        return found
+    endpoint = getattr(obj, "_endpoint", None)  # a botocore client
+    session = getattr(endpoint, "http_session", None)
+    manager = getattr(session, "_manager", None)
+    if isinstance(manager, manager_cls):
+        found.append(manager)
+        found.extend(getattr(session, "_proxy_managers", {}).values())
+    return found
+
+
+def _existing_maker(obj: Any) -> tuple[Any, _Maker] | None:
+    """For an object found at instrument(): the PoolManager it owns and who it is."""
+    module = type(obj).__module__
+    if module == "requests.adapters" and hasattr(obj, "poolmanager"):
+        return obj.poolmanager, _Maker("requests", None)
+    if module == "botocore.httpsession" and hasattr(obj, "_manager"):
+        return obj._manager, _Maker("botocore", None)
+    return None
+
+
+# -- hooks ---------------------------------------------------------------------------------
+# _get_conn and _put_conn are the hot path: no OpenTelemetry, no lock, no allocation
+# beyond a float (the Ledger contract in _ledger.py, inlined).
+
+
+def _get_conn_hook(
+    adapter: Urllib3Adapter, original: Callable[..., Any], empty: type[BaseException]
+) -> Callable[..., Any]:
+    report = adapter.tracker.report
+
+    def failed(ledger: Ledger | None, start: float, *, timeout: bool) -> None:
+        if ledger is not None:
+            try:
+                ledger.failed(start, perf_counter(), timeout=timeout)
+            except Exception as error:
+                report("urllib3 checkout", error)
+
+    def _get_conn(self: Any, timeout: float | None = None) -> Any:
+        ledger: Ledger | None = self._poolwatch_ledger
+        if ledger is None:
+            ledger = adapter._discover(self)
+        start = perf_counter()
+        try:
+            conn = original(self, timeout)
+        except empty:
+            failed(ledger, start, timeout=True)
+            raise
+        except BaseException:
+            failed(ledger, start, timeout=False)
+            raise
+        if ledger is not None:
+            now = perf_counter()
+            ledger.waits.append(now - start)
+            ledger.active[conn] = now
+        return conn
+
+    return _get_conn
+
+
+def _put_conn_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Callable[..., Any]:
+    report = adapter.tracker.report
+
+    def _put_conn(self: Any, conn: Any) -> None:
+        ledger: Ledger | None = self._poolwatch_ledger
+        if ledger is not None and conn is not None:
+            start = ledger.active.pop(conn, None)
+            if start is not None:
+                held = perf_counter() - start
+                ledger.uses.append(held)
+                if held > ledger.leak_threshold:
+                    try:
+                        ledger.settle(conn, held)
+                    except Exception as error:
+                        report("urllib3 checkin", error)
+        original(self, conn)
+
+    return _put_conn
+
+
+def _new_conn_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Callable[..., Any]:
+    def _new_conn(self: Any) -> Any:
+        conn = original(self)
+        ledger = self._poolwatch_ledger
+        if ledger is not None:
+            try:
+                adapter._adopt(self, conn, ledger)
+            except Exception as error:
+                adapter.tracker.report("urllib3 new connection", error)
+        return conn
+
+    return _new_conn
+
+
+def _connect_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Callable[..., Any]:
+    report = adapter.tracker.report
+
+    def connect(self: Any) -> None:
+        ledger: Ledger | None = self._poolwatch_ledger
+        if ledger is None:
+            return original(self)  # type: ignore[no-any-return]
+        start = perf_counter()
+        try:
+            original(self)
+        except BaseException:
+            try:
+                ledger.connected(perf_counter() - start, ok=False)
+            except Exception as error:
+                report("urllib3 connect", error)
+            raise
+        now = perf_counter()
+        try:
+            ledger.connected(now - start, ok=True)
+            self.__dict__[_BORN] = now
+        except Exception as error:
+            report("urllib3 connect", error)
+        return None
+
+    return connect
+
+
+def _close_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Callable[..., Any]:
+    def close(self: Any) -> None:
+        if self._poolwatch_ledger is not None:
+            try:
+                adapter._closing(self, sys._getframe(1))
+            except Exception as error:
+                adapter.tracker.report("urllib3 close", error)
+        original(self)
+
+    return close
+
+
+def _pool_init_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Callable[..., Any]:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        try:
+            maker: _Maker | None = getattr(adapter._making, "maker", None)
+            if maker is None:
+                maker = _Maker(adapter.kind, creation_site(sys._getframe(1)))
+            adapter._track_pool(self, maker)
+        except Exception as error:
+            adapter.tracker.report("urllib3 pool", error)
+
+    return __init__
+
+
+def _manager_init_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Callable[..., Any]:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        try:
+            if _CONTEXT not in self.__dict__:
+                self.__dict__[_CONTEXT] = _maker_of(sys._getframe(1))
+        except Exception as error:
+            adapter.tracker.report("urllib3 pool manager", error)
+
+    return __init__
+
+
+def _new_pool_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Callable[..., Any]:
+    making = adapter._making
+
+    def _new_pool(self: Any, *args: Any, **kwargs: Any) -> Any:
+        making.maker = self.__dict__.get(_CONTEXT)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            making.maker = None
+
+    return _new_pool
