@@ -35,8 +35,12 @@ class Settings:
 
     libraries: tuple[str, ...]
     """Libraries to hook, by adapter name."""
-    semconv: bool = True
-    """Also emit semantic-convention mirrors (``db.client.connection.*``)."""
+    semconv: bool = False
+    """Also emit semantic-convention mirrors (``db.client.connection.*``, ``http.client.*``).
+
+    Off by default: the conventions are at Development status, and the mirrors double a
+    pool's series (docs/architecture.md, "Semantic-convention mirrors are opt-in").
+    """
     leak_threshold: float | None = DEFAULT_LEAK_THRESHOLD
     """Seconds a checkout may be held before it counts as a leak; None disables."""
     max_pools: int = DEFAULT_MAX_POOLS
@@ -215,7 +219,7 @@ def resolve(
     allowed_libs = f"a list drawn from {', '.join(adapters)}"
     return Settings(
         libraries=env.get("libraries", adapters, _parse_list, check_libraries, allowed_libs),
-        semconv=env.get("semconv", True, _parse_bool, _check_bool, "true or false"),
+        semconv=env.get("semconv", False, _parse_bool, _check_bool, "true or false"),
         leak_threshold=env.get(
             "leak_threshold",
             _DEFAULT_LEAK,

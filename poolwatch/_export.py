@@ -20,6 +20,7 @@ to poolwatch metrics; a reader added to the provider after ``instrument()`` is n
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -75,6 +76,48 @@ def temporalities(reader: MetricReader) -> dict[c.Instrument, AggregationTempora
 
 PointKey = tuple[str, str, int]
 """(metric name, variant such as "used" or "timeout", id of the series) — one time series."""
+
+
+# -- data points --------------------------------------------------------------------------
+# The SDK's data points are frozen dataclasses: their generated __init__ sets each field
+# through object.__setattr__, about 1.0 µs for a NumberDataPoint and 1.6 µs for a
+# HistogramDataPoint — half of poolwatch's collection cost per series. Filling the
+# instance's __dict__ directly makes the same object (equal, same type, same fields) in
+# a third of the time. Used only while the classes have exactly the fields this code
+# fills; otherwise, with a future SDK, the constructors are called as usual.
+_NUMBER_FIELDS = ("attributes", "start_time_unix_nano", "time_unix_nano", "value", "exemplars")
+_HISTOGRAM_FIELDS = (
+    "attributes",
+    "start_time_unix_nano",
+    "time_unix_nano",
+    "count",
+    "sum",
+    "bucket_counts",
+    "explicit_bounds",
+    "min",
+    "max",
+    "exemplars",
+)
+
+
+def _fields_are(cls: type, names: tuple[str, ...]) -> bool:
+    try:
+        return (
+            tuple(f.name for f in dataclasses.fields(cls)) == names
+            and not hasattr(cls, "__slots__")
+            and "__post_init__" not in vars(cls)
+        )
+    except TypeError:  # no longer a dataclass
+        return False
+
+
+FAST_POINTS = _fields_are(NumberDataPoint, _NUMBER_FIELDS) and _fields_are(
+    HistogramDataPoint, _HISTOGRAM_FIELDS
+)
+"""Whether data points are built by filling ``__dict__`` (see above)."""
+
+
+_new = object.__new__
 
 
 def _server(host: HostLevels) -> tuple[tuple[str, str | int], ...]:
@@ -207,7 +250,17 @@ class _Collection:
             start, before = self._previous(spec, series, variant, value)
             if isinstance(before, int):
                 value -= before
-        self.points[spec.name].append(NumberDataPoint(attributes, start, self.now_ns, value))
+        if FAST_POINTS:
+            point = _new(NumberDataPoint)
+            fields = point.__dict__
+            fields["attributes"] = attributes
+            fields["start_time_unix_nano"] = start
+            fields["time_unix_nano"] = self.now_ns
+            fields["value"] = value
+            fields["exemplars"] = []
+        else:
+            point = NumberDataPoint(attributes, start, self.now_ns, value)
+        self.points[spec.name].append(point)
 
     def histogram(
         self, spec: c.MetricSpec, series: Series, value: HistogramSnapshot, variant: str = ""
@@ -222,19 +275,33 @@ class _Collection:
             if isinstance(before, HistogramSnapshot):
                 value = _delta_histogram(value, before)
         n = value.observations
-        self.points[spec.name].append(
-            HistogramDataPoint(
-                attributes=attributes,
-                start_time_unix_nano=start,
-                time_unix_nano=self.now_ns,
-                count=n,
-                sum=value.total,
-                bucket_counts=value.counts,
-                explicit_bounds=value.bounds,
-                min=value.min if n else 0.0,
-                max=value.max if n else 0.0,
+        low, high = (value.min, value.max) if n else (0.0, 0.0)
+        if FAST_POINTS:
+            point = _new(HistogramDataPoint)
+            fields = point.__dict__
+            fields["attributes"] = attributes
+            fields["start_time_unix_nano"] = start
+            fields["time_unix_nano"] = self.now_ns
+            fields["count"] = n
+            fields["sum"] = value.total
+            fields["bucket_counts"] = value.counts
+            fields["explicit_bounds"] = value.bounds
+            fields["min"] = low
+            fields["max"] = high
+            fields["exemplars"] = []
+        else:
+            point = HistogramDataPoint(
+                attributes,
+                start,
+                self.now_ns,
+                n,
+                value.total,
+                value.counts,
+                value.bounds,
+                low,
+                high,
             )
-        )
+        self.points[spec.name].append(point)
 
     def metrics(self) -> list[Metric]:
         """The collection as OpenTelemetry metrics."""

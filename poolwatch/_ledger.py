@@ -117,6 +117,9 @@ class Ledger:
     """
 
     __slots__ = (
+        "_changes",
+        "_last",
+        "_last_changes",
         "_leaked",
         "_lock",
         "active",
@@ -155,6 +158,10 @@ class Ledger:
         self.uses: list[float] = []
         self.active: dict[Hashable, float] = {}
         self._leaked: set[Hashable] = set()
+        self._changes = 0
+        """Bumped under the lock by every event that does not go through the hot path."""
+        self._last: LedgerSnapshot | None = None
+        self._last_changes = -1
 
     # -- hot path: every checkout and return -------------------------------------------
     # The hot-path contract: ``waits.append(wait)`` and ``active[key] = now`` on checkout;
@@ -179,6 +186,7 @@ class Ledger:
     def settle(self, key: Hashable, held: float) -> None:
         """After a return held past the leak threshold: count the leak, once."""
         with self._lock:
+            self._changes += 1
             if key in self._leaked:
                 self._leaked.discard(key)  # already counted while it was out
             else:
@@ -188,6 +196,7 @@ class Ledger:
     def failed(self, start: float, end: float, *, timeout: bool) -> None:
         """A caller gave up (``timeout``) or failed getting a connection."""
         with self._lock:
+            self._changes += 1
             self.wait[c.OUTCOME_TIMEOUT if timeout else c.OUTCOME_ERROR].observe(end - start)
             if timeout:
                 self.timeouts += 1
@@ -195,11 +204,13 @@ class Ledger:
     def connected(self, duration: float, *, ok: bool) -> None:
         """A new connection was opened (``ok``) or failed to open, taking ``duration``."""
         with self._lock:
+            self._changes += 1
             self.connect[c.CONNECT_OK if ok else c.CONNECT_ERROR].observe(duration)
 
     def closed_connection(self, reason: str, lifetime: float | None) -> None:
         """The pool closed a connection for ``reason`` (a catalogue reason) after ``lifetime``."""
         with self._lock:
+            self._changes += 1
             self.closed[reason] += 1
             if lifetime is not None and lifetime >= 0:
                 # setdefault is one C call: a finalizer re-entering while the new histogram
@@ -210,12 +221,14 @@ class Ledger:
         """Drop ``key`` from the checkout table without recording a use (detached)."""
         self.active.pop(key, None)
         with self._lock:
+            self._changes += 1
             self._leaked.discard(key)
 
     # -- collection time ---------------------------------------------------------------
     def drain(self) -> None:
         """Bucket the values the hot path left pending."""
         with self._lock:
+            self._changes += 1
             _fold(self.waits, self.wait[c.OUTCOME_ACQUIRED])
             _fold(self.uses, self.use)
 
@@ -224,6 +237,17 @@ class Ledger:
         now = time.perf_counter() if now is None else now
         threshold = self.leak_threshold
         active = self.active.copy()
+        last = self._last
+        # Nothing out, nothing pending, no rare event: unchanged. Most pools of a process
+        # with many are idle between collections.
+        if (
+            last is not None
+            and not active
+            and not self.waits
+            and not self.uses
+            and self._last_changes == self._changes
+        ):
+            return last
         with self._lock:
             _fold(self.waits, self.wait[c.OUTCOME_ACQUIRED])
             _fold(self.uses, self.use)
@@ -234,7 +258,7 @@ class Ledger:
                     if key not in self._leaked:
                         self._leaked.add(key)
                         self.leaks += 1
-            return LedgerSnapshot(
+            snapshot = LedgerSnapshot(
                 wait={
                     k: h.snapshot()
                     for k, h in self.wait.items()
@@ -254,6 +278,8 @@ class Ledger:
                 leaks_active=leaks_active,
                 checked_out=len(active),
             )
+            self._last, self._last_changes = snapshot, self._changes
+            return snapshot
 
     def reset(self) -> None:
         """Start from zero (a forked child); also replaces a lock a dead thread may hold."""

@@ -52,9 +52,13 @@ def harness() -> Iterator[Harness]:
 
 
 @pytest.fixture
-def pw(harness: Harness) -> Harness:
-    """``harness`` already instrumented with default settings."""
-    harness.instrument()
+def pw(harness: Harness, request: pytest.FixtureRequest) -> Harness:
+    """``harness`` already instrumented with default settings; a test marked
+    ``@pytest.mark.semconv`` gets the semantic-convention mirrors turned on."""
+    if request.node.get_closest_marker("semconv") is not None:
+        harness.instrument(semconv=True)
+    else:
+        harness.instrument()
     return harness
 
 

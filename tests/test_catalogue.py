@@ -164,7 +164,7 @@ def _exhaust_and_discard(engine: sa.Engine) -> None:
 
 
 def test_prometheus_renders_the_pinned_names(tmp_path: Path) -> None:
-    handle = poolwatch.instrument(prometheus_port=0)
+    handle = poolwatch.instrument(prometheus_port=0, semconv=True)
     try:
         assert handle.prometheus_address is not None
         host, port = handle.prometheus_address
@@ -191,7 +191,7 @@ def test_prometheus_renders_the_pinned_names(tmp_path: Path) -> None:
 
 
 def test_prometheus_renders_the_http_mirrors() -> None:
-    handle = poolwatch.instrument(prometheus_port=0)
+    handle = poolwatch.instrument(prometheus_port=0, semconv=True)
     try:
         assert handle.prometheus_address is not None
         host, port = handle.prometheus_address

@@ -14,7 +14,7 @@ ADAPTERS = ("sqlalchemy",)
 def test_defaults() -> None:
     s = resolve({}, {}, ADAPTERS)
     assert s.libraries == ("sqlalchemy",)
-    assert s.semconv is True
+    assert s.semconv is False  # opt-in: Development-status conventions, twice the series
     assert s.leak_threshold == DEFAULT_LEAK_THRESHOLD == 30.0
     assert s.max_pools == DEFAULT_MAX_POOLS == 200
     assert s.pool_names == {}
@@ -26,7 +26,7 @@ def test_defaults() -> None:
 def test_environment_is_read() -> None:
     env = {
         "POOLWATCH_LIBRARIES": "sqlalchemy",
-        "POOLWATCH_SEMCONV": "off",
+        "POOLWATCH_SEMCONV": "on",
         "POOLWATCH_LEAK_THRESHOLD": "2.5",
         "POOLWATCH_MAX_POOLS": "7",
         "POOLWATCH_POOL_NAMES": "postgresql://db:5432/orders=orders, sqlite:///a.db=a",
@@ -35,7 +35,7 @@ def test_environment_is_read() -> None:
         "POOLWATCH_PROMETHEUS_HOST": "0.0.0.0",
     }
     s = resolve({}, env, ADAPTERS)
-    assert s.semconv is False
+    assert s.semconv is True
     assert s.leak_threshold == 2.5
     assert s.max_pools == 7
     assert s.pool_names == {"postgresql://db:5432/orders": "orders", "sqlite:///a.db": "a"}

@@ -62,6 +62,7 @@ def engine_factory(pg: PostgresCluster) -> Iterator[Callable[..., sa.Engine]]:
         engine.dispose()
 
 
+@pytest.mark.semconv
 def test_exhaustion_gives_exact_timeouts_and_visible_pending(
     pw: Harness, pg: PostgresCluster, engine_factory: Callable[..., sa.Engine]
 ) -> None:
@@ -250,6 +251,7 @@ def test_server_restart_mid_load_is_accounted_exactly(
     assert got.count("poolwatch.use.duration", pool__name=name) == acquired
 
 
+@pytest.mark.semconv
 def test_checkouts_are_counted_exactly_across_threads(
     pw: Harness, pg: PostgresCluster, engine_factory: Callable[..., sa.Engine]
 ) -> None:
@@ -292,6 +294,7 @@ def test_connect_failures_are_counted_and_reach_the_caller(pw: Harness) -> None:
     assert got.count("poolwatch.wait.duration", pool__name=name, outcome="error") == 1
 
 
+@pytest.mark.semconv
 def test_first_checkout_opens_exactly_one_connection(
     pw: Harness, pg: PostgresCluster, engine_factory: Callable[..., sa.Engine]
 ) -> None:

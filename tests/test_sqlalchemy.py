@@ -41,6 +41,7 @@ def _wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
         time.sleep(0.005)
 
 
+@pytest.mark.semconv
 def test_levels_of_a_queue_pool(pw: Harness, tmp_path: Path) -> None:
     engine = sa.create_engine(_url(tmp_path), pool_size=2, max_overflow=3)
     held = [engine.connect() for _ in range(3)]
@@ -78,6 +79,7 @@ def test_pending_counts_callers_blocked_on_the_pool(pw: Harness, tmp_path: Path)
     got[0].close()  # type: ignore[attr-defined]
 
 
+@pytest.mark.semconv
 def test_timeouts_are_exact(pw: Harness, tmp_path: Path) -> None:
     engine = sa.create_engine(_url(tmp_path), pool_size=1, max_overflow=0, pool_timeout=0.05)
     held = engine.connect()

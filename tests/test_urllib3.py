@@ -44,6 +44,7 @@ def _wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
         time.sleep(0.005)
 
 
+@pytest.mark.semconv
 def test_keep_alive_requests_reuse_one_connection(pw: Harness, upstream: ThreadedUpstream) -> None:
     manager = urllib3.PoolManager(maxsize=3)
     for _ in range(5):
@@ -81,6 +82,15 @@ def test_keep_alive_requests_reuse_one_connection(pw: Harness, upstream: Threade
     gc.collect()
     got = pw.collect()
     assert got.count("http.client.connection.duration", pool__name=name) == 1
+
+
+def test_semconv_mirrors_are_opt_in(pw: Harness, upstream: ThreadedUpstream) -> None:
+    manager = urllib3.PoolManager()
+    manager.request("GET", upstream.url)
+    names = pw.collect().names()
+    assert "poolwatch.connections" in names
+    assert not {n for n in names if not n.startswith("poolwatch.")}
+    manager.clear()
 
 
 def test_used_counts_connections_beyond_maxsize_and_each_discard_is_pool_full(
