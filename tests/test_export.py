@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import subprocess
 import sys
@@ -24,9 +25,15 @@ from opentelemetry.sdk.metrics import (
     ObservableUpDownCounter,
     UpDownCounter,
 )
-from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    HistogramDataPoint,
+    InMemoryMetricReader,
+    NumberDataPoint,
+)
 
 import poolwatch
+from poolwatch import _export
 from poolwatch._export import readers_of
 from tests.support.metrics import collect
 
@@ -74,7 +81,7 @@ def test_cumulative_points_keep_their_start_time(pw: object, tmp_path: Path) -> 
     name = f"sqlite:///{tmp_path}/x.db"
     engine = sa.create_engine(name)
     engine.connect().close()
-    reader = pw.reader  # type: ignore[attr-defined]
+    reader = pw.reader
     wait = "poolwatch.wait.duration"
     first = collect(reader).histogram(wait, outcome="acquired", pool__name=name)
     engine.connect().close()
@@ -241,3 +248,32 @@ def test_an_unknown_otlp_protocol_is_a_config_error(monkeypatch: pytest.MonkeyPa
         "poolwatch: OTEL_EXPORTER_OTLP_METRICS_PROTOCOL/OTEL_EXPORTER_OTLP_PROTOCOL got "
         "'http/json': expected 'grpc' or 'http/protobuf'"
     )
+
+
+def _points(tmp_path: Path) -> list[object]:
+    reader = InMemoryMetricReader()
+    poolwatch.instrument(meter_provider=MeterProvider(metric_readers=[reader]))
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/points.db")
+    with engine.connect():
+        pass
+    got = collect(reader)
+    poolwatch.uninstrument()
+    engine.dispose()
+    return [p for metric in got.metrics.values() for p in metric.data.data_points]
+
+
+def test_data_points_are_the_sdks_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Points built by filling __dict__ equal, and behave like, the constructors' points."""
+    assert _export.FAST_POINTS  # the SDK in use has the fields poolwatch fills
+    fast = _points(tmp_path)
+    kinds = {type(p) for p in fast}
+    assert kinds == {NumberDataPoint, HistogramDataPoint}
+    for point in fast:
+        fields = {f.name: getattr(point, f.name) for f in dataclasses.fields(point)}
+        assert point == type(point)(**fields)
+        assert point.to_json()
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            point.value = 1
+    monkeypatch.setattr(_export, "FAST_POINTS", False)  # as with an SDK whose fields differ
+    slow = _points(tmp_path)
+    assert [(type(p), p.attributes) for p in slow] == [(type(p), p.attributes) for p in fast]
