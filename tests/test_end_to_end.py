@@ -1,6 +1,7 @@
 """End to end with real processes on loopback: an instrumented workload exhausting a real
-PostgreSQL pool, a real Prometheus scraping it every second with the shipped rules (their
-durations shortened only through alerts/config.py overrides), and a real Alertmanager.
+PostgreSQL pool and HTTP pools (requests to a loopback server, boto3 to moto), a real
+Prometheus scraping it every second with the shipped rules (their durations shortened only
+through alerts/config.py overrides), and a real Alertmanager.
 
 Prometheus and Alertmanager come from Debian's prometheus and prometheus-alertmanager
 packages; the test command installs them.
@@ -35,6 +36,11 @@ SHORT = {  # every override goes through the one configuration place
     "EXHAUSTED_FOR": "0s",
     "DISCARDING_FOR": "5s",
 }
+POOLS = [  # (pool.kind, pool.name) of every pool the workload runs
+    ("sqlalchemy", "orders-db"),
+    ("requests", "inventory-api"),
+    ("botocore", "sessions-dynamodb"),
+]
 # Queries whose series only exist once something the workload never does has happened.
 NEEDS_OTHER_EVENTS = {"wait errors", "connect errors"}
 
@@ -166,9 +172,14 @@ def stack(postgres: PostgresCluster, tmp_path: Path) -> Iterator[dict[str, str]]
         processes.stop()
 
 
-def _firing(alertmanager: str) -> dict[str, dict[str, str]]:
+def _firing(alertmanager: str, pool: str) -> dict[str, dict[str, str]]:
+    """Alerts active in Alertmanager for ``pool``, by alert name."""
     alerts = _get(f"{alertmanager}/api/v2/alerts?active=true")
-    return {a["labels"]["alertname"]: a["labels"] for a in alerts}
+    return {
+        a["labels"]["alertname"]: a["labels"]
+        for a in alerts
+        if a["labels"].get("pool_name") == pool
+    }
 
 
 def _query(prometheus: str, expr: str) -> list[Any]:
@@ -185,7 +196,7 @@ def test_exhaustion_reaches_alertmanager_and_every_dashboard_query_has_data(
     wanted = {"PoolwatchPoolExhausted", "PoolwatchPoolUtilizationHigh"}
     firing = _until(
         f"{sorted(wanted)} in Alertmanager",
-        lambda: (got := _firing(stack["alertmanager"])) and wanted <= set(got) and got,
+        lambda: (got := _firing(stack["alertmanager"], "orders-db")) and wanted <= set(got) and got,
     )
     for name in wanted:
         labels = firing[name]
@@ -197,24 +208,32 @@ def test_exhaustion_reaches_alertmanager_and_every_dashboard_query_has_data(
     assert firing["PoolwatchPoolExhausted"]["severity"] == "critical"
     assert firing["PoolwatchPoolUtilizationHigh"]["severity"] == "warning"
 
+    # A pool that discards on every cycle: requests' non-blocking urllib3 pool.
+    _until(
+        "PoolwatchPoolDiscarding for inventory-api",
+        lambda: "PoolwatchPoolDiscarding" in _firing(stack["alertmanager"], "inventory-api"),
+    )
+
     empty, checked = [], 0
-    for name in ("poolwatch-overview.json", "poolwatch-pool.json"):
-        dashboard = json.loads((ROOT / "dashboards" / name).read_text())
-        for panel in dashboard["panels"]:
-            for target in panel["targets"]:
-                if target["legendFormat"] in NEEDS_OTHER_EVENTS:
-                    continue
-                expr = (
-                    target["expr"]
-                    .replace("$__rate_interval", "10s")
-                    .replace("$__range", "5m")
-                    .replace("$job", "poolwatch-e2e")
-                    .replace("$instance", ".*")
-                    .replace("$kind", "sqlalchemy")
-                    .replace("$pool", "orders-db")
-                )
-                checked += 1
-                if not _query(stack["prometheus"], expr):
-                    empty.append(f"{name}: {panel['title']}: {expr}")
+    for kind, pool in POOLS:
+        for name in ("poolwatch-overview.json", "poolwatch-pool.json"):
+            dashboard = json.loads((ROOT / "dashboards" / name).read_text())
+            for panel in dashboard["panels"]:
+                for target in panel["targets"]:
+                    if target["legendFormat"] in NEEDS_OTHER_EVENTS:
+                        continue
+                    expr = (
+                        target["expr"]
+                        .replace("$__rate_interval", "10s")
+                        .replace("$__range", "5m")
+                        .replace("$job", "poolwatch-e2e")
+                        .replace("$instance", ".*")
+                        .replace("$kind", kind)
+                        .replace("$pool", pool)
+                    )
+                    checked += 1
+                    if not _query(stack["prometheus"], expr):
+                        empty.append(f"{kind} {pool}: {name}: {panel['title']}: {expr}")
     assert empty == []
-    assert checked == 27  # every target of both dashboards but the two in NEEDS_OTHER_EVENTS
+    # every target of both dashboards but the two in NEEDS_OTHER_EVENTS, for every pool
+    assert checked == 27 * len(POOLS)

@@ -1,12 +1,19 @@
-"""A workload that exhausts a real pool, for the end-to-end test.
+"""A workload that exhausts real pools of every kind, for the end-to-end test.
 
     python -m tests.support.workload --url URL --port-file FILE --seconds 90
 
 Instruments itself with poolwatch, serves the Prometheus endpoint on a free loopback port
-(written to ``--port-file``), and runs cycles against a SQLAlchemy engine with pool_size=2,
-max_overflow=1, pool_timeout=0.1: each cycle four callers want a connection at once, so
-one times out, three hold theirs, and when they all return the overflow connection finds
-the pool full and is discarded. The pool is full most of the time. It stops after
+(written to ``--port-file``), and runs cycles, each with four callers per pool at once:
+
+* ``orders-db`` — a SQLAlchemy engine on ``--url`` with pool_size=2, max_overflow=1,
+  pool_timeout=0.1: one caller times out, three hold theirs, and when they return the
+  overflow connection finds the pool full and is discarded. Full most of the time.
+* ``inventory-api`` — a requests Session (pool_maxsize=2) against a slow loopback HTTP
+  server started here: four requests at once, so two connections are discarded.
+* ``sessions-dynamodb`` — a boto3 DynamoDB client (max_pool_connections=2) against moto's
+  server started here on loopback.
+
+Every pool kind thus has levels, waits, connects, holds and closes to show. It stops after
 ``--seconds`` (bounded: at most 300) or on SIGTERM.
 """
 
@@ -17,23 +24,23 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc
 
 import poolwatch
+from tests.support.upstream import ThreadedUpstream
 
 CALLERS = 4
 HOLD = 0.3
 
 
-def _cycle(engine: sa.Engine) -> None:
-    start = threading.Barrier(CALLERS)
-
-    def caller() -> None:
-        start.wait()
+def _database_call(engine: sa.Engine) -> Callable[[], None]:
+    def call() -> None:
         try:
             with engine.connect() as conn:
                 conn.execute(sa.text("SELECT 1"))
@@ -41,11 +48,58 @@ def _cycle(engine: sa.Engine) -> None:
         except exc.TimeoutError:
             pass  # the point of the exercise: the exhaustion is what poolwatch reports
 
-    threads = [threading.Thread(target=caller) for _ in range(CALLERS)]
+    return call
+
+
+def _cycle(calls: list[Callable[[], None]]) -> None:
+    start = threading.Barrier(CALLERS * len(calls))
+
+    def caller(call: Callable[[], None]) -> None:
+        start.wait()
+        call()
+
+    threads = [threading.Thread(target=caller, args=(c,)) for c in calls for _ in range(CALLERS)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
+
+
+def _http_calls(upstream: ThreadedUpstream, moto_url: str) -> tuple[list[Callable[[], None]], Any]:
+    import boto3
+    import requests
+    from botocore.config import Config
+
+    session = requests.Session()
+    session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=2))
+    poolwatch.track(session, name="inventory-api")
+    dynamodb = boto3.client(
+        "dynamodb",
+        endpoint_url=moto_url,
+        region_name="eu-west-1",
+        aws_access_key_id="workload",
+        aws_secret_access_key="workload",
+        config=Config(max_pool_connections=2, retries={"max_attempts": 1}),
+    )
+    dynamodb.create_table(
+        TableName="sessions",
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    poolwatch.track(dynamodb, name="sessions-dynamodb")
+
+    def inventory() -> None:
+        session.get(f"{upstream.url}/?delay={HOLD}", timeout=10)
+
+    def sessions() -> None:
+        dynamodb.put_item(TableName="sessions", Item={"id": {"S": str(time.monotonic())}})
+
+    def close() -> None:
+        session.close()
+        dynamodb.close()
+
+    return [inventory, sessions], close
 
 
 def main() -> int:
@@ -61,16 +115,25 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     handle = poolwatch.instrument(prometheus_port=0)
+    from moto.server import ThreadedMotoServer
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
     try:
-        engine = sa.create_engine(args.url, pool_size=2, max_overflow=1, pool_timeout=0.1)
-        poolwatch.track(engine, name="orders-db")
-        assert handle.prometheus_address is not None
-        args.port_file.write_text(str(handle.prometheus_address[1]))
-        deadline = time.monotonic() + min(args.seconds, 300.0)
-        while not stop.is_set() and time.monotonic() < deadline:
-            _cycle(engine)
-        engine.dispose()
+        with ThreadedUpstream() as upstream:
+            engine = sa.create_engine(args.url, pool_size=2, max_overflow=1, pool_timeout=0.1)
+            poolwatch.track(engine, name="orders-db")
+            host, port = moto.get_host_and_port()
+            http_calls, close_http = _http_calls(upstream, f"http://{host}:{port}")
+            assert handle.prometheus_address is not None
+            args.port_file.write_text(str(handle.prometheus_address[1]))
+            deadline = time.monotonic() + min(args.seconds, 300.0)
+            while not stop.is_set() and time.monotonic() < deadline:
+                _cycle([_database_call(engine), *http_calls])
+            close_http()
+            engine.dispose()
     finally:
+        moto.stop()
         poolwatch.uninstrument()
     return 0
 
