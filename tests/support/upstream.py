@@ -1,6 +1,7 @@
 """Real HTTP/1.1 servers on 127.0.0.1 for the HTTP pool tests: threaded and asyncio.
 
-Both speak keep-alive HTTP/1.1 and share the same knobs:
+The threaded server is the demo's own (``poolwatch._demo.upstream``); this module adds TLS
+with a throw-away certificate and an asyncio flavour with the same knobs:
 
 * ``delay`` — seconds each response waits before it is sent (a slow upstream); a request
   may also ask for its own with ``/?delay=0.2``;
@@ -11,8 +12,8 @@ Both speak keep-alive HTTP/1.1 and share the same knobs:
   does any request that asks for it.
 
 They count what really happened on the wire: ``connections`` accepted, ``requests``
-answered, ``closed_idle`` connections the server closed for being idle. ``refusing_port()``
-gives a loopback port where connects are refused.
+answered, ``closed_idle`` connections the server closed for being idle.
+``refusing_port()`` gives a loopback port where connects are refused.
 """
 
 from __future__ import annotations
@@ -24,32 +25,12 @@ import socket
 import ssl
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
-BODY = b"ok\n"
-
-
-class _Counters:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.connections = 0
-        self.requests = 0
-        self.closed_idle = 0
-
-    def add(self, what: str) -> None:
-        with self._lock:
-            setattr(self, what, getattr(self, what) + 1)
-
-
-def _delay_of(path: str, default: float) -> float:
-    query = parse_qs(urlsplit(path).query)
-    return float(query["delay"][0]) if "delay" in query else default
+from poolwatch._demo import upstream as demo
+from poolwatch._demo.upstream import BODY, delay_of
 
 
 class _Certificate:
@@ -105,8 +86,28 @@ class _Certificate:
         self._dir.cleanup()
 
 
-class Upstream:
-    """What both server flavours offer the tests."""
+def _tls(enabled: bool) -> tuple[_Certificate | None, ssl.SSLContext | None]:
+    if not enabled:
+        return None, None
+    certificate = _Certificate()
+    return certificate, certificate.server_context()
+
+
+class _TLSFiles:
+    _certificate: _Certificate | None
+
+    @property
+    def ca_file(self) -> str:
+        assert self._certificate is not None, "not a TLS upstream"
+        return self._certificate.cert_file
+
+    def _cleanup(self) -> None:
+        if self._certificate is not None:
+            self._certificate.close()
+
+
+class ThreadedUpstream(_TLSFiles, demo.ThreadedUpstream):
+    """The demo's threaded server, optionally over TLS."""
 
     def __init__(
         self,
@@ -116,124 +117,31 @@ class Upstream:
         tls: bool = False,
         keep_alive: bool = True,
     ) -> None:
-        self.keep_alive = keep_alive
-        self.delay = delay
-        self.idle_timeout = idle_timeout
-        self.counters = _Counters()
-        self._certificate = _Certificate() if tls else None
-        self.port = 0
-
-    @property
-    def scheme(self) -> str:
-        return "https" if self._certificate else "http"
-
-    @property
-    def url(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.port}"
-
-    @property
-    def origin(self) -> str:
-        """The pool name poolwatch derives for this server."""
-        return self.url
-
-    @property
-    def ca_file(self) -> str:
-        assert self._certificate is not None, "not a TLS upstream"
-        return self._certificate.cert_file
-
-    @property
-    def connections(self) -> int:
-        return self.counters.connections
-
-    @property
-    def requests(self) -> int:
-        return self.counters.requests
-
-    @property
-    def closed_idle(self) -> int:
-        return self.counters.closed_idle
-
-    def _server_context(self) -> ssl.SSLContext | None:
-        return self._certificate.server_context() if self._certificate else None
-
-    def _cleanup(self) -> None:
-        if self._certificate is not None:
-            self._certificate.close()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _HTTPServer
-
-    def setup(self) -> None:
-        upstream = self.server.upstream
-        upstream.counters.add("connections")
-        self.timeout = upstream.idle_timeout  # read timeout between requests
-        super().setup()
-
-    def log_error(self, format: str, *args: Any) -> None:
-        # http.server handles the read timeout itself: closes the connection, logs this.
-        if format.startswith("Request timed out"):
-            self.server.upstream.counters.add("closed_idle")
-
-    def _respond(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
-        upstream = self.server.upstream
-        delay = _delay_of(self.path, upstream.delay)
-        if delay:
-            time.sleep(delay)
-        upstream.counters.add("requests")  # before the client can see the response
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(BODY)))
-        closing = not upstream.keep_alive or self.headers.get("Connection", "") == "close"
-        if closing:
-            self.send_header("Connection", "close")  # also makes http.server close it
-        self.end_headers()
-        self.wfile.write(BODY)
-
-    do_GET = do_POST = do_PUT = _respond
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # quiet: the tests assert on counters, not on access logs
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    upstream: ThreadedUpstream
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # clients that hang up mid-request are part of the tests
-
-
-class ThreadedUpstream(Upstream):
-    """``http.server`` with a thread per connection."""
-
-    def __enter__(self) -> ThreadedUpstream:
-        self._server = _HTTPServer(("127.0.0.1", 0), _Handler)
-        self._server.upstream = self
-        context = self._server_context()
-        if context is not None:
-            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        self._certificate, context = _tls(tls)
+        super().__init__(
+            delay=delay, idle_timeout=idle_timeout, keep_alive=keep_alive, ssl_context=context
         )
-        self._thread.start()
-        return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        super().__exit__(*exc)
         self._cleanup()
 
 
-class AsyncioUpstream(Upstream):
+class AsyncioUpstream(_TLSFiles, demo.Upstream):
     """An ``asyncio`` server on its own event loop in a background thread."""
+
+    def __init__(
+        self,
+        *,
+        delay: float = 0.0,
+        idle_timeout: float | None = None,
+        tls: bool = False,
+        keep_alive: bool = True,
+    ) -> None:
+        self._certificate, context = _tls(tls)
+        super().__init__(
+            delay=delay, idle_timeout=idle_timeout, keep_alive=keep_alive, ssl_context=context
+        )
 
     def __enter__(self) -> AsyncioUpstream:
         self._tasks: set[asyncio.Task[None]] = set()
@@ -250,7 +158,7 @@ class AsyncioUpstream(Upstream):
 
         async def serve() -> None:
             self._server = await asyncio.start_server(
-                self._connection, "127.0.0.1", 0, ssl=self._server_context()
+                self._connection, "127.0.0.1", 0, ssl=self.ssl_context
             )
             self.port = self._server.sockets[0].getsockname()[1]
             started.set()
@@ -281,7 +189,7 @@ class AsyncioUpstream(Upstream):
                 length = int(headers.get("content-length", "0"))
                 if length:
                     await reader.readexactly(length)
-                delay = _delay_of(target, self.delay)
+                delay = delay_of(target, self.delay)
                 if delay:
                     await asyncio.sleep(delay)
                 closing = not self.keep_alive or headers.get("connection", "") == "close"
