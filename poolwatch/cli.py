@@ -1,10 +1,11 @@
 """The ``poolwatch`` command.
 
-``poolwatch demo`` runs the main job on an embedded default: a SQLAlchemy workload on a
-throw-away SQLite database (or the database ``--url`` names), instrumented by poolwatch,
-with the Prometheus endpoint served on 127.0.0.1 and the live pool table printed every
-second. ``--scenario exhaustion`` makes the pool really run out (callers time out),
-``healthy`` keeps it comfortable.
+``poolwatch demo`` runs the main job on an embedded default: SQLAlchemy, requests, httpx
+and boto3 workloads against a throw-away SQLite database, a loopback HTTP server and
+moto's DynamoDB (poolwatch._demo), instrumented by poolwatch, with the Prometheus
+endpoint served on 127.0.0.1 and the live pool table printed every second.
+``--scenario`` makes one alert's condition really happen. ``poolwatch upstream`` serves
+the demo's HTTP server on its own (the compose stack runs it in a container).
 
 Exit codes: 0 done, 1 a runtime failure (the message says which), 2 bad usage.
 """
@@ -12,40 +13,15 @@ Exit codes: 0 done, 1 a runtime failure (the message says which), 2 bad usage.
 from __future__ import annotations
 
 import argparse
-import random
+import contextlib
 import sys
-import tempfile
 import threading
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import poolwatch
+from poolwatch._demo.workload import SCENARIOS
 from poolwatch._version import __version__
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """Pool settings and workload shape of one demo scenario."""
-
-    pool_size: int
-    max_overflow: int
-    pool_timeout: float
-    hold: tuple[float, float]
-    """Seconds a worker holds its connection: uniform between these."""
-    pause: tuple[float, float]
-    """Seconds a worker waits between requests."""
-    description: str
-
-
-SCENARIOS = {
-    "healthy": Scenario(5, 5, 2.0, (0.001, 0.01), (0.01, 0.05), "a pool with room to spare"),
-    "exhaustion": Scenario(
-        2, 0, 0.2, (0.2, 0.5), (0.0, 0.01), "2 connections for 8 busy workers: callers time out"
-    ),
-}
 
 
 def _bar(used: int, limit: int | None, width: int = 10) -> str:
@@ -55,89 +31,91 @@ def _bar(used: int, limit: int | None, width: int = 10) -> str:
     return "#" * filled + "." * (width - filled)
 
 
+COLUMNS = (
+    "POOL",
+    "KIND",
+    "USED/MAX",
+    "UTIL",
+    "IDLE",
+    "PEND",
+    "CHECKOUTS",
+    "CONNECTS",
+    "TIMEOUTS",
+    "DISCARDS",
+    "STALE",
+    "LEAKS",
+    "WAIT P99",
+)
+"""The pool table's columns: DISCARDS are pool_full closes, STALE stale closes, LEAKS
+checkouts held past the leak threshold (in total)."""
+
+_NAME = 32
+
+
 def render(snapshots: Sequence[poolwatch.PoolSnapshot]) -> str:
-    """The pool table the demo prints."""
-    header = (
-        f"{'POOL':<44} {'KIND':<10} {'USED/MAX':>9} {'UTIL':<10} {'IDLE':>4} {'PEND':>4} "
-        f"{'CHECKOUTS':>9} {'TIMEOUTS':>8} {'WAIT P99':>9}"
-    )
-    lines = [header]
+    """The pool table the demo prints: one line per pool series."""
+    layout = "{:<32} {:<10} {:>8} {:<10} {:>4} {:>4} {:>9} {:>8} {:>8} {:>8} {:>5} {:>5} {:>8}"
+    lines = [layout.format(*COLUMNS)]
     for s in snapshots:
         limit = "-" if s.max is None else str(s.max)
         p99 = "-" if s.wait_p99 is None else f"{s.wait_p99 * 1000:.1f}ms"
-        name = s.name if len(s.name) <= 44 else "…" + s.name[-43:]
+        name = s.name if len(s.name) <= _NAME else "…" + s.name[-(_NAME - 1) :]
         lines.append(
-            f"{name:<44} {s.kind:<10} {f'{s.used}/{limit}':>9} {_bar(s.used, s.max):<10} "
-            f"{s.idle:>4} {s.pending:>4} {s.checkouts:>9} {s.timeouts:>8} {p99:>9}"
+            layout.format(
+                name,
+                s.kind,
+                f"{s.used}/{limit}",
+                _bar(s.used, s.max),
+                s.idle,
+                s.pending,
+                s.checkouts,
+                s.connects,
+                s.timeouts,
+                s.closed.get("pool_full", 0),
+                s.closed.get("stale", 0),
+                s.leaks,
+                p99,
+            )
         )
     return "\n".join(lines)
 
 
-def _worker(engine: Any, scenario: Scenario, stop: threading.Event, failures: list[int]) -> None:
-    import sqlalchemy as sa
-
-    rng = random.Random()
-    while not stop.is_set():
-        try:
-            with engine.connect() as conn:
-                conn.execute(sa.text("SELECT count(*) FROM orders")).scalar()
-                stop.wait(rng.uniform(*scenario.hold))
-        except sa.exc.TimeoutError:
-            failures.append(1)
-        stop.wait(rng.uniform(*scenario.pause))
-
-
 def demo(args: argparse.Namespace, out: TextIO) -> int:
     """Run the embedded demo until ``--duration`` passes or Ctrl-C."""
+    from poolwatch._demo.workload import Demo, Options
+
     try:
-        import sqlalchemy as sa
+        import sqlalchemy  # noqa: F401  (the one pool the demo cannot do without)
     except ImportError:
-        print("poolwatch demo: needs SQLAlchemy: pip install 'poolwatch[sqlalchemy]'", file=out)
+        print("poolwatch demo: needs SQLAlchemy: pip install 'poolwatch[demo]'", file=out)
         return 1
-    scenario = SCENARIOS[args.scenario]
+    options = Options(
+        scenario=args.scenario,
+        duration=args.duration,
+        workers=args.workers,
+        port=args.port,
+        url=args.url,
+        http_url=args.http_url,
+    )
     try:
-        handle = poolwatch.instrument(prometheus_port=args.port)
+        return Demo(options, out).run()
     except poolwatch.ConfigError as error:
         print(f"poolwatch demo: {error}", file=out)
         return 1
-    stop = threading.Event()
-    workers: list[threading.Thread] = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="poolwatch-demo-") as tmp:
-            engine = sa.create_engine(
-                args.url or f"sqlite:///{Path(tmp) / 'orders.db'}",
-                pool_size=scenario.pool_size,
-                max_overflow=scenario.max_overflow,
-                pool_timeout=scenario.pool_timeout,
-            )
-            poolwatch.track(engine, name="orders-db")
-            with engine.begin() as conn:
-                conn.execute(sa.text("CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY)"))
-            if handle.prometheus_address:
-                host, port = handle.prometheus_address
-                print(f"Prometheus metrics on http://{host}:{port}/metrics", file=out)
-            print(f"scenario {args.scenario}: {scenario.description}", file=out)
-            failures: list[int] = []
-            for i in range(args.workers):
-                worker = threading.Thread(
-                    target=_worker, args=(engine, scenario, stop, failures), name=f"demo-{i}"
-                )
-                worker.start()
-                workers.append(worker)
-            deadline = time.monotonic() + args.duration
-            try:
-                while time.monotonic() < deadline:
-                    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-                    print("\n" + render(poolwatch.pools()), file=out, flush=True)
-            except KeyboardInterrupt:
-                print("\nstopping…", file=out)
-            stop.set()
-            for worker in workers:
-                worker.join(5)
-            engine.dispose()
-    finally:
-        stop.set()
-        poolwatch.uninstrument()
+
+
+def upstream(args: argparse.Namespace, out: TextIO) -> int:
+    """Serve the demo's HTTP upstream until Ctrl-C or SIGTERM (the compose stack's)."""
+    import signal
+
+    from poolwatch._demo.upstream import ThreadedUpstream
+
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    with ThreadedUpstream(host=args.host, port=args.port) as server:
+        print(f"demo upstream on http://{args.host}:{server.port}/", file=out, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            stopped.wait()
     return 0
 
 
@@ -149,11 +127,16 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run_demo = commands.add_parser(
         "demo",
-        help="run an instrumented workload on an embedded SQLite database",
-        description="Run a SQLAlchemy workload on a throw-away SQLite database, instrumented "
-        "by poolwatch; print the pool table every second and serve Prometheus metrics.",
+        help="run an instrumented workload with every pool kind, no external services needed",
+        description="Run SQLAlchemy (SQLite), requests, httpx (sync and async) and boto3 "
+        "(moto) workloads against embedded loopback servers, instrumented by poolwatch; "
+        "print the pool table every second and serve Prometheus metrics. Each scenario "
+        "makes one alert's condition really happen.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="scenarios:\n"
+        + "\n".join(f"  {name:<11} {s.description}" for name, s in SCENARIOS.items()),
     )
-    run_demo.add_argument("--scenario", choices=sorted(SCENARIOS), default="healthy")
+    run_demo.add_argument("--scenario", choices=list(SCENARIOS), default="healthy")
     run_demo.add_argument("--duration", type=_positive, default=30.0, help="seconds (default 30)")
     run_demo.add_argument("--workers", type=int, default=8, help="worker threads (default 8)")
     run_demo.add_argument(
@@ -163,6 +146,19 @@ def _parser() -> argparse.ArgumentParser:
         "--url",
         help="a SQLAlchemy database URL to run against instead of a throw-away SQLite file",
     )
+    run_demo.add_argument(
+        "--http-url",
+        help="an HTTP upstream to call (e.g. `poolwatch upstream` elsewhere) instead of the "
+        "embedded one",
+    )
+    serve = commands.add_parser(
+        "upstream",
+        help="serve the demo's HTTP upstream (for the compose stack)",
+        description="Serve the keep-alive HTTP server the demo calls; a request may ask for "
+        "a slow answer with ?delay=SECONDS.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     return parser
 
 
@@ -178,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         return demo(args, sys.stdout)
+    if args.command == "upstream":
+        return upstream(args, sys.stdout)
     return 2  # pragma: no cover - argparse rejects unknown commands first
 
 

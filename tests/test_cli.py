@@ -1,4 +1,4 @@
-"""The poolwatch command: the embedded demo really exhausts (or does not exhaust) a pool."""
+"""The poolwatch command: each demo scenario really makes its condition happen."""
 
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ import sys
 
 import pytest
 
+from poolwatch._demo.workload import SCENARIOS
 from poolwatch._registry import PoolSnapshot
-from poolwatch.cli import main, render
+from poolwatch.cli import COLUMNS, main, render
 from tests.support.postgres import PostgresCluster
+
+DEMO = [sys.executable, "-m", "poolwatch", "demo", "--port", "0"]
 
 
 def _demo(*args: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "poolwatch", "demo", "--port", "0", *args],
+        [*DEMO, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -25,41 +28,102 @@ def _demo(*args: str) -> str:
     return result.stdout
 
 
-def _last_row(output: str) -> list[str]:
-    rows = [line for line in output.splitlines() if line.startswith("orders-db ")]
-    assert rows, output
-    return rows[-1].split()
+def _rows(output: str) -> dict[str, dict[str, str]]:
+    """The last table the demo printed, by pool name, each row by column."""
+    tables = output.split(COLUMNS[0] + " ")
+    assert len(tables) > 1, output
+    last = tables[-1].splitlines()[1:]
+    rows = {}
+    for line in last:
+        if not line.strip():
+            break
+        name, kind, used_max, bar, *rest = line.split()
+        rows[name] = dict(zip(COLUMNS, [name, kind, used_max, bar, *rest], strict=True))
+    return rows
 
 
 def test_render_is_one_line_per_pool(sample_snapshot: PoolSnapshot) -> None:
-    snap = sample_snapshot
-    assert render([snap]).splitlines()[1] == (
-        "postgresql://db:5432/orders                  sqlalchemy      8/10 ########..    2    3"
-        "      1200        4    12.3ms"
+    header, row = render([sample_snapshot]).splitlines()
+    assert header.split() == [
+        "POOL", "KIND", "USED/MAX", "UTIL", "IDLE", "PEND", "CHECKOUTS", "CONNECTS",
+        "TIMEOUTS", "DISCARDS", "STALE", "LEAKS", "WAIT", "P99",
+    ]  # fmt: skip
+    assert row == (
+        "postgresql://db:5432/orders      sqlalchemy     8/10 ########..    2    3      1200"
+        "       10        4        0     0     0   12.3ms"
     )
 
 
-def test_demo_exhaustion_times_callers_out() -> None:
-    output = _demo("--scenario", "exhaustion", "--duration", "2")
-    assert re.search(r"^Prometheus metrics on http://127\.0\.0\.1:\d+/metrics$", output, re.M)
-    name, kind, used_max, _bar, _idle, _pending, checkouts, timeouts, _p99 = _last_row(output)
-    assert (name, kind, used_max) == ("orders-db", "sqlalchemy", "2/2")
-    assert int(checkouts) > 0 and int(timeouts) > 0
+@pytest.fixture(scope="module")
+def scenarios() -> dict[str, dict[str, dict[str, str]]]:
+    """Every scenario's final table: the demos run side by side, each for a few seconds."""
+    runs = {
+        name: subprocess.Popen(
+            [*DEMO, "--scenario", name, "--duration", "5" if name == "leak" else "3"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in SCENARIOS
+    }
+    tables = {}
+    for name, process in runs.items():
+        out, err = process.communicate(timeout=90)
+        assert process.returncode == 0, err
+        assert re.search(r"^Prometheus metrics on http://127\.0\.0\.1:\d+/metrics$", out, re.M)
+        tables[name] = _rows(out)
+    return tables
 
 
-def test_demo_healthy_never_times_out() -> None:
-    output = _demo("--scenario", "healthy", "--duration", "2")
-    row = _last_row(output)
-    assert int(row[-3]) > 0  # checkouts
-    assert row[-2] == "0"  # timeouts
+def test_demo_runs_every_pool_kind(scenarios: dict[str, dict[str, dict[str, str]]]) -> None:
+    healthy = scenarios["healthy"]
+    kinds = {row["KIND"] for row in healthy.values()}
+    assert {"sqlalchemy", "requests", "botocore"} <= kinds
+    assert {"orders-db", "inventory-api", "sessions-dynamodb"} <= set(healthy)
+    for row in healthy.values():
+        assert int(row["CHECKOUTS"]) > 0, row
+        assert (row["TIMEOUTS"], row["STALE"], row["LEAKS"]) == ("0", "0", "0"), row
+    assert healthy["inventory-api"]["DISCARDS"] == "0"
+
+
+def test_demo_exhaustion_times_callers_out(scenarios: dict[str, dict[str, dict[str, str]]]) -> None:
+    db = scenarios["exhaustion"]["orders-db"]
+    assert db["USED/MAX"] == "2/2"
+    assert int(db["TIMEOUTS"]) > 0
+
+
+def test_demo_leak_is_counted(scenarios: dict[str, dict[str, dict[str, str]]]) -> None:
+    assert int(scenarios["leak"]["orders-db"]["LEAKS"]) >= 1
+
+
+def test_demo_churn_opens_a_connection_per_request(
+    scenarios: dict[str, dict[str, dict[str, str]]],
+) -> None:
+    [row] = [r for r in scenarios["churn"].values() if r["KIND"] == "requests"]
+    checkouts, connects = int(row["CHECKOUTS"]), int(row["CONNECTS"])
+    assert checkouts > 20
+    assert connects >= checkouts - 8  # at most the 8 workers' requests still in flight
+
+
+def test_demo_stale_finds_dropped_keep_alives(
+    scenarios: dict[str, dict[str, dict[str, str]]],
+) -> None:
+    assert int(scenarios["stale"]["inventory-api"]["STALE"]) > 0
+
+
+def test_demo_discard_throws_connections_away(
+    scenarios: dict[str, dict[str, dict[str, str]]],
+) -> None:
+    assert int(scenarios["discard"]["inventory-api"]["DISCARDS"]) > 0
+    assert int(scenarios["discard"]["sessions-dynamodb"]["DISCARDS"]) > 0
 
 
 @pytest.mark.postgres
 def test_demo_runs_against_a_database_url(postgres: PostgresCluster) -> None:
     output = _demo("--scenario", "exhaustion", "--duration", "2", "--url", postgres.url())
-    name, kind, used_max, *_rest, timeouts, _p99 = _last_row(output)
-    assert (name, kind, used_max) == ("orders-db", "sqlalchemy", "2/2")
-    assert int(timeouts) > 0
+    db = _rows(output)["orders-db"]
+    assert (db["KIND"], db["USED/MAX"]) == ("sqlalchemy", "2/2")
+    assert int(db["TIMEOUTS"]) > 0
     assert postgres.password not in output
 
 

@@ -1,0 +1,366 @@
+"""The demo's workload: every pool kind poolwatch knows, in the shape of one scenario.
+
+Pools (each where its library is installed; the demo says which it skipped):
+
+* ``orders-db`` — SQLAlchemy on a throw-away SQLite file, or the database ``--url`` names;
+* ``inventory-api`` — a requests Session against the HTTP upstream (``requests.get()`` per
+  call in the *churn* scenario: a new pool, so a new connection, per request);
+* ``pricing-api`` — an httpx Client; ``pricing-api-async`` — an httpx AsyncClient;
+* ``sessions-dynamodb`` — a boto3 DynamoDB client against moto's server on loopback.
+
+The HTTP upstream is poolwatch's own loopback server (``upstream.py``) unless ``--http-url``
+names one. Each scenario makes one alert's condition really happen:
+
+=============  ===========================================================================
+healthy        room to spare everywhere: no alert
+exhaustion     2 database connections for busy workers, an httpx pool of 2 with a 0.2 s
+               pool timeout on a slow upstream: callers time out (PoolwatchPoolExhausted)
+leak           a worker keeps database connections it never returns; the leak threshold is
+               3 s (PoolwatchConnectionLeak)
+churn          ``requests.get()`` per call: a connection opened per request
+               (PoolwatchConnectionChurn)
+stale          the upstream closes idle keep-alives after 50 ms and clients pause longer:
+               every reuse finds a dropped connection (stale closes)
+discard        a requests pool of 2 and a boto3 pool of 2 for 8 workers: connections
+               opened past the pool are thrown away (PoolwatchPoolDiscarding)
+=============  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import poolwatch
+from poolwatch._demo.upstream import ThreadedUpstream
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Pool settings and workload shape of one demo scenario."""
+
+    description: str
+    pool_size: int = 5
+    max_overflow: int = 5
+    pool_timeout: float = 2.0
+    hold: tuple[float, float] = (0.001, 0.01)
+    """Seconds a database worker holds its connection: uniform between these."""
+    pause: tuple[float, float] = (0.01, 0.05)
+    """Seconds every worker waits between calls."""
+    http_delay: float = 0.005
+    """Seconds the upstream takes to answer."""
+    http_pool: int = 10
+    """requests pool_maxsize, httpx max_connections, boto3 max_pool_connections."""
+    http_pool_timeout: float = 5.0
+    """httpx pool timeout."""
+    idle_timeout: float | None = None
+    """Seconds after which the embedded upstream closes idle keep-alive connections."""
+    request_per_call: bool = False
+    """requests.get() per call instead of one Session."""
+    leak_threshold: float | None = 30.0
+    leaked: int = 0
+    """Database connections a worker takes and never returns."""
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "healthy": Scenario("room to spare in every pool"),
+    "exhaustion": Scenario(
+        "2 database connections and an httpx pool of 2 for busy workers: callers time out",
+        pool_size=2,
+        max_overflow=0,
+        pool_timeout=0.2,
+        hold=(0.2, 0.5),
+        pause=(0.0, 0.01),
+        http_delay=0.3,
+        http_pool=2,
+        http_pool_timeout=0.2,
+    ),
+    "leak": Scenario(
+        "a worker keeps 2 database connections and never returns them (threshold 3 s)",
+        leak_threshold=3.0,
+        leaked=2,
+    ),
+    "churn": Scenario(
+        "requests.get() per call: a new pool and a new connection for every request",
+        request_per_call=True,
+    ),
+    "stale": Scenario(
+        "the upstream drops idle keep-alives after 50 ms; clients pause longer",
+        pause=(0.1, 0.2),
+        idle_timeout=0.05,
+    ),
+    "discard": Scenario(
+        "a requests pool of 2 and a boto3 pool of 2 for 8 workers: extra connections discarded",
+        pause=(0.0, 0.01),
+        http_delay=0.05,
+        http_pool=2,
+    ),
+}
+
+
+@dataclass
+class Options:
+    """What the command line asked for."""
+
+    scenario: str
+    duration: float
+    workers: int
+    port: int
+    url: str | None = None
+    http_url: str | None = None
+
+
+Call = Callable[[], None]
+
+
+def _name(client: Any, name: str) -> None:
+    """Name a client's pools; a library poolwatch does not hook keeps running unnamed."""
+    with suppress(TypeError):
+        poolwatch.track(client, name=name)
+
+
+class Demo:
+    """Starts the pools and their workers; stops everything it started."""
+
+    def __init__(self, options: Options, out: TextIO) -> None:
+        self.options = options
+        self.scenario = SCENARIOS[options.scenario]
+        self.out = out
+        self.stop = threading.Event()
+        self.failures: dict[str, int] = {}
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    # -- workers -----------------------------------------------------------------------
+    def _failed(self, pool: str) -> None:
+        with self._lock:
+            self.failures[pool] = self.failures.get(pool, 0) + 1
+
+    def _loop(self, pool: str, call: Call, expected: tuple[type[BaseException], ...]) -> None:
+        rng = random.Random()
+        while not self.stop.is_set():
+            try:
+                call()
+            except expected:
+                self._failed(pool)  # the scenario's point: poolwatch reports it
+            self.stop.wait(rng.uniform(*self.scenario.pause))
+
+    def _start(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def workers(self, pool: str, call: Call, count: int, *expected: type[BaseException]) -> None:
+        """Run ``call`` in ``count`` threads until the demo stops."""
+        for i in range(count):
+            self._start(f"demo-{pool}-{i}", self._loop, pool, call, expected)
+
+    # -- pools -------------------------------------------------------------------------
+    def database(self, stack: ExitStack) -> None:
+        import sqlalchemy as sa
+
+        s = self.scenario
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="poolwatch-demo-"))
+        engine = sa.create_engine(
+            self.options.url or f"sqlite:///{Path(tmp) / 'orders.db'}",
+            pool_size=s.pool_size,
+            max_overflow=s.max_overflow,
+            pool_timeout=s.pool_timeout,
+        )
+        stack.callback(engine.dispose)
+        _name(engine, "orders-db")
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY)"))
+        rng = random.Random()
+
+        def query() -> None:
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT count(*) FROM orders")).scalar()
+                self.stop.wait(rng.uniform(*s.hold))
+
+        self.workers("orders-db", query, self.options.workers, sa.exc.TimeoutError)
+        if s.leaked:
+            self._start("demo-leaker", self._leak, engine, s.leaked)
+
+    def _leak(self, engine: Any, count: int) -> None:
+        kept = []
+        for _ in range(count):  # checked out, never returned while the demo runs
+            kept.append(engine.connect())
+            if self.stop.wait(1.0):
+                break
+        self.stop.wait()
+        for conn in kept:
+            conn.close()
+
+    def requests_session(self, stack: ExitStack, url: str) -> None:
+        import requests
+
+        s = self.scenario
+        if s.request_per_call:
+
+            def get() -> None:
+                requests.get(url, timeout=10).raise_for_status()
+
+            self.workers("inventory-api", get, self.options.workers, requests.RequestException)
+            return
+        session = stack.enter_context(requests.Session())
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=s.http_pool)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        _name(session, "inventory-api")
+
+        def fetch() -> None:
+            session.get(url, timeout=10).raise_for_status()
+
+        self.workers("inventory-api", fetch, self.options.workers, requests.RequestException)
+
+    def httpx_clients(self, stack: ExitStack, url: str) -> None:
+        import httpx
+
+        s = self.scenario
+        limits = httpx.Limits(max_connections=s.http_pool, max_keepalive_connections=s.http_pool)
+        timeout = httpx.Timeout(10.0, pool=s.http_pool_timeout)
+        client = stack.enter_context(httpx.Client(limits=limits, timeout=timeout))
+        _name(client, "pricing-api")
+
+        def fetch() -> None:
+            client.get(url).raise_for_status()
+
+        self.workers("pricing-api", fetch, self.options.workers, httpx.HTTPError)
+        self._start("demo-pricing-api-async", self._async_httpx, url, limits, timeout)
+
+    def _async_httpx(self, url: str, limits: Any, timeout: Any) -> None:
+        import httpx
+
+        async def main() -> None:
+            async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+                _name(client, "pricing-api-async")
+                rng = random.Random()
+
+                async def worker() -> None:
+                    while not self.stop.is_set():
+                        try:
+                            (await client.get(url)).raise_for_status()
+                        except httpx.HTTPError:
+                            self._failed("pricing-api-async")
+                        await asyncio.sleep(rng.uniform(*self.scenario.pause))
+
+                await asyncio.gather(*(worker() for _ in range(self.options.workers)))
+
+        asyncio.run(main())
+
+    def dynamodb(self, stack: ExitStack) -> None:
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError
+        from moto.server import ThreadedMotoServer
+
+        # moto's development server closes the connection after every response (real
+        # DynamoDB keeps it alive): this pool shows a connect per call in every scenario.
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        stack.callback(server.stop)
+        host, port = server.get_host_and_port()
+        client = boto3.client(
+            "dynamodb",
+            endpoint_url=f"http://{host}:{port}",
+            region_name="eu-west-1",
+            aws_access_key_id="demo",  # moto accepts any credentials
+            aws_secret_access_key="demo",
+            config=Config(
+                max_pool_connections=self.scenario.http_pool, retries={"mode": "standard"}
+            ),
+        )
+        stack.callback(client.close)
+        client.create_table(
+            TableName="sessions",
+            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        _name(client, "sessions-dynamodb")
+        counter = iter(range(10**9))
+
+        def put() -> None:
+            client.put_item(TableName="sessions", Item={"id": {"S": str(next(counter))}})
+
+        self.workers(
+            "sessions-dynamodb", put, max(2, self.options.workers // 2), BotoCoreError, ClientError
+        )
+
+    # -- running -----------------------------------------------------------------------
+    @contextmanager
+    def _upstream(self) -> Iterator[str]:
+        if self.options.http_url:
+            yield self.options.http_url.rstrip("/") + f"/?delay={self.scenario.http_delay}"
+            return
+        with ThreadedUpstream(
+            delay=self.scenario.http_delay, idle_timeout=self.scenario.idle_timeout
+        ) as upstream:
+            yield upstream.url + "/"
+
+    def _pools(self, stack: ExitStack, url: str) -> list[str]:
+        """Start every pool whose library is installed; the names of those skipped."""
+        skipped = []
+        starts: list[tuple[str, Callable[[], None]]] = [
+            ("sqlalchemy", lambda: self.database(stack)),
+            ("requests", lambda: self.requests_session(stack, url)),
+            ("httpx", lambda: self.httpx_clients(stack, url)),
+            ("boto3 and moto", lambda: self.dynamodb(stack)),
+        ]
+        for library, start in starts:
+            try:
+                start()
+            except ImportError:
+                skipped.append(library)
+        return skipped
+
+    def run(self) -> int:
+        """Run until ``--duration`` passes or Ctrl-C; stop everything started."""
+        from poolwatch.cli import render
+
+        s = self.scenario
+        # The table is the demo's output: keep moto's access log and urllib3's per-discard
+        # warnings (which poolwatch counts as pool_full closes) off the terminal.
+        for noisy in ("werkzeug", "urllib3.connectionpool"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        handle = poolwatch.instrument(
+            prometheus_port=self.options.port, leak_threshold=s.leak_threshold
+        )
+        try:
+            # The upstream outlives the stack: workers stop before their servers do.
+            with self._upstream() as url, ExitStack() as stack:
+                skipped = self._pools(stack, url)
+                stack.callback(self._join)  # runs first: workers stop, then pools close
+                if handle.prometheus_address:
+                    host, port = handle.prometheus_address
+                    print(f"Prometheus metrics on http://{host}:{port}/metrics", file=self.out)
+                print(f"scenario {self.options.scenario}: {s.description}", file=self.out)
+                if skipped:
+                    print(f"skipped (not installed): {', '.join(skipped)}", file=self.out)
+                deadline = time.monotonic() + self.options.duration
+                try:
+                    while time.monotonic() < deadline:
+                        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                        table = render(sorted(poolwatch.pools(), key=lambda p: p.name))
+                        print("\n" + table, file=self.out, flush=True)
+                except KeyboardInterrupt:
+                    print("\nstopping…", file=self.out, flush=True)
+        finally:
+            self.stop.set()
+            poolwatch.uninstrument()
+        return 0
+
+    def _join(self) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(10)
