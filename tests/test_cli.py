@@ -132,3 +132,25 @@ def test_bad_usage_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
         main(["demo", "--duration", "-1"])
     assert caught.value.code == 2
     assert "expected a number of seconds > 0, got '-1'" in capsys.readouterr().err
+
+
+def test_demo_against_a_separate_upstream_process() -> None:
+    """The compose stack's wiring, on loopback: `poolwatch upstream` and `demo --http-url`."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "poolwatch", "upstream", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        found = re.fullmatch(r"demo upstream on (http://127\.0\.0\.1:\d+)/\n", line)
+        assert found, line
+        rows = _rows(_demo("--duration", "2", "--http-url", found.group(1)))
+        assert int(rows["inventory-api"]["CHECKOUTS"]) > 0
+        assert rows["inventory-api"]["TIMEOUTS"] == "0"
+    finally:
+        server.terminate()
+        assert server.wait(10) == 0  # SIGTERM is a clean stop
+        assert server.stdout is not None
+        server.stdout.close()

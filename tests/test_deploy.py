@@ -122,3 +122,15 @@ def test_grafana_gets_the_datasource_and_the_dashboards() -> None:
     mounts = _mounts("grafana")
     assert mounts[provider["options"]["path"]] == ROOT / "dashboards"
     assert mounts["/etc/grafana/provisioning"] == DEPLOY / "grafana/provisioning"
+
+
+def test_the_demo_calls_the_stacks_http_upstream() -> None:
+    services = _compose()["services"]
+    upstream = services["upstream"]
+    command = upstream["command"]
+    assert command[:3] == ["upstream", "--host", "0.0.0.0"]  # inside the stack's network
+    port = command[command.index("--port") + 1]
+    demo = services["demo"]["command"]
+    assert demo[demo.index("--http-url") + 1] == f"http://upstream:{port}"
+    assert "ports" not in upstream  # not published on the host at all
+    assert upstream["build"] == services["demo"]["build"]
