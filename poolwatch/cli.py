@@ -87,7 +87,7 @@ def demo(args: argparse.Namespace, out: TextIO) -> int:
     try:
         import sqlalchemy  # noqa: F401  (the one pool the demo cannot do without)
     except ImportError:
-        print("poolwatch demo: needs SQLAlchemy: pip install 'poolwatch[demo]'", file=out)
+        print("poolwatch demo: needs SQLAlchemy: pip install 'poolwatch[demo]'", file=sys.stderr)
         return 1
     options = Options(
         scenario=args.scenario,
@@ -100,7 +100,7 @@ def demo(args: argparse.Namespace, out: TextIO) -> int:
     try:
         return Demo(options, out).run()
     except poolwatch.ConfigError as error:
-        print(f"poolwatch demo: {error}", file=out)
+        print(f"poolwatch demo: {error}", file=sys.stderr)
         return 1
 
 
@@ -117,6 +117,30 @@ def upstream(args: argparse.Namespace, out: TextIO) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             stopped.wait()
     return 0
+
+
+def top(args: argparse.Namespace, out: TextIO) -> int:
+    """The live pool view of a process serving poolwatch metrics."""
+    from poolwatch import _top
+
+    try:
+        import prometheus_client  # noqa: F401  (its text-format parser)
+    except ImportError:
+        print(
+            "poolwatch top: needs prometheus-client: pip install 'poolwatch[prometheus]'",
+            file=sys.stderr,
+        )
+        return 1
+    colour = False if args.no_color else None
+    try:
+        return _top.run(
+            args.url, interval=args.interval, sort=args.sort, once=args.once, colour=colour, out=out
+        )
+    except _top.TopError as error:
+        print(f"poolwatch top: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -151,6 +175,29 @@ def _parser() -> argparse.ArgumentParser:
         help="an HTTP upstream to call (e.g. `poolwatch upstream` elsewhere) instead of the "
         "embedded one",
     )
+    watch = commands.add_parser(
+        "top",
+        help="live view of every pool of a running process (reads its Prometheus metrics)",
+        description="Show every pool of a process serving poolwatch metrics in the Prometheus "
+        "format: used/idle/max with a utilization bar (yellow from 80%%, red from 95%%), "
+        "callers waiting, wait p99, timeouts and discards per second, active leaks. Keys: "
+        "u w t d n sort (utilization, wait, timeouts, discards, name), r reverse, q quit.",
+    )
+    watch.add_argument(
+        "--url",
+        default="http://127.0.0.1:9464/metrics",
+        help="the metrics endpoint (default http://127.0.0.1:9464/metrics)",
+    )
+    watch.add_argument(
+        "--interval", type=_positive, default=2.0, help="seconds between scrapes (default 2)"
+    )
+    watch.add_argument(
+        "--sort", choices=["u", "w", "t", "d", "n"], default="u", help="initial sort (default u)"
+    )
+    watch.add_argument(
+        "--once", action="store_true", help="print one table (rates over one interval) and exit"
+    )
+    watch.add_argument("--no-color", action="store_true", help="no colour (also: NO_COLOR set)")
     serve = commands.add_parser(
         "upstream",
         help="serve the demo's HTTP upstream (for the compose stack)",
@@ -176,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo(args, sys.stdout)
     if args.command == "upstream":
         return upstream(args, sys.stdout)
+    if args.command == "top":
+        return top(args, sys.stdout)
     return 2  # pragma: no cover - argparse rejects unknown commands first
 
 

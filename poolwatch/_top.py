@@ -1,0 +1,319 @@
+"""``poolwatch top``: a live terminal view of every pool of a running process.
+
+It reads any endpoint serving poolwatch's metrics in the Prometheus text format (a process
+instrumented with ``prometheus_port``, or a Collector's Prometheus exporter) — no access
+to the process itself is needed. Every ``--interval`` it scrapes again; rates (timeouts/s,
+discards/s) and the wait p99 are computed over the interval between two scrapes, as
+Prometheus would with ``rate()`` and ``histogram_quantile()``.
+
+Keys (on a terminal): ``u`` utilization, ``w`` wait p99, ``t`` timeouts/s, ``d``
+discards/s, ``n`` name — sort; ``r`` reverses; ``q`` or Ctrl-C quits. Utilization is
+yellow from 80% and red from 95% (``NO_COLOR`` or ``--no-color`` turns colour off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import select
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TextIO
+
+WARN_AT = 0.80
+CRITICAL_AT = 0.95
+SORTS = {
+    "u": "utilization",
+    "w": "wait_p99",
+    "t": "timeouts_per_s",
+    "d": "discards_per_s",
+    "n": "name",
+}
+
+_RED, _YELLOW, _BOLD, _RESET = "\033[31m", "\033[33m", "\033[1m", "\033[0m"
+
+
+class TopError(Exception):
+    """The endpoint cannot be read (the message says why and what to check)."""
+
+
+@dataclass
+class Counts:
+    """What one scrape says about one pool."""
+
+    kind: str
+    name: str
+    used: float = 0.0
+    idle: float = 0.0
+    max: float | None = None
+    pending: float = 0.0
+    checkouts: float = 0.0
+    timeouts: float = 0.0
+    discards: float = 0.0
+    leaks_active: float = 0.0
+    wait_buckets: dict[float, float] = field(default_factory=dict)
+    """Cumulative count of successful waits at or below each bound (``le``), seconds."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table."""
+
+    kind: str
+    name: str
+    used: int
+    idle: int
+    max: int | None
+    pending: int
+    utilization: float | None
+    wait_p99: float | None
+    timeouts_per_s: float | None
+    discards_per_s: float | None
+    leaks_active: int
+
+
+def parse(text: str) -> dict[tuple[str, str], Counts]:
+    """Pools in a Prometheus text exposition, by (kind, name)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    pools: dict[tuple[str, str], Counts] = {}
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith("poolwatch_"):
+            continue
+        for sample in family.samples:
+            labels = sample.labels
+            if "pool_name" not in labels:
+                continue
+            key = (labels.get("pool_kind", ""), labels["pool_name"])
+            pool = pools.get(key)
+            if pool is None:
+                pool = pools[key] = Counts(*key)
+            _add(pool, sample.name, labels, sample.value)
+    return pools
+
+
+def _add(pool: Counts, name: str, labels: dict[str, str], value: float) -> None:
+    if name == "poolwatch_connections":
+        if labels.get("state") == "used":
+            pool.used += value
+        elif labels.get("state") == "idle":
+            pool.idle += value
+    elif name == "poolwatch_connections_max":
+        pool.max = (pool.max or 0.0) + value
+    elif name == "poolwatch_pending_requests":
+        pool.pending += value
+    elif name == "poolwatch_timeouts_total":
+        pool.timeouts += value
+    elif name == "poolwatch_connections_closed_total" and labels.get("reason") == "pool_full":
+        pool.discards += value
+    elif name == "poolwatch_leaks_active":
+        pool.leaks_active += value
+    elif labels.get("outcome") == "acquired":
+        if name == "poolwatch_wait_duration_seconds_count":
+            pool.checkouts += value
+        elif name == "poolwatch_wait_duration_seconds_bucket":
+            bound = math.inf if labels["le"] == "+Inf" else float(labels["le"])
+            pool.wait_buckets[bound] = pool.wait_buckets.get(bound, 0.0) + value
+
+
+def quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """``histogram_quantile`` over cumulative buckets; None without observations."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return None
+    rank = q * buckets[bounds[-1]]
+    below_bound, below_count = 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if math.isinf(bound):
+                return below_bound  # in the open bucket: its lower bound, as Prometheus does
+            if count == below_count:
+                return bound
+            return below_bound + (bound - below_bound) * (rank - below_count) / (
+                count - below_count
+            )
+        below_bound, below_count = bound, count
+    return None
+
+
+def rows(
+    now: dict[tuple[str, str], Counts],
+    before: dict[tuple[str, str], Counts] | None,
+    seconds: float,
+) -> list[Row]:
+    """The table's rows: levels from ``now``, rates and p99 over the interval since ``before``."""
+    out = []
+    for key, pool in now.items():
+        previous = before.get(key) if before is not None else None
+        timeouts = discards = None
+        buckets = pool.wait_buckets
+        if previous is not None and seconds > 0:
+            timeouts = max(pool.timeouts - previous.timeouts, 0.0) / seconds
+            discards = max(pool.discards - previous.discards, 0.0) / seconds
+            buckets = {
+                bound: count - previous.wait_buckets.get(bound, 0.0)
+                for bound, count in pool.wait_buckets.items()
+            }
+        limit = None if pool.max is None else round(pool.max)
+        out.append(
+            Row(
+                kind=pool.kind,
+                name=pool.name,
+                used=round(pool.used),
+                idle=round(pool.idle),
+                max=limit,
+                pending=round(pool.pending),
+                utilization=pool.used / pool.max if pool.max else None,
+                wait_p99=quantile(0.99, buckets),
+                timeouts_per_s=timeouts,
+                discards_per_s=discards,
+                leaks_active=round(pool.leaks_active),
+            )
+        )
+    return out
+
+
+def ordered(table: list[Row], sort: str, reverse: bool = False) -> list[Row]:
+    """Rows sorted by a column of SORTS: worst first, name alphabetically."""
+    attribute = SORTS[sort]
+    if attribute == "name":
+        return sorted(table, key=lambda r: (r.name, r.kind), reverse=reverse)
+
+    def key(row: Row) -> tuple[float, str]:
+        value = getattr(row, attribute)
+        return (-1.0 if value is None else value, row.name)
+
+    return sorted(table, key=key, reverse=not reverse)
+
+
+def _bar(utilization: float | None, width: int = 10) -> str:
+    if utilization is None:
+        return "-".ljust(width)
+    filled = min(width, round(width * utilization))
+    return "#" * filled + "." * (width - filled)
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+HEADER = (
+    f"{'POOL':<36} {'KIND':<10} {'USED/MAX':>9} {'UTIL':<10} {'%':>4} {'IDLE':>4} "
+    f"{'PEND':>4} {'WAIT P99':>9} {'TMO/S':>6} {'DISC/S':>6} {'LEAKS':>5}"
+)
+
+
+def render(table: Sequence[Row], *, colour: bool) -> str:
+    """The table, one line per pool; utilization coloured at WARN_AT and CRITICAL_AT."""
+    lines = [(_BOLD + HEADER + _RESET) if colour else HEADER]
+    for r in table:
+        limit = "-" if r.max is None else str(r.max)
+        percent = "-" if r.utilization is None else f"{r.utilization * 100:.0f}"
+        p99 = "-" if r.wait_p99 is None else f"{r.wait_p99 * 1000:.1f}ms"
+        name = r.name if len(r.name) <= 36 else "…" + r.name[-35:]
+        util = f"{_bar(r.utilization)} {percent:>4}"
+        if colour and r.utilization is not None and r.utilization >= WARN_AT:
+            tint = _RED if r.utilization >= CRITICAL_AT else _YELLOW
+            util = tint + util + _RESET
+        lines.append(
+            f"{name:<36} {r.kind:<10} {f'{r.used}/{limit}':>9} {util} {r.idle:>4} "
+            f"{r.pending:>4} {p99:>9} {_rate(r.timeouts_per_s):>6} "
+            f"{_rate(r.discards_per_s):>6} {r.leaks_active:>5}"
+        )
+    if not table:
+        lines.append("(no poolwatch pools at this endpoint yet)")
+    return "\n".join(lines)
+
+
+def fetch(url: str, timeout: float = 5.0) -> str:
+    """The exposition text at ``url``; TopError with the reason otherwise."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body: bytes = response.read()
+    except urllib.error.HTTPError as error:
+        raise TopError(f"{url} answered HTTP {error.code}") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise TopError(f"cannot read {url}: {reason}") from None
+    return body.decode("utf-8", "replace")
+
+
+@contextlib.contextmanager
+def _keys(stream: TextIO) -> Iterator[bool]:
+    """Single-key input on a terminal (cbreak mode), restored on exit; False if no tty."""
+    if not stream.isatty():
+        yield False
+        return
+    import termios
+    import tty
+
+    fd = stream.fileno()
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield True
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _read_key(stream: TextIO, wait: float) -> str | None:
+    ready, _, _ = select.select([stream], [], [], max(wait, 0.0))
+    return stream.read(1) if ready else None
+
+
+def run(
+    url: str,
+    *,
+    interval: float,
+    sort: str,
+    once: bool,
+    colour: bool | None,
+    out: TextIO,
+    keys_in: TextIO | None = None,
+) -> int:
+    """Show the table every ``interval`` seconds until ``q`` or Ctrl-C (or once)."""
+    keys_in = keys_in if keys_in is not None else sys.stdin
+    interactive = out.isatty() and not once
+    if colour is None:
+        colour = out.isatty() and "NO_COLOR" not in os.environ
+    before: dict[tuple[str, str], Counts] | None = None
+    taken = time.monotonic()
+    reverse = False
+    if once:  # two scrapes an interval apart, so that rates and p99 are current
+        before, taken = parse(fetch(url)), time.monotonic()
+        time.sleep(interval)
+    with _keys(keys_in) if interactive else contextlib.nullcontext(False) as has_keys:
+        while True:
+            now, at = parse(fetch(url)), time.monotonic()
+            table = ordered(rows(now, before, at - taken), sort, reverse)
+            frame = render(table, colour=colour)
+            if interactive:
+                stamp = time.strftime("%H:%M:%S")
+                title = f"poolwatch top — {url} — {stamp} — sort: {SORTS[sort]}"
+                out.write("\033[H\033[2J" + title + "  (u w t d n sort, r reverse, q quit)\n\n")
+            out.write(frame + "\n")
+            out.flush()
+            if once:
+                return 0
+            before, taken = now, at
+            deadline = time.monotonic() + interval
+            while (left := deadline - time.monotonic()) > 0:
+                key = _read_key(keys_in, left) if has_keys else None
+                if key is None:
+                    if not has_keys:
+                        time.sleep(left)
+                    continue
+                if key in ("q", "\x03"):
+                    return 0
+                if key in SORTS:
+                    sort = key
+                    break
+                if key == "r":
+                    reverse = not reverse
+                    break
