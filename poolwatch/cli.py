@@ -198,6 +198,18 @@ def _parser() -> argparse.ArgumentParser:
         "--once", action="store_true", help="print one table (rates over one interval) and exit"
     )
     watch.add_argument("--no-color", action="store_true", help="no colour (also: NO_COLOR set)")
+    start = commands.add_parser(
+        "run",
+        help="run a Python program instrumented by poolwatch, without changing its code",
+        description="Run COMMAND with poolwatch instrumenting every Python process it starts "
+        "(through sitecustomize on PYTHONPATH). Options become POOLWATCH_* / OTEL_* variables "
+        "and are checked before the program starts. Exit codes: the program's own; 2 bad "
+        "options; 127 command not found.",
+        usage="poolwatch run [options] -- COMMAND [ARG ...]",
+    )
+    from poolwatch import _run
+
+    _run.add_arguments(start)
     serve = commands.add_parser(
         "upstream",
         help="serve the demo's HTTP upstream (for the compose stack)",
@@ -225,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return upstream(args, sys.stdout)
     if args.command == "top":
         return top(args, sys.stdout)
+    if args.command == "run":
+        from poolwatch import _run
+
+        return _run.run(args)
     return 2  # pragma: no cover - argparse rejects unknown commands first
 
 
