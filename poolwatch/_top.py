@@ -55,6 +55,12 @@ class Counts:
     checkouts: float = 0.0
     timeouts: float = 0.0
     discards: float = 0.0
+    stale: float = 0.0
+    connects: float = 0.0
+    hold_total: float = 0.0
+    """Seconds connections were held, summed (use.duration sum)."""
+    holds: float = 0.0
+    """Returns (use.duration count)."""
     leaks_active: float = 0.0
     wait_buckets: dict[float, float] = field(default_factory=dict)
     """Cumulative count of successful waits at or below each bound (``le``), seconds."""
@@ -97,28 +103,34 @@ def parse(text: str) -> dict[tuple[str, str], Counts]:
     return pools
 
 
+_SUMS: dict[str, list[tuple[str | None, str | None, str]]] = {
+    # sample name: [(label, value it must have, or None for any), Counts field to add to]
+    "poolwatch_connections": [("state", "used", "used"), ("state", "idle", "idle")],
+    "poolwatch_pending_requests": [(None, None, "pending")],
+    "poolwatch_timeouts_total": [(None, None, "timeouts")],
+    "poolwatch_connections_closed_total": [
+        ("reason", "pool_full", "discards"),
+        ("reason", "stale", "stale"),
+    ],
+    "poolwatch_leaks_active": [(None, None, "leaks_active")],
+    "poolwatch_use_duration_seconds_sum": [(None, None, "hold_total")],
+    "poolwatch_use_duration_seconds_count": [(None, None, "holds")],
+    "poolwatch_connect_duration_seconds_count": [("outcome", "ok", "connects")],
+    "poolwatch_wait_duration_seconds_count": [("outcome", "acquired", "checkouts")],
+}
+
+
 def _add(pool: Counts, name: str, labels: dict[str, str], value: float) -> None:
-    if name == "poolwatch_connections":
-        if labels.get("state") == "used":
-            pool.used += value
-        elif labels.get("state") == "idle":
-            pool.idle += value
-    elif name == "poolwatch_connections_max":
+    if name == "poolwatch_connections_max":
         pool.max = (pool.max or 0.0) + value
-    elif name == "poolwatch_pending_requests":
-        pool.pending += value
-    elif name == "poolwatch_timeouts_total":
-        pool.timeouts += value
-    elif name == "poolwatch_connections_closed_total" and labels.get("reason") == "pool_full":
-        pool.discards += value
-    elif name == "poolwatch_leaks_active":
-        pool.leaks_active += value
-    elif labels.get("outcome") == "acquired":
-        if name == "poolwatch_wait_duration_seconds_count":
-            pool.checkouts += value
-        elif name == "poolwatch_wait_duration_seconds_bucket":
+    elif name == "poolwatch_wait_duration_seconds_bucket":
+        if labels.get("outcome") == "acquired":
             bound = math.inf if labels["le"] == "+Inf" else float(labels["le"])
             pool.wait_buckets[bound] = pool.wait_buckets.get(bound, 0.0) + value
+    else:
+        for label, wanted, attribute in _SUMS.get(name, ()):
+            if label is None or labels.get(label) == wanted:
+                setattr(pool, attribute, getattr(pool, attribute) + value)
 
 
 def quantile(q: float, buckets: dict[float, float]) -> float | None:

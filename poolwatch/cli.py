@@ -143,6 +143,25 @@ def top(args: argparse.Namespace, out: TextIO) -> int:
         return 0
 
 
+def doctor(args: argparse.Namespace, out: TextIO) -> int:
+    """Findings and advice for every pool of a process serving poolwatch metrics."""
+    from poolwatch import _doctor, _top
+
+    try:
+        import prometheus_client  # noqa: F401  (its text-format parser)
+    except ImportError:
+        needs = "poolwatch doctor: needs prometheus-client: pip install 'poolwatch[prometheus]'"
+        print(needs, file=sys.stderr)
+        return 1
+    try:
+        return _doctor.run(args.url, interval=args.interval, out=out)
+    except _top.TopError as error:
+        print(f"poolwatch doctor: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 1
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="poolwatch", description="Connection-pool observability for Python services."
@@ -198,6 +217,23 @@ def _parser() -> argparse.ArgumentParser:
         "--once", action="store_true", help="print one table (rates over one interval) and exit"
     )
     watch.add_argument("--no-color", action="store_true", help="no colour (also: NO_COLOR set)")
+    check = commands.add_parser(
+        "doctor",
+        help="watch a running process's pools and report what to fix, with advice",
+        description="Read a process's poolwatch metrics (Prometheus format) twice, INTERVAL "
+        "seconds apart, and report exhausted, saturated, too small, discarding, churning, "
+        "stale, leaking and unbounded pools with a recommended size (Little's law with 1.5x "
+        "headroom) and concrete advice. Exit codes: 0 nothing to report; 3 findings; "
+        "1 the endpoint cannot be read; 2 bad usage.",
+    )
+    check.add_argument(
+        "--url",
+        default="http://127.0.0.1:9464/metrics",
+        help="the metrics endpoint (default http://127.0.0.1:9464/metrics)",
+    )
+    check.add_argument(
+        "--interval", type=_positive, default=10.0, help="seconds to observe (default 10)"
+    )
     start = commands.add_parser(
         "run",
         help="run a Python program instrumented by poolwatch, without changing its code",
@@ -237,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return upstream(args, sys.stdout)
     if args.command == "top":
         return top(args, sys.stdout)
+    if args.command == "doctor":
+        return doctor(args, sys.stdout)
     if args.command == "run":
         from poolwatch import _run
 

@@ -1,0 +1,208 @@
+"""What is wrong with a pool, and what to do about it, from what its metrics show.
+
+The findings read two observations of a pool an interval apart (the same counts
+``poolwatch top`` shows) and apply the rules of the alert runbooks, with numbers:
+
+* **size** — Little's law: connections busy on average = demand rate x mean hold time.
+  Demand counts the callers that gave up (timeouts) as well as those served. The
+  recommended size adds half again as headroom (the rate x duration x 1.5 rule), so that
+  bursts find a free connection; it is never below what is in use now.
+* exhaustion (timeouts), saturation (callers waiting, 95% used), high utilization (80%),
+  discards (connections opened past a non-blocking pool and thrown away), churn (a new
+  connection for most checkouts), stale connections (dropped by the server while idle),
+  leaks (checkouts held past the leak threshold), unbounded pools.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from poolwatch._top import Counts
+
+Severity = Literal["critical", "warning"]
+AddFinding = Callable[[Severity, str, str], None]
+
+HIGH_UTILIZATION = 0.80
+SATURATED_UTILIZATION = 0.95
+CHURN_RATIO = 0.5
+"""New connections per checkout above which a pool is churning."""
+CHURN_MIN_RATE = 1.0
+"""Checkouts per second below which churn is not worth reporting."""
+HEADROOM = 1.5
+OVERFLOW_CHURN = 0.1
+"""SQLAlchemy overflow connections closed per checkout above which pool_size is too small.
+
+SQLAlchemy closes overflow connections on return by design (``pool_full``); only when that
+happens for a good share of checkouts is the pool's size wrong. For urllib3's non-blocking
+pools every discard is a connection opened for one request only."""
+
+SIZE_KNOB = {
+    "sqlalchemy": "create_engine(pool_size=…, max_overflow=…) (their sum is the maximum)",
+    "urllib3": "PoolManager(maxsize=…) / HTTPConnectionPool(maxsize=…)",
+    "requests": "requests.adapters.HTTPAdapter(pool_maxsize=…) mounted on the Session",
+    "botocore": "botocore.config.Config(max_pool_connections=…)",
+    "httpx": "httpx.Limits(max_connections=…)",
+    "aiohttp": "aiohttp.TCPConnector(limit=…)",
+}
+STALE_FIX = {
+    "sqlalchemy": "create_engine(pool_pre_ping=True), and pool_recycle below the server's or "
+    "the network's idle timeout",
+    "httpx": "httpx.Limits(keepalive_expiry=…) shorter than the server's idle timeout",
+    "aiohttp": "aiohttp.TCPConnector(keepalive_timeout=…) shorter than the server's idle timeout",
+}
+STALE_DEFAULT = (
+    "urllib3 re-opens dropped connections itself (each costs a connect); if they are frequent, "
+    "the server's keep-alive timeout is shorter than your request gaps: send requests more "
+    "often on fewer connections, or ask for a longer server keep-alive"
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem with one pool."""
+
+    severity: Severity
+    kind: str
+    pool: str
+    problem: str
+    advice: str
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """A recommended pool size and how it was reached."""
+
+    size: int
+    reasoning: str
+
+
+def sizing(now: Counts, before: Counts, seconds: float) -> Sizing | None:
+    """Little's law with headroom, from the interval; None without returns to measure."""
+    holds = now.holds - before.holds
+    if seconds <= 0 or holds <= 0:
+        return None
+    demand = (now.checkouts - before.checkouts + now.timeouts - before.timeouts) / seconds
+    hold = (now.hold_total - before.hold_total) / holds
+    busy = demand * hold
+    size = max(math.ceil(busy * HEADROOM), round(now.used), 1)
+    return Sizing(
+        size,
+        f"{demand:.1f} checkouts/s wanted x {hold * 1000:.0f} ms mean hold = {busy:.1f} "
+        f"connections busy on average; x {HEADROOM} headroom → {size}",
+    )
+
+
+def _size_advice(kind: str, sized: Sizing | None, current: float | None) -> str:
+    knob = SIZE_KNOB.get(kind, "the pool's maximum size")
+    if sized is None:
+        return f"raise {knob}, or hold connections for less time"
+    limit = "no limit" if current is None else f"{round(current)}"
+    if current is not None and sized.size <= current:
+        return (
+            f"the demand fits {limit} connections ({sized.reasoning}): look for bursts and "
+            "long holds (p99 hold time) rather than the size"
+        )
+    return f"set {knob} to {sized.size} (now {limit}): {sized.reasoning}"
+
+
+def findings(now: Counts, before: Counts, seconds: float) -> list[Finding]:
+    """Every problem the interval shows for one pool, worst first."""
+    out: list[Finding] = []
+    kind, name = now.kind, now.name
+
+    def add(severity: Severity, problem: str, advice: str) -> None:
+        out.append(Finding(severity, kind, name, problem, advice))
+
+    sized = sizing(now, before, seconds)
+    utilization = now.used / now.max if now.max else None
+    timeouts = now.timeouts - before.timeouts
+    interval = f"in {seconds:.0f} s"
+    if timeouts > 0:
+        add(
+            "critical",
+            f"exhausted: {timeouts:.0f} callers timed out waiting for a connection {interval}",
+            _size_advice(kind, sized, now.max),
+        )
+    elif now.max and now.used > now.max and now.pending == 0:
+        # A non-blocking pool (urllib3 and so requests and botocore): nobody waits, the
+        # connections past its size are opened now and thrown away on return.
+        add(
+            "warning",
+            f"overflowing: {now.used:.0f} connections in use for a pool of {now.max:.0f}; "
+            f"the {now.used - now.max:.0f} past it are discarded when returned",
+            _size_advice(kind, sized, now.max),
+        )
+    elif now.pending > 0 or (utilization is not None and utilization >= SATURATED_UTILIZATION):
+        waiting = f"{now.pending:.0f} callers waiting"
+        add(
+            "critical",
+            f"saturated: {now.used:.0f} of {now.max:.0f} connections in use, {waiting}"
+            if now.max
+            else f"saturated: {waiting}",
+            _size_advice(kind, sized, now.max),
+        )
+    elif utilization is not None and utilization >= HIGH_UTILIZATION:
+        add(
+            "warning",
+            f"utilization high: {utilization:.0%} of {now.max:.0f} connections in use",
+            _size_advice(kind, sized, now.max),
+        )
+    discards = now.discards - before.discards
+    checkouts = now.checkouts - before.checkouts
+    if kind == "sqlalchemy" and discards > OVERFLOW_CHURN * max(checkouts, 1):
+        add(
+            "warning",
+            f"overflow churn: {discards:.0f} overflow connections opened and closed again "
+            f"for {checkouts:.0f} checkouts {interval}",
+            "raise pool_size towards the connections in use at busy times, so that fewer "
+            "checkouts need a new overflow connection",
+        )
+    elif kind != "sqlalchemy" and discards > 0:
+        add(
+            "warning",
+            f"discarding: {discards:.0f} connections opened past the pool and thrown away "
+            f"{interval} (a non-blocking pool that is too small)",
+            _size_advice(kind, sized, now.max),
+        )
+    _churn(now, before, seconds, add)
+    stale = now.stale - before.stale
+    if stale > 0:
+        add(
+            "warning",
+            f"stale: {stale:.0f} idle connections found dropped by the server {interval}",
+            STALE_FIX.get(kind, STALE_DEFAULT),
+        )
+    if now.leaks_active > 0:
+        add(
+            "warning",
+            f"leak: {now.leaks_active:.0f} checkouts held past the leak threshold right now",
+            "return every connection (a with block or try/finally around each checkout); "
+            "look for transactions left open across slow calls",
+        )
+    if now.max is None and kind in ("httpx", "aiohttp"):
+        add(
+            "warning",
+            "unbounded: the pool has no connection limit",
+            f"set {SIZE_KNOB[kind]}: an unbounded pool turns a slow server into a flood of "
+            "connections",
+        )
+    return out
+
+
+def _churn(now: Counts, before: Counts, seconds: float, add: AddFinding) -> None:
+    checkouts = now.checkouts - before.checkouts
+    connects = now.connects - before.connects
+    if seconds <= 0 or checkouts <= 0 or checkouts / seconds < CHURN_MIN_RATE:
+        return
+    ratio = connects / checkouts
+    if ratio > CHURN_RATIO:
+        add(
+            "warning",
+            f"churn: a new connection for {ratio:.0%} of {checkouts:.0f} checkouts",
+            "reuse one client (Session, Client, engine) per process instead of one per "
+            "request, and keep connections alive; a server answering Connection: close "
+            "defeats the pool",
+        )

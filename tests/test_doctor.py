@@ -1,0 +1,193 @@
+"""``poolwatch doctor``: findings and advice from real processes' metrics, and the rules."""
+
+from __future__ import annotations
+
+import io
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from poolwatch import _advice, _doctor, _top
+from poolwatch._top import Counts
+from tests.support.upstream import refusing_port
+
+POOLWATCH = [sys.executable, "-m", "poolwatch"]
+
+
+def _counts(**values: float | None) -> Counts:
+    counts = Counts("sqlalchemy", "orders-db")
+    for name, value in values.items():
+        setattr(counts, name, value)
+    return counts
+
+
+def test_size_is_littles_law_with_headroom() -> None:
+    before = _counts(checkouts=1000, timeouts=5, holds=1000, hold_total=200.0)
+    now = _counts(
+        checkouts=1100, timeouts=25, holds=1100, hold_total=250.0, used=2, max=2, pending=3
+    )
+    # (100 served + 20 timed out) / 10 s = 12/s; 50 s held over 100 returns = 0.5 s
+    sized = _advice.sizing(now, before, 10.0)
+    assert sized == _advice.Sizing(
+        9,
+        "12.0 checkouts/s wanted x 500 ms mean hold = 6.0 connections busy on average; "
+        "x 1.5 headroom → 9",
+    )
+    [finding] = _advice.findings(now, before, 10.0)
+    assert finding == _advice.Finding(
+        "critical",
+        "sqlalchemy",
+        "orders-db",
+        "exhausted: 20 callers timed out waiting for a connection in 10 s",
+        "set create_engine(pool_size=…, max_overflow=…) (their sum is the maximum) to 9 "
+        f"(now 2): {sized.reasoning}",
+    )
+
+
+def test_a_comfortable_pool_has_no_findings() -> None:
+    before = _counts(checkouts=0, holds=0, connects=5)
+    now = _counts(checkouts=500, holds=500, hold_total=5.0, used=1, idle=4, max=10, connects=5)
+    assert _advice.findings(now, before, 10.0) == []
+    assert _advice.sizing(now, before, 10.0) == _advice.Sizing(
+        1,  # 50/s x 10 ms = 0.5 busy; x 1.5 = 0.75, rounded up
+        "50.0 checkouts/s wanted x 10 ms mean hold = 0.5 connections busy on average; "
+        "x 1.5 headroom → 1",
+    )
+
+
+def test_each_rule_names_its_problem() -> None:
+    quiet = Counts("httpx", "pricing-api")
+    cases = {
+        "overflowing": _counts(used=6, max=2),
+        "saturated": _counts(used=2, max=2, pending=1),
+        "utilization high": _counts(used=9, max=10),
+        "discarding": Counts("requests", "api", discards=4, max=10),
+        "overflow churn": _counts(discards=20, checkouts=100, max=10),
+        "churn": _counts(checkouts=100, connects=90, max=10),
+        "stale": _counts(stale=3, max=10),
+        "leak": _counts(leaks_active=1, max=10),
+    }
+    for problem, now in cases.items():
+        found = _advice.findings(now, Counts(now.kind, now.name, max=10), 10.0)
+        assert [f.problem.split(":")[0] for f in found] == [problem], (problem, found)
+    unbounded = Counts("httpx", "pricing-api")
+    [finding] = _advice.findings(unbounded, quiet, 10.0)
+    assert finding.problem == "unbounded: the pool has no connection limit"
+    assert finding.advice.startswith("set httpx.Limits(max_connections=…)")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def reports() -> Iterator[dict[str, tuple[int, str]]]:
+    """Doctor's report on each demo scenario, observed side by side for 2 s."""
+    scenarios = ("healthy", "exhaustion", "discard", "stale", "leak", "churn")
+    ports = {name: _free_port() for name in scenarios}
+    demos = [
+        subprocess.Popen(
+            [*POOLWATCH, "demo", "--scenario", name, "--duration", "30", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, port in ports.items()
+    ]
+    results: dict[str, tuple[int, str]] = {}
+    try:
+        for port in ports.values():
+            _until_serving(f"http://127.0.0.1:{port}/metrics")
+        time.sleep(3)  # the leak scenario's connections pass its 3 s threshold
+
+        def observe(name: str, port: int) -> None:
+            out = io.StringIO()
+            code = _doctor.run(
+                f"http://127.0.0.1:{port}/metrics", interval=2.0, out=out, progress=io.StringIO()
+            )
+            results[name] = (code, out.getvalue())
+
+        threads = [threading.Thread(target=observe, args=item) for item in ports.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        yield results
+    finally:
+        for demo in demos:
+            demo.terminate()
+        for demo in demos:
+            demo.wait(15)
+
+
+def _until_serving(url: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if "orders-db" in _top.fetch(url):
+                return
+        except _top.TopError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} never served the demo's pools")
+
+
+def _problems(report: str) -> set[tuple[str, str, str]]:
+    """(severity, pool, problem name) of each finding in a report."""
+    found = set()
+    for line in report.splitlines():
+        if line.startswith(("CRITICAL", "WARNING")):
+            severity, rest = line.split(maxsplit=1)
+            pool, problem = rest.split(": ", 1)
+            found.add((severity, pool, problem.split(":")[0]))
+    return found
+
+
+def test_doctor_finds_the_exhausted_pool_and_sizes_it(reports: dict[str, tuple[int, str]]) -> None:
+    code, report = reports["exhaustion"]
+    assert code == _doctor.EXIT_FINDINGS
+    assert ("CRITICAL", "orders-db (sqlalchemy)", "exhausted") in _problems(report)
+    advice = report.split("orders-db (sqlalchemy): exhausted", 1)[1].splitlines()[1]
+    recommended = int(advice.split(" to ", 1)[1].split()[0])
+    assert recommended > 2  # the scenario's pool of 2 is far too small for 8 busy workers
+
+
+def test_doctor_finds_discards_stale_connections_leaks_and_churn(
+    reports: dict[str, tuple[int, str]],
+) -> None:
+    assert ("WARNING", "inventory-api (requests)", "discarding") in _problems(reports["discard"][1])
+    assert ("WARNING", "inventory-api (requests)", "stale") in _problems(reports["stale"][1])
+    assert ("WARNING", "orders-db (sqlalchemy)", "leak") in _problems(reports["leak"][1])
+    churning = {p for p in _problems(reports["churn"][1]) if p[2] == "churn"}
+    assert any(pool.endswith("(requests)") for _, pool, _ in churning)
+
+
+def test_doctor_reports_nothing_wrong_with_a_healthy_workload(
+    reports: dict[str, tuple[int, str]],
+) -> None:
+    _, report = reports["healthy"]
+    # moto's server closes every connection, so the boto3 pool really churns; nothing else
+    assert _problems(report) <= {("WARNING", "sessions-dynamodb (botocore)", "churn")}
+    assert "orders-db" not in report.split("observed", 1)[1]
+    assert "inventory-api" not in report
+
+
+def test_doctor_cannot_read_an_endpoint_in_one_line() -> None:
+    with refusing_port() as port:
+        result = subprocess.run(
+            [*POOLWATCH, "doctor", "--interval", "1", "--url", f"http://127.0.0.1:{port}/m"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"poolwatch doctor: cannot read http://127.0.0.1:{port}/m: [Errno 111] Connection refused\n"
+    )
