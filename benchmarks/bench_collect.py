@@ -1,15 +1,18 @@
 """Collection time: ``reader.get_metrics_data()`` with 1 to 10,000 live SQLAlchemy pools.
 
 Each case instruments poolwatch with an ``InMemoryMetricReader`` (``max_pools=20000`` so
-that nothing folds into the overflow series), creates the engines (in-memory SQLite,
-``QueuePool``), checks each out and in once, collects once to warm up, then times
-``get_metrics_data()`` with ``time.perf_counter``. Two layouts:
+that nothing folds into the overflow series, except in the *cap* case), creates the
+engines (in-memory SQLite, ``QueuePool``), checks each out and in once, collects once to
+warm up, then times ``get_metrics_data()`` with ``time.perf_counter``. Three layouts:
 
 * *one call site* — every engine is created by the same line: they aggregate into one
   series with many pool instances (levels are still read from every pool);
 * *distinct names* — each engine is named with ``poolwatch.track(engine, name=f"p{i}")``:
-  one series, and its ~30 data points (poolwatch family plus ``db.client.connection.*``
-  mirrors), per pool.
+  one series, and its 10 data points (the poolwatch family; the semantic-convention
+  mirrors are off by default), per pool;
+* *names, cap 200* — the same under the default ``max_pools``: 200 series, and every
+  further pool folded into the ``_overflow`` series (what an application with thousands of
+  distinct pools gets unless it raises the cap).
 
 Cases run one after another (poolwatch has one instrumentation per process, so two pool
 counts cannot share it); inside a case, a GC-enabled and a GC-disabled collection are
@@ -39,6 +42,8 @@ TARGET_US_PER_POOL = 20.0
 URL = "sqlite://"
 ONE_SITE = "one call site"
 NAMED = "distinct names"
+CAPPED = "names, cap 200"
+"""Distinct names under the default ``max_pools`` (200): the rest fold into ``_overflow``."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ FULL_CASES = (
     Case(NAMED, 100, 15),
     Case(NAMED, 200, 11),
     Case(NAMED, 10_000, 3),
+    Case(CAPPED, 10_000, 3),
 )
 QUICK_CASES = (
     Case(ONE_SITE, 1, 5),
@@ -145,7 +151,10 @@ def run_case(case: Case) -> CaseResult:
     gc.collect()  # or instrument()'s heap walk finds a previous case's unreachable engines
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
-    poolwatch.instrument(meter_provider=provider, max_pools=20_000)
+    if case.layout == CAPPED:
+        poolwatch.instrument(meter_provider=provider)  # the default cap
+    else:
+        poolwatch.instrument(meter_provider=provider, max_pools=20_000)
     engines: list[Any] = []
     try:
         build = engines_one_site if case.layout == ONE_SITE else engines_named

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from math import inf
 from typing import Any
@@ -120,6 +121,46 @@ FAST_POINTS = _fields_are(NumberDataPoint, _NUMBER_FIELDS) and _fields_are(
 _new = object.__new__
 
 
+_FAST_METRICS = (
+    _fields_are(Metric, ("name", "description", "unit", "data"))
+    and _fields_are(Sum, ("data_points", "aggregation_temporality", "is_monotonic"))
+    and _fields_are(Histogram, ("data_points", "aggregation_temporality"))
+)
+"""Whether Metric, Sum and Histogram are built by filling ``__dict__`` (as data points)."""
+
+_DELTA = AggregationTemporality.DELTA
+_CUMULATIVE = AggregationTemporality.CUMULATIVE
+_SPECS = tuple((spec.name, spec.description, spec.unit, spec.instrument) for spec in c.ALL_METRICS)
+
+
+def _metric(spec: tuple[str, str, str, c.Instrument], points: list[Any], delta: bool) -> Metric:
+    name, description, unit, instrument = spec
+    temporality = _DELTA if delta else _CUMULATIVE
+    if not _FAST_METRICS:
+        data: Sum | Histogram = (
+            Histogram(points, temporality)
+            if instrument == "histogram"
+            else Sum(points, temporality, instrument == "counter")
+        )
+        return Metric(name, description, unit, data)
+    if instrument == "histogram":
+        data = _new(Histogram)
+        data.__dict__["data_points"] = points
+        data.__dict__["aggregation_temporality"] = temporality
+    else:
+        data = _new(Sum)
+        data.__dict__["data_points"] = points
+        data.__dict__["aggregation_temporality"] = temporality
+        data.__dict__["is_monotonic"] = instrument == "counter"
+    metric: Metric = _new(Metric)
+    fields = metric.__dict__
+    fields["name"] = name
+    fields["description"] = description
+    fields["unit"] = unit
+    fields["data"] = data
+    return metric
+
+
 def _server(host: HostLevels) -> tuple[tuple[str, str | int], ...]:
     return ((c.SERVER_ADDRESS, host.address), (c.SERVER_PORT, host.port))
 
@@ -158,9 +199,13 @@ def _merged(histograms: Iterable[HistogramSnapshot]) -> HistogramSnapshot | None
 class _ReaderState:
     """What one reader saw at its previous collection, for delta temporality."""
 
-    def __init__(self) -> None:
+    def __init__(self, reader: MetricReader) -> None:
         self.last_ns = 0
         self.previous: dict[PointKey, int | HistogramSnapshot] = {}
+        self.delta = {  # a reader's preferences are fixed when it is made
+            kind: temporality == AggregationTemporality.DELTA
+            for kind, temporality in temporalities(reader).items()
+        }
 
 
 def _delta_histogram(now: HistogramSnapshot, before: HistogramSnapshot) -> HistogramSnapshot:
@@ -190,7 +235,7 @@ class _Collection:
         self.delta = delta
         self.state = state
         self.seen: dict[PointKey, int | HistogramSnapshot] = {}
-        self.points: dict[str, list[Any]] = {spec.name: [] for spec in c.ALL_METRICS}
+        self.points: defaultdict[str, list[Any]] = defaultdict(list)
 
     def _attributes(
         self,
@@ -257,7 +302,7 @@ class _Collection:
             fields["start_time_unix_nano"] = start
             fields["time_unix_nano"] = self.now_ns
             fields["value"] = value
-            fields["exemplars"] = []
+            fields["exemplars"] = ()  # Sequence[Exemplar]: one shared empty tuple, no allocation
         else:
             point = NumberDataPoint(attributes, start, self.now_ns, value)
         self.points[spec.name].append(point)
@@ -288,7 +333,7 @@ class _Collection:
             fields["explicit_bounds"] = value.bounds
             fields["min"] = low
             fields["max"] = high
-            fields["exemplars"] = []
+            fields["exemplars"] = ()  # Sequence[Exemplar]: one shared empty tuple, no allocation
         else:
             point = HistogramDataPoint(
                 attributes,
@@ -306,21 +351,11 @@ class _Collection:
     def metrics(self) -> list[Metric]:
         """The collection as OpenTelemetry metrics."""
         out: list[Metric] = []
-        for spec in c.ALL_METRICS:
-            points = self.points[spec.name]
-            if not points:
-                continue
-            temporality = (
-                AggregationTemporality.DELTA
-                if self.delta[spec.instrument]
-                else AggregationTemporality.CUMULATIVE
-            )
-            data: Sum | Histogram
-            if spec.instrument == "histogram":
-                data = Histogram(points, temporality)
-            else:
-                data = Sum(points, temporality, is_monotonic=spec.instrument == "counter")
-            out.append(Metric(spec.name, spec.description, spec.unit, data))
+        found, delta = self.points, self.delta
+        for spec in _SPECS:
+            points = found.get(spec[0])
+            if points:
+                out.append(_metric(spec, points, delta[spec[3]]))
         return out
 
 
@@ -433,13 +468,11 @@ class Producer:
     def produce(self, reader: MetricReader) -> list[Metric]:
         """The metrics for one collection by ``reader``, in the temporality it prefers."""
         readings = self._registry.read()
-        delta = {
-            kind: temporality == AggregationTemporality.DELTA
-            for kind, temporality in temporalities(reader).items()
-        }
         with self._lock:
-            state = self._states.setdefault(id(reader), _ReaderState())
-            out = _Collection(time.time_ns(), delta, state)
+            state = self._states.get(id(reader))
+            if state is None:
+                state = self._states[id(reader)] = _ReaderState(reader)
+            out = _Collection(time.time_ns(), state.delta, state)
             for reading in readings:
                 self._add(out, reading)
             state.previous = out.seen

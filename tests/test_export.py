@@ -10,7 +10,7 @@ import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 import sqlalchemy as sa
@@ -29,8 +29,11 @@ from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     HistogramDataPoint,
     InMemoryMetricReader,
+    Metric,
     NumberDataPoint,
+    Sum,
 )
+from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 
 import poolwatch
 from poolwatch import _export
@@ -250,7 +253,7 @@ def test_an_unknown_otlp_protocol_is_a_config_error(monkeypatch: pytest.MonkeyPa
     )
 
 
-def _points(tmp_path: Path) -> list[object]:
+def _collected(tmp_path: Path) -> list[Metric]:
     reader = InMemoryMetricReader()
     poolwatch.instrument(meter_provider=MeterProvider(metric_readers=[reader]))
     engine = sa.create_engine(f"sqlite:///{tmp_path}/points.db")
@@ -259,21 +262,41 @@ def _points(tmp_path: Path) -> list[object]:
     got = collect(reader)
     poolwatch.uninstrument()
     engine.dispose()
-    return [p for metric in got.metrics.values() for p in metric.data.data_points]
+    return list(got.metrics.values())
 
 
-def test_data_points_are_the_sdks_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Points built by filling __dict__ equal, and behave like, the constructors' points."""
+def _rebuilt(obj: Any) -> Any:
+    """The same object made by its class's own constructor (recursively)."""
+    if isinstance(obj, list):
+        return [_rebuilt(item) for item in obj]
+    if not dataclasses.is_dataclass(obj):
+        return obj
+    fields = {f.name: _rebuilt(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    return type(obj)(**fields)
+
+
+def test_metrics_and_points_are_the_sdks_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Objects built by filling __dict__ equal, and behave like, the constructors' objects."""
     assert _export.FAST_POINTS  # the SDK in use has the fields poolwatch fills
-    fast = _points(tmp_path)
-    kinds = {type(p) for p in fast}
-    assert kinds == {NumberDataPoint, HistogramDataPoint}
-    for point in fast:
-        fields = {f.name: getattr(point, f.name) for f in dataclasses.fields(point)}
-        assert point == type(point)(**fields)
-        assert point.to_json()
+    assert _export._FAST_METRICS
+    fast = _collected(tmp_path)
+    assert {type(m.data) for m in fast} == {Sum, HistogramData}
+    points = [p for metric in fast for p in metric.data.data_points]
+    assert {type(p) for p in points} == {NumberDataPoint, HistogramDataPoint}
+    for metric in fast:
+        assert metric == _rebuilt(metric)
+        assert metric.to_json()
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            metric.name = "renamed"
+    for point in points:
         with pytest.raises(dataclasses.FrozenInstanceError):
             point.value = 1
-    monkeypatch.setattr(_export, "FAST_POINTS", False)  # as with an SDK whose fields differ
-    slow = _points(tmp_path)
-    assert [(type(p), p.attributes) for p in slow] == [(type(p), p.attributes) for p in fast]
+    # As with an SDK whose classes have other fields: the constructors, the same result.
+    monkeypatch.setattr(_export, "FAST_POINTS", False)
+    monkeypatch.setattr(_export, "_FAST_METRICS", False)
+    slow = _collected(tmp_path)
+    assert [(m.name, type(m.data), [p.attributes for p in m.data.data_points]) for m in slow] == [
+        (m.name, type(m.data), [p.attributes for p in m.data.data_points]) for m in fast
+    ]
