@@ -299,6 +299,8 @@ def run(
     reverse = False
     if once:  # two scrapes an interval apart, so that rates and p99 are current
         before, taken = parse(fetch(url)), time.monotonic()
+        if interval > 1:
+            print(f"poolwatch top: reading {url} for {interval:g} s …", file=sys.stderr, flush=True)
         time.sleep(interval)
     with _keys(keys_in) if interactive else contextlib.nullcontext(False) as has_keys:
         while True:

@@ -99,9 +99,25 @@ def demo(args: argparse.Namespace, out: TextIO) -> int:
     )
     try:
         return Demo(options, out).run()
-    except poolwatch.ConfigError as error:
-        print(f"poolwatch demo: {error}", file=sys.stderr)
+    except Exception as error:  # one line, never a traceback or a password
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        for secret in _secrets_of(args.url):
+            message = message.replace(secret, "***")
+        print(f"poolwatch demo: {message}", file=sys.stderr)
         return 1
+
+
+def _secrets_of(url: str | None) -> list[str]:
+    """The password in a database URL, to keep it out of error messages."""
+    if not url:
+        return []
+    from urllib.parse import urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return []
+    return [password] if password else []
 
 
 def upstream(args: argparse.Namespace, out: TextIO) -> int:

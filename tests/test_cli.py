@@ -154,3 +154,28 @@ def test_demo_against_a_separate_upstream_process() -> None:
         assert server.wait(10) == 0  # SIGTERM is a clean stop
         assert server.stdout is not None
         server.stdout.close()
+
+
+@pytest.mark.parametrize("command", ["demo", "top", "doctor", "run", "upstream"])
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main([command, "--help"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: poolwatch {command}")
+
+
+def test_demo_failure_is_one_line_without_the_password() -> None:
+    result = subprocess.run(
+        [*DEMO, "--duration", "1", "--url", "postgresql+psycopg://app:s3cr3t@127.0.0.1:1/db"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "poolwatch demo: starting the pools …",
+        "poolwatch demo: (psycopg.OperationalError) connection failed: connection to server "
+        'at "127.0.0.1", port 1 failed: Connection refused',
+    ]
+    assert "s3cr3t" not in result.stdout + result.stderr

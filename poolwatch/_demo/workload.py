@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sys
 import tempfile
 import threading
 import time
@@ -339,6 +340,7 @@ class Demo:
         try:
             # The upstream outlives the stack: workers stop before their servers do.
             with self._upstream() as url, ExitStack() as stack:
+                print("poolwatch demo: starting the pools …", file=sys.stderr, flush=True)
                 skipped = self._pools(stack, url)
                 stack.callback(self._join)  # runs first: workers stop, then pools close
                 if handle.prometheus_address:
