@@ -18,7 +18,7 @@ from poolwatch._imports import PostImportHooks
 from poolwatch._janitor import Janitor
 from poolwatch._ledger import Ledger
 from poolwatch._naming import check_pool_name
-from poolwatch._provider import OwnedProvider, build
+from poolwatch._provider import OwnedProvider, build, child_resource
 from poolwatch._registry import PoolSnapshot, Registry, Series, snapshot_of
 from poolwatch._safe import ErrorLog, logger
 from poolwatch.adapters import ADAPTERS, Adapter
@@ -172,6 +172,37 @@ class Instrumentation:
         self._producer.reset()
         if not self._stopped:
             self._janitor.start()  # the parent's thread does not exist in the child
+            if self._owned is not None:
+                self._own_provider_in_child(self._owned)
+
+    def _own_provider_in_child(self, parent: OwnedProvider) -> None:
+        """A provider of the child's own: its resource names this process, not the parent.
+
+        Without it a prefork server's workers would all export under the parent's
+        ``service.instance.id`` and their counters would collide in the backend. The
+        Prometheus endpoint stays with the parent (its port is taken): workers of a prefork
+        server export over OTLP, or instrument after the fork with a port each.
+        """
+        self._bridge.detach()
+        parent.abandon_in_child()
+        try:
+            resource = child_resource(parent.provider._sdk_config.resource)
+            owned = build(self.settings, os.environ, prometheus=False, resource=resource)
+        except Exception as error:
+            self._errors.report("fork provider", error)
+            self._owned = None
+            return
+        if parent.prometheus_address is not None:
+            logger.warning(
+                "poolwatch: forked process %d does not serve the parent's Prometheus endpoint "
+                "(%s:%d); export over OTLP, or call instrument() in each worker with its own port",
+                os.getpid(),
+                *parent.prometheus_address,
+            )
+        self._owned = owned
+        self.meter_provider = owned.provider
+        self._bridge = Bridge(self._producer, owned.provider, self._errors)
+        self._bridge.attach()
 
     def __enter__(self) -> Instrumentation:
         return self

@@ -45,6 +45,17 @@ class OwnedProvider:
     prometheus_address: tuple[str, int] | None = None
     _server: Any = field(default=None, repr=False)
 
+    def abandon_in_child(self) -> None:
+        """In a forked child: let go of the parent's provider without stopping anything.
+
+        The endpoint's listening socket is the parent's (its serving thread did not survive
+        the fork): the child closes only its own copy. The readers are left alone — a
+        shutdown would flush them, exporting as the parent.
+        """
+        if self._server is not None:
+            self._server.socket.close()
+            self._server = None
+
     def shutdown(self) -> None:
         """Stop the endpoint and the provider's readers."""
         if self._server is not None:
@@ -52,6 +63,13 @@ class OwnedProvider:
             self._server.server_close()
             self._server = None
         self.provider.shutdown()
+
+
+def child_resource(parent: Resource) -> Resource:
+    """The parent's resource, naming the forked child: its own instance id and pid."""
+    return parent.merge(
+        Resource({"service.instance.id": str(uuid.uuid4()), "process.pid": os.getpid()})
+    )
 
 
 def _resource() -> Resource:
@@ -151,12 +169,26 @@ def _prometheus(settings: Settings, environ: Mapping[str, str]) -> tuple[MetricR
     return reader, server
 
 
-def build(settings: Settings, environ: Mapping[str, str]) -> OwnedProvider:
-    """A MeterProvider with the readers the environment and settings ask for."""
+def build(
+    settings: Settings,
+    environ: Mapping[str, str],
+    *,
+    prometheus: bool = True,
+    resource: Resource | None = None,
+) -> OwnedProvider:
+    """A MeterProvider with the readers the environment and settings ask for.
+
+    ``prometheus=False`` leaves the Prometheus endpoint out, and ``resource`` replaces the
+    detected one: a forked child, whose port is the parent's and which must not run the
+    resource detectors from a fork handler (they use a thread pool whose lock the fork
+    holds until a later handler releases it).
+    """
     readers: list[MetricReader] = []
     server = None
     try:
         for name in _exporters(settings, environ):
+            if name == "prometheus" and not prometheus:
+                continue
             if name == "otlp":
                 readers.append(_otlp_reader(environ))
             elif name == "console":
@@ -171,7 +203,7 @@ def build(settings: Settings, environ: Mapping[str, str]) -> OwnedProvider:
         for reader in readers:
             reader.shutdown()
         raise
-    owned = OwnedProvider(MeterProvider(metric_readers=readers, resource=_resource()))
+    owned = OwnedProvider(MeterProvider(metric_readers=readers, resource=resource or _resource()))
     if server is not None:
         owned._server = server
         host, port = server.server_address[:2]

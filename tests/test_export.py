@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import http.server
+import os
 import subprocess
 import sys
 import textwrap
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -300,3 +302,57 @@ def test_metrics_and_points_are_the_sdks_own(
     assert [(m.name, type(m.data), [p.attributes for p in m.data.data_points]) for m in slow] == [
         (m.name, type(m.data), [p.attributes for p in m.data.data_points]) for m in fast
     ]
+
+
+def _resources(received: list[tuple[str, bytes]]) -> list[dict[str, str | int]]:
+    out = []
+    for _, body in received:
+        request = ExportMetricsServiceRequest()
+        request.ParseFromString(body)
+        for rm in request.resource_metrics:
+            attributes: dict[str, str | int] = {}
+            for a in rm.resource.attributes:
+                attributes[a.key] = a.value.string_value or a.value.int_value
+            out.append(attributes)
+    return out
+
+
+def test_a_forked_child_exports_as_itself(
+    otlp_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prefork worker gets its own service.instance.id and pid; the parent's endpoint lives."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_endpoint)
+    monkeypatch.delenv("OTEL_METRICS_EXPORTER", raising=False)
+    handle = poolwatch.instrument(prometheus_port=0)
+    try:
+        assert handle.prometheus_address is not None
+        host, port = handle.prometheus_address
+        engine = sa.create_engine(f"sqlite:///{tmp_path}/fork.db")
+        engine.connect().close()
+        pid = os.fork()
+        if pid == 0:  # the child: two checkouts of its own, exported, then leave
+            code = 1
+            try:
+                engine.dispose(close=False)
+                for _ in range(2):
+                    engine.connect().close()
+                child = poolwatch.instrument()
+                if child.prometheus_address is None and child.meter_provider.force_flush(10_000):
+                    code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        children = _resources(_Collector.received)
+        assert handle.meter_provider.force_flush(10_000)
+        parents = _resources(_Collector.received[len(children) :])
+        # the parent's endpoint still answers after the child closed its copy of the socket
+        body = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read()
+        assert b"poolwatch_wait_duration_seconds_count" in body
+    finally:
+        poolwatch.uninstrument()
+    assert {r["process.pid"] for r in children} == {pid}
+    assert {r["process.pid"] for r in parents} == {os.getpid()}
+    assert {r["service.instance.id"] for r in children}.isdisjoint(
+        {r["service.instance.id"] for r in parents}
+    )
