@@ -18,6 +18,7 @@ from poolwatch import _catalogue
 from poolwatch._naming import check_pool_name
 
 DEFAULT_LEAK_THRESHOLD = 30.0
+LEAK_STACKS = ("auto", "always", "off")
 DEFAULT_MAX_POOLS = 200
 DEFAULT_PROMETHEUS_HOST = "127.0.0.1"
 
@@ -43,6 +44,9 @@ class Settings:
     """
     leak_threshold: float | None = DEFAULT_LEAK_THRESHOLD
     """Seconds a checkout may be held before it counts as a leak; None disables."""
+    leak_stacks: str = "auto"
+    """When to capture the borrower's stack at checkout, for the leak WARNING: ``auto`` —
+    for a pool's checkouts once it has leaked; ``always``; ``off``."""
     max_pools: int = DEFAULT_MAX_POOLS
     """Pool series tracked before further pools fold into an overflow series."""
     pool_names: Mapping[str, str] = field(default_factory=dict)
@@ -157,6 +161,14 @@ def _check_leak(value: Any) -> float | None:
     return float(value)
 
 
+def _check_leak_stacks(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(value)
+    if value.strip().lower() not in LEAK_STACKS:
+        raise ValueError(value)
+    return value.strip().lower()
+
+
 def _check_buckets(value: Any) -> tuple[float, ...]:
     if isinstance(value, (str, bytes)):
         raise TypeError(value)
@@ -226,6 +238,9 @@ def resolve(
             _leak_from_env,
             _check_leak,
             "a number of seconds > 0, or None/'off' to disable leak detection",
+        ),
+        leak_stacks=env.get(
+            "leak_stacks", "auto", str, _check_leak_stacks, "'auto', 'always' or 'off'"
         ),
         max_pools=env.get("max_pools", DEFAULT_MAX_POOLS, int, _check_positive_int, "an int >= 1"),
         pool_names=env.get(

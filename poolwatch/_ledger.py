@@ -9,11 +9,13 @@ exporting, leak scans — happens at collection time on the exporter's thread.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Hashable
 from math import inf
+from types import FrameType
 from typing import NamedTuple
 
 from poolwatch import _catalogue as c
@@ -98,6 +100,39 @@ class LedgerSnapshot(NamedTuple):
         return self.wait[c.OUTCOME_ACQUIRED].observations
 
 
+Stack = tuple[tuple[str, int, str], ...]
+"""A borrower's stack: (file, line, function), outermost first, poolwatch's frames left out."""
+
+STACK_DEPTH = 24
+"""Frames kept per captured stack."""
+
+_POOLWATCH_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def capture_stack(frame: FrameType | None) -> Stack:
+    """The stack from ``frame`` outwards, cheaply: no source lines are read here."""
+    frames: list[tuple[str, int, str]] = []
+    while frame is not None and len(frames) < STACK_DEPTH:
+        code = frame.f_code
+        if not code.co_filename.startswith(_POOLWATCH_DIR):
+            frames.append((code.co_filename, frame.f_lineno, code.co_name))
+        frame = frame.f_back
+    frames.reverse()
+    return tuple(frames)
+
+
+class LeakReport(NamedTuple):
+    """A leak for the log: found while out, or a leaked checkout coming back."""
+
+    held: float
+    """Seconds the connection had been out."""
+    stack: Stack | None
+    """Where it was checked out, when the stack was captured."""
+    returned: bool = False
+    counted: bool = False
+    """Counted as a leak only now, at its return (it was out less than a collection)."""
+
+
 DRAIN_AT = 16384
 """Pending values past which the janitor (``_janitor.py``) folds a ledger between collections."""
 
@@ -117,18 +152,22 @@ class Ledger:
     """
 
     __slots__ = (
+        "_auto_stacks",
         "_changes",
         "_last",
         "_last_changes",
         "_leaked",
         "_lock",
+        "_reports",
         "active",
+        "capture",
         "closed",
         "connect",
         "leak_threshold",
         "leaks",
         "lifetime",
         "lifetime_bounds",
+        "stacks",
         "timeouts",
         "use",
         "uses",
@@ -141,8 +180,15 @@ class Ledger:
         bounds: tuple[float, ...] = c.DURATION_BUCKETS,
         lifetime_bounds: tuple[float, ...] = c.LIFETIME_BUCKETS,
         leak_threshold: float | None = None,
+        leak_stacks: str = "auto",
     ) -> None:
         self._lock = threading.RLock()
+        self.capture = leak_stacks == "always"
+        """Whether checkouts record the borrower's stack (hot path: one attribute read)."""
+        self._auto_stacks = leak_stacks == "auto"
+        self.stacks: dict[Hashable, Stack] = {}
+        """Borrowers' stacks of checkouts out now, while ``capture`` is on."""
+        self._reports: list[LeakReport] = []
         self.leak_threshold = inf if leak_threshold is None else leak_threshold
         self.wait = {outcome: Histogram(bounds) for outcome in c.WAIT_OUTCOMES}
         self.use = Histogram(bounds)
@@ -187,10 +233,15 @@ class Ledger:
         """After a return held past the leak threshold: count the leak, once."""
         with self._lock:
             self._changes += 1
+            stack = self.stacks.pop(key, None)
             if key in self._leaked:
                 self._leaked.discard(key)  # already counted while it was out
+                self._reports.append(LeakReport(held, None, returned=True))
             else:
                 self.leaks += 1
+                self._reports.append(LeakReport(held, stack, returned=True, counted=True))
+                if self._auto_stacks:
+                    self.capture = True
 
     # -- less frequent events ----------------------------------------------------------
     def failed(self, start: float, end: float, *, timeout: bool) -> None:
@@ -220,9 +271,18 @@ class Ledger:
     def forget(self, key: Hashable) -> None:
         """Drop ``key`` from the checkout table without recording a use (detached)."""
         self.active.pop(key, None)
+        self.stacks.pop(key, None)
         with self._lock:
             self._changes += 1
             self._leaked.discard(key)
+
+    def take_reports(self) -> list[LeakReport]:
+        """Leaks found and leaked checkouts returned since the last call, for the log."""
+        if not self._reports:
+            return []
+        with self._lock:
+            reports, self._reports = self._reports, []
+            return reports
 
     # -- collection time ---------------------------------------------------------------
     def drain(self) -> None:
@@ -258,6 +318,9 @@ class Ledger:
                     if key not in self._leaked:
                         self._leaked.add(key)
                         self.leaks += 1
+                        self._reports.append(LeakReport(now - start, self.stacks.get(key)))
+                        if self._auto_stacks:
+                            self.capture = True  # this pool leaks: name the next borrower
             snapshot = LedgerSnapshot(
                 wait={
                     k: h.snapshot()
@@ -285,6 +348,7 @@ class Ledger:
         """Start from zero (a forked child); also replaces a lock a dead thread may hold."""
         fresh = Ledger(self.use.bounds, self.lifetime_bounds, None)
         fresh.leak_threshold = self.leak_threshold
+        fresh.capture, fresh._auto_stacks = self.capture, self._auto_stacks
         for name in Ledger.__slots__:
             setattr(self, name, getattr(fresh, name))
 

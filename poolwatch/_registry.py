@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from poolwatch import _catalogue as c
 from poolwatch._config import Settings
-from poolwatch._ledger import Ledger, LedgerSnapshot
+from poolwatch._ledger import LeakReport, Ledger, LedgerSnapshot
 from poolwatch._safe import ErrorLog, logger
 from poolwatch.adapters._base import Adapter, Levels
 
@@ -160,7 +160,7 @@ class Registry:
 
     def _new_ledger(self) -> Ledger:
         s = self._settings
-        return Ledger(s.buckets, s.lifetime_buckets, s.leak_threshold)
+        return Ledger(s.buckets, s.lifetime_buckets, s.leak_threshold, s.leak_stacks)
 
     def _name_for(self, kind: str, target: str, site: str | None, name: str | None) -> str:
         if name is not None:
@@ -283,6 +283,8 @@ class Registry:
                 gone.append((key, series))
             try:
                 snapshot = series.ledger.snapshot(now)
+                for report in series.ledger.take_reports():
+                    _log_leak(series, report, self._settings)
             except Exception as error:
                 self._errors.report("ledger snapshot", error)
                 continue
@@ -301,6 +303,40 @@ class Registry:
             series.ledger.reset()
             series.created_ns = time.time_ns()
             series.instances_created = len(series.pools)
+
+
+def _log_leak(series: Series, report: LeakReport, settings: Settings) -> None:
+    """One WARNING per leak, with the borrower's stack when captured; INFO on its return."""
+    pool = f"{series.name!r} ({series.kind})"
+    threshold = f"{settings.leak_threshold:g} s"
+    if report.returned and not report.counted:
+        logger.info(
+            "poolwatch: the leaked connection of pool %s came back after %.1f s",
+            pool,
+            report.held,
+        )
+        return
+    when = "was held for" if report.returned else "has been checked out for"
+    if report.stack:
+        where = "checked out at:\n" + "".join(
+            f'  File "{file}", line {line}, in {function}\n'
+            for file, line, function in report.stack
+        )
+    elif settings.leak_stacks == "auto":
+        where = (
+            "the borrower's stack was not captured; it is from now on for this pool's "
+            "checkouts (leak_stacks='auto')"
+        )
+    else:
+        where = "the borrower's stack is not captured (leak_stacks='off')"
+    logger.warning(
+        "poolwatch: a connection of pool %s %s %.1f s, past the leak threshold of %s; %s",
+        pool,
+        when,
+        report.held,
+        threshold,
+        where.rstrip(),
+    )
 
 
 def snapshot_of(reading: SeriesReading) -> PoolSnapshot:

@@ -16,6 +16,7 @@ def test_defaults() -> None:
     assert s.libraries == ("sqlalchemy",)
     assert s.semconv is False  # opt-in: Development-status conventions, twice the series
     assert s.leak_threshold == DEFAULT_LEAK_THRESHOLD == 30.0
+    assert s.leak_stacks == "auto"
     assert s.max_pools == DEFAULT_MAX_POOLS == 200
     assert s.pool_names == {}
     assert s.buckets == _catalogue.DURATION_BUCKETS
@@ -92,6 +93,12 @@ def test_leak_detection_can_be_disabled() -> None:
             "seconds > 0, or None/'off' to disable leak detection",
         ),
         (
+            {},
+            {"POOLWATCH_LEAK_STACKS": "sometimes"},
+            "poolwatch setting 'leak_stacks' (environment variable POOLWATCH_LEAK_STACKS) got "
+            "'sometimes': expected 'auto', 'always' or 'off'",
+        ),
+        (
             {"buckets": [0.1, 0.01]},
             {},
             "poolwatch setting 'buckets' (argument) got [0.1, 0.01]: expected strictly "
@@ -115,8 +122,8 @@ def test_leak_detection_can_be_disabled() -> None:
             {"pool_size": 5},
             {},
             "poolwatch.instrument() got unknown setting(s) 'pool_size': expected one of "
-            "buckets, leak_threshold, libraries, lifetime_buckets, max_pools, meter_provider, "
-            "pool_names, prometheus_host, prometheus_port, semconv",
+            "buckets, leak_stacks, leak_threshold, libraries, lifetime_buckets, max_pools, "
+            "meter_provider, pool_names, prometheus_host, prometheus_port, semconv",
         ),
     ],
 )

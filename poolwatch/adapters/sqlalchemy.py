@@ -32,7 +32,7 @@ from time import perf_counter
 from typing import Any
 
 from poolwatch import _catalogue as c
-from poolwatch._ledger import Ledger
+from poolwatch._ledger import Ledger, capture_stack
 from poolwatch._naming import creation_site, target_name
 from poolwatch.adapters._base import Adapter, Levels, Tracker
 
@@ -270,6 +270,8 @@ def _checkout_hook(
             now = perf_counter()
             ledger.waits.append(now - start)
             ledger.active[fairy._connection_record] = now
+            if ledger.capture:  # this pool has leaked (or leak_stacks="always")
+                ledger.stacks[fairy._connection_record] = capture_stack(sys._getframe(1))
         return fairy
 
     return _checkout
@@ -291,6 +293,8 @@ def _checkin_hook(adapter: SQLAlchemyAdapter, original: Callable[..., Any]) -> C
                         ledger.settle(self, held)
                     except Exception as error:
                         report("sqlalchemy checkin", error)
+                elif ledger.stacks:
+                    ledger.stacks.pop(self, None)
         original(self, _fairy_was_created)
 
     return checkin

@@ -59,7 +59,7 @@ from types import FrameType
 from typing import Any, NamedTuple
 
 from poolwatch import _catalogue as c
-from poolwatch._ledger import Ledger
+from poolwatch._ledger import Ledger, capture_stack
 from poolwatch._naming import creation_site, target_name
 from poolwatch.adapters._base import Adapter, Levels, Tracker
 
@@ -299,6 +299,7 @@ class Urllib3Adapter(Adapter):
         now = perf_counter()
         if who == "urlopen":  # thrown away after an error, never returned: its use ends
             start = ledger.active.pop(conn, None)
+            ledger.stacks.pop(conn, None)
             if start is not None:
                 ledger.uses.append(now - start)
         if conn.sock is None and _ENDED not in conn.__dict__:
@@ -428,6 +429,8 @@ def _get_conn_hook(
             now = perf_counter()
             ledger.waits.append(now - start)
             ledger.active[conn] = now
+            if ledger.capture:  # this pool has leaked (or leak_stacks="always")
+                ledger.stacks[conn] = capture_stack(sys._getframe(1))
         return conn
 
     return _get_conn
@@ -448,6 +451,8 @@ def _put_conn_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Cal
                         ledger.settle(conn, held)
                     except Exception as error:
                         report("urllib3 checkin", error)
+                elif ledger.stacks:
+                    ledger.stacks.pop(conn, None)
         original(self, conn)
 
     return _put_conn
