@@ -6,6 +6,8 @@ temporary directory (``QueuePool``, ``pool_size=5``):
 * ``bare`` — no instrumentation at all;
 * ``poolwatch`` — ``poolwatch.instrument(meter_provider=...)`` with an
   ``InMemoryMetricReader``, the engine created after ``instrument()``;
+* ``+ leak stacks`` — the same with ``leak_stacks="always"``: the borrower's stack captured
+  at every checkout (by default only a pool that has leaked pays this);
 * ``contrib`` — ``opentelemetry-instrumentation-sqlalchemy``:
   ``SQLAlchemyInstrumentor().instrument(engine=..., meter_provider=..., enable_commenter=False)``,
   which records ``db.client.connections.usage`` from pool events (four ``UpDownCounter.add``
@@ -106,13 +108,14 @@ class Bare:
 class WithPoolwatch(Bare):
     """poolwatch instrumented before the engine is created."""
 
-    def __init__(self) -> None:
+    def __init__(self, **settings: Any) -> None:
         super().__init__()
         self._provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+        self._settings = settings
 
     def start(self, url: str) -> Pool:
         gc.collect()  # or instrument()'s heap walk tracks unreachable engines of past rounds
-        poolwatch.instrument(meter_provider=self._provider)
+        poolwatch.instrument(meter_provider=self._provider, **self._settings)
         return super().start(url)
 
     def check(self, ops: int) -> None:
@@ -207,7 +210,12 @@ class HotPathResult:
 def run_hot_path(config: HotPathConfig) -> HotPathResult:
     """Time every available variant, interleaved round by round."""
     refusal = contrib_refusal()
-    variants: dict[str, Variant] = {"bare": Bare(), "poolwatch": WithPoolwatch()}
+    variants: dict[str, Variant] = {
+        "bare": Bare(),
+        "poolwatch": WithPoolwatch(),
+        # what a pool pays once it has leaked (leak_stacks="auto"), or always with "always"
+        "+ leak stacks": WithPoolwatch(leak_stacks="always"),
+    }
     if refusal is None:
         variants["contrib"] = WithContrib()
     with tempfile.TemporaryDirectory(prefix="poolwatch-bench-") as tmp:

@@ -15,7 +15,7 @@ import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Hashable
 from math import inf
-from types import FrameType
+from types import CodeType, FrameType
 from typing import NamedTuple
 
 from poolwatch import _catalogue as c
@@ -100,25 +100,40 @@ class LedgerSnapshot(NamedTuple):
         return self.wait[c.OUTCOME_ACQUIRED].observations
 
 
-Stack = tuple[tuple[str, int, str], ...]
-"""A borrower's stack: (file, line, function), outermost first, poolwatch's frames left out."""
+Stack = tuple[tuple[CodeType, int], ...]
+"""A borrower's stack as captured: (code, instruction offset), innermost first."""
 
-STACK_DEPTH = 24
+STACK_DEPTH = 16
 """Frames kept per captured stack."""
 
 _POOLWATCH_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def capture_stack(frame: FrameType | None) -> Stack:
-    """The stack from ``frame`` outwards, cheaply: no source lines are read here."""
-    frames: list[tuple[str, int, str]] = []
-    while frame is not None and len(frames) < STACK_DEPTH:
-        code = frame.f_code
-        if not code.co_filename.startswith(_POOLWATCH_DIR):
-            frames.append((code.co_filename, frame.f_lineno, code.co_name))
+    """The stack from ``frame`` outwards, as cheaply as Python allows: a code object and
+    an instruction offset per frame; files and lines are worked out only when logged."""
+    frames: list[tuple[CodeType, int]] = []
+    append = frames.append
+    depth = 0
+    while frame is not None and depth < STACK_DEPTH:
+        append((frame.f_code, frame.f_lasti))
         frame = frame.f_back
-    frames.reverse()
+        depth += 1
     return tuple(frames)
+
+
+def render_stack(stack: Stack) -> str:
+    """Traceback-style lines, outermost first, poolwatch's own frames left out."""
+    lines = []
+    for code, offset in reversed(stack):
+        if code.co_filename.startswith(_POOLWATCH_DIR):
+            continue
+        line = next(
+            (n for start, end, n in code.co_lines() if start <= offset < end and n is not None),
+            code.co_firstlineno,
+        )
+        lines.append(f'  File "{code.co_filename}", line {line}, in {code.co_name}\n')
+    return "".join(lines)
 
 
 class LeakReport(NamedTuple):

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from poolwatch import _catalogue as c
 from poolwatch._config import Settings
-from poolwatch._ledger import LeakReport, Ledger, LedgerSnapshot
+from poolwatch._ledger import LeakReport, Ledger, LedgerSnapshot, render_stack
 from poolwatch._safe import ErrorLog, logger
 from poolwatch.adapters._base import Adapter, Levels
 
@@ -318,10 +318,7 @@ def _log_leak(series: Series, report: LeakReport, settings: Settings) -> None:
         return
     when = "was held for" if report.returned else "has been checked out for"
     if report.stack:
-        where = "checked out at:\n" + "".join(
-            f'  File "{file}", line {line}, in {function}\n'
-            for file, line, function in report.stack
-        )
+        where = "checked out at:\n" + render_stack(report.stack)
     elif settings.leak_stacks == "auto":
         where = (
             "the borrower's stack was not captured; it is from now on for this pool's "
