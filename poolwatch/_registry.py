@@ -115,6 +115,20 @@ class PoolSnapshot:
             return None
         return self.used / self.max
 
+    @property
+    def reused(self) -> int:
+        """Checkouts served by a connection that was already open (keep-alive at work).
+
+        Every pool poolwatch knows opens a connection for the checkout that needs one, so
+        the checkouts that did not open one — successfully or not — reused a connection.
+        """
+        return max(self.checkouts - self.connects - self.connect_errors, 0)
+
+    @property
+    def reuse_ratio(self) -> float | None:
+        """reused / checkouts: near 1 for a warm pool, 0 when every request connects."""
+        return self.reused / self.checkouts if self.checkouts else None
+
     def __repr__(self) -> str:
         limit = "unbounded" if self.max is None else str(self.max)
         return (

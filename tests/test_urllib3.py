@@ -52,6 +52,7 @@ def test_keep_alive_requests_reuse_one_connection(pw: Harness, upstream: Threade
     snap = _pool(upstream.origin)
     assert (snap.used, snap.idle, snap.max, snap.pending) == (0, 1, 3, 0)
     assert (snap.checkouts, snap.connects, upstream.connections, upstream.requests) == (5, 1, 1, 5)
+    assert (snap.reused, snap.reuse_ratio) == (4, 0.8)  # keep-alive at work
     assert snap.attributes == {"server.address": "127.0.0.1", "server.port": upstream.port}
     got = pw.collect()
     name = upstream.origin
@@ -333,6 +334,7 @@ def test_module_level_requests_aggregate_at_their_call_site(
         snaps = {s.name: s for s in poolwatch.pools() if s.kind == "requests"}
     per_call = snaps[upstream.origin]
     assert (per_call.instances_created, per_call.checkouts, per_call.connects) == (4, 4, 4)
+    assert (per_call.reused, per_call.reuse_ratio) == (0, 0.0)  # a Session per call: no reuse
     assert per_call.closed["disposed"] == 4  # each Session closed its connection
     assert set(snaps) == {
         upstream.origin,
