@@ -1,0 +1,1 @@
+"""A minimal single-settings Django project instrumented by poolwatch (see wsgi.py)."""
