@@ -52,6 +52,9 @@ class _Tracker:
     def series_of(self, pool: Any) -> Series | None:
         return self._registry.series_of(pool)
 
+    def forget(self, pool: Any) -> None:
+        self._registry.forget(pool)
+
     def report(self, where: str, error: BaseException) -> None:
         self._errors.report(where, error)
 

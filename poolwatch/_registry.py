@@ -272,6 +272,13 @@ class Registry:
         with self._lock:
             return self._of_pool.get(pool)
 
+    def forget(self, pool: Any) -> None:
+        """Take ``pool`` out of its series' levels; the series and its ledger stay."""
+        with self._lock:
+            series = self._of_pool.pop(pool, None)
+            if series is not None:
+                series.pools.discard(pool)
+
     def untrack_adapter(self, adapter: Adapter) -> None:
         """Forget every series of ``adapter``."""
         with self._lock:

@@ -345,3 +345,20 @@ def test_async_engine_waits_and_timeouts_on_a_real_event_loop(pw: Harness, tmp_p
     got = pw.collect()
     assert got.value("poolwatch.timeouts") == 2
     assert got.count("poolwatch.wait.duration", outcome="acquired") == 1
+
+
+def test_dispose_without_closing_leaves_the_old_pool_out_of_the_levels(
+    pw: Harness, tmp_path: Path
+) -> None:
+    """A forked child's step: dispose(close=False) keeps the parent's connections open in
+    the replaced pool, which lingers until the garbage collector frees it."""
+    engine = sa.create_engine(_url(tmp_path), pool_size=2, max_overflow=1)
+    engine.connect().close()
+    old = engine.pool  # still alive, with its open connection, as until a gc run
+    engine.dispose(close=False)
+    snap = _only()
+    assert (snap.used, snap.idle, snap.max, snap.instances) == (0, 0, 3, 1)
+    engine.connect().close()
+    snap = _only()
+    assert (snap.idle, snap.checkouts, snap.connects) == (1, 2, 2)
+    assert old.checkedin() == 1  # the parent's connection, untouched

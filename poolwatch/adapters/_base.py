@@ -74,6 +74,9 @@ class Tracker(Protocol):
     def series_of(self, pool: Any) -> Series | None:
         """The series ``pool`` reports into, if it is tracked."""
 
+    def forget(self, pool: Any) -> None:
+        """Stop counting ``pool`` in its series' levels (it was replaced); its ledger stays."""
+
     def report(self, where: str, error: BaseException) -> None:
         """Record a failure inside poolwatch; logged once per ``where``, never raised."""
 

@@ -146,10 +146,18 @@ class SQLAlchemyAdapter(Adapter):
         return self._track_pool(engine.pool, target, site, attributes, name)
 
     def _track_replacement(self, old: Any, new: Any) -> None:
+        """After ``dispose()``: the new pool joins the series, the old one leaves its levels.
+
+        The old pool lingers until the garbage collector frees it, and after
+        ``dispose(close=False)`` (a forked child's step) still holds the parent's open
+        connections: counted, they would inflate idle and max. Connections checked out of
+        it still report their use when they come back.
+        """
         series = self.tracker.series_of(old)
         if series is None:
             return
         self._track_pool(new, series.target, series.site, dict(series.attributes), series.name)
+        self.tracker.forget(old)
 
     def _discover(self, pool: Any) -> Ledger | None:
         """A pool first seen at checkout: made without an engine, or before instrument()."""
