@@ -6,10 +6,12 @@ Adding a library means adding one module here and one entry to :data:`ADAPTERS`.
 from __future__ import annotations
 
 from poolwatch.adapters._base import Adapter, HostLevels, Levels, Tracker
+from poolwatch.adapters.aiohttp import AiohttpAdapter
 from poolwatch.adapters.sqlalchemy import SQLAlchemyAdapter
 from poolwatch.adapters.urllib3 import Urllib3Adapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
+    AiohttpAdapter.name: AiohttpAdapter,
     SQLAlchemyAdapter.name: SQLAlchemyAdapter,
     Urllib3Adapter.name: Urllib3Adapter,
 }

@@ -1,0 +1,578 @@
+"""aiohttp pools: every ``BaseConnector`` (``TCPConnector``, ``UnixConnector``), made by a
+``ClientSession`` or by the application, before or after ``instrument()``.
+
+A connector is one pool spanning servers: ``limit`` connections in all (0: unbounded),
+``limit_per_host`` per ``(host, port, TLS, proxy)`` key. Its levels are read from the
+connector itself at collection: used — connections handed out (``_acquired``), including
+the slots of connections being opened, which count against ``limit`` as aiohttp counts
+them; idle — open connections kept for reuse (``_conns``; a connection the server has
+closed is not counted, it is thrown away as ``stale`` the next time aiohttp looks at it);
+both also per server (``Levels.hosts``: ``server.address`` is the host as the request
+addresses it); max — ``limit``, absent when 0; pending — requests queued for a slot now
+(``_waiters``, every host). aiohttp's ``limit`` bounds the connections handed out, not the
+idle ones: a connector that has talked to several servers may keep more idle connections
+than ``limit``. The containers are copied before they are read: collection
+runs on the exporter's thread, not the event loop's.
+
+``limit_per_host`` is not a pool-wide maximum and is not exported as one (no metric is
+invented for it): ``poolwatch.connections.max`` stays ``limit``. A pool held back by
+``limit_per_host`` shows as ``poolwatch.pending_requests`` above 0 while the server's
+``used`` (per ``server.address``) sits at ``limit_per_host`` below ``max``; waits queued
+that way land in ``poolwatch.wait.duration`` like any other.
+
+Names: a session with ``base_url`` names the pool it creates by the origin of that URL
+(``https://api.example.com:8443``; never user, password, path or query); any other
+connector is ``aiohttp``, and the registry adds the creation site in user code once a
+second place creates one. A connector the application makes is tracked when the first
+session takes it (and named by that session's ``base_url``), or at its first
+``connect()``; it keeps that name when more sessions share it.
+
+Where it hooks, and why there:
+
+* ``ClientSession.__init__``, ``BaseConnector.__init__`` — new connectors, their name and
+  creation site. Connectors made before ``instrument()`` are found once by a heap walk,
+  and any connector still unknown at its first ``connect()`` is tracked then.
+* ``BaseConnector.connect`` — the caller's whole wait: from the call until a connection is
+  handed out, queue wait and a new connection's connect included. A wrapper is the only
+  way to see where the wait starts. Outcomes: ``timeout`` when the wait for a slot ran out
+  (``ClientTimeout(connect=…)``: aiohttp raises ``asyncio.TimeoutError`` there, which a
+  ``ClientSession`` turns into ``ConnectionTimeoutError``, a ``ServerTimeoutError``; or
+  the session's ``total`` timeout cancelling a queued request); ``error`` otherwise —
+  including a timeout or failure while the new connection was being opened (that one is
+  a connect error, not pool exhaustion) and a request cancelled by the application.
+* ``BaseConnector._release`` — end of use (``Connection.release()`` and ``close()``).
+* ``_create_connection`` of ``TCPConnector`` and ``UnixConnector`` — connect time: DNS
+  resolution (usually cached), TCP, proxy tunnel and TLS, as urllib3's ``connect()``
+  measures it. A failed or cancelled attempt is ``outcome=error`` (refused, DNS, TLS,
+  ``sock_connect`` timeout, or the ``connect`` timeout expiring mid-connect).
+* ``ResponseHandler.close`` / ``abort`` — closes, counted only when the connector lets
+  go of a connection (the caller's code object tells which connector function it is);
+  each connection is counted once, when its pool mark is popped:
+
+  ==========================================  ============================================
+  closed by                                    reason
+  ==========================================  ============================================
+  ``_get``, ``_cleanup``: past                 ``idle_expired``
+  ``keepalive_timeout``, still open
+  ``_get``, ``_cleanup``: found closed         ``stale`` (the server closed the idle
+                                               connection; aiohttp opens a new one, the
+                                               request does not fail)
+  ``_release`` of a ``force_close`` connector  ``disposed`` (a connection per request, by
+                                               design — like SQLAlchemy's ``NullPool``)
+  ``_release`` from ``Connection.close()``     ``error``: the request failed, or the
+                                               response was closed rather than released
+                                               (or a leaked ``Connection`` was collected)
+  ``_release``, protocol failed                ``error`` (an exception on the connection,
+                                               e.g. the server dropped it mid-response)
+  ``_release``, not reusable                   ``invalidated``: ``Connection: close`` or
+                                               HTTP/1.0 from the server, a body not read to
+                                               the end, an upgraded connection
+  ``_close`` (connector / session closed),     ``disposed``
+  ``connect`` on a connector closed meanwhile
+  ==========================================  ============================================
+
+  aiohttp never closes a connection because the pool is full (it has no idle maximum), so
+  ``pool_full`` and ``max_lifetime`` never occur for it. A server closing idle
+  connections shows as ``stale`` when aiohttp has seen the EOF before the next request
+  (the usual case; the request is unaffected). When it has not yet (the server closed
+  the connection just before it was reused), the request fails with
+  ``ServerDisconnectedError``, the connection closes as ``error``, and aiohttp retries an
+  idempotent request once on a new connection: one checkout more than requests.
+
+Patching versus ``TraceConfig``. aiohttp's trace callbacks (connection queued / create /
+reuse) were the other option, and they lose on both counts. Completeness: there is no
+release callback (no use time, no leaks), no close callback (no close reasons), the
+reuse callback fires after ``_get`` so the wait of a reused connection cannot be timed
+from the ``connect()`` call, nothing sees a connector used without a session, and a
+``TraceConfig`` only reaches sessions created after it is added (changing the frozen
+list of an existing session is private surgery too). Cost: a session with any trace
+config builds ``Trace`` objects and awaits every request signal of every request, not
+only the connection ones. Measured on this machine (Python 3.11, aiohttp 3.14, loopback
+keep-alive connection reused in a loop of ``connector.connect()`` + ``release()``, rounds
+interleaved, medians): aiohttp alone takes about 3.7 µs; the patched hot path
+(``connect`` wrapper and ``_release`` hook, ledger updates included) adds 0.8 µs
+(0.77-0.86 over five runs; the two bare wrapper frames are 0.25 µs of it). One
+``TraceConfig`` with empty connection callbacks adds 1.9 µs to the same loop (a ``Trace``
+per request and the reuse signal), and 6.1 µs once the request signals every traced
+request awaits (start, headers sent, end) are counted — before any bookkeeping. Levels
+never come from events: they are read from the connector, so they cannot drift and
+include connections opened before ``instrument()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import gc
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Coroutine
+from time import monotonic, perf_counter
+from types import CodeType, FrameType
+from typing import Any
+
+from poolwatch import _catalogue as c
+from poolwatch._ledger import Ledger, capture_stack
+from poolwatch._naming import creation_site, target_name
+from poolwatch.adapters._base import Adapter, HostLevels, Levels, Tracker
+
+_LEDGER = "_poolwatch_ledger"
+_MARK = "_poolwatch_mark"
+"""On a connection (``ResponseHandler``): ``(born, key)`` — monotonic birth time (None if
+opened before poolwatch saw it) and its ``ConnectionKey`` (None if unknown). Its presence
+means "a connection of a pool, not yet counted as closed"."""
+_CONNECTING = "_poolwatch_connecting"
+"""On a connector: connections being opened, by ``ConnectionKey`` (for per-host used)."""
+_SITE = "_poolwatch_site"
+"""On a connector the application made: where, until it is tracked."""
+_TARGET = "aiohttp"
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+_failed_connect: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "poolwatch_aiohttp_failed_connect", default=None
+)
+"""The request whose new connection just failed to open, in this task: tells a timeout
+while connecting (a connect error) from a timeout while queued for a slot."""
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _Absent()
+
+
+def base_url_target(url: Any) -> str:
+    """The credential-free origin of a ``yarl.URL``: ``scheme://host[:port]``."""
+    scheme = (url.scheme or "http").lower()
+    port = url.port
+    return target_name(scheme, url.host, None if port == _DEFAULT_PORTS.get(scheme) else port)
+
+
+class AiohttpAdapter(Adapter):
+    """Hooks aiohttp 3.x connectors (``ClientSession`` pools)."""
+
+    name = "aiohttp"
+    kind = "aiohttp"
+    module = "aiohttp"
+    family = "http"
+
+    def __init__(self, tracker: Tracker) -> None:
+        super().__init__(tracker)
+        self._patches: list[tuple[Any, str, Any]] = []
+        self._tracked: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._sited: weakref.WeakSet[Any] = weakref.WeakSet()
+        """Connectors made since instrument() and not tracked yet (their site is kept)."""
+        self._making = threading.local()
+        self._placeholder: type = type(None)
+        self._closers: dict[CodeType, str] = {}
+
+    # -- patching ----------------------------------------------------------------------
+    def _patch(self, owner: Any, attribute: str, replacement: Any) -> None:
+        self._patches.append((owner, attribute, owner.__dict__.get(attribute, _ABSENT)))
+        setattr(owner, attribute, replacement)
+
+    def instrument(self, *, imported_before: bool) -> None:
+        from aiohttp import client, client_proto, connector
+
+        base = connector.BaseConnector
+        # The slot of a connection being opened (aiohttp 3.10+); never a connection.
+        self._placeholder = getattr(connector, "_TransportPlaceholder", type(None))
+        # Who closes a connection tells why (see the table in the module docstring).
+        self._closers = {
+            base._get.__code__: "get",
+            base._cleanup.__code__: "cleanup",
+            base._release.__code__: "release",
+            base._close.__code__: "close",
+            base.connect.__code__: "close",
+        }
+        self._patch(base, _LEDGER, None)  # class default: "untracked"
+        self._patch(base, "__init__", _connector_init_hook(self, base.__init__))
+        self._patch(base, "connect", _connect_hook(self, base.connect))
+        self._patch(base, "_release", _release_hook(self, base._release))
+        for cls in (connector.TCPConnector, connector.UnixConnector):
+            create = cls.__dict__["_create_connection"]
+            self._patch(cls, "_create_connection", _create_hook(self, create))
+        handler = client_proto.ResponseHandler
+        self._patch(handler, "close", _close_hook(self, handler.close))
+        self._patch(handler, "abort", _close_hook(self, handler.abort))
+        session = client.ClientSession
+        self._patch(session, "__init__", _session_init_hook(self, session.__init__))
+        if imported_before:
+            self._track_existing(session, base)
+
+    def uninstrument(self) -> None:
+        for connector in list(self._tracked):
+            try:
+                self._unmark(connector)
+            except Exception as error:
+                self.tracker.report("aiohttp uninstrument", error)
+        for connector in list(self._sited):
+            connector.__dict__.pop(_SITE, None)
+        self._tracked = weakref.WeakSet()
+        self._sited = weakref.WeakSet()
+        for owner, attribute, original in reversed(self._patches):
+            if original is _ABSENT:
+                delattr(owner, attribute)
+            else:
+                setattr(owner, attribute, original)
+        self._patches.clear()
+
+    def _unmark(self, connector: Any) -> None:
+        connector.__dict__.pop(_LEDGER, None)
+        connector.__dict__.pop(_CONNECTING, None)
+        connector.__dict__.pop(_SITE, None)
+        protocols = [p for conns in list(connector._conns.values()) for p, _ in list(conns)]
+        for proto in protocols + list(connector._acquired):
+            getattr(proto, "__dict__", {}).pop(_MARK, None)
+
+    # -- tracking ----------------------------------------------------------------------
+    def _track_connector(
+        self, connector: Any, target: str, site: str | None, name: str | None = None
+    ) -> Ledger:
+        ledger = self.tracker.track(connector, self, target=target, site=site, name=name)
+        if connector.__dict__.get(_LEDGER) is None:
+            # Connections it already holds were opened before we saw it: mark them as the
+            # pool's (lifetime unknown) so their closes are counted.
+            for key, conns in list(connector._conns.items()):
+                for proto, _ in list(conns):
+                    proto.__dict__.setdefault(_MARK, (None, key))
+            for proto in list(connector._acquired):
+                if type(proto) is not self._placeholder:
+                    proto.__dict__.setdefault(_MARK, (None, None))
+        connector.__dict__.pop(_SITE, None)
+        self._sited.discard(connector)
+        connector.__dict__.setdefault(_CONNECTING, {})
+        connector.__dict__[_LEDGER] = ledger
+        self._tracked.add(connector)
+        return ledger
+
+    def _track_session(self, session: Any, site: str | None, name: str | None = None) -> bool:
+        connector = session._connector
+        if connector is None:
+            return False
+        base_url = session._base_url
+        target = base_url_target(base_url) if base_url is not None else _TARGET
+        self._track_connector(connector, target, site, name)
+        return True
+
+    def _discover(self, connector: Any) -> Ledger | None:
+        """A connector first seen at its first connect()."""
+        try:
+            return self._track_connector(connector, _TARGET, connector.__dict__.get(_SITE))
+        except Exception as error:
+            self.tracker.report("aiohttp discover", error)
+            return None
+
+    def _track_existing(self, session_cls: type, connector_cls: type) -> None:
+        sessions: list[Any] = []
+        connectors: list[Any] = []
+        for obj in gc.get_objects():
+            cls = type(obj)  # not isinstance(): a proxy's __class__ may run code, or raise
+            if issubclass(cls, session_cls):
+                sessions.append(obj)
+            elif issubclass(cls, connector_cls):
+                connectors.append(obj)
+        for session in sessions:
+            try:
+                connector = session._connector
+                if connector is not None and session._connector_owner and not connector.closed:
+                    self._track_session(session, None)
+            except Exception as error:
+                self.tracker.report("aiohttp existing session", error)
+        for connector in connectors:
+            try:
+                if not connector.closed and connector.__dict__.get(_LEDGER) is None:
+                    self._track_connector(connector, _TARGET, None)
+            except Exception as error:
+                self.tracker.report("aiohttp existing connector", error)
+
+    def track(self, obj: Any, name: str | None) -> bool:
+        try:
+            from aiohttp import ClientSession, connector
+        except ImportError:
+            return False
+        if isinstance(obj, ClientSession):
+            return self._track_session(obj, None, name)
+        if isinstance(obj, connector.BaseConnector):
+            self._track_connector(obj, _TARGET, None, name)
+            return True
+        return False
+
+    # -- closes ------------------------------------------------------------------------
+    def _closing(self, proto: Any, frame: FrameType) -> None:
+        """``proto`` is being closed by the function running ``frame``."""
+        closer = self._closers.get(frame.f_code)
+        if closer is None:
+            return  # not the pool letting go: counted when the pool does
+        mark = proto.__dict__.pop(_MARK, None)
+        if mark is None:
+            return  # not a pool's connection, or already counted
+        local = frame.f_locals
+        connector = local.get("self")
+        ledger: Ledger | None = getattr(connector, _LEDGER, None)
+        if ledger is None:
+            return
+        if closer == "close":
+            reason = c.REASON_DISPOSED
+        elif closer == "release":
+            reason = _release_reason(connector, proto, bool(local.get("should_close")))
+        else:  # _get or _cleanup: expired, or found closed
+            transport = proto.transport
+            open_ = transport is not None and not transport.is_closing()
+            reason = c.REASON_IDLE_EXPIRED if open_ else c.REASON_STALE
+        born = mark[0]
+        ledger.closed_connection(reason, monotonic() - born if born is not None else None)
+
+    # -- levels ------------------------------------------------------------------------
+    def levels(self, pool: Any) -> Levels:
+        # Copies first, each one C call: the event loop's thread changes these meanwhile.
+        acquired = list(pool._acquired)
+        conns = list(pool._conns.items())
+        waiters = list(pool._waiters.values())
+        connecting = list(pool.__dict__.get(_CONNECTING, {}).items())
+        used_at: dict[tuple[str, int], int] = {}
+        idle_at: dict[tuple[str, int], int] = {}
+        placeholder = self._placeholder
+        for proto in acquired:
+            if type(proto) is placeholder:
+                continue  # a slot for a connection being opened: counted from _CONNECTING
+            mark = proto.__dict__.get(_MARK)
+            server = _server(mark[1]) if mark is not None and mark[1] is not None else None
+            if server is None:
+                server = _peer(proto)
+            if server is not None:
+                used_at[server] = used_at.get(server, 0) + 1
+        for key, opening in connecting:
+            server = _server(key)
+            used_at[server] = used_at.get(server, 0) + opening
+        for key, queue in conns:
+            server = _server(key)
+            count = 0
+            for proto, _ in list(queue):
+                transport = proto.transport
+                if transport is not None and not transport.is_closing():
+                    count += 1
+            if count:
+                idle_at[server] = idle_at.get(server, 0) + count
+        pending = 0
+        for queued in waiters:
+            pending += sum(1 for waiter in list(queued) if not waiter.done())
+        hosts = tuple(
+            HostLevels(server[0], server[1], used_at.get(server, 0), idle_at.get(server, 0))
+            for server in {**used_at, **idle_at}
+        )
+        limit = pool._limit
+        return Levels(
+            used=len(acquired),
+            idle=sum(idle_at.values()),
+            max=limit if limit else None,
+            pending=pending,
+            hosts=hosts,
+        )
+
+
+def _server(key: Any) -> tuple[str, int]:
+    return (key.host, key.port or 0)
+
+
+def _peer(proto: Any) -> tuple[str, int] | None:
+    """Where a connection opened before poolwatch saw it goes (its key is unknown)."""
+    transport = proto.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return (str(peer[0]), int(peer[1]))
+    return None
+
+
+def _release_reason(connector: Any, proto: Any, should_close: bool) -> str:
+    """Why ``_release`` closes ``proto`` instead of keeping it (read before the close)."""
+    if connector._force_close:
+        return c.REASON_DISPOSED
+    if should_close or proto._exception is not None:
+        return c.REASON_ERROR
+    return c.REASON_INVALIDATED
+
+
+# -- hooks ---------------------------------------------------------------------------------
+# Each factory returns the replacement for one aiohttp function. The connect and release
+# hooks are the hot path: no OpenTelemetry, no lock, no logging, no method call on the
+# ledger beyond the hot-path contract of _ledger.py, inlined.
+
+
+def _connect_hook(
+    adapter: AiohttpAdapter, original: Callable[..., Coroutine[Any, Any, Any]]
+) -> Callable[..., Coroutine[Any, Any, Any]]:
+    report = adapter.tracker.report
+    timeout_error = asyncio.TimeoutError
+    cancelled = asyncio.CancelledError
+
+    def failed(ledger: Ledger | None, start: float, req: Any, error: BaseException) -> None:
+        end = perf_counter()
+        try:
+            connecting = _failed_connect.get() is req
+            if connecting:
+                _failed_connect.set(None)
+            if ledger is None:
+                return
+            if isinstance(error, timeout_error):
+                timeout = not connecting  # ran out waiting for a slot
+            elif isinstance(error, cancelled):
+                # The session's total timeout cancels the task; its timer says so.
+                timer = getattr(req, "_timer", None)
+                timeout = not connecting and getattr(timer, "_cancelled", False) is True
+            else:
+                timeout = False
+            ledger.failed(start, end, timeout=timeout)
+        except Exception as bookkeeping:
+            report("aiohttp connect", bookkeeping)
+
+    async def connect(self: Any, req: Any, traces: Any, timeout: Any) -> Any:
+        ledger: Ledger | None = self._poolwatch_ledger
+        if ledger is None:
+            ledger = adapter._discover(self)
+        start = perf_counter()
+        try:
+            conn = await original(self, req, traces, timeout)
+        except BaseException as error:
+            failed(ledger, start, req, error)
+            raise
+        if ledger is not None:
+            # Ledger.acquired, inlined (the hot-path contract in _ledger.py).
+            now = perf_counter()
+            ledger.waits.append(now - start)
+            proto = conn._protocol
+            ledger.active[proto] = now
+            if ledger.capture:  # this pool has leaked (or leak_stacks="always")
+                ledger.stacks[proto] = capture_stack(sys._getframe(1))
+        return conn
+
+    return connect
+
+
+def _release_hook(adapter: AiohttpAdapter, original: Callable[..., None]) -> Callable[..., None]:
+    report = adapter.tracker.report
+
+    def _release(self: Any, key: Any, protocol: Any, *, should_close: bool = False) -> None:
+        ledger = self._poolwatch_ledger
+        if ledger is not None:
+            # Ledger.released, inlined (the hot-path contract in _ledger.py).
+            start = ledger.active.pop(protocol, None)
+            if start is not None:
+                held = perf_counter() - start
+                ledger.uses.append(held)
+                if held > ledger.leak_threshold:
+                    try:
+                        ledger.settle(protocol, held)
+                    except Exception as error:
+                        report("aiohttp release", error)
+                elif ledger.stacks:
+                    ledger.stacks.pop(protocol, None)
+        original(self, key, protocol, should_close=should_close)
+
+    return _release
+
+
+def _create_hook(
+    adapter: AiohttpAdapter, original: Callable[..., Coroutine[Any, Any, Any]]
+) -> Callable[..., Coroutine[Any, Any, Any]]:
+    report = adapter.tracker.report
+
+    async def _create_connection(self: Any, req: Any, traces: Any, timeout: Any) -> Any:
+        key = req.connection_key
+        connecting: dict[Any, int] | None = self.__dict__.get(_CONNECTING)
+        if connecting is not None:
+            connecting[key] = connecting.get(key, 0) + 1
+        start = perf_counter()
+        try:
+            proto = await original(self, req, traces, timeout)
+        except BaseException:
+            _connect_done(self, connecting, key, perf_counter() - start, ok=False, report=report)
+            _failed_connect.set(req)
+            raise
+        _connect_done(self, connecting, key, perf_counter() - start, ok=True, report=report)
+        try:
+            proto.__dict__[_MARK] = (monotonic(), key)
+        except Exception as error:
+            report("aiohttp connect", error)
+        return proto
+
+    return _create_connection
+
+
+def _connect_done(
+    connector: Any,
+    connecting: dict[Any, int] | None,
+    key: Any,
+    duration: float,
+    *,
+    ok: bool,
+    report: Callable[[str, BaseException], None],
+) -> None:
+    try:
+        if connecting is not None:
+            left = connecting.get(key, 0) - 1
+            if left > 0:
+                connecting[key] = left
+            else:
+                connecting.pop(key, None)
+        ledger: Ledger | None = connector._poolwatch_ledger
+        if ledger is not None:
+            ledger.connected(duration, ok=ok)
+    except Exception as error:
+        report("aiohttp connect", error)
+
+
+def _close_hook(adapter: AiohttpAdapter, original: Callable[[Any], None]) -> Callable[[Any], None]:
+    def close(self: Any) -> None:
+        try:
+            if _MARK in self.__dict__:  # a pool's connection, not counted as closed yet
+                adapter._closing(self, sys._getframe(1))
+        except Exception as error:
+            adapter.tracker.report("aiohttp close", error)
+        original(self)
+
+    return close
+
+
+def _connector_init_hook(
+    adapter: AiohttpAdapter, original: Callable[..., None]
+) -> Callable[..., None]:
+    def connector_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if getattr(adapter._making, "session", False):
+            return  # made by ClientSession.__init__, which tracks it
+        try:
+            # Tracked when a session takes it (named by its base_url) or at its first
+            # connect(): ``ClientSession(base_url=…, connector=TCPConnector(…))`` makes the
+            # connector first, and a pool's name cannot change once it is tracked.
+            self.__dict__[_SITE] = creation_site(sys._getframe(1))
+            adapter._sited.add(self)
+        except Exception as error:
+            adapter.tracker.report("aiohttp connector", error)
+
+    return connector_init
+
+
+def _session_init_hook(
+    adapter: AiohttpAdapter, original: Callable[..., None]
+) -> Callable[..., None]:
+    def session_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        making = adapter._making
+        outer = getattr(making, "session", False)
+        making.session = True
+        try:
+            original(self, *args, **kwargs)
+        finally:
+            making.session = outer
+        try:
+            connector = self._connector
+            if connector is not None and connector.__dict__.get(_LEDGER) is None:
+                site = connector.__dict__.get(_SITE) or creation_site(sys._getframe(1))
+                adapter._track_session(self, site)
+        except Exception as error:
+            adapter.tracker.report("aiohttp session", error)
+
+    return session_init
