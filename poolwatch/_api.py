@@ -144,8 +144,12 @@ class Instrumentation:
         )
 
     def pools(self) -> list[PoolSnapshot]:
-        """A snapshot of every pool series, sorted by kind and name."""
-        readings = self._registry.read()
+        """A snapshot of every pool series, sorted by kind and name.
+
+        A series whose pools are all gone is shown until a reader has exported it one last
+        time (with no reader attached, until this call has shown it once).
+        """
+        readings = self._registry.read(drop_gone=not list(self._bridge.readers))
         return sorted((snapshot_of(r) for r in readings), key=lambda s: (s.kind, s.name))
 
     def uninstrument(self) -> None:

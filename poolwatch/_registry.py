@@ -285,8 +285,12 @@ class Registry:
             for key in [k for k, s in self._series.items() if s.adapter is adapter]:
                 del self._series[key]
 
-    def read(self) -> list[SeriesReading]:
-        """Read every series; series with no live pool left are read once more, then dropped."""
+    def read(self, *, drop_gone: bool = True) -> list[SeriesReading]:
+        """Read every series; series with no live pool left are read once more, then dropped.
+
+        ``drop_gone=False`` reads without dropping (``pools()`` while readers are attached:
+        the last counts of a gone series belong to the exporter's next collection).
+        """
         with self._lock:
             everything = list(self._series.items())
         now = time.perf_counter()
@@ -300,7 +304,7 @@ class Registry:
                     levels.append(series.adapter.levels(pool))
                 except Exception as error:  # a pool in a state we did not foresee
                     self._errors.report(f"{series.kind} levels", error)
-            if not pools:
+            if not pools and drop_gone:
                 gone.append((key, series))
             try:
                 snapshot = series.ledger.snapshot(now)

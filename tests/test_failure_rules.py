@@ -168,9 +168,24 @@ def test_pools_are_tracked_weakly(pw: Harness, tmp_path: Path) -> None:
     assert len(poolwatch.pools()) == 1
     del engine
     gc.collect()
-    assert [s.instances for s in poolwatch.pools()] == [0]  # exported one last time
+    assert [s.instances for s in poolwatch.pools()] == [0]
+    assert [s.instances for s in poolwatch.pools()] == [0]  # pools() leaves the last export
+    assert pw.collect().value("poolwatch.leaks") == 0  # the exporter's last read of it
     assert poolwatch.pools() == []
     assert pw.collect().names() == set()
+
+
+def test_without_a_reader_pools_shows_a_gone_pool_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
+    poolwatch.instrument()
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/x.db")
+    engine.connect().close()
+    del engine
+    gc.collect()
+    assert [s.instances for s in poolwatch.pools()] == [0]
+    assert poolwatch.pools() == []  # nothing else would ever drop it
 
 
 def test_ten_thousand_engines_created_and_dropped_leave_no_growth(pw: Harness) -> None:
@@ -180,7 +195,7 @@ def test_ten_thousand_engines_created_and_dropped_leave_no_growth(pw: Harness) -
             engine.connect().close()
             engine.dispose()
         gc.collect()
-        poolwatch.pools()
+        pw.collect()
 
     churn(500)  # warm caches (SQLAlchemy's and ours)
     tracemalloc.start()
@@ -195,7 +210,7 @@ def test_ten_thousand_engines_created_and_dropped_leave_no_growth(pw: Harness) -
     )
     assert growth < 64 * 1024, f"poolwatch memory grew by {growth} bytes"
     gc.collect()
-    poolwatch.pools()  # the last engine's series is read one last time
+    pw.collect()  # the last engine's series is exported one last time
     assert poolwatch.pools() == []
 
 

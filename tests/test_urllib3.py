@@ -256,8 +256,12 @@ def test_a_pool_evicted_from_the_manager_stays_visible_while_in_use(pw: Harness)
         del held
         gc.collect()
         gone = [s for s in poolwatch.pools() if s.name == first.origin]
-        # Read once more after its last pool went (its final counts), then dropped.
+        # Shown with its final counts until exported once more, then dropped.
         assert [(s.instances, s.closed["disposed"]) for s in gone] == [(0, 1)]
+        closed = pw.collect().value(
+            "poolwatch.connections.closed", pool__name=first.origin, reason="disposed"
+        )
+        assert closed == 1
         assert [s.name for s in poolwatch.pools() if s.name == first.origin] == []
         manager.clear()
 
@@ -314,8 +318,9 @@ def test_requests_session_pools_are_kind_requests(pw: Harness, upstream: Threade
         snap = _pool(upstream.origin, kind="requests")
         assert (snap.checkouts, snap.connects, snap.idle, snap.max) == (3, 1, 1, 10)
     gc.collect()
-    # The session closed its pool: read once more with its final counts, then dropped.
+    # The session closed its pool: shown with its final counts until exported, then dropped.
     assert [(s.instances, s.closed["disposed"]) for s in poolwatch.pools()] == [(0, 1)]
+    assert pw.collect().value("poolwatch.connections.closed", reason="disposed") == 1
     assert poolwatch.pools() == []
 
 
