@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from poolwatch.adapters._base import Adapter, HostLevels, Levels, Tracker
 from poolwatch.adapters.aiohttp import AiohttpAdapter
+from poolwatch.adapters.httpx import HTTPXAdapter
 from poolwatch.adapters.sqlalchemy import SQLAlchemyAdapter
 from poolwatch.adapters.urllib3 import Urllib3Adapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
     AiohttpAdapter.name: AiohttpAdapter,
+    HTTPXAdapter.name: HTTPXAdapter,
     SQLAlchemyAdapter.name: SQLAlchemyAdapter,
     Urllib3Adapter.name: Urllib3Adapter,
 }
