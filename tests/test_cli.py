@@ -78,8 +78,14 @@ def scenarios() -> dict[str, dict[str, dict[str, str]]]:
 def test_demo_runs_every_pool_kind(scenarios: dict[str, dict[str, dict[str, str]]]) -> None:
     healthy = scenarios["healthy"]
     kinds = {row["KIND"] for row in healthy.values()}
-    assert {"sqlalchemy", "requests", "botocore"} <= kinds
-    assert {"orders-db", "inventory-api", "sessions-dynamodb"} <= set(healthy)
+    assert kinds == {"sqlalchemy", "requests", "httpx", "botocore"}
+    assert set(healthy) == {
+        "orders-db",
+        "inventory-api",
+        "pricing-api",
+        "pricing-api-async",
+        "sessions-dynamodb",
+    }
     for row in healthy.values():
         assert int(row["CHECKOUTS"]) > 0, row
         assert (row["TIMEOUTS"], row["STALE"], row["LEAKS"]) == ("0", "0", "0"), row

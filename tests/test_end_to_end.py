@@ -1,7 +1,7 @@
 """End to end with real processes on loopback: an instrumented workload exhausting a real
-PostgreSQL pool and HTTP pools (requests to a loopback server, boto3 to moto), a real
-Prometheus scraping it every second with the shipped rules (their durations shortened only
-through alerts/config.py overrides), and a real Alertmanager.
+PostgreSQL pool and HTTP pools (requests and httpx to a loopback server, boto3 to moto), a
+real Prometheus scraping it every second with the shipped rules (their durations shortened
+only through alerts/config.py overrides), and a real Alertmanager.
 
 Prometheus and Alertmanager come from Debian's prometheus and prometheus-alertmanager
 packages; the test command installs them.
@@ -39,6 +39,7 @@ SHORT = {  # every override goes through the one configuration place
 POOLS = [  # (pool.kind, pool.name) of every pool the workload runs
     ("sqlalchemy", "orders-db"),
     ("requests", "inventory-api"),
+    ("httpx", "pricing-api"),
     ("botocore", "sessions-dynamodb"),
 ]
 # Queries whose series only exist once something the workload never does has happened.

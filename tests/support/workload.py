@@ -10,6 +10,9 @@ Instruments itself with poolwatch, serves the Prometheus endpoint on a free loop
   overflow connection finds the pool full and is discarded. Full most of the time.
 * ``inventory-api`` — a requests Session (pool_maxsize=2) against a slow loopback HTTP
   server started here: four requests at once, so two connections are discarded.
+* ``pricing-api`` — an httpx Client (max_connections=2, one kept idle, a 0.1 s pool
+  timeout) against the same server: four slow requests at once, so two time out waiting
+  for a connection, and one of the two connections is closed when they are done.
 * ``sessions-dynamodb`` — a boto3 DynamoDB client (max_pool_connections=2) against moto's
   server started here on loopback.
 
@@ -20,6 +23,7 @@ Every pool kind thus has levels, waits, connects, holds and closes to show. It s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -67,6 +71,7 @@ def _cycle(calls: list[Callable[[], None]]) -> None:
 
 def _http_calls(upstream: ThreadedUpstream, moto_url: str) -> tuple[list[Callable[[], None]], Any]:
     import boto3
+    import httpx
     import requests
     from botocore.config import Config
 
@@ -89,17 +94,29 @@ def _http_calls(upstream: ThreadedUpstream, moto_url: str) -> tuple[list[Callabl
     )
     poolwatch.track(dynamodb, name="sessions-dynamodb")
 
+    pricing = httpx.Client(  # keeps one idle connection: the second is closed each cycle
+        base_url=upstream.url,
+        limits=httpx.Limits(max_connections=2, max_keepalive_connections=1),
+        timeout=httpx.Timeout(10.0, pool=0.1),
+    )
+    poolwatch.track(pricing, name="pricing-api")
+
     def inventory() -> None:
         session.get(f"{upstream.url}/?delay={HOLD}", timeout=10)
+
+    def prices() -> None:
+        with contextlib.suppress(httpx.PoolTimeout):  # exhaustion, as intended
+            pricing.get(f"/?delay={HOLD}")
 
     def sessions() -> None:
         dynamodb.put_item(TableName="sessions", Item={"id": {"S": str(time.monotonic())}})
 
     def close() -> None:
         session.close()
+        pricing.close()
         dynamodb.close()
 
-    return [inventory, sessions], close
+    return [inventory, prices, sessions], close
 
 
 def main() -> int:
