@@ -117,7 +117,10 @@ def findings(now: Counts, before: Counts, seconds: float) -> list[Finding]:
         out.append(Finding(severity, kind, name, problem, advice))
 
     sized = sizing(now, before, seconds)
-    utilization = now.used / now.max if now.max else None
+    # Levels are instants: a finding on them needs both observations to agree, so that
+    # one unlucky scrape (a request caught between queueing and assignment) says nothing.
+    utilization = _lowest_utilization(now, before)
+    pending = min(now.pending, before.pending)
     timeouts = now.timeouts - before.timeouts
     interval = f"in {seconds:.0f} s"
     if timeouts > 0:
@@ -126,7 +129,7 @@ def findings(now: Counts, before: Counts, seconds: float) -> list[Finding]:
             f"exhausted: {timeouts:.0f} callers timed out waiting for a connection {interval}",
             _size_advice(kind, sized, now.max),
         )
-    elif now.max and now.used > now.max and now.pending == 0:
+    elif now.max and now.used > now.max and before.used > now.max and pending == 0:
         # A non-blocking pool (urllib3 and so requests and botocore): nobody waits, the
         # connections past its size are opened now and thrown away on return.
         add(
@@ -135,7 +138,7 @@ def findings(now: Counts, before: Counts, seconds: float) -> list[Finding]:
             f"the {now.used - now.max:.0f} past it are discarded when returned",
             _size_advice(kind, sized, now.max),
         )
-    elif now.pending > 0 or (utilization is not None and utilization >= SATURATED_UTILIZATION):
+    elif pending > 0 or (utilization is not None and utilization >= SATURATED_UTILIZATION):
         waiting = f"{now.pending:.0f} callers waiting"
         add(
             "critical",
@@ -190,6 +193,12 @@ def findings(now: Counts, before: Counts, seconds: float) -> list[Finding]:
             "connections",
         )
     return out
+
+
+def _lowest_utilization(now: Counts, before: Counts) -> float | None:
+    if not now.max:
+        return None
+    return min(now.used, before.used) / now.max
 
 
 def _churn(now: Counts, before: Counts, seconds: float, add: AddFinding) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import socket
 import subprocess
@@ -49,6 +50,14 @@ def test_size_is_littles_law_with_headroom() -> None:
     )
 
 
+def test_one_observation_of_a_level_is_not_enough() -> None:
+    """Waiters seen at one scrape only (a request caught between queueing and assignment)."""
+    now = _counts(used=2, max=10, pending=1)
+    assert _advice.findings(now, _counts(used=2, max=10, pending=0), 10.0) == []
+    [finding] = _advice.findings(now, _counts(used=2, max=10, pending=2), 10.0)
+    assert finding.problem == "saturated: 2 of 10 connections in use, 1 callers waiting"
+
+
 def test_a_comfortable_pool_has_no_findings() -> None:
     before = _counts(checkouts=0, holds=0, connects=5)
     now = _counts(checkouts=500, holds=500, hold_total=5.0, used=1, idle=4, max=10, connects=5)
@@ -73,7 +82,11 @@ def test_each_rule_names_its_problem() -> None:
         "leak": _counts(leaks_active=1, max=10),
     }
     for problem, now in cases.items():
-        found = _advice.findings(now, Counts(now.kind, now.name, max=10), 10.0)
+        # the levels as observed twice; the counters as they grew from zero
+        before = dataclasses.replace(
+            now, checkouts=0, connects=0, discards=0, stale=0, holds=0, hold_total=0
+        )
+        found = _advice.findings(now, before, 10.0)
         assert [f.problem.split(":")[0] for f in found] == [problem], (problem, found)
     unbounded = Counts("httpx", "pricing-api")
     [finding] = _advice.findings(unbounded, quiet, 10.0)
