@@ -96,6 +96,7 @@ def demo(args: argparse.Namespace, out: TextIO) -> int:
         port=args.port,
         url=args.url,
         http_url=args.http_url,
+        database=args.database,
     )
     try:
         return Demo(options, out).run()
@@ -204,6 +205,13 @@ def _parser() -> argparse.ArgumentParser:
     run_demo.add_argument(
         "--url",
         help="a SQLAlchemy database URL to run against instead of a throw-away SQLite file",
+    )
+    run_demo.add_argument(
+        "--database",
+        choices=["auto", "sqlite", "postgresql"],
+        default="auto",
+        help="the embedded database: a throw-away PostgreSQL when its server binaries are on "
+        "the machine (auto, the default), or SQLite",
     )
     run_demo.add_argument(
         "--http-url",

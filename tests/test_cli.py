@@ -13,7 +13,8 @@ from poolwatch._registry import PoolSnapshot
 from poolwatch.cli import COLUMNS, main, render
 from tests.support.postgres import PostgresCluster
 
-DEMO = [sys.executable, "-m", "poolwatch", "demo", "--port", "0"]
+# SQLite keeps the side-by-side demos fast; the PostgreSQL default has its own test.
+DEMO = [sys.executable, "-m", "poolwatch", "demo", "--port", "0", "--database", "sqlite"]
 
 
 def _demo(*args: str) -> str:
@@ -131,6 +132,34 @@ def test_demo_runs_against_a_database_url(postgres: PostgresCluster) -> None:
     assert (db["KIND"], db["USED/MAX"]) == ("sqlalchemy", "2/2")
     assert int(db["TIMEOUTS"]) > 0
     assert postgres.password not in output
+
+
+@pytest.mark.postgres
+def test_demo_starts_a_throw_away_postgresql_when_it_can() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "poolwatch",
+            "demo",
+            "--port",
+            "0",
+            "--duration",
+            "2",
+            "--database",
+            "postgresql",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.search(
+        r"^database: PostgreSQL on 127\.0\.0\.1:\d+ \(throw-away\)$", result.stdout, re.M
+    )
+    assert int(_rows(result.stdout)["orders-db"]["CHECKOUTS"]) > 0
+    assert "poolwatch demo: starting a throw-away PostgreSQL …" in result.stderr
 
 
 def test_bad_usage_exits_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -107,7 +107,18 @@ def reports() -> Iterator[dict[str, tuple[int, str]]]:
     ports = {name: _free_port() for name in scenarios}
     demos = [
         subprocess.Popen(
-            [*POOLWATCH, "demo", "--scenario", name, "--duration", "30", "--port", str(port)],
+            [
+                *POOLWATCH,
+                "demo",
+                "--scenario",
+                name,
+                "--duration",
+                "30",
+                "--port",
+                str(port),
+                "--database",
+                "sqlite",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

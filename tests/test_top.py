@@ -112,7 +112,18 @@ def exhausted_process() -> Iterator[str]:
     """A real process serving poolwatch metrics: the demo's exhaustion scenario."""
     port = _free_port()
     process = subprocess.Popen(
-        [*POOLWATCH, "demo", "--scenario", "exhaustion", "--duration", "60", "--port", str(port)],
+        [
+            *POOLWATCH,
+            "demo",
+            "--scenario",
+            "exhaustion",
+            "--duration",
+            "60",
+            "--port",
+            str(port),
+            "--database",
+            "sqlite",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

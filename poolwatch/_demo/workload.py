@@ -2,7 +2,9 @@
 
 Pools (each where its library is installed; the demo says which it skipped):
 
-* ``orders-db`` — SQLAlchemy on a throw-away SQLite file, or the database ``--url`` names;
+* ``orders-db`` — SQLAlchemy on a throw-away PostgreSQL cluster when the server binaries
+  are on the machine (``--database auto``, the default), else a throw-away SQLite file, or
+  the database ``--url`` names;
 * ``inventory-api`` — a requests Session against the HTTP upstream (``requests.get()`` per
   call in the *churn* scenario: a new pool, so a new connection, per request);
 * ``pricing-api`` — an httpx Client; ``pricing-api-async`` — an httpx AsyncClient;
@@ -118,6 +120,9 @@ class Options:
     port: int
     url: str | None = None
     http_url: str | None = None
+    database: str = "auto"
+    """auto (a throw-away PostgreSQL when its binaries and psycopg are here, else SQLite),
+    sqlite, or postgresql."""
 
 
 Call = Callable[[], None]
@@ -140,6 +145,7 @@ class Demo:
         self.failures: dict[str, int] = {}
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self.database_label = "the database --url names"
 
     # -- workers -----------------------------------------------------------------------
     def _failed(self, pool: str) -> None:
@@ -170,9 +176,8 @@ class Demo:
         import sqlalchemy as sa
 
         s = self.scenario
-        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="poolwatch-demo-"))
         engine = sa.create_engine(
-            self.options.url or f"sqlite:///{Path(tmp) / 'orders.db'}",
+            self._database_url(stack),
             pool_size=s.pool_size,
             max_overflow=s.max_overflow,
             pool_timeout=s.pool_timeout,
@@ -191,6 +196,29 @@ class Demo:
         self.workers("orders-db", query, self.options.workers, sa.exc.TimeoutError)
         if s.leaked:
             self._start("demo-leaker", self._leak, engine, s.leaked)
+
+    def _database_url(self, stack: ExitStack) -> str:
+        """--url, else a throw-away PostgreSQL (when possible or asked for), else SQLite."""
+        if self.options.url:
+            return self.options.url
+        if self.options.database != "sqlite":
+            from poolwatch._demo.postgres import PostgresCluster, PostgresError, find_bin_dir
+
+            try:
+                import psycopg  # noqa: F401  (the driver the cluster's URL names)
+
+                find_bin_dir()
+            except (ImportError, PostgresError):
+                if self.options.database == "postgresql":
+                    raise
+            else:
+                print("poolwatch demo: starting a throw-away PostgreSQL …", file=sys.stderr)
+                cluster = stack.enter_context(PostgresCluster())
+                self.database_label = f"PostgreSQL on 127.0.0.1:{cluster.port} (throw-away)"
+                return cluster.url()
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="poolwatch-demo-"))
+        self.database_label = "SQLite (throw-away file)"
+        return f"sqlite:///{Path(tmp) / 'orders.db'}"
 
     def _leak(self, engine: Any, count: int) -> None:
         kept = []
@@ -347,6 +375,7 @@ class Demo:
                     host, port = handle.prometheus_address
                     print(f"Prometheus metrics on http://{host}:{port}/metrics", file=self.out)
                 print(f"scenario {self.options.scenario}: {s.description}", file=self.out)
+                print(f"database: {self.database_label}", file=self.out)
                 if skipped:
                     print(f"skipped (not installed): {', '.join(skipped)}", file=self.out)
                 deadline = time.monotonic() + self.options.duration
