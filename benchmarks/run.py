@@ -19,7 +19,10 @@ Sections (see each module's docstring for the method):
 * ``hotpath`` (bench_sqlalchemy.py) — one QueuePool checkout+checkin: bare, poolwatch,
   contrib; plus the cost poolwatch defers to collection (``Ledger.drain``/``snapshot``);
 * ``collect`` (bench_collect.py) — ``get_metrics_data()`` with 1 to 10,000 live pools;
-* ``memory`` (bench_memory.py) — bytes per tracked pool.
+* ``memory`` (bench_memory.py) — bytes per tracked pool;
+* ``http`` (bench_http.py) — added cost per loopback keep-alive request for urllib3,
+  requests, httpx (sync and async), aiohttp and boto3 against moto: bare, poolwatch, and
+  each library's OpenTelemetry contrib instrumentation; urllib3's acquire+release.
 
 docs/performance.md records a run and reads it against the targets.
 """
@@ -42,7 +45,7 @@ REPO = HERE.parent
 VENV = HERE / ".venv"
 REQUIREMENTS = HERE / "requirements.txt"
 STAMP = VENV / ".requirements-installed"
-SECTIONS = ("hotpath", "collect", "memory")
+SECTIONS = ("hotpath", "collect", "memory", "http")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -160,6 +163,7 @@ def environment() -> str:
 def run_sections(sections: Sequence[str], quick: bool) -> None:
     """Run and print each chosen section as soon as it is done."""
     import bench_collect
+    import bench_http
     import bench_memory
     import bench_sqlalchemy
 
@@ -184,6 +188,14 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
             else bench_memory.MemoryConfig()
         )
         print(bench_memory.render_memory(bench_memory.run_memory(memory_config)), flush=True)
+    if "http" in sections:
+        http_config = (
+            bench_http.HTTPConfig(rounds=5, requests=100, warmup=10, acquire_ops=5_000)
+            if quick
+            else bench_http.HTTPConfig()
+        )
+        results, acquire = bench_http.run_http(http_config)
+        print(bench_http.render_http(results, acquire, http_config), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,440 @@
+"""HTTP pools: the added cost per loopback keep-alive request, and per acquire+release.
+
+Per library — urllib3 ``PoolManager``, requests ``Session``, httpx ``Client`` and
+``AsyncClient``, aiohttp ``ClientSession``, a boto3 DynamoDB call against moto — three
+variants, timed side by side in this process, round by round in rotated order:
+
+* ``bare`` — no instrumentation;
+* ``poolwatch`` — ``poolwatch.instrument()`` with an ``InMemoryMetricReader``, the client
+  created after it;
+* ``contrib`` — the OpenTelemetry contrib instrumentation of that library
+  (``opentelemetry-instrumentation-urllib3``, ``-requests``, ``-httpx``,
+  ``-aiohttp-client``, ``-botocore``), with a ``TracerProvider`` whose spans go to an
+  in-memory exporter and a ``MeterProvider`` with an in-memory reader: no network, so what
+  is measured is the instrumentation's own work.
+
+Each round creates the client, warms it up, then times ``requests`` sequential requests.
+The servers run in their own processes on 127.0.0.1 (``poolwatch upstream``, a keep-alive
+HTTP/1.1 server, and moto's ``moto_server``), so that they do not share this process's
+interpreter lock with the client being measured.
+
+The acquire+release row times urllib3's own checkout and return (``pool._get_conn()`` and
+``pool._put_conn()`` on a pool holding a live idle connection) bare and with poolwatch: the
+part of a request poolwatch's hooks sit on, without the network around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Any
+
+from _common import Summary, heading, interleave, paired_differences, summarize, table, verdict
+
+import poolwatch
+
+TARGET_PCT = 1.0
+TARGET_ACQUIRE_US = 1.0
+
+
+@dataclass(frozen=True)
+class HTTPConfig:
+    """Sizes of one run."""
+
+    rounds: int = 9
+    requests: int = 300
+    warmup: int = 30
+    acquire_ops: int = 20_000
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_listening(port: int, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on 127.0.0.1:{port}")
+
+
+@contextlib.contextmanager
+def _server(args: list[str], port: int) -> Iterator[None]:
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_listening(port)
+        yield
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+# -- one request per library -----------------------------------------------------------------
+
+
+class Library:
+    """Makes a client and sends one request with it; knows its contrib instrumentor."""
+
+    name = ""
+    contrib = ""
+    """``module:Class`` of the contrib instrumentor."""
+
+    def open(self, url: str) -> None:
+        raise NotImplementedError
+
+    def request(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def timed(self, count: int, warmup: int) -> float:
+        """Seconds per request over ``count`` sequential requests, after ``warmup``."""
+        for _ in range(warmup):
+            self.request()
+        start = perf_counter()
+        for _ in range(count):
+            self.request()
+        return (perf_counter() - start) / count
+
+
+class Urllib3(Library):
+    name, contrib = (
+        "urllib3 PoolManager",
+        "opentelemetry.instrumentation.urllib3:URLLib3Instrumentor",
+    )
+
+    def open(self, url: str) -> None:
+        import urllib3
+
+        self.url, self.client = url, urllib3.PoolManager()
+
+    def request(self) -> None:
+        self.client.request("GET", self.url)
+
+    def close(self) -> None:
+        self.client.clear()
+
+
+class Requests(Library):
+    name, contrib = (
+        "requests Session",
+        "opentelemetry.instrumentation.requests:RequestsInstrumentor",
+    )
+
+    def open(self, url: str) -> None:
+        import requests
+
+        self.url, self.client = url, requests.Session()
+
+    def request(self) -> None:
+        self.client.get(self.url)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class HTTPX(Library):
+    name, contrib = "httpx Client", "opentelemetry.instrumentation.httpx:HTTPXClientInstrumentor"
+
+    def open(self, url: str) -> None:
+        import httpx
+
+        self.url, self.client = url, httpx.Client()
+
+    def request(self) -> None:
+        self.client.get(self.url)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class AsyncLibrary(Library):
+    """A client on an event loop: the requests are awaited one after another in the loop."""
+
+    def timed(self, count: int, warmup: int) -> float:
+        async def run() -> float:
+            await self.aopen()
+            try:
+                for _ in range(warmup):
+                    await self.arequest()
+                start = perf_counter()
+                for _ in range(count):
+                    await self.arequest()
+                return (perf_counter() - start) / count
+            finally:
+                await self.aclose()
+
+        return asyncio.run(run())
+
+    def open(self, url: str) -> None:
+        self.url = url
+
+    def close(self) -> None:
+        pass
+
+    async def aopen(self) -> None:
+        raise NotImplementedError
+
+    async def arequest(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+
+class HTTPXAsync(AsyncLibrary):
+    name, contrib = (
+        "httpx AsyncClient",
+        "opentelemetry.instrumentation.httpx:HTTPXClientInstrumentor",
+    )
+
+    async def aopen(self) -> None:
+        import httpx
+
+        self.client = httpx.AsyncClient()
+
+    async def arequest(self) -> None:
+        await self.client.get(self.url)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class Aiohttp(AsyncLibrary):
+    name, contrib = (
+        "aiohttp ClientSession",
+        "opentelemetry.instrumentation.aiohttp_client:AioHttpClientInstrumentor",
+    )
+
+    async def aopen(self) -> None:
+        import aiohttp
+
+        self.client = aiohttp.ClientSession()
+
+    async def arequest(self) -> None:
+        async with self.client.get(self.url) as response:
+            await response.read()
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+class Boto3(Library):
+    name, contrib = (
+        "boto3 DynamoDB (moto)",
+        "opentelemetry.instrumentation.botocore:BotocoreInstrumentor",
+    )
+
+    def open(self, url: str) -> None:
+        import boto3
+
+        self.client = boto3.client(
+            "dynamodb",
+            endpoint_url=url,
+            region_name="eu-west-1",
+            aws_access_key_id="bench",
+            aws_secret_access_key="bench",
+        )
+
+    def request(self) -> None:
+        self.client.list_tables()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# -- variants ----------------------------------------------------------------------------------
+
+
+def _instrumentor(spec: str) -> Any:
+    module, _, cls = spec.partition(":")
+    imported = __import__(module, fromlist=[cls])
+    return getattr(imported, cls)()
+
+
+def _contrib_refusal(library: Library) -> str | None:
+    try:
+        _instrumentor(library.contrib)
+    except Exception as error:
+        return f"{library.contrib.split(':')[0]} not usable: {error}"
+    return None
+
+
+def _round(library: Library, url: str, variant: str, config: HTTPConfig) -> float:
+    """Microseconds per request for one round of ``variant``."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    meters = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    instrumentor = None
+    if variant == "poolwatch":
+        poolwatch.instrument(meter_provider=meters)
+    elif variant == "contrib":
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        tracer = TracerProvider()
+        tracer.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+        instrumentor = _instrumentor(library.contrib)
+        instrumentor.instrument(tracer_provider=tracer, meter_provider=meters)
+    try:
+        library.open(url)
+        try:
+            return library.timed(config.requests, config.warmup) * 1e6
+        finally:
+            library.close()
+    finally:
+        if instrumentor is not None:
+            instrumentor.uninstrument()
+        poolwatch.uninstrument()
+        meters.shutdown()
+
+
+def _runner(library: Library, url: str, variant: str, config: HTTPConfig) -> Callable[[], float]:
+    return lambda: _round(library, url, variant, config)
+
+
+@dataclass(frozen=True)
+class LibraryResult:
+    """One library's medians and added costs."""
+
+    name: str
+    per_request: dict[str, Summary]
+    added: dict[str, Summary]
+    refusal: str | None
+
+
+def run_library(library: Library, url: str, config: HTTPConfig) -> LibraryResult:
+    """Every variant of one library, interleaved round by round."""
+    refusal = _contrib_refusal(library)
+    names = ["bare", "poolwatch"] + ([] if refusal else ["contrib"])
+    runs: dict[str, Callable[[], float]] = {
+        name: _runner(library, url, name, config) for name in names
+    }
+    samples = interleave(runs, config.rounds)
+    added = {
+        name: summarize(paired_differences(values, samples["bare"]))
+        for name, values in samples.items()
+        if name != "bare"
+    }
+    return LibraryResult(
+        library.name, {n: summarize(v) for n, v in samples.items()}, added, refusal
+    )
+
+
+def run_acquire(url: str, config: HTTPConfig) -> dict[str, Summary]:
+    """µs per urllib3 ``_get_conn()`` + ``_put_conn()`` with a live idle connection."""
+    import urllib3
+
+    def one(variant: str) -> float:
+        if variant == "poolwatch":
+            from opentelemetry.sdk.metrics import MeterProvider
+
+            poolwatch.instrument(meter_provider=MeterProvider())
+        try:
+            host, port = url.split("//", 1)[1].rstrip("/").split(":")
+            pool = urllib3.HTTPConnectionPool(host, int(port), maxsize=1)
+            pool.request("GET", "/")  # one live idle connection in the queue
+            start = perf_counter()
+            for _ in range(config.acquire_ops):
+                pool._put_conn(pool._get_conn())
+            elapsed = (perf_counter() - start) / config.acquire_ops * 1e6
+            pool.close()
+            return elapsed
+        finally:
+            poolwatch.uninstrument()
+
+    runs: dict[str, Callable[[], float]] = {
+        "bare": lambda: one("bare"),
+        "poolwatch": lambda: one("poolwatch"),
+    }
+    samples = interleave(runs, config.rounds)
+    result = {name: summarize(values) for name, values in samples.items()}
+    result["added"] = summarize(paired_differences(samples["poolwatch"], samples["bare"]))
+    return result
+
+
+def run_http(config: HTTPConfig) -> tuple[list[LibraryResult], dict[str, Summary]]:
+    """Start the servers, then measure every library and the acquire+release row."""
+    http_port, moto_port = _free_port(), _free_port()
+    upstream = [sys.executable, "-m", "poolwatch", "upstream", "--port", str(http_port)]
+    moto = shutil.which("moto_server", path=os.path.dirname(sys.executable))
+    if moto is None:
+        raise RuntimeError("moto_server not found: the benchmark environment installs moto")
+    url, moto_url = f"http://127.0.0.1:{http_port}/", f"http://127.0.0.1:{moto_port}"
+    results = []
+    with (
+        _server(upstream, http_port),
+        _server([moto, "-H", "127.0.0.1", "-p", str(moto_port)], moto_port),
+    ):
+        for library in (Urllib3(), Requests(), HTTPX(), HTTPXAsync(), Aiohttp()):
+            results.append(run_library(library, url, config))
+        results.append(run_library(Boto3(), moto_url, config))
+        acquire = run_acquire(url.rstrip("/"), config)
+    return results, acquire
+
+
+def render_http(
+    results: list[LibraryResult], acquire: dict[str, Summary], config: HTTPConfig
+) -> str:
+    """The per-request table, the acquire+release row, and the verdicts."""
+    rows = []
+    for r in results:
+        bare = r.per_request["bare"].median
+        for variant, summary in r.per_request.items():
+            added = "-"
+            if variant != "bare":
+                a = r.added[variant].median
+                added = f"{a:+.1f} µs ({a / bare * 100:+.2f}%)"
+            rows.append(
+                [
+                    r.name if variant == "bare" else "",
+                    variant,
+                    f"{summary.median:.1f}",
+                    summary.spread(1),
+                    added,
+                ]
+            )
+    lines = [
+        heading("HTTP pools: one loopback keep-alive request, sequential"),
+        f"{config.rounds} interleaved rounds x {config.requests} requests (after {config.warmup} "
+        "warm-up); servers in their own processes; added = median of per-round paired differences",
+        table(["library", "variant", "median µs", "IQR µs", "added over bare"], rows),
+        "",
+    ]
+    for r in results:
+        pct = r.added["poolwatch"].median / r.per_request["bare"].median * 100
+        met = verdict(pct <= TARGET_PCT)
+        line = (
+            f"{r.name}: poolwatch adds {pct:+.2f}% per request (target <= {TARGET_PCT:.0f}%): {met}"
+        )
+        if "contrib" in r.added:
+            ratio = r.added["contrib"].median / max(r.added["poolwatch"].median, 1e-9)
+            line += f"; contrib adds {r.added['contrib'].median:.1f} µs"
+            line += f" ({ratio:.0f}x poolwatch's)" if r.added["poolwatch"].median > 0 else ""
+        elif r.refusal:
+            line += f"; contrib skipped: {r.refusal}"
+        lines.append(line)
+    added = acquire["added"].median
+    lines += [
+        "",
+        f"urllib3 _get_conn()+_put_conn(): bare {acquire['bare'].median:.2f} µs, with poolwatch "
+        f"{acquire['poolwatch'].median:.2f} µs: poolwatch adds {added:.2f} µs per acquire+release "
+        f"(target <= {TARGET_ACQUIRE_US:.0f} µs): {verdict(added <= TARGET_ACQUIRE_US)}",
+    ]
+    return "\n".join(lines)
