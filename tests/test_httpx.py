@@ -245,3 +245,29 @@ def test_uninstrument_restores_httpcore(harness: Harness) -> None:
     with ThreadedUpstream() as upstream, httpx.Client(base_url=upstream.url) as client:
         client.get("/")
     assert harness.collect().names() == set()
+
+
+def test_hooked_without_h2_installed() -> None:
+    """HTTP/2 is optional in httpcore; without h2 the HTTP/1.1 pools are hooked all the same."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["h2"] = None  # as if h2 were not installed
+        from opentelemetry.sdk.metrics import MeterProvider
+        import poolwatch
+        handle = poolwatch.instrument(meter_provider=MeterProvider())
+        import httpx
+        from tests.support.upstream import ThreadedUpstream
+        with ThreadedUpstream() as upstream, httpx.Client() as client:
+            client.get(upstream.url)
+            print(handle.errors, [(s.kind, s.checkouts) for s in poolwatch.pools()])
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "{} [('httpx', 1)]"

@@ -107,12 +107,21 @@ class HTTPXAdapter(Adapter):
         import httpcore
         from httpcore._async import connection as aconn
         from httpcore._async import connection_pool as apool
-        from httpcore._async import http2 as ah2
         from httpcore._async import http11 as ah11
         from httpcore._sync import connection as sconn
         from httpcore._sync import connection_pool as spool
-        from httpcore._sync import http2 as sh2
         from httpcore._sync import http11 as sh11
+
+        sync_connections: list[Any] = [sh11.HTTP11Connection]
+        async_connections: list[Any] = [ah11.AsyncHTTP11Connection]
+        try:  # HTTP/2 needs the optional h2 package
+            from httpcore._async import http2 as ah2
+            from httpcore._sync import http2 as sh2
+        except ImportError:
+            pass
+        else:
+            sync_connections.append(sh2.HTTP2Connection)
+            async_connections.append(ah2.AsyncHTTP2Connection)
 
         timeout = httpcore.PoolTimeout
         for pool_cls in (spool.ConnectionPool, apool.AsyncConnectionPool):
@@ -138,9 +147,9 @@ class HTTPXAdapter(Adapter):
         self._patch(
             aconn.AsyncHTTPConnection, "_connect", _aconnect_hook(self, aconn.AsyncHTTPConnection)
         )
-        for sync_cls in (sh11.HTTP11Connection, sh2.HTTP2Connection):
+        for sync_cls in sync_connections:
             self._patch(sync_cls, "close", _conn_close_hook(self, sync_cls.__dict__["close"]))
-        for async_cls in (ah11.AsyncHTTP11Connection, ah2.AsyncHTTP2Connection):
+        for async_cls in async_connections:
             self._patch(async_cls, "aclose", _conn_aclose_hook(self, async_cls.__dict__["aclose"]))
         import httpx
 
