@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 
@@ -214,3 +215,23 @@ def test_demo_failure_is_one_line_without_the_password() -> None:
         'at "127.0.0.1", port 1 failed: Connection refused',
     ]
     assert "s3cr3t" not in result.stdout + result.stderr
+
+
+def test_demo_stops_cleanly_on_ctrl_c() -> None:
+    process = subprocess.Popen(
+        [*DEMO, "--duration", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # bounded: the demo prints a table every second
+            if line.startswith("POOL "):
+                break
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+    assert process.returncode == 0, err
+    assert "stopping…" in out
+    assert "Traceback" not in err
