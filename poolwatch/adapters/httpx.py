@@ -260,8 +260,12 @@ class HTTPXAdapter(Adapter):
             else:
                 used += 1
                 counts[0] += 1
-        pending = sum(1 for r in requests if r.connection is None)
         limit = pool._max_connections
+        # A request is queued for an instant between joining the queue and being given a
+        # connection; it waits only while the pool is at its limit.
+        opened = sum(1 for connection in connections if not connection.is_closed())
+        queued = sum(1 for r in requests if r.connection is None)
+        pending = queued if opened >= limit else 0
         keepalive = pool._max_keepalive_connections
         return Levels(
             used=used,
