@@ -1,43 +1,82 @@
 """httpx pools: every httpcore ``ConnectionPool`` and ``AsyncConnectionPool`` (proxy pools
-included), made by an ``httpx.Client`` / ``AsyncClient`` or used directly.
+included), made by an ``httpx.Client`` / ``AsyncClient``, an ``httpx.HTTPTransport``, or
+used directly.
 
-A pool spans servers: ``max_connections`` in all, over every origin it talks to. Levels
-are read from the pool at collection: used — connections serving requests (an HTTP/2
-connection serving several streams is one connection: poolwatch counts connections, as
-the pool's limit does), idle — open idle connections, both per server
-(``Levels.hosts``); max — ``max_connections`` (absent when None); ``idle_max`` —
-``max_keepalive_connections``; pending — requests queued for a connection. The pool's
-lists are copied before they are read, and no method that makes a system call
-(``has_expired``) is ever called from a reading.
+Levels, read from the pool at collection (the pool's lists are copied first: other threads
+and event loops mutate them; no method that makes a system call, such as ``has_expired``
+or ``is_readable``, is ever called from a reading):
 
-Names: a client with ``base_url`` names its pools by that origin; any other is ``httpx``
-(``httpcore`` for a pool used without httpx), and the registry adds the creation site when a
-second place creates one. A proxy pool adds ``via`` and the proxy's origin, never its
-credentials.
+* used — connections serving at least one request, or still connecting; idle — open
+  connections serving none; both per server (``Levels.hosts``: ``server.address`` and
+  ``server.port`` of the origin; through a proxy, the origin behind it).
+* max — ``max_connections`` (absent when None). It is one limit for the whole pool, over
+  every origin it talks to, which is why the pool is one series and its servers are
+  attributes of its points.
+* ``idle_max`` — ``max_keepalive_connections`` (absent when None).
+* pending — requests queued in the pool without a connection yet.
 
-Where it hooks, and why there:
+HTTP/2: one connection carries many concurrent requests (streams). poolwatch counts
+*connections*, as httpcore's ``max_connections`` does: an HTTP/2 connection with five
+streams in flight is one used connection, and becomes idle when its last stream ends.
+Every request is still one checkout: ``wait.duration`` and ``use.duration`` are per
+request (per stream), so checkouts can far exceed connections, and several requests can be
+"using" the same connection at once.
 
-* ``Client.__init__`` / ``AsyncClient.__init__`` — the client's pools, named, with the
-  creation site; a pool not known by its first request (made without httpx, or before
-  ``instrument()``) is tracked then.
-* the pool's ``handle_request`` / ``handle_async_request`` — marks the request with the
-  pool's ledger (the request object travels to the connection that serves it); an
-  exception there ends the request's use; ``PoolTimeout`` from the queue is the timeout.
-* ``PoolRequest.wait_for_connection`` (and the async one) — the queue wait alone; from
-  its return the request holds the connection: ``wait.duration`` and the checkout.
-* ``PoolByteStream.close`` / ``aclose`` — the response is done: end of use.
-* ``HTTPConnection._connect`` (and async) — connect time: TCP and TLS (and retries).
-* ``HTTP11Connection.close`` / ``HTTP2Connection.close`` (and async) — every close of a
-  connection, its reason told by who closed it: the pool dropping an idle connection
-  (``idle_expired`` once ``keepalive_expiry`` passed; ``stale`` when the server had closed
-  it; ``pool_full`` for an idle connection past ``max_keepalive_connections``, or closed
-  to make room), the connection itself after a response it cannot reuse
-  (``invalidated``: ``Connection: close``), a request failing on it (``error``), the pool
-  or client closed (``disposed``).
+Names: a client with ``base_url`` names its pools by that origin (no credentials, no
+query string); any other client is ``httpx``, and a pool used without httpx is
+``httpcore``. The registry adds the creation site when a second place creates one. A
+proxy pool adds ``via`` and the proxy's origin (``httpx via http://proxy:3128``), never the
+proxy's credentials.
+
+Finding pools: ``Client.__init__`` / ``AsyncClient.__init__`` track their transports'
+pools with the creation site; clients and pools that exist when ``instrument()`` runs are
+found by one walk of the heap; any other pool (an ``httpcore`` pool made before, or by a
+library poolwatch does not know) is tracked at its first request.
+
+Hooks, and why there:
+
+* ``ConnectionPool.handle_request`` / ``AsyncConnectionPool.handle_async_request`` — put
+  the pool's ledger on the request (the request travels with the pool request and to the
+  connection); a failure after the request had its connection ends its use, one before is
+  a wait with outcome ``error`` (a cancelled waiter included).
+* ``PoolRequest.wait_for_connection`` (and the async one) — the queue wait alone; when it
+  returns, the request holds its connection: the checkout. ``PoolTimeout`` from it is a
+  wait with outcome ``timeout`` and one ``poolwatch.timeouts``. A request whose connection
+  became unavailable (an HTTP/2 connection closing) waits again: still one checkout.
+* ``PoolByteStream.close`` / ``aclose`` — the response is closed: end of use.
+* ``HTTPConnection._connect`` (and async) — connect time: TCP, then TLS for ``https``
+  (with ``retries``, the failed attempts and their back-off are part of it). Through a
+  forwarding proxy it is the connect to the proxy; through a tunnelling (``CONNECT``)
+  proxy, the connect to the proxy only — the ``CONNECT`` exchange and the TLS handshake
+  with the origin are not in it. SOCKS proxies' connects are not timed.
+* ``HTTP11Connection.__init__`` / ``HTTP2Connection.__init__`` (and async) — a connection
+  is born: the mark its close is counted by, with the ledger found from the request.
+* ``HTTP11Connection.close`` / ``HTTP2Connection.close`` (and ``aclose``) — every close,
+  counted once (the mark is cleared), the reason told by who closed it:
+
+  - the pool dropping an idle connection it found expired: ``idle_expired`` once
+    ``keepalive_expiry`` passed, ``stale`` when the server had closed it (found on reuse);
+  - the pool dropping an idle connection past ``max_keepalive_connections``, or to make
+    room under ``max_connections`` for another origin: ``pool_full``;
+  - the connection itself after a response it cannot be reused for (``Connection:
+    close``, an HTTP/2 ``GOAWAY``): ``invalidated``;
+  - a request failing on it (read timeout, protocol error, an exception while its
+    response was being closed): ``error``;
+  - the pool or client closed: ``disposed``.
+
+  Connections open before a pool was tracked are counted when they close, without a
+  lifetime (their birth was not seen).
+
+Marks are plain attributes with class-level defaults (``_poolwatch_ledger`` on pools and
+requests, ``_poolwatch_connection`` on HTTP/1.1 and HTTP/2 connections), never written
+through ``__dict__``: materialising an instance's ``__dict__`` makes every later attribute
+read on it about three times slower in CPython 3.11, and httpcore reads the request and
+the pool dozens of times per request (measured: +5 µs per request, against +0.5 µs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import time
@@ -53,9 +92,14 @@ from poolwatch._naming import creation_site, target_name
 from poolwatch.adapters._base import Adapter, HostLevels, Levels, Tracker
 
 _LEDGER = "_poolwatch_ledger"
+"""On pools: the pool's ledger (``_UNTRACKED`` if tracking failed). On requests: the ledger
+of the pool serving it."""
 _MARK = "_poolwatch_connection"
+"""On HTTP/1.1 and HTTP/2 connections: (ledger, birth) until the close is counted."""
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _UNBOUNDED = sys.maxsize
+_FRAMES = 8
+"""Frames looked through, off the hot path, for who closes or who opens a connection."""
 
 
 class _Absent:
@@ -64,6 +108,7 @@ class _Absent:
 
 
 _ABSENT = _Absent()
+_UNTRACKED = _Absent()
 
 
 def _origin(scheme: bytes | str, host: bytes | str, port: int | None) -> str:
@@ -82,6 +127,25 @@ def pool_name(pool: Any, base: str) -> str:
     return f"{base} via {_origin(proxy.scheme, proxy.host, proxy.port)}"
 
 
+def _ledger_from_frames(frame: FrameType | None) -> Ledger | None:
+    """The ledger of the request (or pool) being served further up the stack.
+
+    Behind a proxy the connection is opened for a request of the proxy connection's own
+    (``CONNECT``, or the request rewritten for a forwarding proxy); the application's
+    request, which carries the ledger, is a few frames up. Called per connection only.
+    """
+    depth = 0
+    while frame is not None and depth < _FRAMES:
+        local = frame.f_locals
+        for candidate in (local.get("request"), local.get("self")):
+            ledger = getattr(candidate, _LEDGER, None)
+            if isinstance(ledger, Ledger):
+                return ledger
+        frame = frame.f_back
+        depth += 1
+    return None
+
+
 class HTTPXAdapter(Adapter):
     """Hooks httpcore 1.x connection pools (httpx 0.2x clients)."""
 
@@ -90,13 +154,16 @@ class HTTPXAdapter(Adapter):
     module = "httpx"
     """Hooked when httpx is imported: it imports httpcore first, so hooking at httpcore's
     import would meet a half-initialised httpx. A pool used through httpcore alone is hooked
-    once httpx is imported too."""
+    once httpx is imported too (httpcore has no users that do not also install httpx)."""
     family = "http"
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)
         self._patches: list[tuple[Any, str, Any]] = []
         self._tracked: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._protocols: tuple[type[Any], ...] = ()
+        self.pool_timeout: type[BaseException] = TimeoutError
+        """httpcore.PoolTimeout once hooked (counted by the wait hook, not as an error)."""
 
     # -- patching ----------------------------------------------------------------------
     def _patch(self, owner: Any, attribute: str, replacement: Any) -> None:
@@ -112,72 +179,136 @@ class HTTPXAdapter(Adapter):
         from httpcore._sync import connection_pool as spool
         from httpcore._sync import http11 as sh11
 
-        sync_connections: list[Any] = [sh11.HTTP11Connection]
-        async_connections: list[Any] = [ah11.AsyncHTTP11Connection]
+        sync_protocols: list[type[Any]] = [sh11.HTTP11Connection]
+        async_protocols: list[type[Any]] = [ah11.AsyncHTTP11Connection]
         try:  # HTTP/2 needs the optional h2 package
             from httpcore._async import http2 as ah2
             from httpcore._sync import http2 as sh2
         except ImportError:
             pass
         else:
-            sync_connections.append(sh2.HTTP2Connection)
-            async_connections.append(ah2.AsyncHTTP2Connection)
+            sync_protocols.append(sh2.HTTP2Connection)
+            async_protocols.append(ah2.AsyncHTTP2Connection)
+        self._protocols = (*sync_protocols, *async_protocols)
 
-        timeout = httpcore.PoolTimeout
-        for pool_cls in (spool.ConnectionPool, apool.AsyncConnectionPool):
-            self._patch(pool_cls, _LEDGER, None)
+        timeout = self.pool_timeout = httpcore.PoolTimeout
+        for owner in (spool.ConnectionPool, apool.AsyncConnectionPool, httpcore.Request):
+            self._patch(owner, _LEDGER, None)
+        for protocol in self._protocols:
+            self._patch(protocol, _MARK, None)
+            self._patch(protocol, "__init__", _born_hook(self, protocol.__dict__["__init__"]))
         self._patch(
             spool.ConnectionPool,
             "handle_request",
-            _handle_hook(self, spool.ConnectionPool.handle_request, timeout),
+            _handle_hook(self, spool.ConnectionPool.__dict__["handle_request"]),
         )
         self._patch(
             apool.AsyncConnectionPool,
             "handle_async_request",
-            _ahandle_hook(self, apool.AsyncConnectionPool.handle_async_request, timeout),
+            _ahandle_hook(self, apool.AsyncConnectionPool.__dict__["handle_async_request"]),
         )
-        self._patch(spool.PoolRequest, "wait_for_connection", _wait_hook(spool.PoolRequest))
         self._patch(
-            apool.AsyncPoolRequest, "wait_for_connection", _await_hook(apool.AsyncPoolRequest)
+            spool.PoolRequest,
+            "wait_for_connection",
+            _wait_hook(self, spool.PoolRequest.__dict__["wait_for_connection"], timeout),
         )
-        self._patch(spool.PoolByteStream, "close", _close_stream_hook(self, spool.PoolByteStream))
+        self._patch(
+            apool.AsyncPoolRequest,
+            "wait_for_connection",
+            _await_hook(self, apool.AsyncPoolRequest.__dict__["wait_for_connection"], timeout),
+        )
+        self._patch(
+            spool.PoolByteStream,
+            "close",
+            _release_hook(self, spool.PoolByteStream.__dict__["close"]),
+        )
         # the async module's byte stream is also named PoolByteStream
-        self._patch(apool.PoolByteStream, "aclose", _aclose_stream_hook(self, apool.PoolByteStream))
-        self._patch(sconn.HTTPConnection, "_connect", _connect_hook(self, sconn.HTTPConnection))
         self._patch(
-            aconn.AsyncHTTPConnection, "_connect", _aconnect_hook(self, aconn.AsyncHTTPConnection)
+            apool.PoolByteStream,
+            "aclose",
+            _arelease_hook(self, apool.PoolByteStream.__dict__["aclose"]),
         )
-        for sync_cls in sync_connections:
+        self._patch(
+            sconn.HTTPConnection, "_connect", _connect_hook(self, sconn.HTTPConnection._connect)
+        )
+        self._patch(
+            aconn.AsyncHTTPConnection,
+            "_connect",
+            _aconnect_hook(self, aconn.AsyncHTTPConnection._connect),
+        )
+        for sync_cls in sync_protocols:
             self._patch(sync_cls, "close", _conn_close_hook(self, sync_cls.__dict__["close"]))
-        for async_cls in async_connections:
+        for async_cls in async_protocols:
             self._patch(async_cls, "aclose", _conn_aclose_hook(self, async_cls.__dict__["aclose"]))
         import httpx
 
         for client_cls in (httpx.Client, httpx.AsyncClient):
-            self._patch(client_cls, "__init__", _client_init_hook(self, client_cls.__init__))
+            self._patch(
+                client_cls, "__init__", _client_init_hook(self, client_cls.__dict__["__init__"])
+            )
         if imported_before:
-            for obj in gc.get_objects():
-                if type(obj) in (httpx.Client, httpx.AsyncClient):
-                    try:
-                        self._track_client(obj, None, None)
-                    except Exception as error:
-                        self.tracker.report("httpx existing client", error)
+            self._find_existing(
+                httpx.Client, httpx.AsyncClient, spool.ConnectionPool, apool.AsyncConnectionPool
+            )
+
+    def _find_existing(self, *types: type[Any]) -> None:
+        """One heap walk: clients first (their pools get the clients' names), then pools
+        no client of which was found."""
+        clients: list[Any] = []
+        pools: list[Any] = []
+        client_types, pool_types = types[:2], types[2:]
+        for obj in gc.get_objects():
+            if isinstance(obj, client_types):
+                clients.append(obj)
+            elif isinstance(obj, pool_types):
+                pools.append(obj)
+        for client in clients:
+            try:
+                self._track_client(client, None, None)
+            except Exception as error:
+                self.tracker.report("httpx existing client", error)
+        for pool in pools:
+            if pool not in self._tracked:
+                self._discover(pool)
 
     def uninstrument(self) -> None:
         for pool in list(self._tracked):
-            pool.__dict__.pop(_LEDGER, None)
+            try:
+                for protocol in self._protocols_of(pool):
+                    _forget_attribute(protocol, _MARK)
+                _forget_attribute(pool, _LEDGER)
+            except Exception as error:
+                self.tracker.report("httpx uninstrument", error)
         for owner, attribute, original in reversed(self._patches):
             if original is _ABSENT:
                 delattr(owner, attribute)
             else:
                 setattr(owner, attribute, original)
         self._patches.clear()
+        self._tracked = weakref.WeakSet()
 
     # -- tracking ----------------------------------------------------------------------
+    def _protocols_of(self, pool: Any) -> list[Any]:
+        """The HTTP/1.1 and HTTP/2 connections inside the pool's connections now."""
+        found = []
+        for connection in list(pool._connections):
+            inner = connection
+            for _ in range(4):  # proxy connection → HTTPConnection → HTTP11Connection
+                if isinstance(inner, self._protocols):
+                    found.append(inner)
+                    break
+                inner = getattr(inner, "_connection", None)
+                if inner is None:
+                    break
+        return found
+
     def _track_pool(self, pool: Any, base: str, site: str | None, name: str | None) -> Ledger:
         ledger = self.tracker.track(pool, self, target=pool_name(pool, base), site=site, name=name)
-        pool.__dict__[_LEDGER] = ledger
+        setattr(pool, _LEDGER, ledger)  # an attribute, not __dict__: see the docstring
         self._tracked.add(pool)
+        for protocol in self._protocols_of(pool):  # open before it was tracked
+            if getattr(protocol, _MARK) is None and not protocol.is_closed():
+                setattr(protocol, _MARK, (ledger, None))
         return ledger
 
     def _track_client(self, client: Any, site: str | None, name: str | None) -> bool:
@@ -192,12 +323,18 @@ class HTTPXAdapter(Adapter):
                 found = True
         return found
 
-    def _discover(self, pool: Any) -> Ledger | None:
+    def _discover(self, pool: Any) -> Any:
+        """Track a pool met at its first request (or in the heap): a Ledger, or _UNTRACKED."""
         try:
             return self._track_pool(pool, "httpcore", None, None)
         except Exception as error:
             self.tracker.report("httpx discover", error)
-            return None
+            try:
+                setattr(pool, _LEDGER, _UNTRACKED)  # do not try again on every request
+                self._tracked.add(pool)
+            except Exception as again:
+                self.tracker.report("httpx discover", again)
+            return _UNTRACKED
 
     def track(self, obj: Any, name: str | None) -> bool:
         try:
@@ -207,21 +344,22 @@ class HTTPXAdapter(Adapter):
             return False
         if isinstance(obj, (httpx.Client, httpx.AsyncClient)):
             return self._track_client(obj, None, name)
+        if isinstance(obj, (httpx.HTTPTransport, httpx.AsyncHTTPTransport)):
+            obj = obj._pool
         if isinstance(obj, (ConnectionPool, AsyncConnectionPool)):
             self._track_pool(obj, "httpcore", None, name)
             return True
         return False
 
     # -- closes ------------------------------------------------------------------------
-    def _closing(self, connection: Any, caller: FrameType | None, handling: bool) -> None:
-        stream = getattr(connection, "_network_stream", None)
-        mark = stream.__dict__.pop(_MARK, None) if stream is not None else None
-        if mark is None:
-            return  # not opened under poolwatch, or already counted
+    def _closing(
+        self, connection: Any, mark: tuple[Ledger, float | None], caller: FrameType | None
+    ) -> None:
+        handling = sys.exc_info()[1] is not None
         ledger, born = mark
         frames: list[FrameType] = []
         frame = caller
-        while frame is not None and len(frames) < 4:
+        while frame is not None and len(frames) < _FRAMES:
             frames.append(frame)
             frame = frame.f_back
         names = [f.f_code.co_name for f in frames]
@@ -240,7 +378,7 @@ class HTTPXAdapter(Adapter):
                 reason = _dropped_reason(connection)
         else:
             reason = c.REASON_ERROR if handling else c.REASON_DISPOSED
-        ledger.closed_connection(reason, perf_counter() - born)
+        ledger.closed_connection(reason, None if born is None else perf_counter() - born)
 
     # -- levels ------------------------------------------------------------------------
     def levels(self, pool: Any) -> Levels:
@@ -260,12 +398,8 @@ class HTTPXAdapter(Adapter):
             else:
                 used += 1
                 counts[0] += 1
+        pending = sum(1 for r in requests if r.connection is None)
         limit = pool._max_connections
-        # A request is queued for an instant between joining the queue and being given a
-        # connection; it waits only while the pool is at its limit.
-        opened = sum(1 for connection in connections if not connection.is_closed())
-        queued = sum(1 for r in requests if r.connection is None)
-        pending = queued if opened >= limit else 0
         keepalive = pool._max_keepalive_connections
         return Levels(
             used=used,
@@ -277,8 +411,14 @@ class HTTPXAdapter(Adapter):
         )
 
 
+def _forget_attribute(obj: Any, attribute: str) -> None:
+    """Remove a mark (``vars()`` is not read: it would materialise the instance dict)."""
+    with contextlib.suppress(AttributeError):
+        delattr(obj, attribute)
+
+
 def _dropped_reason(connection: Any) -> str:
-    """Why the pool dropped an idle connection (its state is read off the hot path)."""
+    """Why the pool dropped an idle connection (read on the close path, not a gauge's)."""
     expire_at = getattr(connection, "_expire_at", None)
     if expire_at is not None and time.monotonic() > expire_at:
         return c.REASON_IDLE_EXPIRED
@@ -294,201 +434,225 @@ def _dropped_reason(connection: Any) -> str:
 
 # -- hooks ---------------------------------------------------------------------------------
 # The request path (handle_request, wait_for_connection, PoolByteStream.close) is the hot
-# path: no OpenTelemetry, no lock, only the Ledger contract of _ledger.py, inlined.
+# path: no OpenTelemetry, no lock, no logging; only the Ledger contract of _ledger.py,
+# inlined, and one attribute write on the request.
 
 
-def _mark_request(adapter: HTTPXAdapter, pool: Any, request: Any) -> Ledger | None:
-    ledger: Ledger | None = pool._poolwatch_ledger
-    if ledger is None:
-        ledger = adapter._discover(pool)
-    if ledger is not None:
-        request.__dict__[_LEDGER] = ledger
-    return ledger
-
-
-def _failed(
-    adapter: HTTPXAdapter, ledger: Ledger, request: Any, start: float, timeout: bool
-) -> None:
+def _failed(adapter: HTTPXAdapter, ledger: Ledger, request: Any, start: float, exc: Any) -> None:
+    """A request failed inside the pool (not on the hot path)."""
     try:
-        queued = [key for key in list(ledger.active) if getattr(key, "request", None) is request]
-        if queued:  # it had its connection: the use ends here, the wait was counted
-            for key in queued:
+        had = [key for key in list(ledger.active) if getattr(key, "request", None) is request]
+        if had:  # it had its connection: the use ends here, its wait was counted
+            now = perf_counter()
+            for key in had:
                 begun = ledger.active.pop(key, None)
                 ledger.stacks.pop(key, None)
                 if begun is not None:
-                    ledger.uses.append(perf_counter() - begun)
-        else:
-            ledger.failed(start, perf_counter(), timeout=timeout)
+                    ledger.uses.append(now - begun)
+        elif not isinstance(exc, adapter.pool_timeout):  # timeouts: counted by the wait
+            ledger.failed(start, perf_counter(), timeout=False)
     except Exception as error:
         adapter.tracker.report("httpx request", error)
 
 
-def _handle_hook(
-    adapter: HTTPXAdapter, original: Callable[..., Any], timeout: type[BaseException]
-) -> Callable[..., Any]:
+def _handle_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
     def handle_request(self: Any, request: Any) -> Any:
-        ledger = _mark_request(adapter, self, request)
+        ledger = self._poolwatch_ledger
         if ledger is None:
+            ledger = adapter._discover(self)
+        if ledger is _UNTRACKED:
             return original(self, request)
+        request._poolwatch_ledger = ledger
         start = perf_counter()
         try:
             return original(self, request)
-        except timeout:
-            _failed(adapter, ledger, request, start, True)
-            raise
-        except BaseException:
-            _failed(adapter, ledger, request, start, False)
+        except BaseException as exc:
+            _failed(adapter, ledger, request, start, exc)
             raise
 
     return handle_request
 
 
-def _ahandle_hook(
-    adapter: HTTPXAdapter, original: Callable[..., Any], timeout: type[BaseException]
-) -> Callable[..., Any]:
+def _ahandle_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
     async def handle_async_request(self: Any, request: Any) -> Any:
-        ledger = _mark_request(adapter, self, request)
+        ledger = self._poolwatch_ledger
         if ledger is None:
+            ledger = adapter._discover(self)
+        if ledger is _UNTRACKED:
             return await original(self, request)
+        request._poolwatch_ledger = ledger
         start = perf_counter()
         try:
             return await original(self, request)
-        except timeout:
-            _failed(adapter, ledger, request, start, True)
-            raise
-        except BaseException:
-            _failed(adapter, ledger, request, start, False)
+        except BaseException as exc:
+            _failed(adapter, ledger, request, start, exc)
             raise
 
     return handle_async_request
 
 
-def _acquired(pool_request: Any, start: float) -> None:
-    ledger: Ledger | None = pool_request.request.__dict__.get(_LEDGER)
-    # A request whose connection became unavailable waits again: still one checkout.
-    if ledger is not None and pool_request not in ledger.active:
-        now = perf_counter()
-        ledger.waits.append(now - start)
-        ledger.active[pool_request] = now
-        if ledger.capture:
-            ledger.stacks[pool_request] = capture_stack(sys._getframe(2))
+def _timed_out(adapter: HTTPXAdapter, pool_request: Any, start: float) -> None:
+    try:
+        ledger = pool_request.request._poolwatch_ledger
+        if ledger is not None and pool_request not in ledger.active:
+            ledger.failed(start, perf_counter(), timeout=True)
+    except Exception as error:
+        adapter.tracker.report("httpx pool timeout", error)
 
 
-def _wait_hook(cls: Any) -> Callable[..., Any]:
-    original = cls.wait_for_connection
-
+def _wait_hook(
+    adapter: HTTPXAdapter, original: Callable[..., Any], timeout_error: type[BaseException]
+) -> Callable[..., Any]:
     def wait_for_connection(self: Any, timeout: float | None = None) -> Any:
         start = perf_counter()
-        connection = original(self, timeout)
-        _acquired(self, start)
+        try:
+            connection = original(self, timeout)
+        except timeout_error:
+            _timed_out(adapter, self, start)
+            raise
+        ledger = self.request._poolwatch_ledger
+        # A request whose connection became unavailable waits again: still one checkout.
+        if ledger is not None and self not in ledger.active:
+            now = perf_counter()
+            ledger.waits.append(now - start)
+            ledger.active[self] = now
+            if ledger.capture:  # this pool has leaked (or leak_stacks="always")
+                ledger.stacks[self] = capture_stack(sys._getframe(1))
         return connection
 
     return wait_for_connection
 
 
-def _await_hook(cls: Any) -> Callable[..., Any]:
-    original = cls.wait_for_connection
-
+def _await_hook(
+    adapter: HTTPXAdapter, original: Callable[..., Any], timeout_error: type[BaseException]
+) -> Callable[..., Any]:
     async def wait_for_connection(self: Any, timeout: float | None = None) -> Any:
         start = perf_counter()
-        connection = await original(self, timeout)
-        _acquired(self, start)
+        try:
+            connection = await original(self, timeout)
+        except timeout_error:
+            _timed_out(adapter, self, start)
+            raise
+        ledger = self.request._poolwatch_ledger
+        if ledger is not None and self not in ledger.active:
+            now = perf_counter()
+            ledger.waits.append(now - start)
+            ledger.active[self] = now
+            if ledger.capture:
+                ledger.stacks[self] = capture_stack(sys._getframe(1))
         return connection
 
     return wait_for_connection
 
 
-def _released(adapter: HTTPXAdapter, stream: Any) -> None:
-    pool_request = stream._pool_request
-    ledger: Ledger | None = pool_request.request.__dict__.get(_LEDGER)
-    if ledger is None:
-        return
-    start = ledger.active.pop(pool_request, None)
-    if start is not None:
-        held = perf_counter() - start
-        ledger.uses.append(held)
-        if held > ledger.leak_threshold:
-            try:
-                ledger.settle(pool_request, held)
-            except Exception as error:
-                adapter.tracker.report("httpx release", error)
-        elif ledger.stacks:
-            ledger.stacks.pop(pool_request, None)
+def _settle(adapter: HTTPXAdapter, ledger: Ledger, key: Any, held: float) -> None:
+    try:
+        ledger.settle(key, held)
+    except Exception as error:
+        adapter.tracker.report("httpx release", error)
 
 
-def _close_stream_hook(adapter: HTTPXAdapter, cls: Any) -> Callable[..., Any]:
-    original = cls.close
-
+def _release_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
     def close(self: Any) -> None:
         if not self._closed:
-            _released(adapter, self)
+            pool_request = self._pool_request
+            ledger = pool_request.request._poolwatch_ledger
+            if ledger is not None:
+                start = ledger.active.pop(pool_request, None)
+                if start is not None:
+                    held = perf_counter() - start
+                    ledger.uses.append(held)
+                    if held > ledger.leak_threshold:
+                        _settle(adapter, ledger, pool_request, held)
+                    elif ledger.stacks:
+                        ledger.stacks.pop(pool_request, None)
         original(self)
 
     return close
 
 
-def _aclose_stream_hook(adapter: HTTPXAdapter, cls: Any) -> Callable[..., Any]:
-    original = cls.aclose
-
+def _arelease_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
     async def aclose(self: Any) -> None:
         if not self._closed:
-            _released(adapter, self)
+            pool_request = self._pool_request
+            ledger = pool_request.request._poolwatch_ledger
+            if ledger is not None:
+                start = ledger.active.pop(pool_request, None)
+                if start is not None:
+                    held = perf_counter() - start
+                    ledger.uses.append(held)
+                    if held > ledger.leak_threshold:
+                        _settle(adapter, ledger, pool_request, held)
+                    elif ledger.stacks:
+                        ledger.stacks.pop(pool_request, None)
         await original(self)
 
     return aclose
 
 
-def _connected(adapter: HTTPXAdapter, request: Any, start: float, stream: Any) -> None:
+def _connected(
+    adapter: HTTPXAdapter, request: Any, caller: FrameType | None, start: float, ok: bool
+) -> None:
     try:
-        ledger: Ledger | None = request.__dict__.get(_LEDGER)
-        if ledger is None:
-            return
-        now = perf_counter()
-        ledger.connected(now - start, ok=stream is not None)
-        if stream is not None:
-            stream.__dict__[_MARK] = (ledger, now)
+        ledger = getattr(request, _LEDGER, None)
+        if not isinstance(ledger, Ledger):  # a proxy connection's own request
+            ledger = _ledger_from_frames(caller)
+        if ledger is not None:
+            ledger.connected(perf_counter() - start, ok=ok)
     except Exception as error:
         adapter.tracker.report("httpx connect", error)
 
 
-def _connect_hook(adapter: HTTPXAdapter, cls: Any) -> Callable[..., Any]:
-    original = cls._connect
-
+def _connect_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
     def _connect(self: Any, request: Any) -> Any:
         start = perf_counter()
         try:
             stream = original(self, request)
         except BaseException:
-            _connected(adapter, request, start, None)
+            _connected(adapter, request, sys._getframe(1), start, False)
             raise
-        _connected(adapter, request, start, stream)
+        _connected(adapter, request, sys._getframe(1), start, True)
         return stream
 
     return _connect
 
 
-def _aconnect_hook(adapter: HTTPXAdapter, cls: Any) -> Callable[..., Any]:
-    original = cls._connect
-
+def _aconnect_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
     async def _connect(self: Any, request: Any) -> Any:
         start = perf_counter()
         try:
             stream = await original(self, request)
         except BaseException:
-            _connected(adapter, request, start, None)
+            _connected(adapter, request, sys._getframe(1), start, False)
             raise
-        _connected(adapter, request, start, stream)
+        _connected(adapter, request, sys._getframe(1), start, True)
         return stream
 
     return _connect
 
 
+def _born_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        try:
+            ledger = _ledger_from_frames(sys._getframe(1))
+            if ledger is not None:
+                setattr(self, _MARK, (ledger, perf_counter()))
+        except Exception as error:
+            adapter.tracker.report("httpx connection", error)
+
+    return __init__
+
+
 def _conn_close_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
     def close(self: Any) -> None:
-        try:
-            adapter._closing(self, sys._getframe(1), sys.exc_info()[1] is not None)
-        except Exception as error:
-            adapter.tracker.report("httpx close", error)
+        mark = self._poolwatch_connection
+        if mark is not None:
+            self._poolwatch_connection = None  # counted once, whoever closes it again
+            try:
+                adapter._closing(self, mark, sys._getframe(1))
+            except Exception as error:
+                adapter.tracker.report("httpx close", error)
         original(self)
 
     return close
@@ -496,10 +660,13 @@ def _conn_close_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Cal
 
 def _conn_aclose_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
     async def aclose(self: Any) -> None:
-        try:
-            adapter._closing(self, sys._getframe(1), sys.exc_info()[1] is not None)
-        except Exception as error:
-            adapter.tracker.report("httpx close", error)
+        mark = self._poolwatch_connection
+        if mark is not None:
+            self._poolwatch_connection = None
+            try:
+                adapter._closing(self, mark, sys._getframe(1))
+            except Exception as error:
+                adapter.tracker.report("httpx close", error)
         await original(self)
 
     return aclose

@@ -34,7 +34,7 @@ from typing import Any
 from poolwatch import _catalogue as c
 from poolwatch._ledger import Ledger, capture_stack
 from poolwatch._naming import creation_site, target_name
-from poolwatch.adapters._base import Adapter, Levels, Tracker
+from poolwatch.adapters._base import Adapter, Levels, Tracker, pop_attribute
 
 _LEDGER = "_poolwatch_ledger"
 _ORIGINAL = "__poolwatch_original__"
@@ -107,8 +107,8 @@ class SQLAlchemyAdapter(Adapter):
 
     def uninstrument(self) -> None:
         for pool in list(self._tracked):
-            pool.__dict__.pop(_LEDGER, None)
-            creator = pool.__dict__.get("_invoke_creator")
+            pop_attribute(pool, _LEDGER)
+            creator = getattr(pool, "_invoke_creator", None)
             original = getattr(creator, _ORIGINAL, None)
             if original is not None:
                 pool._invoke_creator = original
@@ -121,9 +121,9 @@ class SQLAlchemyAdapter(Adapter):
 
     # -- tracking ----------------------------------------------------------------------
     def _attach(self, pool: Any, ledger: Ledger) -> None:
-        pool.__dict__[_LEDGER] = ledger
+        setattr(pool, _LEDGER, ledger)
         self._tracked.add(pool)
-        creator = pool.__dict__.get("_invoke_creator")
+        creator = getattr(pool, "_invoke_creator", None)
         if creator is not None and not hasattr(creator, _ORIGINAL):
             pool._invoke_creator = _timed_creator(weakref.ref(pool), creator, self.tracker)
 
@@ -214,7 +214,7 @@ class SQLAlchemyAdapter(Adapter):
         ledger: Ledger | None = pool._poolwatch_ledger
         if ledger is None or record.dbapi_connection is None:
             return
-        reason = record.__dict__.pop(_REASON, None)
+        reason = pop_attribute(record, _REASON)
         if reason is None:
             reason = _close_reason(record, pool, caller)
         lifetime = time.time() - record.starttime if record.starttime else None
@@ -227,7 +227,7 @@ class SQLAlchemyAdapter(Adapter):
             return _queue_levels(pool)
         used = _checked_out_of(pool)
         if isinstance(pool, pools.AssertionPool):
-            conn = pool.__dict__.get("_conn")
+            conn = getattr(pool, "_conn", None)
             idle = 1 if conn is not None and conn.dbapi_connection is not None and not used else 0
             return Levels(used, idle, 1, 0, 1, 0)
         if isinstance(pool, pools.StaticPool):
@@ -314,7 +314,7 @@ def _invalidate_hook(
     def invalidate(self: Any, e: BaseException | None = None, soft: bool = False) -> None:
         if not soft and self.dbapi_connection is not None:
             try:
-                self.__dict__[_REASON] = adapter._invalidate_reason(self, e)
+                setattr(self, _REASON, adapter._invalidate_reason(self, e))
             except Exception as error:
                 adapter.tracker.report("sqlalchemy invalidate", error)
         original(self, e, soft)

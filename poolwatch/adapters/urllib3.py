@@ -61,7 +61,7 @@ from typing import Any, NamedTuple
 from poolwatch import _catalogue as c
 from poolwatch._ledger import Ledger, capture_stack
 from poolwatch._naming import creation_site, target_name
-from poolwatch.adapters._base import Adapter, Levels, Tracker
+from poolwatch.adapters._base import Adapter, Levels, Tracker, pop_attribute
 
 _LEDGER = "_poolwatch_ledger"
 _BORN = "_poolwatch_born"
@@ -185,11 +185,11 @@ class Urllib3Adapter(Adapter):
 
     def uninstrument(self) -> None:
         for pool in list(self._tracked):
-            pool.__dict__.pop(_LEDGER, None)
+            pop_attribute(pool, _LEDGER)
             queue = pool.pool
             for conn in list(queue.queue) if queue is not None else ():
                 if conn is not None:
-                    conn.__dict__.pop(_LEDGER, None)
+                    pop_attribute(conn, _LEDGER)
         for owner, attribute, original in reversed(self._patches):
             if original is _ABSENT:
                 delattr(owner, attribute)
@@ -212,7 +212,7 @@ class Urllib3Adapter(Adapter):
             attributes=attributes,
             kind=kind,
         )
-        pool.__dict__[_LEDGER] = ledger
+        setattr(pool, _LEDGER, ledger)
         self._tracked.add(pool)
         queue = pool.pool
         if queue is not None:  # connections it already has (a pool found late)
@@ -223,8 +223,8 @@ class Urllib3Adapter(Adapter):
 
     @staticmethod
     def _adopt(pool: Any, conn: Any, ledger: Ledger) -> None:
-        conn.__dict__[_LEDGER] = ledger
-        conn.__dict__[_OWNER] = id(pool)
+        setattr(conn, _LEDGER, ledger)
+        setattr(conn, _OWNER, id(pool))
 
     def _discover(self, pool: Any) -> Ledger | None:
         """A pool first seen at checkout: made before instrument()."""
@@ -252,7 +252,7 @@ class Urllib3Adapter(Adapter):
         for manager in found_managers:
             maker = makers.get(id(manager))
             if maker is not None:
-                manager.__dict__[_CONTEXT] = maker
+                setattr(manager, _CONTEXT, maker)
             candidates.extend((pool, maker) for pool in _pools_of(manager))
         candidates.extend((pool, None) for pool in found_pools)
         for pool, maker in candidates:
@@ -277,9 +277,9 @@ class Urllib3Adapter(Adapter):
         if not managers:
             return False
         for manager in managers:
-            maker = manager.__dict__.get(_CONTEXT) or _Maker(self.kind, None)
+            maker = getattr(manager, _CONTEXT, None) or _Maker(self.kind, None)
             maker = maker._replace(name=name)
-            manager.__dict__[_CONTEXT] = maker
+            setattr(manager, _CONTEXT, maker)
             for pool in _pools_of(manager):
                 self._track_pool(pool, maker, name)
         return True
@@ -302,11 +302,11 @@ class Urllib3Adapter(Adapter):
             ledger.stacks.pop(conn, None)
             if start is not None:
                 ledger.uses.append(now - start)
-        if conn.sock is None and _ENDED not in conn.__dict__:
+        if conn.sock is None and not hasattr(conn, _ENDED):
             return  # never connected (a refused connect), or its close was counted
-        born = conn.__dict__.pop(_BORN, None)
+        born = pop_attribute(conn, _BORN)
         lifetime = now - born if born is not None else None
-        ended = conn.__dict__.pop(_ENDED, _ABSENT)
+        ended = pop_attribute(conn, _ENDED, _ABSENT)
         if ended is not _ABSENT:
             # The server ended it earlier; the pool lets go of the connection object now.
             lifetime = ended
@@ -317,7 +317,7 @@ class Urllib3Adapter(Adapter):
         elif who == "getresponse" and not handling:
             # The server ended it (Connection: close). Counted when the pool lets go of the
             # object: urllib3 may yet discard it as "pool is full", which must count as such.
-            conn.__dict__[_ENDED] = lifetime
+            setattr(conn, _ENDED, lifetime)
             return
         else:
             reason = _close_reason(who, caller, handling)
@@ -325,11 +325,11 @@ class Urllib3Adapter(Adapter):
 
     # -- levels ------------------------------------------------------------------------
     def levels(self, pool: Any) -> Levels:
-        ledger: Ledger | None = pool.__dict__.get(_LEDGER)
+        ledger: Ledger | None = pool._poolwatch_ledger
         owner = id(pool)
         used = 0
         if ledger is not None:
-            used = sum(1 for conn in list(ledger.active) if conn.__dict__.get(_OWNER) == owner)
+            used = sum(1 for conn in list(ledger.active) if getattr(conn, _OWNER, None) == owner)
         queue = pool.pool
         if queue is None:  # closed
             return Levels(used, 0, None, 0)
@@ -491,7 +491,7 @@ def _connect_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Call
         now = perf_counter()
         try:
             ledger.connected(now - start, ok=True)
-            self.__dict__[_BORN] = now
+            setattr(self, _BORN, now)
         except Exception as error:
             report("urllib3 connect", error)
         return None
@@ -529,8 +529,8 @@ def _manager_init_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) ->
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         try:
-            if _CONTEXT not in self.__dict__:
-                self.__dict__[_CONTEXT] = _maker_of(sys._getframe(1))
+            if not hasattr(self, _CONTEXT):
+                setattr(self, _CONTEXT, _maker_of(sys._getframe(1)))
         except Exception as error:
             adapter.tracker.report("urllib3 pool manager", error)
 
@@ -541,7 +541,7 @@ def _new_pool_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Cal
     making = adapter._making
 
     def _new_pool(self: Any, *args: Any, **kwargs: Any) -> Any:
-        making.maker = self.__dict__.get(_CONTEXT)
+        making.maker = getattr(self, _CONTEXT, None)
         try:
             return original(self, *args, **kwargs)
         finally:
