@@ -1,19 +1,28 @@
-"""httpx Client and AsyncClient pools against real loopback servers: exact counts."""
+"""httpx Client and AsyncClient pools against real loopback servers: exact counts.
+
+Servers: tests/support/upstream.py's HTTP/1.1 servers, plus, in this module, a real HTTP/2
+(h2c) server on the h2 package and a real tunnelling (CONNECT) proxy. No mocks.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
+import socket
 import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any, cast
 
 import httpcore
 import httpx
 import pytest
 
 import poolwatch
+from poolwatch.adapters.httpx import HTTPXAdapter
 from tests.conftest import Harness
 from tests.support.upstream import AsyncioUpstream, ThreadedUpstream, refusing_port
 
@@ -31,6 +40,179 @@ def _wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
         time.sleep(0.005)
 
 
+def _run_threads(target: Callable[[], None], count: int) -> list[threading.Thread]:
+    threads = [threading.Thread(target=target) for _ in range(count)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def _join(threads: list[threading.Thread]) -> None:
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+
+
+# -- two more real loopback servers, for what tests/support/upstream.py does not speak --------
+class H2Upstream:
+    """A real HTTP/2 server on 127.0.0.1 (cleartext, prior knowledge: httpx with
+    ``http1=False, http2=True``), built on the h2 package, one thread per connection.
+    Each response is sent ``delay`` seconds after its request, so streams overlap."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.connections = 0
+        self.streams = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.port = self._listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> H2Upstream:
+        self._spawn(self._accept)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in list(self._threads):
+            thread.join(5)
+        self._listener.close()
+
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            with self._lock:
+                self.connections += 1
+            self._spawn(self._serve, sock)
+
+    def _serve(self, sock: socket.socket) -> None:
+        import h2.config
+        import h2.connection
+        import h2.events
+
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        lock = threading.Lock()  # the h2 state machine and the socket, shared with responders
+
+        def respond(stream_id: int) -> None:
+            time.sleep(self.delay)
+            with lock:
+                conn.send_headers(stream_id, [(":status", "200"), ("content-length", "3")])
+                conn.send_data(stream_id, b"ok\n", end_stream=True)
+                with contextlib.suppress(OSError):
+                    sock.sendall(conn.data_to_send())
+
+        with sock:
+            sock.settimeout(0.05)
+            with lock:
+                conn.initiate_connection()
+                sock.sendall(conn.data_to_send())
+            while not self._stop.is_set():
+                try:
+                    data = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+                if not data:
+                    break
+                with lock:
+                    events = conn.receive_data(data)
+                    sock.sendall(conn.data_to_send())
+                for event in events:
+                    if isinstance(event, h2.events.StreamEnded):
+                        with self._lock:
+                            self.streams += 1
+                        self._spawn(respond, event.stream_id)
+                    elif isinstance(event, h2.events.ConnectionTerminated):
+                        return
+
+
+class ConnectProxy:
+    """A real tunnelling proxy on 127.0.0.1: answers ``CONNECT host:port`` and relays bytes."""
+
+    def __init__(self) -> None:
+        self.tunnels = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.port = self._listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> ConnectProxy:
+        self._start(self._accept)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in list(self._threads):
+            thread.join(5)
+        self._listener.close()
+
+    def _start(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            self._start(self._tunnel, client)
+
+    def _tunnel(self, client: socket.socket) -> None:
+        with client:
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 8192:
+                chunk = client.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            method, target, _ = head.split(b"\r\n", 1)[0].split(b" ", 2)
+            assert method == b"CONNECT", method
+            host, port = target.rsplit(b":", 1)
+            with socket.create_connection((host.decode(), int(port)), timeout=5) as upstream:
+                self.tunnels += 1
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                back = threading.Thread(target=self._relay, args=(upstream, client), daemon=True)
+                back.start()
+                self._relay(client, upstream)
+                back.join(5)
+
+    def _relay(self, source: socket.socket, sink: socket.socket) -> None:
+        source.settimeout(0.05)
+        while not self._stop.is_set():
+            try:
+                data = source.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            try:
+                sink.sendall(data)
+            except OSError:
+                break
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+# -- levels, checkouts, connects ---------------------------------------------------------------
 @pytest.mark.semconv
 def test_keep_alive_requests_reuse_one_connection(pw: Harness) -> None:
     with ThreadedUpstream() as upstream, httpx.Client(base_url=upstream.url) as client:
@@ -56,6 +238,7 @@ def test_keep_alive_requests_reuse_one_connection(pw: Harness) -> None:
         }
         assert idle.value == 1
         assert got.value("poolwatch.connections.max", pool__name=upstream.origin) == 100
+        assert got.value("poolwatch.pending_requests", pool__name=upstream.origin) == 0
         assert got.count("poolwatch.wait.duration", pool__name=upstream.origin) == 4
         assert got.count("poolwatch.use.duration", pool__name=upstream.origin) == 4
         assert got.count("poolwatch.connect.duration", pool__name=upstream.origin) == 1
@@ -68,26 +251,55 @@ def test_keep_alive_requests_reuse_one_connection(pw: Harness) -> None:
     assert _pool(upstream.origin).closed["disposed"] == 1  # the client closed
 
 
+def test_limits_are_read_from_the_pool(pw: Harness) -> None:
+    limits = httpx.Limits(max_connections=5, max_keepalive_connections=3)
+    with httpx.Client(limits=limits) as bounded, httpx.Client(limits=httpx.Limits()) as open_:
+        adapter = HTTPXAdapter(cast(Any, None))  # levels() reads the pool alone
+        first = adapter.levels(bounded._transport._pool)
+        second = adapter.levels(open_._transport._pool)
+    assert (first.max, first.idle_max, first.used, first.idle, first.pending) == (5, 3, 0, 0, 0)
+    # httpx.Limits() is unbounded: no max, and the limit is not exported
+    assert (second.max, second.idle_max) == (None, None)
+
+
 def test_used_and_idle_per_origin(pw: Harness) -> None:
-    with ThreadedUpstream() as first, AsyncioUpstream() as second, httpx.Client() as client:
-        for url in (first.url, first.url, second.url):
-            client.get(url)
+    with (
+        ThreadedUpstream(delay=0.3) as first,
+        AsyncioUpstream(delay=0.3) as second,
+        httpx.Client() as client,
+    ):
+        threads = [
+            threading.Thread(target=client.get, args=(url,))
+            for url in (first.url, first.url, second.url)
+        ]
+        for t in threads:
+            t.start()
+        _wait_until(lambda: _pool("httpx").used == 3)
+        got = pw.collect()
+        used = {
+            p.attributes["server.port"]: p.value
+            for p in got.points("poolwatch.connections", pool__name="httpx", state="used")
+        }
+        assert used == {first.port: 2, second.port: 1}
+        _join(threads)
         snap = _pool("httpx")
-        assert (snap.idle, snap.checkouts, snap.connects) == (2, 3, 2)
+        assert (snap.used, snap.idle, snap.checkouts) == (0, 3, 3)
+        assert snap.connects == first.connections + second.connections == 3
         got = pw.collect()
         idle = {
             p.attributes["server.port"]: p.value
             for p in got.points("poolwatch.connections", pool__name="httpx", state="idle")
         }
-        assert idle == {first.port: 1, second.port: 1}
+        assert idle == {first.port: 2, second.port: 1}
+        assert got.count("poolwatch.connect.duration", pool__name="httpx") == 3
 
 
 def test_pool_timeouts_are_exact_and_waiters_pending(pw: Harness) -> None:
     limits = httpx.Limits(max_connections=2)
-    timeout = httpx.Timeout(10.0, pool=0.15)
+    timeout = httpx.Timeout(10.0, pool=0.3)
     outcomes: list[str] = []
     lock = threading.Lock()
-    with ThreadedUpstream(delay=0.5) as slow, httpx.Client(limits=limits, timeout=timeout) as c:
+    with ThreadedUpstream(delay=0.8) as slow, httpx.Client(limits=limits, timeout=timeout) as c:
 
         def call() -> None:
             try:
@@ -98,59 +310,125 @@ def test_pool_timeouts_are_exact_and_waiters_pending(pw: Harness) -> None:
             with lock:
                 outcomes.append(result)
 
-        threads = [threading.Thread(target=call) for _ in range(6)]
-        for t in threads:
-            t.start()
+        threads = _run_threads(call, 6)
         _wait_until(lambda: _pool("httpx").pending > 0)
         waiting = _pool("httpx")
-        for t in threads:
-            t.join(10)
+        exported = pw.collect().value("poolwatch.pending_requests", pool__name="httpx")
+        _join(threads)
         assert waiting.used == 2
+        assert 1 <= exported <= 4
         assert sorted(outcomes) == ["ok", "ok", "timeout", "timeout", "timeout", "timeout"]
         snap = _pool("httpx")
         assert (snap.timeouts, snap.checkouts, snap.pending, snap.used) == (4, 2, 0, 0)
-        timed_out = pw.collect().histogram(
-            "poolwatch.wait.duration", pool__name="httpx", outcome="timeout"
-        )
+        got = pw.collect()
+        assert got.value("poolwatch.timeouts", pool__name="httpx") == 4
+        timed_out = got.histogram("poolwatch.wait.duration", pool__name="httpx", outcome="timeout")
         assert timed_out.count == 4
-        assert timed_out.min >= 0.15
+        assert timed_out.min >= 0.3 and timed_out.max < 0.8  # the queue wait alone
+        assert got.count("poolwatch.wait.duration", pool__name="httpx", outcome="error") == 0
+        assert got.count("poolwatch.use.duration", pool__name="httpx") == 2
+        assert slow.connections == snap.connects == 2
+
+
+def test_async_client_on_a_real_event_loop(pw: Harness) -> None:
+    async def main() -> tuple[poolwatch.PoolSnapshot, int]:
+        with AsyncioUpstream(delay=0.2) as upstream:
+            limits = httpx.Limits(max_connections=2)
+            async with httpx.AsyncClient(base_url=upstream.url, limits=limits) as client:
+                requests = [asyncio.create_task(client.get("/")) for _ in range(6)]
+                for _ in range(100):  # bounded: until the six are in the pool
+                    await asyncio.sleep(0.005)
+                    if _pool(upstream.origin).pending == 4:
+                        break
+                during = _pool(upstream.origin)
+                await asyncio.gather(*requests)
+                return during, upstream.connections
+
+    during, connections = asyncio.run(main())
+    assert (during.used, during.pending, during.max) == (2, 4, 2)
+    [snap] = [s for s in poolwatch.pools() if s.kind == "httpx"]
+    assert (snap.checkouts, snap.connects, connections) == (6, 2, 2)
+    assert (snap.used, snap.idle, snap.pending) == (0, 0, 0)  # the client closed
+    assert snap.closed["disposed"] == 2
+
+
+def test_async_pool_timeouts(pw: Harness) -> None:
+    async def main() -> list[str]:
+        with AsyncioUpstream(delay=0.5) as upstream:
+            limits = httpx.Limits(max_connections=1)
+            timeout = httpx.Timeout(10.0, pool=0.1)
+            async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+
+                async def call() -> str:
+                    try:
+                        await client.get(upstream.url)
+                    except httpx.PoolTimeout:
+                        return "timeout"
+                    return "ok"
+
+                return sorted(await asyncio.gather(*(call() for _ in range(3))))
+
+    assert asyncio.run(main()) == ["ok", "timeout", "timeout"]
+    snap = _pool("httpx")
+    assert (snap.timeouts, snap.checkouts, snap.connects) == (2, 1, 1)
+    got = pw.collect()
+    assert got.value("poolwatch.timeouts", pool__name="httpx") == 2
+    assert (
+        got.histogram("poolwatch.wait.duration", pool__name="httpx", outcome="timeout").min >= 0.1
+    )
+
+
+# -- closes by reason ----------------------------------------------------------------------
+def test_stale_connections_found_on_reuse(pw: Harness) -> None:
+    with ThreadedUpstream(idle_timeout=0.05) as dropping:
+        with httpx.Client(base_url=dropping.url) as client:
+            client.get("/")
+            for round_ in range(1, 4):
+                _wait_until(lambda r=round_: dropping.closed_idle == r)  # type: ignore[misc]
+                client.get("/")  # the pool finds the server closed it, and connects again
+            snap = _pool(dropping.origin)
+            assert (snap.closed["stale"], snap.connects, dropping.connections) == (3, 4, 4)
+            assert (
+                pw.collect().value(
+                    "poolwatch.connections.closed", pool__name=dropping.origin, reason="stale"
+                )
+                == 3
+            )
+        assert _pool(dropping.origin).closed == {
+            "idle_expired": 0,
+            "max_lifetime": 0,
+            "pool_full": 0,
+            "stale": 3,
+            "invalidated": 0,
+            "error": 0,
+            "disposed": 1,
+        }
 
 
 def test_closes_by_reason(pw: Harness) -> None:
-    with ThreadedUpstream(idle_timeout=0.05) as dropping, ThreadedUpstream() as steady:
-        with httpx.Client(base_url=dropping.url) as client:
-            client.get("/")
-            _wait_until(lambda: dropping.closed_idle == 1)
-            client.get("/")  # the pool finds the server closed it
-            assert _pool(dropping.origin).closed["stale"] == 1
+    with ThreadedUpstream() as steady:
         expiring = httpx.Limits(keepalive_expiry=0.05)
         with httpx.Client(base_url=steady.url, limits=expiring) as client:
             client.get("/")
             time.sleep(0.1)
             client.get("/")  # the pool drops the expired one first
-            assert _pool(steady.origin).closed["idle_expired"] == 1
+            snap = _pool(steady.origin)
+            assert (snap.closed["idle_expired"], snap.connects) == (1, 2)
+            lifetime = pw.collect().histogram(
+                "poolwatch.connection.lifetime", pool__name=steady.origin, reason="idle_expired"
+            )
+            assert lifetime.count == 1 and lifetime.min >= 0.05
         with httpx.Client(base_url=steady.url) as closing:
             site = f"tests/test_httpx.py:{sys._getframe().f_lineno - 1}"  # a second site
             closing.get("/", headers={"Connection": "close"})
             assert _pool(f"{steady.origin} ({site})").closed["invalidated"] == 1
         surplus = httpx.Limits(max_keepalive_connections=1)
         with ThreadedUpstream(delay=0.2) as slow, httpx.Client(limits=surplus) as client:
-            threads = [threading.Thread(target=client.get, args=(slow.url,)) for _ in range(3)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(10)
+            _join(_run_threads(lambda: client.get(slow.url).raise_for_status(), 3))
             snap = _pool("httpx")
             assert (snap.connects, snap.idle, snap.closed["pool_full"]) == (3, 1, 2)
-    assert _pool(dropping.origin).closed == {
-        "idle_expired": 0,
-        "max_lifetime": 0,
-        "pool_full": 0,
-        "stale": 1,
-        "invalidated": 0,
-        "error": 0,
-        "disposed": 1,
-    }
+    assert _pool(steady.origin).closed["disposed"] == 1
+    assert sum(_pool(steady.origin).closed.values()) == 2 == _pool(steady.origin).connects
 
 
 def test_read_timeout_ends_the_use_and_closes_as_error(pw: Harness) -> None:
@@ -161,7 +439,10 @@ def test_read_timeout_ends_the_use_and_closes_as_error(pw: Harness) -> None:
         snap = _pool(slow.origin)
         assert (snap.used, snap.checkouts, snap.timeouts) == (0, 1, 0)
         assert snap.closed["error"] == 1
-        assert pw.collect().count("poolwatch.use.duration", pool__name=slow.origin) == 1
+        got = pw.collect()
+        assert got.count("poolwatch.use.duration", pool__name=slow.origin) == 1
+        assert got.count("poolwatch.wait.duration", pool__name=slow.origin, outcome="error") == 0
+    assert sum(_pool(slow.origin).closed.values()) == 1  # counted once, not again at close
 
 
 def test_refused_connect_is_a_connect_error(pw: Harness) -> None:
@@ -171,79 +452,177 @@ def test_refused_connect_is_a_connect_error(pw: Harness) -> None:
         snap = _pool(f"http://127.0.0.1:{port}")
         assert (snap.used, snap.checkouts, snap.connects, snap.connect_errors) == (0, 1, 0, 1)
         assert sum(snap.closed.values()) == 0
+        got = pw.collect()
+        assert got.count("poolwatch.connect.duration", pool__name=snap.name, outcome="error") == 1
 
 
 def test_tls_connects_are_timed(pw: Harness) -> None:
-    with ThreadedUpstream(tls=True) as server:
+    with ThreadedUpstream(tls=True, delay=0.1) as server:
         trust = ssl.create_default_context(cafile=server.ca_file)
         with httpx.Client(base_url=server.url, verify=trust) as client:
+            _join(_run_threads(lambda: client.get("/").raise_for_status(), 3))
             for _ in range(3):
                 assert client.get("/").status_code == 200
             snap = _pool(server.origin)
-            assert (snap.checkouts, snap.connects, server.connections) == (3, 1, 1)
+            assert (snap.checkouts, snap.connects, server.connections) == (6, 3, 3)
             connect = pw.collect().histogram("poolwatch.connect.duration", pool__name=server.origin)
-            assert connect.count == 1
+            assert connect.count == server.connections
+    assert _pool(server.origin).closed["disposed"] == 3
 
 
-def test_async_client_on_a_real_event_loop(pw: Harness) -> None:
-    async def main() -> tuple[poolwatch.PoolSnapshot, int]:
-        with AsyncioUpstream(delay=0.2) as upstream:
-            limits = httpx.Limits(max_connections=2)
-            async with httpx.AsyncClient(base_url=upstream.url, limits=limits) as client:
-                requests = [asyncio.create_task(client.get("/")) for _ in range(6)]
-                await asyncio.sleep(0.05)
-                during = _pool(upstream.origin)
-                await asyncio.gather(*requests)
-                return during, upstream.connections
+# -- HTTP/2 --------------------------------------------------------------------------------
+def test_http2_counts_connections_not_streams(pw: Harness) -> None:
+    # h2 is in the dev extra: this runs in every test run (never skipped)
+    with (
+        H2Upstream(delay=0.3) as server,
+        httpx.Client(base_url=server.url, http1=False, http2=True) as client,
+    ):
+        versions: list[str] = []
+        threads = _run_threads(lambda: versions.append(client.get("/").http_version), 4)
+        _wait_until(lambda: server.streams == 4)  # four requests in flight on the server
+        during = _pool(server.url)
+        _join(threads)
+        assert versions == ["HTTP/2"] * 4
+        assert (during.used, during.idle, during.pending) == (1, 0, 0)  # one connection
+        snap = _pool(server.url)
+        assert (snap.used, snap.idle, snap.checkouts, snap.connects) == (0, 1, 4, 1)
+        assert server.connections == 1
+        got = pw.collect()
+        assert got.count("poolwatch.wait.duration", pool__name=server.url) == 4
+        assert got.count("poolwatch.use.duration", pool__name=server.url) == 4
+    assert _pool(server.url).closed["disposed"] == 1
 
-    during, connections = asyncio.run(main())
-    assert (during.used, during.pending, during.max) == (2, 4, 2)
-    [snap] = [s for s in poolwatch.pools() if s.kind == "httpx"]
-    assert (snap.checkouts, snap.connects, connections) == (6, 2, 2)
-    assert snap.closed["disposed"] == 2
 
-
-def test_proxy_pools_are_named_without_credentials(pw: Harness) -> None:
+# -- proxies -------------------------------------------------------------------------------
+def test_forwarding_proxy_pools_are_named_without_credentials(pw: Harness) -> None:
     with ThreadedUpstream() as upstream:  # a forwarding proxy: the upstream answers itself
         proxy = f"http://alice:s3cret@127.0.0.1:{upstream.port}"
         with httpx.Client(proxy=proxy) as client:
-            client.get("http://example.invalid/path?token=abc")
+            for _ in range(2):
+                client.get("http://example.invalid/path?token=abc")
             pools = {s.name: s.checkouts for s in poolwatch.pools() if s.kind == "httpx"}
             # the client's own pool (unused here) and its proxy mount's pool
-            assert pools == {"httpx": 0, f"httpx via {upstream.origin}": 1}
-            exported = repr(pw.collect().metrics)
+            assert pools == {"httpx": 0, f"httpx via {upstream.origin}": 2}
+            snap = _pool(f"httpx via {upstream.origin}")
+            assert (snap.connects, snap.idle, upstream.connections) == (1, 1, 1)
+            got = pw.collect()
+            [idle] = got.points("poolwatch.connections", state="idle", pool__name=snap.name)
+            assert idle.attributes["server.address"] == "example.invalid"  # the origin
+            exported = repr(got.metrics)
             for secret in ("alice", "s3cret", "token", "abc"):
+                assert secret not in exported
+        assert _pool(f"httpx via {upstream.origin}").closed["disposed"] == 1
+
+
+def test_tunnelling_proxy_to_a_tls_upstream(pw: Harness) -> None:
+    with ThreadedUpstream(tls=True) as upstream, ConnectProxy() as proxy:
+        trust = ssl.create_default_context(cafile=upstream.ca_file)
+        with httpx.Client(proxy=proxy.url, verify=trust) as client:
+            for _ in range(3):
+                assert client.get(upstream.url).text == "ok\n"
+            snap = _pool(f"httpx via {proxy.url}")
+            assert (snap.checkouts, snap.connects, snap.idle) == (3, 1, 1)
+            assert (proxy.tunnels, upstream.connections) == (1, 1)
+        assert _pool(f"httpx via {proxy.url}").closed["disposed"] == 1
+
+
+def test_no_credentials_in_names_from_base_url(pw: Harness) -> None:
+    with ThreadedUpstream() as upstream:
+        base = f"http://bob:hunter2@127.0.0.1:{upstream.port}/api?key=topsecret"
+        with httpx.Client(base_url=base) as client:
+            assert client.get("/").status_code == 200
+            assert [s.name for s in poolwatch.pools() if s.kind == "httpx"] == [upstream.origin]
+            exported = repr(pw.collect().metrics)
+            for secret in ("bob", "hunter2", "key", "topsecret"):
                 assert secret not in exported
 
 
+# -- finding pools -------------------------------------------------------------------------
+def test_transports_and_bare_httpcore_pools_are_tracked(pw: Harness) -> None:
+    with ThreadedUpstream() as upstream:
+        transport = httpx.HTTPTransport(limits=httpx.Limits(max_connections=3))
+        with httpx.Client(transport=transport, base_url=upstream.url) as client:
+            client.get("/")
+            snap = _pool(upstream.origin)
+            assert (snap.checkouts, snap.max) == (1, 3)
+        with httpcore.ConnectionPool(max_connections=4) as pool:
+            for _ in range(2):
+                assert pool.request("GET", upstream.url).status == 200
+            snap = _pool("httpcore")  # met at its first request
+            assert (snap.checkouts, snap.connects, snap.idle, snap.max) == (2, 1, 1, 4)
+        assert _pool("httpcore").closed["disposed"] == 1
+
+
 def test_a_client_made_before_instrument_is_found(harness: Harness) -> None:
-    with ThreadedUpstream() as upstream, httpx.Client(base_url=upstream.url) as client:
-        client.get("/")
-        harness.instrument()
-        client.get("/")
-        snap = _pool(upstream.origin)
-        assert (snap.checkouts, snap.idle) == (1, 1)
+    with ThreadedUpstream() as upstream:
+        with httpx.Client(base_url=upstream.url) as client, httpcore.ConnectionPool() as bare:
+            client.get("/")
+            bare.request("GET", upstream.url)
+            harness.instrument()
+            # found by the heap walk, with the connection opened before
+            assert (_pool(upstream.origin).idle, _pool("httpcore").idle) == (1, 1)
+            client.get("/")
+            snap = _pool(upstream.origin)
+            assert (snap.checkouts, snap.idle, snap.connects) == (1, 1, 0)
+        # the connections opened before instrument() are counted when they close
+        assert _pool(upstream.origin).closed["disposed"] == 1
+        assert _pool("httpcore").closed["disposed"] == 1
+        got = harness.collect()
+        assert got.count("poolwatch.connection.lifetime", pool__name=upstream.origin) == 0
 
 
-def test_uninstrument_restores_httpcore(harness: Harness) -> None:
-    from httpcore._sync import connection_pool
+# -- uninstrument, optional h2 -------------------------------------------------------------
+def _class_dicts() -> dict[tuple[str, str], dict[str, Any]]:
+    """Every class attribute of every class httpx and httpcore define."""
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for module_name, module in list(sys.modules.items()):
+        if module is None or module_name.split(".")[0] not in ("httpx", "httpcore"):
+            continue
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ == module_name:
+                found[(module_name, cls.__qualname__)] = dict(vars(cls))
+    return found
 
-    patched = [
-        (httpcore.ConnectionPool, "handle_request"),
-        (httpcore.AsyncConnectionPool, "handle_async_request"),
-        (connection_pool.PoolRequest, "wait_for_connection"),
-        (connection_pool.PoolByteStream, "close"),
-        (httpx.Client, "__init__"),
-        (httpx.AsyncClient, "__init__"),
-    ]
-    originals = {(cls, attr): cls.__dict__[attr] for cls, attr in patched}
+
+def test_uninstrument_restores_httpx_and_httpcore(harness: Harness) -> None:
+    before = _class_dicts()
+    assert len(before) > 50
     harness.instrument()
-    assert all(cls.__dict__[attr] is not fn for (cls, attr), fn in originals.items())
-    poolwatch.uninstrument()
-    assert all(cls.__dict__[attr] is fn for (cls, attr), fn in originals.items())
-    assert "_poolwatch_ledger" not in httpcore.ConnectionPool.__dict__
+    patched = {key for key, attrs in _class_dicts().items() if attrs != before[key]}
+    assert {name for _, name in patched} >= {
+        "ConnectionPool",
+        "AsyncConnectionPool",
+        "PoolRequest",
+        "AsyncPoolRequest",
+        "PoolByteStream",
+        "HTTPConnection",
+        "AsyncHTTPConnection",
+        "HTTP11Connection",
+        "AsyncHTTP11Connection",
+        "HTTP2Connection",
+        "AsyncHTTP2Connection",
+        "Request",
+        "Client",
+        "AsyncClient",
+    }
     with ThreadedUpstream() as upstream, httpx.Client(base_url=upstream.url) as client:
         client.get("/")
+        pool = client._transport._pool
+        assert pool._poolwatch_ledger is not None
+        poolwatch.uninstrument()
+        after = _class_dicts()
+        changed = [key for key in before if after[key].keys() != before[key].keys()]
+        assert changed == []
+        replaced = [
+            (key, attr)
+            for key, attrs in before.items()
+            for attr, value in attrs.items()
+            if after[key][attr] is not value
+        ]
+        assert replaced == []
+        assert not hasattr(pool, "_poolwatch_ledger")  # the pool forgot, too
+        client.get("/")
+    assert poolwatch.pools() == []
     assert harness.collect().names() == set()
 
 
