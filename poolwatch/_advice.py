@@ -17,10 +17,34 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from poolwatch._top import Counts
+
+@dataclass
+class Counts:
+    """What one observation says about one pool: a scrape (`top`, `doctor`) or a reading of
+    the registry (sizing in `pools()`)."""
+
+    kind: str
+    name: str
+    used: float = 0.0
+    idle: float = 0.0
+    max: float | None = None
+    pending: float = 0.0
+    checkouts: float = 0.0
+    timeouts: float = 0.0
+    discards: float = 0.0
+    stale: float = 0.0
+    connects: float = 0.0
+    hold_total: float = 0.0
+    """Seconds connections were held, summed (use.duration sum)."""
+    holds: float = 0.0
+    """Returns (use.duration count)."""
+    leaks_active: float = 0.0
+    wait_buckets: dict[float, float] = field(default_factory=dict)
+    """Cumulative count of successful waits at or below each bound (``le``), seconds."""
+
 
 Severity = Literal["critical", "warning"]
 AddFinding = Callable[[Severity, str, str], None]

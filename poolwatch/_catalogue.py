@@ -31,6 +31,11 @@ SERVER_PORT: Final = "server.port"
 STATE: Final = "state"
 OUTCOME: Final = "outcome"
 REASON: Final = "reason"
+ANTIPATTERN: Final = "antipattern"
+CONNECTION_STATE: Final = "network.connection.state"
+"""TCP state of a process connection (``established``, ``close_wait``, … as semconv spells it)."""
+OWNER: Final = "owner"
+"""Who holds a process connection: ``pool``, ``untracked`` or ``inbound``."""
 
 SEMCONV_POOL_NAME: Final = "db.client.connection.pool.name"
 SEMCONV_STATE: Final = "db.client.connection.state"
@@ -67,6 +72,30 @@ CLOSE_REASONS: Final = (
     REASON_ERROR,
     REASON_DISPOSED,
 )
+
+ANTIPATTERN_CLIENT_PER_REQUEST: Final = "client_per_request"
+ANTIPATTERN_UNBOUNDED_POOL: Final = "unbounded_pool"
+ANTIPATTERN_NO_POOL_TIMEOUT: Final = "no_pool_timeout"
+ANTIPATTERN_POOL_OVERFLOWING: Final = "pool_overflowing"
+ANTIPATTERN_KEEPALIVE_TOO_LONG: Final = "keepalive_too_long"
+ANTIPATTERN_CONNECTION_TOO_OLD: Final = "connection_too_old"
+ANTIPATTERNS: Final = (
+    ANTIPATTERN_CLIENT_PER_REQUEST,
+    ANTIPATTERN_UNBOUNDED_POOL,
+    ANTIPATTERN_NO_POOL_TIMEOUT,
+    ANTIPATTERN_POOL_OVERFLOWING,
+    ANTIPATTERN_KEEPALIVE_TOO_LONG,
+    ANTIPATTERN_CONNECTION_TOO_OLD,
+)
+"""Values of the ``antipattern`` attribute (docs/diagnostics.md says what each means)."""
+
+OWNER_POOL: Final = "pool"
+"""A process connection a tracked pool holds."""
+OWNER_UNTRACKED: Final = "untracked"
+"""An outbound process connection no tracked pool holds."""
+OWNER_INBOUND: Final = "inbound"
+"""A connection accepted by one of the process's listening sockets."""
+OWNERS: Final = (OWNER_POOL, OWNER_UNTRACKED, OWNER_INBOUND)
 
 # -- histogram buckets (seconds) --------------------------------------------------------
 DURATION_BUCKETS: Final[tuple[float, ...]] = (
@@ -139,6 +168,13 @@ CONNECTIONS_MAX: Final = MetricSpec(
     "{connection}",
     "The most connections the pool may hold at once; absent for unbounded pools.",
 )
+CONNECTIONS_IDLE_MAX: Final = MetricSpec(
+    "poolwatch.connections.idle.max",
+    "updowncounter",
+    "{connection}",
+    "The most idle connections the pool keeps open (SQLAlchemy pool_size, httpx "
+    "max_keepalive_connections, urllib3 maxsize); absent when it keeps any number.",
+)
 PENDING_REQUESTS: Final = MetricSpec(
     "poolwatch.pending_requests",
     "updowncounter",
@@ -198,9 +234,26 @@ LEAKS_ACTIVE: Final = MetricSpec(
     "Checkouts held longer than the leak threshold that are still out now.",
 )
 
+CHECKOUTS_REUSED: Final = MetricSpec(
+    "poolwatch.checkouts.reused",
+    "counter",
+    "{checkout}",
+    "Checkouts served by a connection that was already open (keep-alive at work); the "
+    "others opened a new one.",
+)
+ANTIPATTERNS_DETECTED: Final = MetricSpec(
+    "poolwatch.antipatterns",
+    "counter",
+    "{detection}",
+    "Anti-patterns detected in how the pool is configured or used, by name; each is "
+    "detected once per pool.",
+    (ANTIPATTERN,),
+)
+
 POOLWATCH_METRICS: Final = (
     CONNECTIONS,
     CONNECTIONS_MAX,
+    CONNECTIONS_IDLE_MAX,
     PENDING_REQUESTS,
     WAIT_DURATION,
     USE_DURATION,
@@ -210,6 +263,37 @@ POOLWATCH_METRICS: Final = (
     CONNECTIONS_CLOSED,
     LEAKS,
     LEAKS_ACTIVE,
+    CHECKOUTS_REUSED,
+    ANTIPATTERNS_DETECTED,
+)
+
+# -- the process view (psutil): file descriptors and TCP connections of the process ------
+# Points of these carry no pool identity: they describe the process.
+PROCESS_FILE_DESCRIPTORS: Final = MetricSpec(
+    "poolwatch.process.file_descriptors",
+    "updowncounter",
+    "{file_descriptor}",
+    "File descriptors the process has open.",
+)
+PROCESS_FILE_DESCRIPTORS_MAX: Final = MetricSpec(
+    "poolwatch.process.file_descriptors.max",
+    "updowncounter",
+    "{file_descriptor}",
+    "The most file descriptors the process may open (its soft RLIMIT_NOFILE).",
+)
+PROCESS_CONNECTIONS: Final = MetricSpec(
+    "poolwatch.process.connections",
+    "updowncounter",
+    "{connection}",
+    "TCP connections of the process by state and owner: held by a tracked pool, untracked "
+    "(outbound, no tracked pool holds it: with server.address and server.port), or inbound.",
+    (CONNECTION_STATE, OWNER),
+)
+
+PROCESS_METRICS: Final = (
+    PROCESS_FILE_DESCRIPTORS,
+    PROCESS_FILE_DESCRIPTORS_MAX,
+    PROCESS_CONNECTIONS,
 )
 
 # -- semantic-convention mirrors for database pools -------------------------------------
@@ -312,7 +396,7 @@ HTTP_SEMCONV_METRICS: Final = (
     HTTP_TIME_IN_QUEUE,
 )
 
-ALL_METRICS: Final = POOLWATCH_METRICS + DB_SEMCONV_METRICS + HTTP_SEMCONV_METRICS
+ALL_METRICS: Final = POOLWATCH_METRICS + PROCESS_METRICS + DB_SEMCONV_METRICS + HTTP_SEMCONV_METRICS
 
 SCOPE_NAME: Final = "poolwatch"
 """The instrumentation scope every poolwatch metric is exported under."""

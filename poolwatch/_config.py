@@ -7,6 +7,7 @@ the value, and what is allowed — never later, on the application's hot path.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import re
@@ -21,6 +22,7 @@ DEFAULT_LEAK_THRESHOLD = 30.0
 LEAK_STACKS = ("auto", "always", "off")
 DEFAULT_MAX_POOLS = 200
 DEFAULT_PROMETHEUS_HOST = "127.0.0.1"
+PROCESS_VIEW = ("auto", "on", "off")
 
 _T = TypeVar("_T")
 _DEFAULT_LEAK: float | None = DEFAULT_LEAK_THRESHOLD
@@ -59,6 +61,12 @@ class Settings:
     """Serve a Prometheus endpoint on this port (0 picks a free one)."""
     prometheus_host: str = DEFAULT_PROMETHEUS_HOST
     """Address the Prometheus endpoint binds to."""
+    connection_max_age: float | None = None
+    """Seconds after which an open connection is reported as too old (``connection_too_old``:
+    it keeps the address DNS gave when it opened); None disables."""
+    process_view: str = "auto"
+    """File descriptors and TCP connections of the process (psutil): ``auto`` — when psutil
+    is installed; ``on`` — psutil is required; ``off``."""
 
 
 def _env_name(setting: str) -> str:
@@ -159,6 +167,21 @@ def _check_leak(value: Any) -> float | None:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(value)
     return float(value)
+
+
+def _check_age(value: Any) -> float | None:
+    return _check_leak(value)
+
+
+def _check_process_view(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(value)
+    chosen = value.strip().lower()
+    if chosen not in PROCESS_VIEW:
+        raise ValueError(value)
+    if chosen == "on" and importlib.util.find_spec("psutil") is None:
+        raise ValueError(value)
+    return chosen
 
 
 def _check_leak_stacks(value: Any) -> str:
@@ -274,5 +297,19 @@ def resolve(
             str,
             _check_host,
             "an IP address or host name to bind to",
+        ),
+        connection_max_age=env.get(
+            "connection_max_age",
+            None,
+            _leak_from_env,
+            _check_age,
+            "a number of seconds > 0, or None/'off' not to report old connections",
+        ),
+        process_view=env.get(
+            "process_view",
+            "auto",
+            str,
+            _check_process_view,
+            "'auto', 'on' (needs psutil: pip install 'poolwatch[process]') or 'off'",
         ),
     )

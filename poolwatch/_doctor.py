@@ -28,7 +28,7 @@ def run(url: str, *, interval: float, out: TextIO, progress: TextIO = sys.stderr
     now, seconds = _top.parse(_top.fetch(url)), time.monotonic() - started
     found: list[_advice.Finding] = []
     for key, pool in sorted(now.items()):
-        found += _advice.findings(pool, before.get(key) or _top.Counts(*key), seconds)
+        found += _advice.findings(pool, before.get(key) or _advice.Counts(*key), seconds)
     found.sort(key=lambda f: (_ORDER[f.severity], f.pool, f.kind))
     print(f"{len(now)} pools observed for {seconds:.1f} s at {url}", file=out)
     if not found:

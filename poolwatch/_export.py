@@ -174,7 +174,11 @@ def _by_host(hosts: tuple[HostLevels, ...]) -> list[HostLevels]:
         merged[key] = (
             host
             if seen is None
-            else seen._replace(used=seen.used + host.used, idle=seen.idle + host.idle)
+            else seen._replace(
+                used=seen.used + host.used,
+                idle=seen.idle + host.idle,
+                pending=seen.pending + host.pending,
+            )
         )
     return [merged[key] for key in sorted(merged)]
 
@@ -399,6 +403,9 @@ class Producer:
                 out.number(c.CONNECTIONS_CLOSED, series, closed, reason)
         out.number(c.LEAKS, series, ledger.leaks)
         out.number(c.LEAKS_ACTIVE, series, ledger.leaks_active)
+        out.number(c.CHECKOUTS_REUSED, series, ledger.reused)
+        for antipattern in series.antipatterns:
+            out.number(c.ANTIPATTERNS_DETECTED, series, 1, antipattern)
         if not self._settings.semconv:
             return
         family = series.adapter.family
@@ -421,7 +428,14 @@ class Producer:
             out.number(c.CONNECTIONS, series, levels.idle, c.STATE_IDLE)
         if levels.max is not None:
             out.number(c.CONNECTIONS_MAX, series, levels.max)
-        out.number(c.PENDING_REQUESTS, series, levels.pending)
+        if levels.idle_max is not None:
+            out.number(c.CONNECTIONS_IDLE_MAX, series, levels.idle_max)
+        if hosts and sum(host.pending for host in hosts) == levels.pending:
+            for host in hosts:  # every waiting caller is waiting for one server
+                where = f" {host.address}:{host.port}"
+                out.number(c.PENDING_REQUESTS, series, host.pending, where, host)
+        else:
+            out.number(c.PENDING_REQUESTS, series, levels.pending)
 
     @staticmethod
     def _add_database(

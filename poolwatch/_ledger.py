@@ -10,6 +10,7 @@ exporting, leak scans — happens at collection time on the exporter's thread.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from bisect import bisect_left, bisect_right
@@ -93,6 +94,8 @@ class LedgerSnapshot(NamedTuple):
     leaks_active: int
     checked_out: int
     """Checkouts not yet returned, as seen by the hooks."""
+    reused: int = 0
+    """Successful checkouts that did not open a connection: served by one already open."""
 
     @property
     def checkouts(self) -> int:
@@ -146,6 +149,21 @@ class LeakReport(NamedTuple):
     returned: bool = False
     counted: bool = False
     """Counted as a leak only now, at its return (it was out less than a collection)."""
+    collected: bool = False
+    """The borrower dropped it without returning it: garbage-collected while checked out."""
+
+
+def _own_references() -> int:
+    """The reference count ``Ledger.orphans`` sees for a key only ``active`` holds:
+    measured with the loop it uses, on an object nothing else references."""
+
+    class Probe:
+        pass
+
+    active = {Probe(): 0.0}
+    for key, _start in list(active.items()):
+        return sys.getrefcount(key)
+    raise AssertionError("unreachable")
 
 
 DRAIN_AT = 16384
@@ -174,6 +192,8 @@ class Ledger:
         "_leaked",
         "_lock",
         "_reports",
+        "_reused",
+        "_suspects",
         "active",
         "capture",
         "closed",
@@ -223,6 +243,10 @@ class Ledger:
         """Bumped under the lock by every event that does not go through the hot path."""
         self._last: LedgerSnapshot | None = None
         self._last_changes = -1
+        self._reused = 0
+        """The highest reuse count exported: it only grows (see ``snapshot``)."""
+        self._suspects: dict[int, float] = {}
+        """Checkouts nothing else referenced at the last sweep, by id: checkout time."""
 
     # -- hot path: every checkout and return -------------------------------------------
     # The hot-path contract: ``waits.append(wait)`` and ``active[key] = now`` on checkout;
@@ -282,6 +306,54 @@ class Ledger:
                 # setdefault is one C call: a finalizer re-entering while the new histogram
                 # is allocated inserts its own first, and both observations land in it.
                 self.lifetime.setdefault(reason, Histogram(self.lifetime_bounds)).observe(lifetime)
+
+    def collected(self, key: Hashable, now: float) -> None:
+        """The borrower of checkout ``key`` dropped it without returning it (the garbage
+        collector found it): its use ends now and it counts as a leak, once."""
+        with self._lock:
+            self._changes += 1
+            start = self.active.pop(key, None)
+            stack = self.stacks.pop(key, None)
+            if start is None:
+                return
+            held = now - start
+            self.uses.append(held)
+            counted = key not in self._leaked
+            self._leaked.discard(key)
+            if counted:
+                self.leaks += 1
+            self._reports.append(
+                LeakReport(held, stack, returned=True, counted=counted, collected=True)
+            )
+            if self._auto_stacks:
+                self.capture = True
+
+    def orphans(self, extra_references: int = 0) -> list[Hashable]:
+        """Checkouts that nothing but this ledger references any more (CPython reference
+        counts), confirmed at two sweeps in a row: their borrower dropped them without
+        returning them. ``extra_references``: references the library itself keeps to a
+        checked-out key. The caller settles each with :meth:`collected`.
+
+        The second sweep rules out the instant in which a returned key is neither in
+        ``active`` nor back in its pool: a key is an orphan only if it was out, with the
+        same checkout time, and unreferenced at both.
+        """
+        if not self.active and not self._suspects:
+            return []
+        getrefcount = sys.getrefcount
+        confirmed: list[Hashable] = []
+        suspects: dict[int, float] = {}
+        previous = self._suspects
+        for key, start in list(self.active.items()):
+            own = _OWN_REFERENCES + extra_references
+            own += (key in self.stacks) + (key in self._leaked)
+            if getrefcount(key) <= own and self.active.get(key) == start:
+                if previous.get(id(key)) == start:
+                    confirmed.append(key)
+                else:
+                    suspects[id(key)] = start
+        self._suspects = suspects
+        return confirmed
 
     def forget(self, key: Hashable) -> None:
         """Drop ``key`` from the checkout table without recording a use (detached)."""
@@ -355,9 +427,22 @@ class Ledger:
                 leaks=self.leaks,
                 leaks_active=leaks_active,
                 checked_out=len(active),
+                reused=self._reuses(),
             )
             self._last, self._last_changes = snapshot, self._changes
             return snapshot
+
+    def _reuses(self) -> int:
+        """Checkouts that opened no connection (the caller holds the lock).
+
+        Every pool poolwatch knows opens a connection for the checkout that needs one, so
+        checkouts minus connects (and failed connects) reused one. A connect can be counted
+        an instant before its checkout is; the exported count never goes down.
+        """
+        opened = sum(sum(h.counts) for h in self.connect.values())
+        reused = sum(self.wait[c.OUTCOME_ACQUIRED].counts) - opened
+        self._reused = max(self._reused, reused)
+        return self._reused
 
     def reset(self) -> None:
         """Start from zero (a forked child); also replaces a lock a dead thread may hold."""
@@ -390,3 +475,6 @@ def _fold(pending: list[float], histogram: Histogram) -> None:
     histogram.total += sum(batch)
     histogram.min = min(histogram.min, batch[0])
     histogram.max = max(histogram.max, batch[-1])
+
+
+_OWN_REFERENCES = _own_references()

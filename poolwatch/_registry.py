@@ -15,11 +15,14 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from poolwatch import _catalogue as c
+from poolwatch._advice import Counts, Sizing, sizing
+from poolwatch._antipatterns import Antipattern, Detector, Watch
 from poolwatch._config import Settings
 from poolwatch._ledger import LeakReport, Ledger, LedgerSnapshot, render_stack
 from poolwatch._safe import ErrorLog, logger
@@ -31,15 +34,33 @@ _SITES_KEPT = 10
 OVERFLOW_NAME = "_overflow"
 """The ``pool.name`` of the series pools fold into once ``max_pools`` series exist."""
 
+SAMPLE_EVERY = 30.0
+"""Seconds between two samples of a series' counts kept for sizing advice."""
+SAMPLES_KEPT = 10
+"""Samples kept: sizing looks at up to the last five minutes."""
+
+
+class Sample(NamedTuple):
+    """A series' counts at one moment, for rates over a window (sizing advice)."""
+
+    at: float
+    """``time.monotonic()``."""
+    checkouts: int
+    timeouts: int
+    hold_total: float
+    holds: int
+
 
 class Series:
     """One exported pool identity and the live pool instances behind it."""
 
     __slots__ = (
         "adapter",
+        "antipatterns",
         "attributes",
         "created_ns",
         "export_cache",
+        "history",
         "instances_created",
         "kind",
         "ledger",
@@ -47,6 +68,7 @@ class Series:
         "pools",
         "site",
         "target",
+        "watch",
     )
 
     def __init__(
@@ -72,6 +94,11 @@ class Series:
         self.instances_created = 0
         self.export_cache: dict[tuple[str, str], dict[str, str | int]] = {}
         """Exported attributes by (metric, variant), built once by the producer."""
+        self.antipatterns: dict[str, Antipattern] = {}
+        """Anti-patterns found, by name, in the order found (``_antipatterns.py``)."""
+        self.watch = Watch()
+        self.history: deque[Sample] = deque([Sample(time.monotonic(), 0, 0, 0.0, 0)], SAMPLES_KEPT)
+        """Counts every ``SAMPLE_EVERY`` seconds, oldest first, from zero at creation."""
 
 
 class SeriesReading(NamedTuple):
@@ -107,6 +134,19 @@ class PoolSnapshot:
     wait_p99: float | None
     """Estimated 99th percentile of successful waits, in seconds."""
     attributes: dict[str, str | int] = field(default_factory=dict)
+    idle_max: int | None = None
+    """The most idle connections the pool keeps; None when it keeps any number."""
+    reused: int = 0
+    """Checkouts served by a connection that was already open (keep-alive at work).
+
+    Every pool poolwatch knows opens a connection for the checkout that needs one, so the
+    checkouts that did not open one — successfully or not — reused a connection.
+    """
+    antipatterns: tuple[Antipattern, ...] = ()
+    """Anti-patterns found in how the pool is configured or used (docs/diagnostics.md)."""
+    sizing: Sizing | None = None
+    """The recommended size from the last minutes' demand and hold time (Little's law with
+    half again as headroom), with its reasoning; None before any connection came back."""
 
     @property
     def utilization(self) -> float | None:
@@ -114,15 +154,6 @@ class PoolSnapshot:
         if not self.max:
             return None
         return self.used / self.max
-
-    @property
-    def reused(self) -> int:
-        """Checkouts served by a connection that was already open (keep-alive at work).
-
-        Every pool poolwatch knows opens a connection for the checkout that needs one, so
-        the checkouts that did not open one — successfully or not — reused a connection.
-        """
-        return max(self.checkouts - self.connects - self.connect_errors, 0)
 
     @property
     def reuse_ratio(self) -> float | None:
@@ -169,6 +200,7 @@ class Registry:
         self._of_pool: weakref.WeakKeyDictionary[Any, Series] = weakref.WeakKeyDictionary()
         self._first_site: dict[tuple[str, str], str | None] = {}
         self._overflow_kinds: set[str] = set()
+        self._detector = Detector(settings)
         self.folded = 0
         """Pools folded into an overflow series because of the ``max_pools`` cap."""
 
@@ -307,13 +339,24 @@ class Registry:
             if not pools and drop_gone:
                 gone.append((key, series))
             try:
+                series.adapter.find_abandoned(series.ledger)
+            except Exception as error:
+                self._errors.report(f"{series.kind} abandoned checkouts", error)
+            try:
                 snapshot = series.ledger.snapshot(now)
                 for report in series.ledger.take_reports():
                     _log_leak(series, report, self._settings)
             except Exception as error:
                 self._errors.report("ledger snapshot", error)
                 continue
-            readings.append(SeriesReading(series, _sum_levels(levels), snapshot, len(pools)))
+            summed = _sum_levels(levels)
+            if series.name != OVERFLOW_NAME:  # pools from many places: no one pattern
+                try:
+                    self._detector.check(series, summed, snapshot, pools)
+                except Exception as error:
+                    self._errors.report("anti-patterns", error)
+            _sample(series, snapshot)
+            readings.append(SeriesReading(series, summed, snapshot, len(pools)))
         if gone:
             with self._lock:
                 for key, series in gone:
@@ -328,6 +371,43 @@ class Registry:
             series.ledger.reset()
             series.created_ns = time.time_ns()
             series.instances_created = len(series.pools)
+            series.history.clear()
+            series.history.append(Sample(time.monotonic(), 0, 0, 0.0, 0))
+
+
+def _sample(series: Series, ledger: LedgerSnapshot) -> None:
+    """Keep a sample of the series' counts every ``SAMPLE_EVERY`` seconds."""
+    now = time.monotonic()
+    history = series.history
+    if now - history[-1].at >= SAMPLE_EVERY:
+        use = ledger.use
+        history.append(Sample(now, ledger.checkouts, ledger.timeouts, use.total, use.observations))
+
+
+def _sizing(series: Series, levels: Levels, ledger: LedgerSnapshot) -> Sizing | None:
+    """Little's law over the window the history covers (from creation at first)."""
+    before = series.history[0]
+    seconds = time.monotonic() - before.at
+    use = ledger.use
+    now = Counts(
+        series.kind,
+        series.name,
+        used=levels.used,
+        max=levels.max,
+        checkouts=ledger.checkouts,
+        timeouts=ledger.timeouts,
+        hold_total=use.total,
+        holds=use.observations,
+    )
+    then = Counts(
+        series.kind,
+        series.name,
+        checkouts=before.checkouts,
+        timeouts=before.timeouts,
+        hold_total=before.hold_total,
+        holds=before.holds,
+    )
+    return sizing(now, then, seconds)
 
 
 def _log_leak(series: Series, report: LeakReport, settings: Settings) -> None:
@@ -384,4 +464,8 @@ def snapshot_of(reading: SeriesReading) -> PoolSnapshot:
         leaks_active=ledger.leaks_active,
         wait_p99=ledger.wait[c.OUTCOME_ACQUIRED].quantile(0.99),
         attributes=dict(series.attributes),
+        idle_max=levels.idle_max,
+        reused=ledger.reused,
+        antipatterns=tuple(series.antipatterns.values()),
+        sizing=_sizing(series, levels, ledger),
     )

@@ -22,8 +22,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TextIO
+
+from poolwatch._advice import Counts
 
 WARN_AT = 0.80
 CRITICAL_AT = 0.95
@@ -40,30 +42,6 @@ _RED, _YELLOW, _BOLD, _RESET = "\033[31m", "\033[33m", "\033[1m", "\033[0m"
 
 class TopError(Exception):
     """The endpoint cannot be read (the message says why and what to check)."""
-
-
-@dataclass
-class Counts:
-    """What one scrape says about one pool."""
-
-    kind: str
-    name: str
-    used: float = 0.0
-    idle: float = 0.0
-    max: float | None = None
-    pending: float = 0.0
-    checkouts: float = 0.0
-    timeouts: float = 0.0
-    discards: float = 0.0
-    stale: float = 0.0
-    connects: float = 0.0
-    hold_total: float = 0.0
-    """Seconds connections were held, summed (use.duration sum)."""
-    holds: float = 0.0
-    """Returns (use.duration count)."""
-    leaks_active: float = 0.0
-    wait_buckets: dict[float, float] = field(default_factory=dict)
-    """Cumulative count of successful waits at or below each bound (``le``), seconds."""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from tests.support.upstream import ThreadedUpstream
 POOLWATCH_FAMILY = [
     ("poolwatch.connections", "updowncounter", "{connection}", ("state",)),
     ("poolwatch.connections.max", "updowncounter", "{connection}", ()),
+    ("poolwatch.connections.idle.max", "updowncounter", "{connection}", ()),
     ("poolwatch.pending_requests", "updowncounter", "{request}", ()),
     ("poolwatch.wait.duration", "histogram", "s", ("outcome",)),
     ("poolwatch.use.duration", "histogram", "s", ()),
@@ -27,6 +28,19 @@ POOLWATCH_FAMILY = [
     ("poolwatch.connections.closed", "counter", "{connection}", ("reason",)),
     ("poolwatch.leaks", "counter", "{checkout}", ()),
     ("poolwatch.leaks.active", "updowncounter", "{checkout}", ()),
+    ("poolwatch.checkouts.reused", "counter", "{checkout}", ()),
+    ("poolwatch.antipatterns", "counter", "{detection}", ("antipattern",)),
+]
+
+PROCESS_FAMILY = [
+    ("poolwatch.process.file_descriptors", "updowncounter", "{file_descriptor}", ()),
+    ("poolwatch.process.file_descriptors.max", "updowncounter", "{file_descriptor}", ()),
+    (
+        "poolwatch.process.connections",
+        "updowncounter",
+        "{connection}",
+        ("network.connection.state", "owner"),
+    ),
 ]
 
 DB_SEMCONV = [
@@ -65,6 +79,7 @@ HTTP_PROMETHEUS_NAMES = {
 PROMETHEUS_NAMES = {
     "poolwatch_connections",
     "poolwatch_connections_max",
+    "poolwatch_connections_idle_max",
     "poolwatch_pending_requests",
     "poolwatch_wait_duration_seconds_bucket",
     "poolwatch_wait_duration_seconds_count",
@@ -82,6 +97,7 @@ PROMETHEUS_NAMES = {
     "poolwatch_connections_closed_total",
     "poolwatch_leaks_total",
     "poolwatch_leaks_active",
+    "poolwatch_checkouts_reused_total",
     "db_client_connection_count",
     "db_client_connection_idle_max",
     "db_client_connection_idle_min",
@@ -104,6 +120,13 @@ def test_poolwatch_family_is_pinned() -> None:
     assert [(m.name, m.instrument, m.unit, m.attributes) for m in c.POOLWATCH_METRICS] == (
         POOLWATCH_FAMILY
     )
+
+
+def test_process_view_is_pinned() -> None:
+    assert [(m.name, m.instrument, m.unit, m.attributes) for m in c.PROCESS_METRICS] == (
+        PROCESS_FAMILY
+    )
+    assert c.OWNERS == ("pool", "untracked", "inbound")
 
 
 def test_database_semconv_mirrors_are_pinned() -> None:
@@ -134,6 +157,14 @@ def test_attribute_values_are_pinned() -> None:
         "invalidated",
         "error",
         "disposed",
+    )
+    assert c.ANTIPATTERNS == (
+        "client_per_request",
+        "unbounded_pool",
+        "no_pool_timeout",
+        "pool_overflowing",
+        "keepalive_too_long",
+        "connection_too_old",
     )
     assert (c.POOL_NAME, c.POOL_KIND, c.SERVER_ADDRESS, c.SERVER_PORT) == (
         "pool.name",

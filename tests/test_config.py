@@ -122,8 +122,22 @@ def test_leak_detection_can_be_disabled() -> None:
             {"pool_size": 5},
             {},
             "poolwatch.instrument() got unknown setting(s) 'pool_size': expected one of "
-            "buckets, leak_stacks, leak_threshold, libraries, lifetime_buckets, max_pools, "
-            "meter_provider, pool_names, prometheus_host, prometheus_port, semconv",
+            "buckets, connection_max_age, leak_stacks, leak_threshold, libraries, "
+            "lifetime_buckets, max_pools, meter_provider, pool_names, process_view, "
+            "prometheus_host, prometheus_port, semconv",
+        ),
+        (
+            {},
+            {"POOLWATCH_CONNECTION_MAX_AGE": "0"},
+            "poolwatch setting 'connection_max_age' (environment variable "
+            "POOLWATCH_CONNECTION_MAX_AGE) got '0': expected a number of seconds > 0, or "
+            "None/'off' not to report old connections",
+        ),
+        (
+            {"process_view": "yes"},
+            {},
+            "poolwatch setting 'process_view' (argument) got 'yes': expected 'auto', 'on' "
+            "(needs psutil: pip install 'poolwatch[process]') or 'off'",
         ),
     ],
 )

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from poolwatch import _advice, _doctor, _top
-from poolwatch._top import Counts
+from poolwatch._advice import Counts
 from tests.support.upstream import refusing_port
 
 POOLWATCH = [sys.executable, "-m", "poolwatch"]

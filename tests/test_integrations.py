@@ -143,6 +143,7 @@ def _pool(
     checkouts: int,
     max: int | None,
     attributes: dict[str, str | int] | None = None,
+    idle_max: int | None = None,
 ) -> dict[str, Any]:
     """A pool as its health endpoint reports it, at rest after sequential use."""
     return {
@@ -162,13 +163,19 @@ def _pool(
         "leaks": 0,
         "leaks_active": 0,
         "attributes": attributes or {},
+        "idle_max": idle_max,
+        "reused": checkouts - 1,
+        "antipatterns": [],
     }
 
 
 def _without_wait(pools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The reported pools without ``wait_p99`` (a measured duration), after checking it."""
+    """The reported pools without ``wait_p99`` and ``sizing`` (from measured durations),
+    after checking them: sequential use needs one connection."""
     for pool in pools:
         assert isinstance(pool.pop("wait_p99"), float)
+        sizing = pool.pop("sizing")
+        assert sizing["size"] == 1 and "checkouts/s wanted" in sizing["reasoning"], sizing
     return pools
 
 
@@ -188,7 +195,7 @@ def test_fastapi_lifespan_instruments_the_uvicorn_process(tmp_path: Path) -> Non
         log = server.output
     assert ids == [1, 2, 3]
     # The schema at start-up, then one checkout per request, on one connection.
-    expected = _pool(f"sqlite:///{db}", "sqlalchemy", checkouts=4, max=15)
+    expected = _pool(f"sqlite:///{db}", "sqlalchemy", checkouts=4, max=15, idle_max=5)
     assert _without_wait(health) == [expected], log()
     # A graceful shutdown (uvicorn re-raises the SIGTERM it handled, hence -15), in which the
     # lifespan's engine.dispose() and poolwatch.uninstrument() ran without an error.
@@ -218,6 +225,7 @@ def test_django_wsgi_instruments_runserver(tmp_path: Path) -> None:
             "requests",
             checkouts=3,
             max=10,
+            idle_max=10,
             attributes={"server.address": "127.0.0.1", "server.port": upstream.port},
         )
     ], server.output()
@@ -264,7 +272,8 @@ def test_flask_app_factory_instruments_the_server_process(tmp_path: Path) -> Non
         ids = [_request(f"{base}/orders", "POST")["id"] for _ in range(3)]
         health = _request(f"{base}/health/pools")
     assert ids == [1, 2, 3]
-    expected = _pool(f"sqlite:///{db}", "sqlalchemy", checkouts=4, max=15)  # schema + 3 requests
+    # the schema, then 3 requests
+    expected = _pool(f"sqlite:///{db}", "sqlalchemy", checkouts=4, max=15, idle_max=5)
     assert _without_wait(health) == [expected], server.output()
 
 
@@ -313,7 +322,7 @@ def test_celery_each_prefork_child_reports_its_own_pools(
         # Each child counts its own tasks only: 1, 2, ... on its own engine and connection.
         ordered = sorted(child_reports, key=lambda r: int(r["pools"][0]["checkouts"]))
         assert [_without_wait(r["pools"]) for r in ordered] == [
-            [_pool(f"sqlite:///{db}", "sqlalchemy", checkouts=n, max=15)]
+            [_pool(f"sqlite:///{db}", "sqlalchemy", checkouts=n, max=15, idle_max=5)]
             for n in range(1, len(ordered) + 1)
         ]
     assert poolwatch.pools() == []  # the test process itself was never instrumented
@@ -388,7 +397,8 @@ def test_gunicorn_preload_each_worker_reports_only_its_own_checkouts(
         # worker's: each worker counts 1, 2, ... on one connection of its own.
         ordered = sorted(worker_reports, key=lambda r: int(r["pools"][0]["checkouts"]))
         assert [_without_wait(r["pools"]) for r in ordered] == [
-            [_pool(name, "sqlalchemy", checkouts=n, max=15)] for n in range(1, len(ordered) + 1)
+            [_pool(name, "sqlalchemy", checkouts=n, max=15, idle_max=5)]
+            for n in range(1, len(ordered) + 1)
         ]
 
     if where == "master":
@@ -493,6 +503,7 @@ def test_lambda_handler_reuses_its_pools_across_warm_invocations(
                     "instances_created": 1,
                     "connects": 1,
                     "checkouts": n,
+                    "reused": n - 1,  # warm invocations reuse the cold start's connection
                 },
                 # The client and its pool are reused too (one instance ever); but moto's
                 # server answers every request with "Connection: close", so each
@@ -502,11 +513,13 @@ def test_lambda_handler_reuses_its_pools_across_warm_invocations(
                     "instances_created": 1,
                     "connects": n,
                     "checkouts": n,
+                    "reused": 0,
                 },
             },
         }
     assert logged == [{"poolwatch": {k: r[k] for k in r if k != "order_id"}} for r in results]
-    assert dataclasses.replace(database, wait_p99=None) == poolwatch.PoolSnapshot(
+    assert database.sizing is not None and database.sizing.size == 1
+    assert dataclasses.replace(database, wait_p99=None, sizing=None) == poolwatch.PoolSnapshot(
         name=f"sqlite:///{db}",
         kind="sqlalchemy",
         used=0,
@@ -523,6 +536,8 @@ def test_lambda_handler_reuses_its_pools_across_warm_invocations(
         leaks=0,
         leaks_active=0,
         wait_p99=None,
+        idle_max=5,
+        reused=3,
     )
     # The server's closes, counted as the pool let go of each connection: all but the last.
     assert (dynamodb.instances, dynamodb.checkouts, dynamodb.connects, dynamodb.closed) == (

@@ -14,10 +14,11 @@ Lambda imports this module once per execution environment — the cold start —
 calls ``handler`` for every invocation that environment serves, warm. So poolwatch is
 instrumented, and the engine and the boto3 client are created, at module level: warm
 invocations reuse their pooled connections. Each invocation logs one JSON line showing it:
-on the cold start ``instances_created`` and ``connects`` go from 0 to 1; on warm ones they
-stay 1 while ``checkouts`` grows by one per invocation. A ``connects`` that grows with
-warm invocations means connections are not reused (a client built inside the handler shows
-as ``instances_created`` growing instead).
+on the cold start ``instances_created`` and ``connects`` go from 0 to 1 and ``reused`` is 0;
+on warm ones they stay 1 while ``checkouts`` and ``reused`` (checkouts served by a
+connection the cold start opened) grow by one per invocation. A ``connects`` that grows
+with warm invocations, ``reused`` staying 0, means connections are not reused (a client
+built inside the handler shows as ``instances_created`` growing instead).
 
 Metrics are flushed before the handler returns: between invocations Lambda freezes the
 process, so a periodic exporter's thread may not run before the environment is reclaimed.
@@ -61,6 +62,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
                 "instances_created": pool.instances_created,
                 "connects": pool.connects,
                 "checkouts": pool.checkouts,
+                "reused": pool.reused,
             }
             for pool in poolwatch.pools()
         },

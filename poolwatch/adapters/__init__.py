@@ -5,7 +5,7 @@ Adding a library means adding one module here and one entry to :data:`ADAPTERS`.
 
 from __future__ import annotations
 
-from poolwatch.adapters._base import Adapter, HostLevels, Levels, Tracker
+from poolwatch.adapters._base import Adapter, HostLevels, Levels, Misconfiguration, Tracker
 from poolwatch.adapters.aiohttp import AiohttpAdapter
 from poolwatch.adapters.httpx import HTTPXAdapter
 from poolwatch.adapters.sqlalchemy import SQLAlchemyAdapter
@@ -19,4 +19,4 @@ ADAPTERS: dict[str, type[Adapter]] = {
 }
 """Every adapter poolwatch has, by library name (the values of the ``libraries`` setting)."""
 
-__all__ = ["ADAPTERS", "Adapter", "HostLevels", "Levels", "Tracker"]
+__all__ = ["ADAPTERS", "Adapter", "HostLevels", "Levels", "Misconfiguration", "Tracker"]

@@ -42,6 +42,17 @@ class HostLevels(NamedTuple):
     """``server.port``."""
     used: int
     idle: int
+    pending: int = 0
+    """Callers waiting for a connection to this server now."""
+
+
+class Misconfiguration(NamedTuple):
+    """A configuration anti-pattern an adapter sees on a pool (``_antipatterns.py``)."""
+
+    antipattern: str
+    """One of ``_catalogue.ANTIPATTERNS``: ``unbounded_pool`` or ``no_pool_timeout``."""
+    setting: str
+    """The setting as the application wrote it, e.g. ``httpx.Limits(max_connections=None)``."""
 
 
 class Levels(NamedTuple):
@@ -128,6 +139,22 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def levels(self, pool: Any) -> Levels:
         """Read ``pool``'s levels; called at collection time, never on the hot path."""
+
+    def misconfigurations(self, pool: Any) -> tuple[Misconfiguration, ...]:
+        """Configuration anti-patterns of ``pool`` (read at collection, when a pool joins)."""
+        return ()
+
+    def oldest_connection(self, pool: Any) -> float | None:
+        """Age in seconds of ``pool``'s oldest open connection; None if none or unknown."""
+        return None
+
+    def sockets(self, pool: Any) -> tuple[int, ...]:
+        """File descriptors of ``pool``'s open connections (the process view)."""
+        return ()
+
+    def find_abandoned(self, ledger: Ledger) -> None:  # noqa: B027 (optional: most need none)
+        """At collection, before ``ledger`` is read: settle checkouts whose borrower dropped
+        them without returning them, where only a collection can see it (default: none)."""
 
     @abc.abstractmethod
     def track(self, obj: Any, name: str | None) -> bool:

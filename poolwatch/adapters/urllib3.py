@@ -335,7 +335,8 @@ class Urllib3Adapter(Adapter):
             return Levels(used, 0, None, 0)
         idle = sum(1 for conn in list(queue.queue) if conn is not None and conn.sock is not None)
         pending = len(queue.not_empty._waiters) if pool.block else 0
-        return Levels(used, idle, queue.maxsize or None, pending)
+        limit = queue.maxsize or None  # kept at most: further returns are discarded
+        return Levels(used, idle, limit, pending, idle_max=limit)
 
 
 def _close_reason(who: str, caller: FrameType | None, handling: bool) -> str:

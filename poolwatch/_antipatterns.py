@@ -1,0 +1,266 @@
+"""Anti-patterns in how a pool is configured or used, detected while the application runs.
+
+Each is reported once per pool series — a WARNING naming the pool, what was seen and what
+to do; in ``PoolSnapshot.antipatterns``; and as ``poolwatch.antipatterns`` with the
+anti-pattern's name, value 1 — and never on the application's thread: detection runs at
+collection (a scrape, an export, ``pools()``) on what the registry has just read.
+
+======================  ===================================================================
+anti-pattern            detected when
+======================  ===================================================================
+client_per_request      at least 10 pool instances were created at one place in user code,
+                        with at most 5 checkouts each: a new client (Session, Client,
+                        engine, boto3 client) per request, so a new connection per request
+unbounded_pool          the pool has no connection limit by configuration (the adapter
+                        says which setting: httpx ``max_connections=None``, aiohttp
+                        ``limit=0``, SQLAlchemy ``max_overflow=-1``)
+no_pool_timeout         a caller can wait for a connection for ever (requests
+                        ``pool_block=True``, urllib3 ``block=True`` seen waiting without a
+                        ``pool_timeout``, httpx ``Timeout(pool=None)``, SQLAlchemy
+                        ``pool_timeout=None``, aiohttp without ``total`` or ``connect``)
+pool_overflowing        a non-blocking pool (urllib3, requests, botocore) discarded at
+                        least 5 connections opened past its size, 1% of checkouts or more
+keepalive_too_long      an HTTP pool found at least 3 idle connections closed by the server
+                        on reuse, 5% of checkouts or more, at 3 collections or more (a
+                        single burst — the server restarted — is not the pattern)
+connection_too_old      ``connection_max_age`` is set and an open connection is older: it
+                        still talks to the address DNS gave when it opened
+======================  ===================================================================
+
+The thresholds are deliberately conservative: one finding that is wrong costs the reader's
+trust in every other. ``tests/test_antipatterns.py`` reproduces each for real, and runs a
+healthy workload that must produce none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from poolwatch import _catalogue as c
+from poolwatch._advice import SIZE_KNOB, STALE_DEFAULT, STALE_FIX
+from poolwatch._safe import logger
+from poolwatch.adapters._base import Misconfiguration
+
+if TYPE_CHECKING:
+    from poolwatch._config import Settings
+    from poolwatch._ledger import LedgerSnapshot
+    from poolwatch._registry import Series
+    from poolwatch.adapters._base import Levels
+
+PER_REQUEST_INSTANCES = 10
+"""Pool instances created at one place before ``client_per_request`` is considered."""
+PER_REQUEST_CHECKOUTS = 5
+"""Checkouts per instance at or below which those instances served a request or so each."""
+OVERFLOW_DISCARDS = 5
+"""Discards a non-blocking pool makes before ``pool_overflowing`` is considered."""
+OVERFLOW_SHARE = 0.01
+"""Discards per checkout from which a non-blocking pool is overflowing."""
+STALE_CLOSES = 3
+"""Stale closes before ``keepalive_too_long`` is considered."""
+STALE_SHARE = 0.05
+"""Stale closes per checkout from which keep-alive outlives the server's idle timeout."""
+STALE_COLLECTIONS = 3
+"""Collections at which stale closes grew: recurring, not one burst."""
+POOLS_CHECKED = 3
+"""Pool instances of a series whose configuration is read (they share a creation site)."""
+
+NON_BLOCKING_KINDS = frozenset({"urllib3", "requests", "botocore"})
+"""Kinds whose pools open connections past their size and discard them (``block=False``)."""
+
+_PER_REQUEST_FIX = {
+    "sqlalchemy": "create the engine once per process (at start-up, or at module level) and "
+    "share it; call engine.dispose() only after a fork",
+    "requests": "use one requests.Session per process, made at start-up, instead of "
+    "requests.get() or a Session per call",
+    "botocore": "create each boto3 client once per process and reuse it: clients are thread-safe",
+    "urllib3": "use one urllib3.PoolManager per process instead of one per request",
+    "httpx": "use one httpx.Client or AsyncClient per process (a FastAPI lifespan, app "
+    "start-up) instead of httpx.get() or a client per request",
+    "aiohttp": "use one aiohttp.ClientSession per process and event loop instead of one per "
+    "request",
+}
+_TIMEOUT_FIX = {
+    "requests": "requests passes no pool timeout: keep pool_block=False (the default) and "
+    "size the pool, or use urllib3 directly with block=True and urlopen(pool_timeout=…)",
+    "urllib3": "pass pool_timeout=… to urlopen()/request() so that an exhausted pool fails "
+    "fast with EmptyPoolError",
+    "httpx": "set httpx.Timeout(…, pool=…) so that an exhausted pool fails fast with "
+    "httpx.PoolTimeout",
+    "sqlalchemy": "set create_engine(pool_timeout=…) so that an exhausted pool fails fast "
+    "with sqlalchemy.exc.TimeoutError",
+    "aiohttp": "set aiohttp.ClientTimeout(total=…, connect=…): connect bounds the wait for a "
+    "connection",
+}
+_AGE_FIX = {
+    "sqlalchemy": "set create_engine(pool_recycle=…) below connection_max_age",
+    "httpx": "httpx closes only idle connections (Limits(keepalive_expiry=…)); to follow DNS "
+    "changes, replace the client periodically",
+    "aiohttp": "aiohttp closes only idle connections (TCPConnector(keepalive_timeout=…)); to "
+    "follow DNS changes, replace the session periodically",
+}
+_AGE_DEFAULT = (
+    "urllib3 has no connection age limit: to follow DNS changes, close the pools "
+    "periodically (PoolManager.clear(), Session.close(), a new boto3 client)"
+)
+
+
+@dataclass(frozen=True)
+class Antipattern:
+    """One anti-pattern found in one pool series."""
+
+    name: str
+    """The ``antipattern`` attribute: one of ``client_per_request``, ``unbounded_pool``,
+    ``no_pool_timeout``, ``pool_overflowing``, ``keepalive_too_long``,
+    ``connection_too_old``."""
+    problem: str
+    """What was seen, with its numbers."""
+    advice: str
+    """What to change."""
+
+
+class Watch:
+    """What detection remembers about one series between collections."""
+
+    __slots__ = ("checked_instances", "last", "stale_rounds", "stale_seen")
+
+    def __init__(self) -> None:
+        self.checked_instances = 0
+        """``instances_created`` when the configuration was last read."""
+        self.last: LedgerSnapshot | None = None
+        """The ledger snapshot last checked (an idle series hands out the same one)."""
+        self.stale_seen = 0
+        self.stale_rounds = 0
+        """Collections at which stale closes had grown."""
+
+
+class Detector:
+    """Checks every series the registry reads; see the module docstring."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._max_age = settings.connection_max_age
+
+    def check(
+        self, series: Series, levels: Levels, ledger: LedgerSnapshot, pools: list[Any]
+    ) -> None:
+        """Look at one series as just read; report what is new."""
+        found = series.antipatterns
+        watch = series.watch
+        new: list[Antipattern] = []
+        if pools and (
+            watch.checked_instances != series.instances_created
+            or (levels.pending and c.ANTIPATTERN_NO_POOL_TIMEOUT not in found)
+        ):
+            watch.checked_instances = series.instances_created
+            for pool in pools[:POOLS_CHECKED]:
+                for misconfiguration in series.adapter.misconfigurations(pool):
+                    if misconfiguration.antipattern not in found and all(
+                        a.name != misconfiguration.antipattern for a in new
+                    ):
+                        new.append(_configured(series.kind, misconfiguration))
+        if ledger is not watch.last:
+            watch.last = ledger
+            new.extend(_observed(series, ledger, watch))
+        if self._max_age is not None and pools and c.ANTIPATTERN_CONNECTION_TOO_OLD not in found:
+            ages = [series.adapter.oldest_connection(pool) for pool in pools]
+            oldest = max((age for age in ages if age is not None), default=None)
+            if oldest is not None and oldest > self._max_age:
+                new.append(
+                    Antipattern(
+                        c.ANTIPATTERN_CONNECTION_TOO_OLD,
+                        f"a connection has been open for {oldest:.0f} s, past "
+                        f"connection_max_age={self._max_age:g} s: it still talks to the address "
+                        "DNS gave when it opened (a failover or rotation goes unnoticed)",
+                        _AGE_FIX.get(series.kind, _AGE_DEFAULT),
+                    )
+                )
+        for antipattern in new:
+            found[antipattern.name] = antipattern
+            logger.warning(
+                "poolwatch: pool %r (%s): %s: %s. Advice: %s",
+                series.name,
+                series.kind,
+                antipattern.name,
+                antipattern.problem,
+                antipattern.advice,
+            )
+
+
+def _configured(kind: str, found: Misconfiguration) -> Antipattern:
+    if found.antipattern == c.ANTIPATTERN_UNBOUNDED_POOL:
+        knob = SIZE_KNOB.get(kind, "the pool's maximum size")
+        return Antipattern(
+            found.antipattern,
+            f"{found.setting}: the pool has no connection limit",
+            f"set {knob}: an unbounded pool turns a slow server into a flood of connections, "
+            "and the server's own connection limit becomes the first one hit",
+        )
+    return Antipattern(
+        found.antipattern,
+        f"{found.setting}: when the pool is exhausted a caller waits for a connection for ever",
+        _TIMEOUT_FIX.get(kind, "give callers a pool timeout"),
+    )
+
+
+def _observed(series: Series, ledger: LedgerSnapshot, watch: Watch) -> list[Antipattern]:
+    found = series.antipatterns
+    kind = series.kind
+    checkouts = ledger.checkouts
+    out: list[Antipattern] = []
+    instances = series.instances_created
+    if (
+        c.ANTIPATTERN_CLIENT_PER_REQUEST not in found
+        and instances >= PER_REQUEST_INSTANCES
+        and checkouts <= PER_REQUEST_CHECKOUTS * instances
+    ):
+        where = f"at {series.site}" if series.site else "at one place"
+        out.append(
+            Antipattern(
+                c.ANTIPATTERN_CLIENT_PER_REQUEST,
+                f"{instances} pool instances were created {where} for {checkouts} checkouts: a "
+                "new client per request, so every request opens a new connection (TCP, TLS) "
+                "and none is reused",
+                _PER_REQUEST_FIX.get(kind, "create the client once per process and reuse it"),
+            )
+        )
+    discards = ledger.closed[c.REASON_POOL_FULL]
+    if (
+        c.ANTIPATTERN_POOL_OVERFLOWING not in found
+        and kind in NON_BLOCKING_KINDS
+        and discards >= OVERFLOW_DISCARDS
+        and discards >= OVERFLOW_SHARE * checkouts
+    ):
+        knob = SIZE_KNOB.get(kind, "the pool's maximum size")
+        out.append(
+            Antipattern(
+                c.ANTIPATTERN_POOL_OVERFLOWING,
+                f"{discards} connections were opened past the pool's size and discarded when "
+                f"returned ('Connection pool is full, discarding connection'), for {checkouts} "
+                "checkouts: a non-blocking pool smaller than the concurrency it serves",
+                f"raise {knob} to the number of concurrent requests (threads or workers "
+                "sharing the client); the pool's recommended size is in poolwatch.pools() "
+                "and `poolwatch doctor`",
+            )
+        )
+    stale = ledger.closed[c.REASON_STALE]
+    if stale > watch.stale_seen:
+        watch.stale_seen = stale
+        watch.stale_rounds += 1
+    if (
+        c.ANTIPATTERN_KEEPALIVE_TOO_LONG not in found
+        and series.adapter.family == "http"
+        and stale >= STALE_CLOSES
+        and stale >= STALE_SHARE * checkouts
+        and watch.stale_rounds >= STALE_COLLECTIONS
+    ):
+        share = stale / checkouts if checkouts else 1.0
+        out.append(
+            Antipattern(
+                c.ANTIPATTERN_KEEPALIVE_TOO_LONG,
+                f"{stale} idle connections were found closed by the server when reused "
+                f"({share:.0%} of {checkouts} checkouts): the client keeps idle connections "
+                "longer than the server does",
+                STALE_FIX.get(kind, STALE_DEFAULT),
+            )
+        )
+    return out
