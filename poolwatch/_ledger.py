@@ -307,16 +307,14 @@ class Ledger:
                 # is allocated inserts its own first, and both observations land in it.
                 self.lifetime.setdefault(reason, Histogram(self.lifetime_bounds)).observe(lifetime)
 
-    def collected(self, key: Hashable, now: float) -> None:
+    def collected(self, key: Hashable, held: float) -> None:
         """The borrower of checkout ``key`` dropped it without returning it (the garbage
-        collector found it): its use ends now and it counts as a leak, once."""
+        collector found it): its use ends after ``held`` seconds, and it counts as a leak,
+        once. ``key`` may already be out of ``active`` (a hook that popped it first)."""
         with self._lock:
             self._changes += 1
-            start = self.active.pop(key, None)
+            self.active.pop(key, None)
             stack = self.stacks.pop(key, None)
-            if start is None:
-                return
-            held = now - start
             self.uses.append(held)
             counted = key not in self._leaked
             self._leaked.discard(key)

@@ -330,6 +330,10 @@ class Registry:
         gone: list[tuple[tuple[str, str], Series]] = []
         for key, series in everything:
             pools = list(series.pools)
+            try:  # first: what it settles leaves the levels, too
+                series.adapter.find_abandoned(series.ledger)
+            except Exception as error:
+                self._errors.report(f"{series.kind} abandoned checkouts", error)
             levels: list[Levels] = []
             for pool in pools:
                 try:
@@ -338,10 +342,6 @@ class Registry:
                     self._errors.report(f"{series.kind} levels", error)
             if not pools and drop_gone:
                 gone.append((key, series))
-            try:
-                series.adapter.find_abandoned(series.ledger)
-            except Exception as error:
-                self._errors.report(f"{series.kind} abandoned checkouts", error)
             try:
                 snapshot = series.ledger.snapshot(now)
                 for report in series.ledger.take_reports():
@@ -421,7 +421,12 @@ def _log_leak(series: Series, report: LeakReport, settings: Settings) -> None:
             report.held,
         )
         return
-    when = "was held for" if report.returned else "has been checked out for"
+    if report.collected:
+        when = "was garbage-collected without being returned, after"
+    elif report.returned:
+        when = "was held for"
+    else:
+        when = "has been checked out for"
     if report.stack:
         where = "checked out at:\n" + render_stack(report.stack)
     elif settings.leak_stacks == "auto":
@@ -431,12 +436,13 @@ def _log_leak(series: Series, report: LeakReport, settings: Settings) -> None:
         )
     else:
         where = "the borrower's stack is not captured (leak_stacks='off')"
+    past = "" if report.collected else f", past the leak threshold of {threshold}"
     logger.warning(
-        "poolwatch: a connection of pool %s %s %.1f s, past the leak threshold of %s; %s",
+        "poolwatch: a connection of pool %s %s %.1f s%s; %s",
         pool,
         when,
         report.held,
-        threshold,
+        past,
         where.rstrip(),
     )
 

@@ -34,7 +34,7 @@ from typing import Any
 from poolwatch import _catalogue as c
 from poolwatch._ledger import Ledger, capture_stack
 from poolwatch._naming import creation_site, target_name
-from poolwatch.adapters._base import Adapter, Levels, Tracker, pop_attribute
+from poolwatch.adapters._base import Adapter, Levels, Misconfiguration, Tracker, pop_attribute
 
 _LEDGER = "_poolwatch_ledger"
 _ORIGINAL = "__poolwatch_original__"
@@ -239,6 +239,22 @@ class SQLAlchemyAdapter(Adapter):
             return Levels(used, max(open_count - used, 0), None, 0)
         return Levels(used, 0, None, 0)  # NullPool and unknown pools: nothing kept idle
 
+    # -- diagnostics -------------------------------------------------------------------
+    def misconfigurations(self, pool: Any) -> tuple[Misconfiguration, ...]:
+        if not isinstance(pool, self._pools.QueuePool):
+            return ()  # the others never make a caller wait and have no limit by design
+        found = []
+        if pool._max_overflow < 0:
+            found.append(Misconfiguration(c.ANTIPATTERN_UNBOUNDED_POOL, "max_overflow=-1"))
+        if pool._timeout is None:
+            found.append(Misconfiguration(c.ANTIPATTERN_NO_POOL_TIMEOUT, "pool_timeout=None"))
+        return tuple(found)
+
+    def oldest_connection(self, pool: Any) -> float | None:
+        records = _records_of(pool)
+        started = [r.starttime for r in records if r.dbapi_connection is not None and r.starttime]
+        return time.time() - min(started) if started else None
+
 
 # -- hooks ---------------------------------------------------------------------------------
 # Each factory returns the replacement for one SQLAlchemy function. The checkout and checkin
@@ -291,10 +307,17 @@ def _checkin_hook(adapter: SQLAlchemyAdapter, original: Callable[..., Any]) -> C
     def checkin(self: Any, _fairy_was_created: bool = True) -> None:
         ledger = self._ConnectionRecord__pool._poolwatch_ledger
         if ledger is not None:
-            # Ledger.released, inlined (the hot-path contract in _ledger.py).
+            # Ledger.released, inlined (the hot-path contract in _ledger.py), with one
+            # check more: a checked-in record whose fairy is already gone was returned by
+            # SQLAlchemy's garbage-collection cleanup: the borrower dropped it unreturned.
             start = ledger.active.pop(self, None)
             if start is not None:
                 held = perf_counter() - start
+                fairy = self.fairy_ref
+                if fairy is not None and fairy() is None:
+                    _collected(ledger, self, held, report)
+                    original(self, _fairy_was_created)
+                    return
                 ledger.uses.append(held)
                 if held > ledger.leak_threshold:
                     try:
@@ -306,6 +329,13 @@ def _checkin_hook(adapter: SQLAlchemyAdapter, original: Callable[..., Any]) -> C
         original(self, _fairy_was_created)
 
     return checkin
+
+
+def _collected(ledger: Ledger, record: Any, held: float, report: Callable[..., None]) -> None:
+    try:
+        ledger.collected(record, held)
+    except Exception as error:
+        report("sqlalchemy checkin", error)
 
 
 def _invalidate_hook(
@@ -416,6 +446,29 @@ def _close_reason(record: Any, pool: Any, caller: Any) -> str:
     if name == "close" and returned and not isinstance(pool, NullPool):
         return c.REASON_POOL_FULL  # returned to a full pool: overflow connection closed
     return c.REASON_DISPOSED  # dispose(), or a NullPool closing on return by design
+
+
+def _records_of(pool: Any) -> list[Any]:
+    """Every connection record of ``pool`` poolwatch can see: idle ones and checked-out ones."""
+    ledger: Ledger | None = pool._poolwatch_ledger
+    records: list[Any] = list(ledger.active) if ledger else []
+    out = [r for r in records if r._ConnectionRecord__pool is pool]
+    queue = getattr(pool, "_pool", None)
+    if queue is not None and hasattr(queue, "not_empty"):
+        out.extend(list(queue.queue))
+    elif queue is not None:
+        aqueue = queue.__dict__.get("_queue")
+        out.extend(list(aqueue._queue) if aqueue is not None else [])
+    for attribute in ("_all_conns", "_conn"):  # SingletonThreadPool, AssertionPool
+        held = getattr(pool, attribute, None)
+        if isinstance(held, set):
+            out.extend(r for r in list(held) if r not in out)
+        elif held is not None and held not in out:
+            out.append(held)
+    static = pool.__dict__.get("connection")  # StaticPool's one record, once made
+    if static is not None and static not in out:
+        out.append(static)
+    return out
 
 
 def _checked_out_of(pool: Any) -> int:

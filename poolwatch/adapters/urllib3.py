@@ -49,6 +49,7 @@ connections the pool is alive, so that connection stays visible until it is clos
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 import threading
@@ -61,7 +62,7 @@ from typing import Any, NamedTuple
 from poolwatch import _catalogue as c
 from poolwatch._ledger import Ledger, capture_stack
 from poolwatch._naming import creation_site, target_name
-from poolwatch.adapters._base import Adapter, Levels, Tracker, pop_attribute
+from poolwatch.adapters._base import Adapter, Levels, Misconfiguration, Tracker, pop_attribute
 
 _LEDGER = "_poolwatch_ledger"
 _BORN = "_poolwatch_born"
@@ -151,6 +152,8 @@ class Urllib3Adapter(Adapter):
         self._tracked: weakref.WeakSet[Any] = weakref.WeakSet()
         self._making = threading.local()
         self._queue_empty: type[BaseException] = Exception
+        self._get_conn_code: Any = None
+        """The code of urllib3's own ``_get_conn``: a waiting caller's frame runs it."""
 
     # -- patching ----------------------------------------------------------------------
     def _patch(self, owner: Any, attribute: str, replacement: Any) -> None:
@@ -165,6 +168,7 @@ class Urllib3Adapter(Adapter):
         self._patch(pools, _LEDGER, None)  # class default: "untracked"
         self._patch(connection.HTTPConnection, _LEDGER, None)
         self._patch(pools, "__init__", _pool_init_hook(self, pools.__init__))
+        self._get_conn_code = getattr(pools._get_conn, "__code__", None)
         self._patch(
             pools, "_get_conn", _get_conn_hook(self, pools._get_conn, exceptions.EmptyPoolError)
         )
@@ -302,6 +306,7 @@ class Urllib3Adapter(Adapter):
             ledger.stacks.pop(conn, None)
             if start is not None:
                 ledger.uses.append(now - start)
+
         if conn.sock is None and not hasattr(conn, _ENDED):
             return  # never connected (a refused connect), or its close was counted
         born = pop_attribute(conn, _BORN)
@@ -337,6 +342,82 @@ class Urllib3Adapter(Adapter):
         pending = len(queue.not_empty._waiters) if pool.block else 0
         limit = queue.maxsize or None  # kept at most: further returns are discarded
         return Levels(used, idle, limit, pending, idle_max=limit)
+
+    # -- diagnostics -------------------------------------------------------------------
+    def misconfigurations(self, pool: Any) -> tuple[Misconfiguration, ...]:
+        if not pool.block:
+            return ()  # never waits: opens a connection past maxsize instead
+        series = self.tracker.series_of(pool)
+        if series is not None and series.kind == "requests":
+            # requests never passes urllib3 a pool_timeout: a blocked caller waits for ever
+            return (
+                Misconfiguration(c.ANTIPATTERN_NO_POOL_TIMEOUT, "HTTPAdapter(pool_block=True)"),
+            )
+        if self._waiting_for_ever(pool):
+            return (
+                Misconfiguration(
+                    c.ANTIPATTERN_NO_POOL_TIMEOUT, "block=True, and urlopen() without pool_timeout"
+                ),
+            )
+        return ()
+
+    def _waiting_for_ever(self, pool: Any) -> bool:
+        """Whether a thread is blocked in ``pool``'s ``_get_conn`` with no timeout (the
+        caller's ``pool_timeout`` is a local of that frame: read only when callers wait)."""
+        code = self._get_conn_code
+        if code is None or not pool.pool or not len(pool.pool.not_empty._waiters):
+            return False
+        for top in list(sys._current_frames().values()):
+            frame: FrameType | None = top
+            depth = 0
+            while frame is not None and depth < _FRAMES_SEARCHED:
+                if frame.f_code is code and frame.f_locals.get("self") is pool:
+                    return frame.f_locals.get("timeout", 0) is None
+                frame, depth = frame.f_back, depth + 1
+        return False
+
+    def oldest_connection(self, pool: Any) -> float | None:
+        born = [getattr(conn, _BORN, None) for conn in self._connections_of(pool)]
+        known = [b for b in born if b is not None]
+        return perf_counter() - min(known) if known else None
+
+    def _connections_of(self, pool: Any) -> list[Any]:
+        """Open connections of ``pool``: idle in its queue, and checked out."""
+        ledger: Ledger | None = pool._poolwatch_ledger
+        owner = id(pool)
+        out: list[Any] = (
+            [conn for conn in list(ledger.active) if getattr(conn, _OWNER, None) == owner]
+            if ledger
+            else []
+        )
+        queue = pool.pool
+        if queue is not None:
+            out.extend(conn for conn in list(queue.queue) if conn is not None)
+        return [conn for conn in out if conn.sock is not None]
+
+    def find_abandoned(self, ledger: Ledger) -> None:
+        """Checked-out connections whose response the application dropped unreleased.
+
+        Nothing returns them to their pool, and only poolwatch's checkout table still
+        references them (urllib3 keeps no list of connections it handed out): left there,
+        poolwatch would keep them, and their sockets, alive. Each counts as a leak. A
+        collected response usually closed its connection already (``io.IOBase.__del__``
+        calls ``close()``: counted then, as ``invalidated``); one still open is closed here,
+        as the garbage collector would have, and counted as ``error``.
+        """
+        orphans: list[Any] = ledger.orphans()
+        if not orphans:
+            return
+        now = perf_counter()
+        for conn in orphans:
+            start = ledger.active.get(conn)
+            ledger.collected(conn, now - start if start is not None else 0.0)
+            born = pop_attribute(conn, _BORN)
+            if conn.sock is not None:
+                ledger.closed_connection(c.REASON_ERROR, now - born if born is not None else None)
+            conn._poolwatch_ledger = None  # its close below is not counted again
+            with contextlib.suppress(Exception):
+                conn.close()
 
 
 def _close_reason(who: str, caller: FrameType | None, handling: bool) -> str:
