@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -22,6 +23,8 @@ from urllib3 import connection, connectionpool, exceptions, poolmanager
 import poolwatch
 from poolwatch.adapters.urllib3 import pool_target
 from tests.conftest import Harness
+from tests.support.proxy import ConnectProxy
+from tests.support.threads import blocked_in, wait_until
 from tests.support.upstream import AsyncioUpstream, ThreadedUpstream, refusing_port
 
 
@@ -59,6 +62,7 @@ def test_keep_alive_requests_reuse_one_connection(pw: Harness, upstream: Threade
     assert got.value("poolwatch.connections", pool__name=name, state="idle") == 1
     assert got.value("poolwatch.connections", pool__name=name, state="used") == 0
     assert got.value("poolwatch.connections.max", pool__name=name) == 3
+    assert got.value("poolwatch.connections.idle.max", pool__name=name) == 3  # maxsize
     assert got.count("poolwatch.wait.duration", pool__name=name, outcome="acquired") == 5
     assert got.count("poolwatch.use.duration", pool__name=name) == 5
     assert got.count("poolwatch.connect.duration", pool__name=name, outcome="ok") == 1
@@ -83,6 +87,91 @@ def test_keep_alive_requests_reuse_one_connection(pw: Harness, upstream: Threade
     gc.collect()
     got = pw.collect()
     assert got.count("http.client.connection.duration", pool__name=name) == 1
+
+
+def _same_histogram(a: Any, b: Any) -> None:
+    """Two exported histogram points carry exactly the same values."""
+    assert (a.count, a.sum, a.min, a.max) == (b.count, b.sum, b.min, b.max)
+    assert list(a.bucket_counts) == list(b.bucket_counts)
+
+
+@pytest.mark.semconv
+def test_semconv_mirrors_while_a_request_is_in_flight(
+    pw: Harness, upstream: ThreadedUpstream
+) -> None:
+    manager = urllib3.PoolManager(maxsize=2)
+    manager.request("GET", upstream.url)
+    held = manager.request("GET", upstream.url, preload_content=False)  # holds its connection
+    second = manager.request("GET", upstream.url, preload_content=False)  # a second one
+    second.read()
+    second.release_conn()
+    got = pw.collect()
+    name = upstream.origin
+    mirrors = got.points("http.client.open_connections", pool__name=name)
+    assert {p.attributes["http.connection.state"]: p.value for p in mirrors} == {
+        "active": 1,
+        "idle": 1,
+    }
+    [active] = [p for p in mirrors if p.attributes["http.connection.state"] == "active"]
+    assert dict(active.attributes) == {
+        "pool.name": name,
+        "server.address": "127.0.0.1",
+        "server.port": upstream.port,
+        "http.connection.state": "active",
+    }
+    queue = got.histogram("http.client.request.time_in_queue", pool__name=name)
+    assert queue.count == 3
+    assert dict(queue.attributes) == {
+        "pool.name": name,
+        "server.address": "127.0.0.1",
+        "server.port": upstream.port,
+    }
+    _same_histogram(
+        queue, got.histogram("poolwatch.wait.duration", pool__name=name, outcome="acquired")
+    )
+    assert held.read() == b"ok\n"
+    held.release_conn()
+    time.sleep(0.1)  # both connections live at least this long
+    manager.clear()
+    del held, second
+    gc.collect()
+    got = pw.collect()
+    duration = got.histogram("http.client.connection.duration", pool__name=name)
+    assert duration.count == 2 and duration.min >= 0.1
+    assert duration.attributes["server.port"] == upstream.port
+    _same_histogram(
+        duration,
+        got.histogram("poolwatch.connection.lifetime", pool__name=name, reason="disposed"),
+    )
+
+
+@pytest.mark.semconv
+def test_semconv_mirrors_for_requests_pools(pw: Harness, upstream: ThreadedUpstream) -> None:
+    with requests.Session() as session:
+        held = session.get(upstream.url, stream=True)  # the body unread: the connection held
+        got = pw.collect()
+        mirrors = got.points("http.client.open_connections", pool__name=upstream.origin)
+        assert {p.attributes["http.connection.state"]: p.value for p in mirrors} == {
+            "active": 1,
+            "idle": 0,
+        }
+        assert {(p.attributes["server.address"], p.attributes["server.port"]) for p in mirrors} == {
+            ("127.0.0.1", upstream.port)
+        }
+        assert got.value("poolwatch.connections", pool__kind="requests", state="used") == 1
+        assert held.text == "ok\n"
+        session.get(upstream.url)
+        got = pw.collect()
+        mirrors = got.points("http.client.open_connections", pool__name=upstream.origin)
+        assert {p.attributes["http.connection.state"]: p.value for p in mirrors} == {
+            "active": 0,
+            "idle": 1,
+        }
+        assert got.count("http.client.request.time_in_queue", pool__name=upstream.origin) == 2
+        del held
+    gc.collect()
+    got = pw.collect()
+    assert got.count("http.client.connection.duration", pool__name=upstream.origin) == 1
 
 
 def test_semconv_mirrors_are_opt_in(pw: Harness, upstream: ThreadedUpstream) -> None:
@@ -127,43 +216,75 @@ def test_used_counts_connections_beyond_maxsize_and_each_discard_is_pool_full(
         pool.close()
 
 
-def test_blocking_pool_times_out_callers_and_shows_them_pending(pw: Harness) -> None:
-    with ThreadedUpstream(delay=0.5) as slow:
-        pool = urllib3.HTTPConnectionPool(
-            "127.0.0.1", slow.port, maxsize=2, block=True, retries=False
-        )
-        outcomes: list[str] = []
-        lock = threading.Lock()
+def test_blocking_pool_times_out_callers_and_shows_them_pending(
+    pw: Harness, upstream: ThreadedUpstream
+) -> None:
+    pool = urllib3.HTTPConnectionPool(
+        "127.0.0.1", upstream.port, maxsize=2, block=True, retries=False
+    )
+    held = [pool.urlopen("GET", "/", preload_content=False) for _ in range(2)]  # at its limit
+    outcomes: list[str] = []
+    lock = threading.Lock()
 
-        def call() -> None:
-            try:
-                pool.urlopen("GET", "/", pool_timeout=0.15)
-                result = "ok"
-            except exceptions.EmptyPoolError:
-                result = "timeout"
-            with lock:
-                outcomes.append(result)
+    def call() -> None:
+        try:
+            pool.urlopen("GET", "/", pool_timeout=0.5)
+            result = "ok"
+        except exceptions.EmptyPoolError:
+            result = "timeout"
+        with lock:
+            outcomes.append(result)
 
-        threads = [threading.Thread(target=call) for _ in range(6)]
-        for t in threads:
-            t.start()
-        _wait_until(lambda: _pool(slow.origin).pending > 0)
-        waiting = _pool(slow.origin)
-        for t in threads:
-            t.join()
-        assert waiting.used == 2
-        assert 1 <= waiting.pending <= 4
-        assert sorted(outcomes) == ["ok", "ok"] + ["timeout"] * 4
-        snap = _pool(slow.origin)
-        assert (snap.timeouts, snap.checkouts, snap.pending, snap.used) == (4, 2, 0, 0)
-        got = pw.collect()
-        assert got.value("poolwatch.timeouts", pool__name=slow.origin) == 4
-        timed_out = got.histogram(
-            "poolwatch.wait.duration", pool__name=slow.origin, outcome="timeout"
-        )
-        assert timed_out.count == 4
-        assert timed_out.min >= 0.15
-        pool.close()
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: blocked_in(threads, "_get_conn") == 4)
+    waiting = _pool(upstream.origin)
+    got = pw.collect()
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    assert (waiting.used, waiting.pending) == (2, 4)
+    assert got.value("poolwatch.pending_requests", pool__name=upstream.origin) == 4
+    assert got.value("poolwatch.connections", pool__name=upstream.origin, state="used") == 2
+    assert outcomes == ["timeout"] * 4
+    for response in held:
+        assert response.read() == b"ok\n"
+        response.release_conn()
+    snap = _pool(upstream.origin)
+    assert (snap.timeouts, snap.checkouts, snap.pending, snap.used, snap.idle) == (4, 2, 0, 0, 2)
+    got = pw.collect()
+    assert got.value("poolwatch.timeouts", pool__name=upstream.origin) == 4
+    assert got.value("poolwatch.pending_requests", pool__name=upstream.origin) == 0
+    timed_out = got.histogram(
+        "poolwatch.wait.duration", pool__name=upstream.origin, outcome="timeout"
+    )
+    assert timed_out.count == 4
+    assert timed_out.min >= 0.5
+    assert (snap.connects, upstream.connections, upstream.requests) == (2, 2, 2)
+    pool.close()
+
+
+def test_blocked_callers_are_served_in_turn_and_pending_drops_to_zero(
+    pw: Harness, upstream: ThreadedUpstream
+) -> None:
+    pool = urllib3.HTTPConnectionPool("127.0.0.1", upstream.port, maxsize=1, block=True)
+    held = pool.urlopen("GET", "/", preload_content=False)
+    threads = [threading.Thread(target=pool.request, args=("GET", "/")) for _ in range(3)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: blocked_in(threads, "_get_conn") == 3)
+    assert pw.collect().value("poolwatch.pending_requests", pool__name=upstream.origin) == 3
+    held.read()
+    held.release_conn()  # each caller in turn gets the one connection back
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    got = pw.collect()
+    assert got.value("poolwatch.pending_requests", pool__name=upstream.origin) == 0
+    assert got.count("poolwatch.wait.duration", pool__name=upstream.origin) == 4
+    assert (upstream.connections, upstream.requests) == (1, 4)
+    pool.close()
 
 
 def test_server_closing_idle_keep_alives_makes_stale_closes(pw: Harness) -> None:
@@ -199,8 +320,12 @@ def test_server_ending_connections_counts_invalidated_when_the_pool_lets_go(
         assert _pool(server.origin).closed["invalidated"] == 3
 
 
-def test_tls_connects_are_timed(pw: Harness) -> None:
-    with ThreadedUpstream(tls=True) as server:
+HANDSHAKE = 0.2
+"""Seconds a TLS upstream sleeps inside each handshake (``handshake_delay``)."""
+
+
+def test_tls_connects_are_timed(pw: Harness, upstream: ThreadedUpstream) -> None:
+    with ThreadedUpstream(tls=True, handshake_delay=HANDSHAKE) as server:
         manager = urllib3.PoolManager(ca_certs=server.ca_file)
         for _ in range(3):
             assert manager.request("GET", server.url).status == 200
@@ -211,8 +336,15 @@ def test_tls_connects_are_timed(pw: Harness) -> None:
             "poolwatch.connect.duration", pool__name=server.origin, outcome="ok"
         )
         assert connect.count == 1
-        assert connect.sum > 0
+        assert connect.min >= HANDSHAKE  # the TLS handshake is inside the connect
         manager.clear()
+    plain = urllib3.PoolManager()
+    plain.request("GET", upstream.url)
+    connect = pw.collect().histogram(
+        "poolwatch.connect.duration", pool__name=upstream.origin, outcome="ok"
+    )
+    assert connect.count == 1 and connect.max < HANDSHAKE  # TCP alone
+    plain.clear()
 
 
 def test_refused_connect_is_a_connect_error_and_returns_the_slot(pw: Harness) -> None:
@@ -309,6 +441,64 @@ def test_a_tunnel_through_a_proxy_is_named_by_target_and_proxy() -> None:
         "https://api.example.com via http://proxy.internal:3128",
         {"server.address": "api.example.com", "server.port": 443},
     )
+
+
+def _secrets_absent(exported: str, *secrets: str) -> None:
+    for secret in secrets:
+        assert secret not in exported, secret
+
+
+def test_proxy_manager_tunnels_to_a_tls_upstream(pw: Harness) -> None:
+    with (
+        ThreadedUpstream(tls=True, handshake_delay=HANDSHAKE) as upstream,
+        ConnectProxy() as proxy,
+    ):
+        manager = urllib3.ProxyManager(
+            f"http://carol:s3cret@127.0.0.1:{proxy.port}",
+            proxy_headers=urllib3.make_headers(proxy_basic_auth="carol:s3cret"),
+            ca_certs=upstream.ca_file,
+        )
+        for _ in range(3):
+            assert manager.request("GET", upstream.url + "/x?token=abc").data == b"ok\n"
+        name = f"{upstream.origin} via {proxy.url}"
+        snap = _pool(name)
+        assert (snap.checkouts, snap.connects, snap.idle, snap.used) == (3, 1, 1, 0)
+        assert (proxy.connections, proxy.tunnels) == (1, 1)
+        assert (upstream.connections, upstream.requests) == (1, 3)
+        assert proxy.authorizations == [b"Basic Y2Fyb2w6czNjcmV0"]  # carol:s3cret reached it
+        assert snap.attributes == {"server.address": "127.0.0.1", "server.port": upstream.port}
+        got = pw.collect()
+        connect = got.histogram("poolwatch.connect.duration", pool__name=name, outcome="ok")
+        # One connect: TCP to the proxy, the CONNECT exchange, TLS with the origin.
+        assert connect.count == 1 and connect.min >= HANDSHAKE
+        assert got.value("poolwatch.connections", pool__name=name, state="idle") == 1
+        _secrets_absent(repr((got.metrics, poolwatch.pools())), "carol", "s3cret", "token", "abc")
+        manager.clear()
+    gc.collect()
+    assert {r: n for r, n in _pool(name).closed.items() if n} == {"disposed": 1}
+
+
+def test_requests_through_a_tunnelling_proxy(pw: Harness) -> None:
+    with (
+        ThreadedUpstream(tls=True) as upstream,
+        ConnectProxy() as proxy,
+        requests.Session() as session,
+    ):
+        proxies = {"https": f"http://dave:hunter2@127.0.0.1:{proxy.port}"}
+        for _ in range(3):  # no response kept: one would keep its pool alive after close()
+            assert session.get(upstream.url, proxies=proxies, verify=upstream.ca_file).ok
+        name = f"{upstream.origin} via {proxy.url}"
+        [snap] = [s for s in poolwatch.pools() if s.kind == "requests"]
+        assert snap.name == name
+        assert (snap.checkouts, snap.connects, snap.idle, snap.used) == (3, 1, 1, 0)
+        assert (proxy.connections, proxy.tunnels, upstream.connections) == (1, 1, 1)
+        assert len(proxy.authorizations) == 1  # dave's credentials reached the proxy
+        got = pw.collect()
+        assert got.count("poolwatch.connect.duration", pool__name=name, outcome="ok") == 1
+        assert got.count("poolwatch.wait.duration", pool__name=name, outcome="acquired") == 3
+        _secrets_absent(repr((got.metrics, poolwatch.pools())), "dave", "hunter2")
+    gc.collect()
+    assert {r: n for r, n in _pool(name, kind="requests").closed.items() if n} == {"disposed": 1}
 
 
 def test_requests_session_pools_are_kind_requests(pw: Harness, upstream: ThreadedUpstream) -> None:

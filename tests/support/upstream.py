@@ -8,6 +8,9 @@ with a throw-away certificate and an asyncio flavour with the same knobs:
 * ``idle_timeout`` — seconds after which an idle keep-alive connection is closed by the
   server (to make clients find stale connections on reuse); None keeps them open;
 * ``tls`` — serve HTTPS with a throw-away self-signed certificate (``ca_file`` trusts it);
+* ``handshake_delay`` — with ``tls``, seconds the server sleeps inside every TLS handshake
+  (after the client's hello, before its answer), so that a client's connect time
+  includes the handshake by a known amount;
 * ``keep_alive`` — False answers every request with ``Connection: close`` and closes, as
   does any request that asks for it.
 
@@ -25,7 +28,8 @@ import socket
 import ssl
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -86,11 +90,32 @@ class _Certificate:
         self._dir.cleanup()
 
 
-def _tls(enabled: bool) -> tuple[_Certificate | None, ssl.SSLContext | None]:
+def _tls(
+    enabled: bool, handshake_delay: float = 0.0
+) -> tuple[_Certificate | None, ssl.SSLContext | None]:
     if not enabled:
+        assert not handshake_delay, "handshake_delay needs tls=True"
         return None, None
     certificate = _Certificate()
-    return certificate, certificate.server_context()
+    context = certificate.server_context()
+    if handshake_delay:
+        context.sni_callback = _slow_handshake(handshake_delay)
+    return certificate, context
+
+
+def _slow_handshake(
+    seconds: float,
+) -> Callable[[ssl.SSLSocket | ssl.SSLObject, str | None, ssl.SSLContext], None]:
+    """A server-name callback that sleeps: OpenSSL calls it in the middle of every
+    handshake, once the client's hello is read, with or without SNI (``None`` for a client
+    connecting to an IP address), and the server's answer waits for it."""
+
+    def callback(
+        sock: ssl.SSLSocket | ssl.SSLObject, name: str | None, ctx: ssl.SSLContext
+    ) -> None:
+        time.sleep(seconds)
+
+    return callback
 
 
 class _TLSFiles:
@@ -116,8 +141,9 @@ class ThreadedUpstream(_TLSFiles, demo.ThreadedUpstream):
         idle_timeout: float | None = None,
         tls: bool = False,
         keep_alive: bool = True,
+        handshake_delay: float = 0.0,
     ) -> None:
-        self._certificate, context = _tls(tls)
+        self._certificate, context = _tls(tls, handshake_delay)
         super().__init__(
             delay=delay, idle_timeout=idle_timeout, keep_alive=keep_alive, ssl_context=context
         )
@@ -137,8 +163,9 @@ class AsyncioUpstream(_TLSFiles, demo.Upstream):
         idle_timeout: float | None = None,
         tls: bool = False,
         keep_alive: bool = True,
+        handshake_delay: float = 0.0,
     ) -> None:
-        self._certificate, context = _tls(tls)
+        self._certificate, context = _tls(tls, handshake_delay)
         super().__init__(
             delay=delay, idle_timeout=idle_timeout, keep_alive=keep_alive, ssl_context=context
         )

@@ -1,0 +1,106 @@
+"""A real tunnelling (``CONNECT``) HTTP proxy on 127.0.0.1, for proxy pools in the tests.
+
+It answers ``CONNECT host:port`` with ``200 Connection established``, connects to the
+target, and relays bytes both ways until either side closes; TLS to the target passes
+through it untouched, as through any tunnelling proxy. It counts what happened on the
+wire — ``connections`` accepted from clients, ``tunnels`` opened to targets — and keeps
+the ``Proxy-Authorization`` headers it was sent (``authorizations``), so that a test can
+show that credentials reached the proxy and still never appear in what poolwatch exports.
+A thread per connection; every loop polls a stop flag, so ``__exit__`` ends them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable
+
+
+class ConnectProxy:
+    """A context manager: the proxy listens from ``__enter__`` to ``__exit__``."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.tunnels = 0
+        self.authorizations: list[bytes] = []
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.port: int = self._listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> ConnectProxy:
+        self._start(self._accept)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in list(self._threads):
+            thread.join(5)
+        self._listener.close()
+
+    def _start(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            with self._lock:
+                self.connections += 1
+            self._start(self._tunnel, client)
+
+    def _tunnel(self, client: socket.socket) -> None:
+        with client:
+            client.settimeout(5)
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 8192:
+                chunk = client.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            request, *headers = head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+            method, target, _ = request.split(b" ", 2)
+            if method != b"CONNECT":
+                client.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+                return
+            for header in headers:
+                name, _, value = header.partition(b":")
+                if name.strip().lower() == b"proxy-authorization":
+                    with self._lock:
+                        self.authorizations.append(value.strip())
+            host, port = target.rsplit(b":", 1)
+            with socket.create_connection((host.decode(), int(port)), timeout=5) as upstream:
+                with self._lock:
+                    self.tunnels += 1
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                back = threading.Thread(target=self._relay, args=(upstream, client), daemon=True)
+                back.start()
+                self._relay(client, upstream)
+                back.join(5)
+
+    def _relay(self, source: socket.socket, sink: socket.socket) -> None:
+        source.settimeout(0.05)
+        while not self._stop.is_set():
+            try:
+                data = source.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            try:
+                sink.sendall(data)
+            except OSError:
+                break
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
