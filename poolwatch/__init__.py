@@ -7,18 +7,33 @@ waiting, time to get a connection, time to open one, how long connections are he
 timeouts, connections closed and why, and leaks.
 """
 
-from poolwatch._api import Instrumentation, instrument, pools, track, uninstrument
+from poolwatch._advice import Sizing
+from poolwatch._antipatterns import Antipattern
+from poolwatch._api import (
+    Instrumentation,
+    instrument,
+    pools,
+    process_view,
+    track,
+    uninstrument,
+)
 from poolwatch._config import ConfigError
+from poolwatch._process import ProcessConnections, ProcessView
 from poolwatch._registry import PoolSnapshot
 from poolwatch._version import __version__
 
 __all__ = [
+    "Antipattern",
     "ConfigError",
     "Instrumentation",
     "PoolSnapshot",
+    "ProcessConnections",
+    "ProcessView",
+    "Sizing",
     "__version__",
     "instrument",
     "pools",
+    "process_view",
     "track",
     "uninstrument",
 ]

@@ -12,12 +12,13 @@ from typing import Any
 from opentelemetry import metrics as otel_metrics
 from opentelemetry.sdk.metrics import MeterProvider
 
-from poolwatch._config import ConfigError, Settings, resolve
+from poolwatch._config import ConfigError, Settings, psutil_importable, resolve
 from poolwatch._export import Bridge, Producer
 from poolwatch._imports import PostImportHooks
 from poolwatch._janitor import Janitor
 from poolwatch._ledger import Ledger
 from poolwatch._naming import check_pool_name
+from poolwatch._process import REFRESH_EVERY, ProcessView, ProcessWatcher
 from poolwatch._provider import OwnedProvider, build, child_resource
 from poolwatch._registry import PoolSnapshot, Registry, Series, snapshot_of
 from poolwatch._safe import ErrorLog, logger
@@ -75,6 +76,10 @@ class Instrumentation:
         self._bridge = Bridge(self._producer, provider, self._errors)
         self._hooks = PostImportHooks()
         self._janitor = Janitor(self._registry.ledgers, self._errors)
+        self._process = _process_watcher(settings, self._registry, self._errors)
+        if self._process is not None:
+            self._producer.process = self._process
+            self._janitor.every(REFRESH_EVERY, self._process.refresh)
         self._active: dict[str, Adapter] = {}
         self._stopped = False
 
@@ -152,6 +157,11 @@ class Instrumentation:
         readings = self._registry.read(drop_gone=not list(self._bridge.readers))
         return sorted((snapshot_of(r) for r in readings), key=lambda s: (s.kind, s.name))
 
+    def process_view(self) -> ProcessView | None:
+        """The process's file descriptors and TCP connections, read now; see
+        :func:`poolwatch.process_view`."""
+        return self._process.refresh() if self._process is not None else None
+
     def uninstrument(self) -> None:
         """Undo ``instrument()``; see :func:`poolwatch.uninstrument`."""
         global _current
@@ -177,6 +187,8 @@ class Instrumentation:
     def _after_fork_in_child(self) -> None:
         self._registry.reset_after_fork()
         self._producer.reset()
+        if self._process is not None:
+            self._process.reset()
         if not self._stopped:
             self._janitor.start()  # the parent's thread does not exist in the child
             if self._owned is not None:
@@ -225,6 +237,17 @@ class Instrumentation:
     def __repr__(self) -> str:
         state = "stopped" if self._stopped else "active"
         return f"<poolwatch.Instrumentation {state} libraries={list(self.libraries)}>"
+
+
+def _process_watcher(
+    settings: Settings, registry: Registry, errors: ErrorLog
+) -> ProcessWatcher | None:
+    """The process view when it is on (``auto``: when psutil is installed)."""
+    if settings.process_view == "off":
+        return None
+    if settings.process_view == "auto" and not psutil_importable():
+        return None
+    return ProcessWatcher(registry.pool_sockets, errors)
 
 
 def _provider_for(
@@ -292,6 +315,14 @@ def pools() -> list[PoolSnapshot]:
     """Snapshots of every tracked pool series (empty when poolwatch is not instrumented)."""
     current = _current
     return current.pools() if current is not None else []
+
+
+def process_view() -> ProcessView | None:
+    """The process's open file descriptors against their limit and its TCP connections by
+    state and owner, read now; None when poolwatch is not instrumented or the view is off
+    (``process_view`` setting; it needs psutil: ``pip install 'poolwatch[process]'``)."""
+    current = _current
+    return current.process_view() if current is not None else None
 
 
 def _after_fork_in_child() -> None:

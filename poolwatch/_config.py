@@ -7,7 +7,6 @@ the value, and what is allowed — never later, on the application's hot path.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 import re
@@ -179,9 +178,18 @@ def _check_process_view(value: Any) -> str:
     chosen = value.strip().lower()
     if chosen not in PROCESS_VIEW:
         raise ValueError(value)
-    if chosen == "on" and importlib.util.find_spec("psutil") is None:
+    if chosen == "on" and not psutil_importable():
         raise ValueError(value)
     return chosen
+
+
+def psutil_importable() -> bool:
+    """Whether the process view's psutil (the ``process`` extra) imports."""
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _check_leak_stacks(value: Any) -> str:

@@ -46,6 +46,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from poolwatch import _catalogue as c
 from poolwatch._config import Settings
 from poolwatch._ledger import HistogramSnapshot, LedgerSnapshot
+from poolwatch._process import ProcessWatcher
 from poolwatch._registry import Registry, Series, SeriesReading
 from poolwatch._safe import ErrorLog
 from poolwatch._version import __version__
@@ -128,6 +129,9 @@ _FAST_METRICS = (
 )
 """Whether Metric, Sum and Histogram are built by filling ``__dict__`` (as data points)."""
 
+_PROCESS_VARIANTS_CACHED = 1000
+"""Attribute sets of process-view points kept between collections (endpoints come and go)."""
+
 _DELTA = AggregationTemporality.DELTA
 _CUMULATIVE = AggregationTemporality.CUMULATIVE
 _SPECS = tuple((spec.name, spec.description, spec.unit, spec.instrument) for spec in c.ALL_METRICS)
@@ -159,6 +163,21 @@ def _metric(spec: tuple[str, str, str, c.Instrument], points: list[Any], delta: 
     fields["unit"] = unit
     fields["data"] = data
     return metric
+
+
+def _number_point(
+    attributes: dict[str, str | int], start: int, now: int, value: int
+) -> NumberDataPoint:
+    if not FAST_POINTS:
+        return NumberDataPoint(attributes, start, now, value)
+    point: NumberDataPoint = _new(NumberDataPoint)
+    fields = point.__dict__
+    fields["attributes"] = attributes
+    fields["start_time_unix_nano"] = start
+    fields["time_unix_nano"] = now
+    fields["value"] = value
+    fields["exemplars"] = ()  # Sequence[Exemplar]: one shared empty tuple, no allocation
+    return point
 
 
 def _server(host: HostLevels) -> tuple[tuple[str, str | int], ...]:
@@ -299,17 +318,26 @@ class _Collection:
             start, before = self._previous(spec, series, variant, value)
             if isinstance(before, int):
                 value -= before
-        if FAST_POINTS:
-            point = _new(NumberDataPoint)
-            fields = point.__dict__
-            fields["attributes"] = attributes
-            fields["start_time_unix_nano"] = start
-            fields["time_unix_nano"] = self.now_ns
-            fields["value"] = value
-            fields["exemplars"] = ()  # Sequence[Exemplar]: one shared empty tuple, no allocation
-        else:
-            point = NumberDataPoint(attributes, start, self.now_ns, value)
-        self.points[spec.name].append(point)
+        self.points[spec.name].append(_number_point(attributes, start, self.now_ns, value))
+
+    def process_number(
+        self,
+        spec: c.MetricSpec,
+        value: int,
+        variant: str,
+        attributes: dict[str, str | int],
+        created_ns: int,
+    ) -> None:
+        """Add one sum point of the process view (no pool behind it)."""
+        start = created_ns
+        if self.delta[spec.instrument]:
+            key = (spec.name, variant, 0)
+            self.seen[key] = value
+            before = self.state.previous.get(key)
+            if isinstance(before, int):
+                start = max(created_ns, self.state.last_ns)
+                value -= before
+        self.points[spec.name].append(_number_point(attributes, start, self.now_ns, value))
 
     def histogram(
         self, spec: c.MetricSpec, series: Series, value: HistogramSnapshot, variant: str = ""
@@ -378,6 +406,9 @@ class Producer:
         self._lock = threading.Lock()
         self._states: dict[int, _ReaderState] = {}
         self.scope = InstrumentationScope(c.SCOPE_NAME, __version__)
+        self.process: ProcessWatcher | None = None
+        """The process view, when on: its latest reading is exported with every collection."""
+        self._process_attributes: dict[str, dict[str, str | int]] = {}
 
     def reset(self) -> None:
         """Forget every reader's previous collection (a forked child starts over)."""
@@ -479,6 +510,30 @@ class Producer:
             out.histogram(c.HTTP_CONNECTION_DURATION, series, lifetimes)
         out.histogram(c.HTTP_TIME_IN_QUEUE, series, ledger.wait[c.OUTCOME_ACQUIRED])
 
+    def _add_process(self, out: _Collection, watcher: ProcessWatcher) -> None:
+        view, start = watcher.latest, watcher.created_ns
+        if view is None:
+            return
+        if view.file_descriptors is not None:
+            out.process_number(c.PROCESS_FILE_DESCRIPTORS, view.file_descriptors, "", {}, start)
+        if view.file_descriptors_max is not None:
+            out.process_number(
+                c.PROCESS_FILE_DESCRIPTORS_MAX, view.file_descriptors_max, "", {}, start
+            )
+        cache = self._process_attributes
+        for group in view.connections:
+            variant = f"{group.state} {group.owner} {group.address} {group.port}"
+            attributes = cache.get(variant)
+            if attributes is None:
+                attributes = {c.CONNECTION_STATE: group.state, c.OWNER: group.owner}
+                if group.address is not None:
+                    attributes[c.SERVER_ADDRESS] = group.address
+                if group.port is not None:
+                    attributes[c.SERVER_PORT] = group.port
+                if len(cache) < _PROCESS_VARIANTS_CACHED:
+                    cache[variant] = attributes
+            out.process_number(c.PROCESS_CONNECTIONS, group.count, variant, attributes, start)
+
     def produce(self, reader: MetricReader) -> list[Metric]:
         """The metrics for one collection by ``reader``, in the temporality it prefers."""
         readings = self._registry.read()
@@ -489,6 +544,8 @@ class Producer:
             out = _Collection(time.time_ns(), state.delta, state)
             for reading in readings:
                 self._add(out, reading)
+            if self.process is not None:
+                self._add_process(out, self.process)
             state.previous = out.seen
             state.last_ns = out.now_ns
             return out.metrics()

@@ -1,15 +1,17 @@
-"""The janitor: a daemon thread that folds pending values when no collection has.
+"""The janitor: poolwatch's one daemon thread, for work that belongs on no one else's.
 
 The hot path only appends wait and use times to lists; collections fold them into
 histograms. When collections are rare (a 60 s OTLP interval) or absent (no reader, only
 ``pools()`` now and then), something must still bound those lists. Checking their length
 on every return cost ~70 ns of the ~1 µs budget (benchmarks/), so that check lives here,
-once a second, off the application's threads.
+once a second, off the application's threads. Periodic tasks too slow for a collection —
+the process view's scan of descriptors and TCP connections — run here as well.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 from poolwatch._ledger import DRAIN_AT, Ledger
@@ -30,10 +32,18 @@ class Janitor:
         self._interval = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._tasks: list[tuple[float, Callable[[], object]]] = []
+        self._due: list[float] = []
+
+    def every(self, seconds: float, task: Callable[[], object]) -> None:
+        """Also run ``task`` every ``seconds`` (at the first round, then on schedule)."""
+        self._tasks.append((seconds, task))
+        self._due.append(0.0)
 
     def start(self) -> None:
         """Start the thread (again, in a forked child: threads do not survive fork)."""
         self._stop = threading.Event()
+        self._due = [0.0] * len(self._tasks)
         self._thread = threading.Thread(target=self._run, name="poolwatch-janitor", daemon=True)
         self._thread.start()
 
@@ -64,3 +74,11 @@ class Janitor:
                 self.sweep()
             except Exception as error:  # never let the thread die silently
                 self._errors.report("janitor", error)
+            now = time.monotonic()
+            for i, (seconds, task) in enumerate(self._tasks):
+                if now >= self._due[i]:
+                    self._due[i] = now + seconds
+                    try:
+                        task()
+                    except Exception as error:
+                        self._errors.report("janitor task", error)

@@ -364,6 +364,19 @@ class Registry:
                         del self._series[key]
         return readings
 
+    def pool_sockets(self) -> set[int]:
+        """File descriptors of every tracked pool's open connections (the process view)."""
+        with self._lock:
+            everything = list(self._series.values())
+        found: set[int] = set()
+        for series in everything:
+            for pool in list(series.pools):
+                try:
+                    found.update(series.adapter.sockets(pool))
+                except Exception as error:
+                    self._errors.report(f"{series.kind} sockets", error)
+        return found
+
     def reset_after_fork(self) -> None:
         """In a forked child: zero every ledger so the child reports only its own work."""
         self._lock = threading.Lock()

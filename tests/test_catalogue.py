@@ -195,7 +195,8 @@ def _exhaust_and_discard(engine: sa.Engine) -> None:
 
 
 def test_prometheus_renders_the_pinned_names(tmp_path: Path) -> None:
-    handle = poolwatch.instrument(prometheus_port=0, semconv=True)
+    # the process view's names are pinned by tests/test_process.py
+    handle = poolwatch.instrument(prometheus_port=0, semconv=True, process_view="off")
     try:
         assert handle.prometheus_address is not None
         host, port = handle.prometheus_address

@@ -11,12 +11,17 @@ import poolwatch
 
 def test_exported_names_are_pinned() -> None:
     assert poolwatch.__all__ == [
+        "Antipattern",
         "ConfigError",
         "Instrumentation",
         "PoolSnapshot",
+        "ProcessConnections",
+        "ProcessView",
+        "Sizing",
         "__version__",
         "instrument",
         "pools",
+        "process_view",
         "track",
         "uninstrument",
     ]
@@ -38,6 +43,59 @@ def test_signatures_are_pinned() -> None:
         == "(obj: 'Any', *, name: 'str | None' = None) -> 'None'"
     )
     assert str(inspect.signature(poolwatch.pools)) == "() -> 'list[PoolSnapshot]'"
+    assert str(inspect.signature(poolwatch.process_view)) == "() -> 'ProcessView | None'"
+
+
+def test_snapshot_and_finding_fields_are_pinned() -> None:
+    fields = [f.name for f in dataclasses.fields(poolwatch.PoolSnapshot)]
+    assert fields == [
+        "name",
+        "kind",
+        "used",
+        "idle",
+        "max",
+        "pending",
+        "instances",
+        "instances_created",
+        "checkouts",
+        "timeouts",
+        "connects",
+        "connect_errors",
+        "closed",
+        "leaks",
+        "leaks_active",
+        "wait_p99",
+        "attributes",
+        "idle_max",
+        "reused",
+        "antipatterns",
+        "sizing",
+    ]
+    assert [f.name for f in dataclasses.fields(poolwatch.Antipattern)] == [
+        "name",
+        "problem",
+        "advice",
+    ]
+    assert [f.name for f in dataclasses.fields(poolwatch.Sizing)] == ["size", "reasoning"]
+    assert [f.name for f in dataclasses.fields(poolwatch.ProcessView)] == [
+        "pid",
+        "file_descriptors",
+        "file_descriptors_max",
+        "connections",
+        "taken_at",
+    ]
+    assert [f.name for f in dataclasses.fields(poolwatch.ProcessConnections)] == [
+        "state",
+        "owner",
+        "count",
+        "address",
+        "port",
+    ]
+
+
+def test_process_view_is_none_when_not_instrumented() -> None:
+    poolwatch.uninstrument()
+    assert poolwatch.process_view() is None
 
 
 def test_version_is_a_release_string() -> None:

@@ -256,6 +256,26 @@ class SQLAlchemyAdapter(Adapter):
         return time.time() - min(started) if started else None
 
 
+    def sockets(self, pool: Any) -> tuple[int, ...]:
+        found = (_driver_socket(r.dbapi_connection) for r in _records_of(pool))
+        return tuple(fd for fd in found if fd is not None and fd >= 0)
+
+
+def _driver_socket(dbapi_connection: Any) -> int | None:
+    """The file descriptor of a DBAPI connection's socket, where the driver tells it without
+    I/O: ``fileno()`` (psycopg, psycopg2), or an asyncio transport (asyncpg)."""
+    if dbapi_connection is None:
+        return None
+    fileno = getattr(dbapi_connection, "fileno", None)
+    if callable(fileno):
+        value = fileno()
+        return value if isinstance(value, int) else None
+    driver = getattr(dbapi_connection, "driver_connection", None)  # async adaptations
+    transport = getattr(driver, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    return sock.fileno() if sock is not None else None
+
+
 # -- hooks ---------------------------------------------------------------------------------
 # Each factory returns the replacement for one SQLAlchemy function. The checkout and checkin
 # hooks are the hot path: no OpenTelemetry, no lock, no allocation beyond a float.
