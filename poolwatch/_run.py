@@ -24,6 +24,9 @@ _FLAGS = {  # option -> environment variable
     "libraries": "POOLWATCH_LIBRARIES",
     "semconv": "POOLWATCH_SEMCONV",
     "leak_threshold": "POOLWATCH_LEAK_THRESHOLD",
+    "leak_stacks": "POOLWATCH_LEAK_STACKS",
+    "connection_max_age": "POOLWATCH_CONNECTION_MAX_AGE",
+    "process_view": "POOLWATCH_PROCESS_VIEW",
     "max_pools": "POOLWATCH_MAX_POOLS",
     "pool_names": "POOLWATCH_POOL_NAMES",
     "prometheus_port": "POOLWATCH_PROMETHEUS_PORT",
@@ -41,6 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--libraries", help="libraries to hook, e.g. sqlalchemy,urllib3")
     parser.add_argument("--semconv", choices=["true", "false"], help="semantic-convention mirrors")
     parser.add_argument("--leak-threshold", help="seconds a checkout may be held, or 'off'")
+    parser.add_argument(
+        "--leak-stacks", help="capture borrowers' stacks: auto (once a pool leaked), always, off"
+    )
+    parser.add_argument(
+        "--connection-max-age", help="seconds after which an open connection is too old, or 'off'"
+    )
+    parser.add_argument(
+        "--process-view", help="file descriptors and TCP connections (psutil): auto, on, off"
+    )
     parser.add_argument("--max-pools", help="pool series before the overflow series")
     parser.add_argument("--pool-names", help="target=name,target=name")
     parser.add_argument("--prometheus-port", help="serve Prometheus metrics on this port")

@@ -31,6 +31,9 @@ APP = textwrap.dedent(
         "pools": [[p.name, p.kind, p.checkouts] for p in poolwatch.pools()],
         "prometheus": handle.prometheus_address,
         "leak_threshold": handle.settings.leak_threshold,
+        "leak_stacks": handle.settings.leak_stacks,
+        "connection_max_age": handle.settings.connection_max_age,
+        "process_view": [handle.settings.process_view, poolwatch.process_view() is not None],
         "child": child,
     }))
     """
@@ -64,12 +67,15 @@ def test_run_instruments_the_program_with_its_options(tmp_path: Path) -> None:
     result = _run(
         tmp_path,
         "--leak-threshold", "2.5", "--pool-names", "sqlite://:memory:=scratch",
+        "--leak-stacks", "always", "--connection-max-age", "600", "--process-view", "off",
         "--prometheus-port", "0", "--", sys.executable, "app.py", "--child",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["pools"] == [["scratch", "sqlalchemy", 3]]
     assert report["leak_threshold"] == 2.5
+    assert (report["leak_stacks"], report["connection_max_age"]) == ("always", 600.0)
+    assert report["process_view"] == ["off", False]
     host, port = report["prometheus"]
     assert host == "127.0.0.1" and port > 0
     assert report["child"]["pools"] == [["scratch", "sqlalchemy", 3]]
@@ -94,6 +100,13 @@ def test_the_programs_own_sitecustomize_still_runs(tmp_path: Path) -> None:
             2,
             "poolwatch run: poolwatch setting 'leak_threshold' (option --leak-threshold) got "
             "'-3': expected a number of seconds > 0, or None/'off' to disable leak detection\n",
+        ),
+        (
+            ["--process-view", "sometimes", "--", "python", "app.py"],
+            2,
+            "poolwatch run: poolwatch setting 'process_view' (option --process-view) got "
+            "'sometimes': expected 'auto', 'on' (needs psutil: pip install 'poolwatch[process]') "
+            "or 'off'\n",
         ),
         ([], 2, "poolwatch run: no command given: poolwatch run [options] -- python app.py\n"),
         (["--", "no-such-program"], 127, "poolwatch run: command not found: no-such-program\n"),
