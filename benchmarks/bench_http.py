@@ -18,15 +18,31 @@ The servers run in their own processes on 127.0.0.1 (``poolwatch upstream``, a k
 HTTP/1.1 server, and moto's ``moto_server``), so that they do not share this process's
 interpreter lock with the client being measured.
 
-The acquire+release row times urllib3's own checkout and return (``pool._get_conn()`` and
-``pool._put_conn()`` on a pool holding a live idle connection) bare and with poolwatch: the
-part of a request poolwatch's hooks sit on, without the network around it.
+Every round checks that it measured what it claims, or the run fails: ``bare`` that
+poolwatch tracked nothing; ``poolwatch`` that ``poolwatch.pools()`` counted one checkout
+per request (warm-up included) for the library's ``pool.kind``; ``contrib`` that the
+instrumentation finished one span per request.
+
+The acquire+release rows time each pool's own checkout and return, bare and with
+poolwatch — the part of a request poolwatch's hooks sit on, without the network:
+
+* urllib3: ``pool._get_conn()`` + ``pool._put_conn()`` on a pool holding a live idle
+  connection;
+* httpx (httpcore): ``pool.handle_request(request)`` + ``response.close()`` on a
+  ``ConnectionPool`` whose one connection answers at once without I/O (a
+  ``ConnectionInterface`` of this module's, ``_ReadyConnection``): the pool's queue,
+  assignment, wait and release, which carry all three of poolwatch's request hooks;
+* aiohttp: ``await connector.connect(req, [], timeout)`` + ``connection.release()`` on a
+  ``TCPConnector`` holding a live idle keep-alive connection to the loopback upstream.
+
+Each checks that poolwatch counted every checkout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import socket
@@ -89,6 +105,8 @@ class Library:
     """Makes a client and sends one request with it; knows its contrib instrumentor."""
 
     name = ""
+    kind = ""
+    """The ``pool.kind`` poolwatch reports its pools under."""
     contrib = ""
     """``module:Class`` of the contrib instrumentor."""
 
@@ -101,17 +119,21 @@ class Library:
     def close(self) -> None:
         raise NotImplementedError
 
-    def timed(self, count: int, warmup: int) -> float:
-        """Seconds per request over ``count`` sequential requests, after ``warmup``."""
+    def timed(self, count: int, warmup: int, check: Callable[[], None]) -> float:
+        """Seconds per request over ``count`` sequential requests, after ``warmup``;
+        ``check`` runs once they are done, before the client closes."""
         for _ in range(warmup):
             self.request()
         start = perf_counter()
         for _ in range(count):
             self.request()
-        return (perf_counter() - start) / count
+        elapsed = perf_counter() - start
+        check()
+        return elapsed / count
 
 
 class Urllib3(Library):
+    kind = "urllib3"
     name, contrib = (
         "urllib3 PoolManager",
         "opentelemetry.instrumentation.urllib3:URLLib3Instrumentor",
@@ -130,6 +152,7 @@ class Urllib3(Library):
 
 
 class Requests(Library):
+    kind = "requests"
     name, contrib = (
         "requests Session",
         "opentelemetry.instrumentation.requests:RequestsInstrumentor",
@@ -148,6 +171,7 @@ class Requests(Library):
 
 
 class HTTPX(Library):
+    kind = "httpx"
     name, contrib = "httpx Client", "opentelemetry.instrumentation.httpx:HTTPXClientInstrumentor"
 
     def open(self, url: str) -> None:
@@ -165,7 +189,7 @@ class HTTPX(Library):
 class AsyncLibrary(Library):
     """A client on an event loop: the requests are awaited one after another in the loop."""
 
-    def timed(self, count: int, warmup: int) -> float:
+    def timed(self, count: int, warmup: int, check: Callable[[], None]) -> float:
         async def run() -> float:
             await self.aopen()
             try:
@@ -174,7 +198,9 @@ class AsyncLibrary(Library):
                 start = perf_counter()
                 for _ in range(count):
                     await self.arequest()
-                return (perf_counter() - start) / count
+                elapsed = perf_counter() - start
+                check()
+                return elapsed / count
             finally:
                 await self.aclose()
 
@@ -197,6 +223,7 @@ class AsyncLibrary(Library):
 
 
 class HTTPXAsync(AsyncLibrary):
+    kind = "httpx"
     name, contrib = (
         "httpx AsyncClient",
         "opentelemetry.instrumentation.httpx:HTTPXClientInstrumentor",
@@ -215,6 +242,7 @@ class HTTPXAsync(AsyncLibrary):
 
 
 class Aiohttp(AsyncLibrary):
+    kind = "aiohttp"
     name, contrib = (
         "aiohttp ClientSession",
         "opentelemetry.instrumentation.aiohttp_client:AioHttpClientInstrumentor",
@@ -234,6 +262,7 @@ class Aiohttp(AsyncLibrary):
 
 
 class Boto3(Library):
+    kind = "botocore"
     name, contrib = (
         "boto3 DynamoDB (moto)",
         "opentelemetry.instrumentation.botocore:BotocoreInstrumentor",
@@ -274,6 +303,42 @@ def _contrib_refusal(library: Library) -> str | None:
     return None
 
 
+class MeasurementError(RuntimeError):
+    """A variant did not measure what it claims (nothing counted, nothing traced)."""
+
+
+def checkouts_of(kind: str) -> int:
+    """Checkouts poolwatch counted for pools of ``kind``, over every live series."""
+    return sum(s.checkouts for s in poolwatch.pools() if s.kind == kind)
+
+
+def _checker(
+    library: Library, variant: str, expected: int, spans: Any | None
+) -> Callable[[], None]:
+    """What ``variant`` must have seen once ``expected`` requests are done."""
+
+    def check() -> None:
+        if variant == "bare":
+            tracked = poolwatch.pools()
+            if tracked:
+                raise MeasurementError(f"{library.name} bare: poolwatch tracked {tracked}")
+        elif variant == "poolwatch":
+            counted = checkouts_of(library.kind)
+            if counted != expected:
+                raise MeasurementError(
+                    f"{library.name} poolwatch: {counted} checkouts of kind "
+                    f"{library.kind!r} counted for {expected} requests"
+                )
+        else:
+            finished = len(spans.get_finished_spans()) if spans is not None else 0
+            if finished != expected:
+                raise MeasurementError(
+                    f"{library.name} contrib: {finished} spans for {expected} requests"
+                )
+
+    return check
+
+
 def _round(library: Library, url: str, variant: str, config: HTTPConfig) -> float:
     """Microseconds per request for one round of ``variant``."""
     from opentelemetry.sdk.metrics import MeterProvider
@@ -281,6 +346,7 @@ def _round(library: Library, url: str, variant: str, config: HTTPConfig) -> floa
 
     meters = MeterProvider(metric_readers=[InMemoryMetricReader()])
     instrumentor = None
+    spans = None
     if variant == "poolwatch":
         poolwatch.instrument(meter_provider=meters)
     elif variant == "contrib":
@@ -289,13 +355,15 @@ def _round(library: Library, url: str, variant: str, config: HTTPConfig) -> floa
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
         tracer = TracerProvider()
-        tracer.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+        spans = InMemorySpanExporter()
+        tracer.add_span_processor(SimpleSpanProcessor(spans))
         instrumentor = _instrumentor(library.contrib)
         instrumentor.instrument(tracer_provider=tracer, meter_provider=meters)
+    check = _checker(library, variant, config.warmup + config.requests, spans)
     try:
         library.open(url)
         try:
-            return library.timed(config.requests, config.warmup) * 1e6
+            return library.timed(config.requests, config.warmup, check) * 1e6
         finally:
             library.close()
     finally:
@@ -337,39 +405,156 @@ def run_library(library: Library, url: str, config: HTTPConfig) -> LibraryResult
     )
 
 
-def run_acquire(url: str, config: HTTPConfig) -> dict[str, Summary]:
+def _instrumented(variant: str) -> None:
+    if variant == "poolwatch":
+        from opentelemetry.sdk.metrics import MeterProvider
+
+        poolwatch.instrument(meter_provider=MeterProvider())
+
+
+def _counted(label: str, variant: str, kind: str, expected: int) -> None:
+    """An acquire+release round checks what poolwatch counted (nothing, when bare)."""
+    counted = checkouts_of(kind)
+    wanted = expected if variant == "poolwatch" else 0
+    if counted != wanted:
+        raise MeasurementError(
+            f"{label} {variant}: {counted} checkouts counted for {expected} acquire+release"
+        )
+
+
+def _acquire_urllib3(url: str, variant: str, ops: int) -> float:
     """µs per urllib3 ``_get_conn()`` + ``_put_conn()`` with a live idle connection."""
     import urllib3
 
-    def one(variant: str) -> float:
-        if variant == "poolwatch":
-            from opentelemetry.sdk.metrics import MeterProvider
+    _instrumented(variant)
+    try:
+        host, port = url.split("//", 1)[1].rstrip("/").split(":")
+        pool = urllib3.HTTPConnectionPool(host, int(port), maxsize=1)
+        pool.request("GET", "/")  # one live idle connection in the queue
+        start = perf_counter()
+        for _ in range(ops):
+            pool._put_conn(pool._get_conn())
+        elapsed = (perf_counter() - start) / ops * 1e6
+        _counted("urllib3", variant, "urllib3", ops + 1)
+        pool.close()
+        return elapsed
+    finally:
+        poolwatch.uninstrument()
 
-            poolwatch.instrument(meter_provider=MeterProvider())
-        try:
-            host, port = url.split("//", 1)[1].rstrip("/").split(":")
-            pool = urllib3.HTTPConnectionPool(host, int(port), maxsize=1)
-            pool.request("GET", "/")  # one live idle connection in the queue
+
+class _ReadyConnection:
+    """An httpcore connection that is always ready and answers at once, without I/O: what
+    is left of a request is the pool's own checkout and return (it implements httpcore's
+    ``ConnectionInterface``)."""
+
+    def __init__(self, origin: Any) -> None:
+        self._origin = origin
+
+    def handle_request(self, request: Any) -> Any:
+        import httpcore
+
+        return httpcore.Response(200, content=b"")
+
+    def can_handle_request(self, origin: Any) -> bool:
+        return bool(origin == self._origin)
+
+    def is_available(self) -> bool:
+        return True
+
+    def has_expired(self) -> bool:
+        return False
+
+    def is_idle(self) -> bool:
+        return True
+
+    def is_closed(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def info(self) -> str:
+        return "ready"
+
+
+def _acquire_httpx(variant: str, ops: int) -> float:
+    """µs per httpcore ``ConnectionPool.handle_request()`` + ``Response.close()`` on a
+    pool whose connection answers at once."""
+    import httpcore
+    import httpx  # noqa: F401  (poolwatch hooks httpcore when httpx is imported)
+
+    class ReadyPool(httpcore.ConnectionPool):
+        def create_connection(self, origin: Any) -> Any:
+            return _ReadyConnection(origin)
+
+    _instrumented(variant)
+    try:
+        pool = ReadyPool()
+        request = httpcore.Request("GET", "http://127.0.0.1:9/")  # never sent anywhere
+        pool.handle_request(request).close()  # its one connection exists
+        start = perf_counter()
+        for _ in range(ops):
+            pool.handle_request(request).close()
+        elapsed = (perf_counter() - start) / ops * 1e6
+        _counted("httpx", variant, "httpx", ops + 1)
+        pool.close()
+        return elapsed
+    finally:
+        poolwatch.uninstrument()
+
+
+def _acquire_aiohttp(url: str, variant: str, ops: int) -> float:
+    """µs per aiohttp ``connector.connect()`` + ``Connection.release()`` with a live idle
+    keep-alive connection."""
+    import aiohttp
+    from aiohttp.client_reqrep import ClientRequest
+    from yarl import URL
+
+    async def run() -> float:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url) as response:  # one live idle connection
+                await response.read()
+            connector = session.connector
+            assert connector is not None
+            loop = asyncio.get_running_loop()
+            request = ClientRequest("GET", URL(url), loop=loop)
+            timeout = aiohttp.ClientTimeout()
             start = perf_counter()
-            for _ in range(config.acquire_ops):
-                pool._put_conn(pool._get_conn())
-            elapsed = (perf_counter() - start) / config.acquire_ops * 1e6
-            pool.close()
+            for _ in range(ops):
+                connection = await connector.connect(request, [], timeout)
+                connection.release()
+            elapsed = (perf_counter() - start) / ops * 1e6
+            _counted("aiohttp", variant, "aiohttp", ops + 1)
             return elapsed
-        finally:
-            poolwatch.uninstrument()
 
-    runs: dict[str, Callable[[], float]] = {
-        "bare": lambda: one("bare"),
-        "poolwatch": lambda: one("poolwatch"),
+    _instrumented(variant)
+    try:
+        return asyncio.run(run())
+    finally:
+        poolwatch.uninstrument()
+
+
+def run_acquire(url: str, config: HTTPConfig) -> dict[str, dict[str, Summary]]:
+    """Per library, µs per acquire+release bare and with poolwatch, and what it adds."""
+    ops = config.acquire_ops
+    cases: dict[str, Callable[[str], float]] = {
+        "urllib3 _get_conn()+_put_conn()": lambda v: _acquire_urllib3(url, v, ops),
+        "httpx pool handle_request()+close()": lambda v: _acquire_httpx(v, ops),
+        "aiohttp connector.connect()+release()": lambda v: _acquire_aiohttp(url, v, ops),
     }
-    samples = interleave(runs, config.rounds)
-    result = {name: summarize(values) for name, values in samples.items()}
-    result["added"] = summarize(paired_differences(samples["poolwatch"], samples["bare"]))
-    return result
+    results: dict[str, dict[str, Summary]] = {}
+    for label, one in cases.items():
+        runs = {variant: functools.partial(one, variant) for variant in ("bare", "poolwatch")}
+        samples = interleave(runs, config.rounds)
+        result = {name: summarize(values) for name, values in samples.items()}
+        result["added"] = summarize(paired_differences(samples["poolwatch"], samples["bare"]))
+        results[label] = result
+    return results
 
 
-def run_http(config: HTTPConfig) -> tuple[list[LibraryResult], dict[str, Summary]]:
+def run_http(
+    config: HTTPConfig,
+) -> tuple[list[LibraryResult], dict[str, dict[str, Summary]]]:
     """Start the servers, then measure every library and the acquire+release row."""
     http_port, moto_port = _free_port(), _free_port()
     upstream = [sys.executable, "-m", "poolwatch", "upstream", "--port", str(http_port)]
@@ -390,7 +575,7 @@ def run_http(config: HTTPConfig) -> tuple[list[LibraryResult], dict[str, Summary
 
 
 def render_http(
-    results: list[LibraryResult], acquire: dict[str, Summary], config: HTTPConfig
+    results: list[LibraryResult], acquire: dict[str, dict[str, Summary]], config: HTTPConfig
 ) -> str:
     """The per-request table, the acquire+release row, and the verdicts."""
     rows = []
@@ -430,11 +615,13 @@ def render_http(
         elif r.refusal:
             line += f"; contrib skipped: {r.refusal}"
         lines.append(line)
-    added = acquire["added"].median
-    lines += [
-        "",
-        f"urllib3 _get_conn()+_put_conn(): bare {acquire['bare'].median:.2f} µs, with poolwatch "
-        f"{acquire['poolwatch'].median:.2f} µs: poolwatch adds {added:.2f} µs per acquire+release "
-        f"(target <= {TARGET_ACQUIRE_US:.0f} µs): {verdict(added <= TARGET_ACQUIRE_US)}",
-    ]
+    lines.append("")
+    for label, row in acquire.items():
+        added = row["added"].median
+        lines.append(
+            f"{label}: bare {row['bare'].median:.2f} µs, with poolwatch "
+            f"{row['poolwatch'].median:.2f} µs: poolwatch adds {added:.2f} µs per "
+            f"acquire+release (target <= {TARGET_ACQUIRE_US:.0f} µs): "
+            f"{verdict(added <= TARGET_ACQUIRE_US)}"
+        )
     return "\n".join(lines)

@@ -22,7 +22,8 @@ Sections (see each module's docstring for the method):
 * ``memory`` (bench_memory.py) — bytes per tracked pool;
 * ``http`` (bench_http.py) — added cost per loopback keep-alive request for urllib3,
   requests, httpx (sync and async), aiohttp and boto3 against moto: bare, poolwatch, and
-  each library's OpenTelemetry contrib instrumentation; urllib3's acquire+release.
+  each library's OpenTelemetry contrib instrumentation; acquire+release of urllib3,
+  httpx (httpcore) and aiohttp pools.
 
 docs/performance.md records a run and reads it against the targets.
 """
@@ -46,6 +47,16 @@ VENV = HERE / ".venv"
 REQUIREMENTS = HERE / "requirements.txt"
 STAMP = VENV / ".requirements-installed"
 SECTIONS = ("hotpath", "collect", "memory", "http")
+CORE_PACKAGES = ("SQLAlchemy", "opentelemetry-sdk", "opentelemetry-instrumentation-sqlalchemy")
+HTTP_PACKAGES = ("urllib3", "requests", "httpx", "httpcore", "aiohttp", "boto3", "botocore", "moto")
+"""The libraries the http section measures, printed with their versions."""
+HTTP_CONTRIB_PACKAGES = (
+    "opentelemetry-instrumentation-urllib3",
+    "opentelemetry-instrumentation-requests",
+    "opentelemetry-instrumentation-httpx",
+    "opentelemetry-instrumentation-aiohttp-client",
+    "opentelemetry-instrumentation-botocore",
+)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -138,20 +149,17 @@ def environment() -> str:
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     packages = f"poolwatch {poolwatch.__version__} ({Path(poolwatch.__file__).parent}), "
-    packages += ", ".join(
-        f"{name} {_version(name)}"
-        for name in (
-            "SQLAlchemy",
-            "opentelemetry-sdk",
-            "opentelemetry-instrumentation-sqlalchemy",
-        )
-    )
+    packages += ", ".join(f"{name} {_version(name)}" for name in CORE_PACKAGES)
+    http = ", ".join(f"{name} {_version(name)}" for name in HTTP_PACKAGES)
+    contrib = ", ".join(f"{name} {_version(name)}" for name in HTTP_CONTRIB_PACKAGES)
     return "\n".join(
         [
             f"machine: {os.cpu_count()} CPUs (nproc), {_cpu_model()}; load average {load}",
             f"python:  {platform.python_implementation()} {platform.python_version()} "
             f"({sys.executable})",
             f"packages: {packages}",
+            f"http:     {http}",
+            f"contrib:  {contrib}",
             f"commit:  {_commit()}",
         ]
     )
