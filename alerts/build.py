@@ -3,9 +3,11 @@
     python alerts/build.py           # write the rules files
     python alerts/build.py --check   # exit 1 if a committed file is not current
 
-Two outputs from the same definitions: ``alerts/poolwatch.rules.yml`` for Prometheus, and
+Three outputs from the same definitions: ``alerts/poolwatch.rules.yml`` for Prometheus,
 ``deploy/grafana/provisioning/alerting/poolwatch-alerts.yml``, the same alerts as
-Grafana-managed alert rules (Grafana's alerting provisioning format).
+Grafana-managed alert rules (Grafana's alerting provisioning format), and
+``poolwatch/_thresholds.py``, the thresholds ``poolwatch doctor`` and ``top`` share with
+the alerts.
 
 Every rule is built on the one poolwatch metric family, so it covers every pool kind.
 Tests (and an end-to-end run wanting short durations) call ``render(**overrides)`` with
@@ -27,6 +29,16 @@ import yaml
 HERE = Path(__file__).resolve().parent
 RULES = HERE / "poolwatch.rules.yml"
 GRAFANA_RULES = HERE.parent / "deploy/grafana/provisioning/alerting/poolwatch-alerts.yml"
+THRESHOLDS = HERE.parent / "poolwatch/_thresholds.py"
+SHARED = {  # the settings the package's commands use, and what they use them for
+    "UTILIZATION_HIGH": "Utilization from which top shows a pool yellow and doctor reports it high.",
+    "SATURATED": "Utilization from which top shows a pool red and doctor reports it saturated.",
+    "DISCARD_RATIO": "pool_full closes per checkout above which doctor reports discards...",
+    "DISCARD_RATE": "... when there are more than this many per second, too.",
+    "CHURN_RATIO": "New connections per checkout above which doctor reports churn...",
+    "CHURN_MIN_CHECKOUTS": "... at this many checkouts per second or more.",
+    "HEADROOM": "doctor's recommended size: connections busy on average times this.",
+}
 
 
 def _load_config() -> ModuleType:
@@ -84,6 +96,16 @@ def _rules(s: dict[str, Any]) -> tuple[list[dict[str, str]], list[Alert]]:
         buckets = "poolwatch_wait_duration_seconds_bucket" + sel(ACQUIRED)
         return f"histogram_quantile({q}, sum by ({by}, le) (rate({buckets}[{window}])))"
 
+    used = total("poolwatch_connections", USED)
+    pending = total("poolwatch_pending_requests")
+    # Little's law: the rate of hold-seconds is the number of connections busy on average;
+    # callers waiting on average want one each too.
+    busy = (
+        f"{rate('poolwatch_use_duration_seconds_sum')}\n+\n"
+        f"sum by ({by}) (avg_over_time(poolwatch_pending_requests{sel()}[{window}]))"
+    )
+    recommended = f"clamp_min(ceil({s['HEADROOM']} * (\n{busy}\n)), 1)"
+
     recording = [
         {
             "record": "poolwatch:pool_utilization:ratio",
@@ -103,11 +125,29 @@ def _rules(s: dict[str, Any]) -> tuple[list[dict[str, str]], list[Alert]]:
             "record": "poolwatch:connects:rate",
             "expr": rate("poolwatch_connect_duration_seconds_count", CONNECTED),
         },
+        {
+            # Checkouts served by a connection already open, over all checkouts.
+            "record": "poolwatch:checkout_reuse:ratio",
+            "expr": f"{rate('poolwatch_checkouts_reused_total')}\n/\n"
+            f"({rate('poolwatch_wait_duration_seconds_count', ACQUIRED)} > 0)",
+        },
+        {
+            # Connections in use plus callers waiting, over the limit: above 1, callers wait.
+            "record": "poolwatch:pool_demand:ratio",
+            "expr": f"({used}\n+\n{pending})\n/\n({total('poolwatch_connections_max')} > 0)",
+        },
+        {
+            # HEADROOM x connections busy on average, never below the connections in use now.
+            "record": "poolwatch:pool_size:recommended",
+            "expr": f"({recommended}\n>= {used})\nor\n{used}",
+        },
     ]
     where = (
         "Pool {{ $labels.pool_name }} ({{ $labels.pool_kind }}) of job {{ $labels.job }} "
         "on {{ $labels.instance }}"
     )
+    discards = rate("poolwatch_connections_closed_total", POOL_FULL)
+    antipatterns = f"poolwatch_antipatterns_total{sel()}"
     alerts = [
         Alert(
             "PoolwatchPoolUtilizationHigh",
@@ -120,14 +160,15 @@ def _rules(s: dict[str, Any]) -> tuple[list[dict[str, str]], list[Alert]]:
         ),
         Alert(
             "PoolwatchPoolSaturated",
-            f"poolwatch:pool_utilization:ratio >= {s['SATURATED']}\nor\n"
-            f"{total('poolwatch_pending_requests')} > 0",
+            # The value is always the demand ratio, whichever condition holds.
+            f"poolwatch:pool_demand:ratio >= {s['SATURATED']}\nor\n"
+            f"(poolwatch:pool_demand:ratio and {pending} > 0)",
             s["SATURATED_FOR"],
             "critical",
             "A connection pool is saturated: callers are waiting for connections.",
-            f"{where} has been saturated for {s['SATURATED_FOR']} (utilization at or above "
-            f"{s['SATURATED']:.0%}, or callers waiting; current value "
-            '{{ $value | printf "%.2f" }}).',
+            f"{where} has been saturated for {s['SATURATED_FOR']}: connections in use plus "
+            "callers waiting are {{ $value | humanizePercentage }} of its limit (threshold "
+            f"{s['SATURATED']:.0%}, or any caller waiting).",
         ),
         Alert(
             "PoolwatchPoolExhausted",
@@ -140,12 +181,15 @@ def _rules(s: dict[str, Any]) -> tuple[list[dict[str, str]], list[Alert]]:
         ),
         Alert(
             "PoolwatchPoolDiscarding",
-            f"{rate('poolwatch_connections_closed_total', POOL_FULL)} > {s['DISCARD_RATE']}",
+            f"{discards}\n/\n(poolwatch:checkouts:rate > 0)\n> {s['DISCARD_RATIO']}\n"
+            f"and\n{discards}\n> {s['DISCARD_RATE']}",
             s["DISCARDING_FOR"],
             "warning",
             "A pool keeps opening connections it then discards because it is full.",
-            f'{where} has discarded {{{{ $value | printf "%.2f" }}}} connections per second for '
-            f"{s['DISCARDING_FOR']} because the pool was full: it is too small for its traffic.",
+            f"{where} has thrown away a connection for {{{{ $value | humanizePercentage }}}} of "
+            f"its checkouts for {s['DISCARDING_FOR']} (threshold {s['DISCARD_RATIO']:.0%}, at "
+            f"more than {s['DISCARD_RATE']}/s): opened past its size and closed on return "
+            "because the pool was full, it is too small for its traffic.",
         ),
         Alert(
             "PoolwatchSlowAcquire",
@@ -174,6 +218,15 @@ def _rules(s: dict[str, Any]) -> tuple[list[dict[str, str]], list[Alert]]:
             "Connections are checked out of a pool for longer than the leak threshold.",
             f'{where} has {{{{ $value | printf "%.0f" }}}} checkouts held past the leak threshold '
             f"for {s['LEAK_FOR']}.",
+        ),
+        Alert(
+            "PoolwatchPoolAntipattern",
+            f"sum by ({by}, antipattern) ({antipatterns}) > 0",
+            s["ANTIPATTERN_FOR"],
+            "info",
+            "A pool shows an anti-pattern in how it is configured or used.",
+            f"{where} shows the anti-pattern {{{{ $labels.antipattern }}}} (detections: "
+            '{{ $value | printf "%.0f" }}): the runbook says what it means and how to fix it.',
         ),
     ]
     return recording, alerts
@@ -297,12 +350,35 @@ def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
 _Dumper.add_representer(str, _str)
 
 
+def render_thresholds(**overrides: Any) -> str:
+    """``poolwatch/_thresholds.py``: the settings the package's commands share (SHARED)."""
+    s = _settings(overrides)
+    lines = [
+        '"""The alert thresholds poolwatch\'s own commands judge pools by (doctor, top).',
+        "",
+        "Generated by alerts/build.py from alerts/config.py: edit that, not this file. The",
+        "commands then say what the alerts would.",
+        '"""',
+        "",
+        "from typing import Final",
+        "",
+    ]
+    for name, use in SHARED.items():
+        lines += [f"{name}: Final = {s[name]!r}", f'"""{use}"""']
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if the file is not current")
     args = parser.parse_args()
     stale = []
-    for path, text in ((RULES, render()), (GRAFANA_RULES, render_grafana())):
+    outputs = (
+        (RULES, render()),
+        (GRAFANA_RULES, render_grafana()),
+        (THRESHOLDS, render_thresholds()),
+    )
+    for path, text in outputs:
         if args.check:
             if not path.exists() or path.read_text() != text:
                 stale.append(str(path))

@@ -1,8 +1,12 @@
 """The one place for poolwatch's alert thresholds, durations and selectors.
 
-Every value here is used by ``alerts/build.py`` to render ``alerts/poolwatch.rules.yml``.
-Change a value, run ``python alerts/build.py``, and commit both files (a test checks that
-the rendered file is current). Each value says why you might change it.
+Every value here is used by ``alerts/build.py`` to render ``alerts/poolwatch.rules.yml``,
+the Grafana-managed copies of the alerts, and ``poolwatch/_thresholds.py`` — the thresholds
+``poolwatch doctor`` and ``poolwatch top`` judge pools by, so that they say what the alerts
+would — and by ``dashboards/build.py`` (the overview's "pools above" stat). Change a value,
+run ``scripts/mixin`` (or ``python alerts/build.py && python dashboards/build.py``), and
+commit the results (tests check that every rendered file is current). Each value says why
+you might change it.
 """
 
 from __future__ import annotations
@@ -27,16 +31,24 @@ UTILIZATION_HIGH_FOR: Final = "10m"
 """How long utilization must stay high: short spikes are normal, a plateau is not."""
 
 SATURATED: Final = 0.95
-"""PoolwatchPoolSaturated: used / max at or above this, or callers waiting."""
+"""PoolwatchPoolSaturated: connections in use plus callers waiting, over the limit, at or
+above this (or any caller waiting). Pools without a pool-wide limit have no such ratio."""
 SATURATED_FOR: Final = "5m"
 """Sustained saturation pages: callers are queuing now."""
 
 EXHAUSTED_FOR: Final = "1m"
 """PoolwatchPoolExhausted fires once callers time out; this confirms it on two evaluations."""
 
+DISCARD_RATIO: Final = 0.1
+"""PoolwatchPoolDiscarding: pool_full closes per checkout. Each is a connection opened for
+a checkout the pool had no room for, then thrown away: past one checkout in ten, the pool
+is too small for its traffic. A ratio, not a rate, so that a SQLAlchemy QueuePool closing
+an overflow connection now and then (by design) among hundreds of checkouts a second does
+not fire, while a non-blocking urllib3 pool (requests, botocore) discarding on most of
+its checkouts does."""
 DISCARD_RATE: Final = 0.1
-"""PoolwatchPoolDiscarding: pool_full closes per second. An occasional discard is harmless;
-six a minute, sustained, means the pool is too small for its traffic."""
+"""PoolwatchPoolDiscarding also needs more than this many pool_full closes per second: a
+quiet pool discarding one connection in five checkouts costs nothing worth a warning."""
 DISCARDING_FOR: Final = "15m"
 
 SLOW_ACQUIRE_P99: Final = 0.1
@@ -51,6 +63,15 @@ CHURN_MIN_CHECKOUTS: Final = 1.0
 """Checkouts per second below which churn is not judged (a quiet pool reconnects after
 idle timeouts, and the ratio means nothing)."""
 CHURN_FOR: Final = "15m"
+
+HEADROOM: Final = 1.5
+"""The recommended pool size (recording rule ``poolwatch:pool_size:recommended``, and
+``poolwatch doctor``): connections busy on average (Little's law: the rate of hold-seconds,
+plus callers waiting) times this. Raise it for bursty traffic."""
+
+ANTIPATTERN_FOR: Final = "0m"
+"""PoolwatchPoolAntipattern (severity info): poolwatch reports each anti-pattern once per
+pool, after conservative checks of its own; there is nothing to wait for."""
 
 LEAK_FOR: Final = "5m"
 """PoolwatchConnectionLeak: how long a leak must stay active. The leak threshold itself is

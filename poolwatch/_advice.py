@@ -5,12 +5,15 @@ The findings read two observations of a pool an interval apart (the same counts
 
 * **size** — Little's law: connections busy on average = demand rate x mean hold time.
   Demand counts the callers that gave up (timeouts) as well as those served. The
-  recommended size adds half again as headroom (the rate x duration x 1.5 rule), so that
-  bursts find a free connection; it is never below what is in use now.
+  recommended size adds ``HEADROOM`` (half again) so that bursts find a free connection;
+  it is never below what is in use now.
 * exhaustion (timeouts), saturation (callers waiting, 95% used), high utilization (80%),
   discards (connections opened past a non-blocking pool and thrown away), churn (a new
   connection for most checkouts), stale connections (dropped by the server while idle),
   leaks (checkouts held past the leak threshold), unbounded pools.
+
+The thresholds are the alerts' (``poolwatch/_thresholds.py``, generated from
+``alerts/config.py``), so that the doctor reports what the alerts would fire on.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
+
+from poolwatch import _thresholds
 
 
 @dataclass
@@ -49,19 +54,21 @@ class Counts:
 Severity = Literal["critical", "warning"]
 AddFinding = Callable[[Severity, str, str], None]
 
-HIGH_UTILIZATION = 0.80
-SATURATED_UTILIZATION = 0.95
-CHURN_RATIO = 0.5
+HIGH_UTILIZATION = _thresholds.UTILIZATION_HIGH
+SATURATED_UTILIZATION = _thresholds.SATURATED
+CHURN_RATIO = _thresholds.CHURN_RATIO
 """New connections per checkout above which a pool is churning."""
-CHURN_MIN_RATE = 1.0
+CHURN_MIN_RATE = _thresholds.CHURN_MIN_CHECKOUTS
 """Checkouts per second below which churn is not worth reporting."""
-HEADROOM = 1.5
-OVERFLOW_CHURN = 0.1
-"""SQLAlchemy overflow connections closed per checkout above which pool_size is too small.
+HEADROOM = _thresholds.HEADROOM
+DISCARD_RATIO = _thresholds.DISCARD_RATIO
+"""pool_full closes per checkout above which a pool is too small (with DISCARD_RATE).
 
-SQLAlchemy closes overflow connections on return by design (``pool_full``); only when that
-happens for a good share of checkouts is the pool's size wrong. For urllib3's non-blocking
-pools every discard is a connection opened for one request only."""
+SQLAlchemy closes an overflow connection on return by design (``pool_full``); only when
+that happens for a good share of checkouts is the pool's size wrong. A non-blocking urllib3
+pool's discard is a connection opened for one request: the same measure applies."""
+DISCARD_RATE = _thresholds.DISCARD_RATE
+"""pool_full closes per second at or below which discards are not worth reporting."""
 
 SIZE_KNOB = {
     "sqlalchemy": "create_engine(pool_size=…, max_overflow=…) (their sum is the maximum)",
@@ -179,7 +186,12 @@ def findings(now: Counts, before: Counts, seconds: float) -> list[Finding]:
         )
     discards = now.discards - before.discards
     checkouts = now.checkouts - before.checkouts
-    if kind == "sqlalchemy" and discards > OVERFLOW_CHURN * max(checkouts, 1):
+    discarding = (
+        seconds > 0
+        and discards / seconds > DISCARD_RATE
+        and discards > DISCARD_RATIO * max(checkouts, 1)
+    )
+    if discarding and kind == "sqlalchemy":
         add(
             "warning",
             f"overflow churn: {discards:.0f} overflow connections opened and closed again "
@@ -187,7 +199,7 @@ def findings(now: Counts, before: Counts, seconds: float) -> list[Finding]:
             "raise pool_size towards the connections in use at busy times, so that fewer "
             "checkouts need a new overflow connection",
         )
-    elif kind != "sqlalchemy" and discards > 0:
+    elif discarding:
         add(
             "warning",
             f"discarding: {discards:.0f} connections opened past the pool and thrown away "

@@ -27,6 +27,7 @@ ALERT_NAMES = [
     "PoolwatchSlowAcquire",
     "PoolwatchConnectionChurn",
     "PoolwatchConnectionLeak",
+    "PoolwatchPoolAntipattern",
 ]
 RECORDING_RULES = [
     "poolwatch:pool_utilization:ratio",
@@ -35,6 +36,9 @@ RECORDING_RULES = [
     "poolwatch:wait_duration_seconds:p99",
     "poolwatch:checkouts:rate",
     "poolwatch:connects:rate",
+    "poolwatch:checkout_reuse:ratio",
+    "poolwatch:pool_demand:ratio",
+    "poolwatch:pool_size:recommended",
 ]
 
 
@@ -78,7 +82,7 @@ def test_the_rules_file_is_rendered_from_the_config() -> None:
 def test_promtool_checks_the_rules() -> None:
     result = _promtool("check", "rules", str(RULES))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 13 rules found" in result.stdout
+    assert "SUCCESS: 17 rules found" in result.stdout
 
 
 def test_promtool_unit_tests_pass() -> None:
@@ -86,13 +90,26 @@ def test_promtool_unit_tests_pass() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_unit_tests_notice_a_changed_threshold(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("setting", "value", "alert"),
+    [
+        ("UTILIZATION_HIGH", 0.91, "PoolwatchPoolUtilizationHigh"),  # 90% no longer fires
+        ("SATURATED", 0.94, "PoolwatchPoolSaturated"),  # 94 of 100 now fires
+        ("DISCARD_RATIO", 0.09, "PoolwatchPoolDiscarding"),  # exactly 10% now fires
+        ("DISCARD_RATE", 0.09, "PoolwatchPoolDiscarding"),  # 0.1/s now fires
+        ("CHURN_RATIO", 0.49, "PoolwatchConnectionChurn"),  # exactly 0.5 now fires
+        ("HEADROOM", 2.0, "poolwatch:pool_size:recommended"),  # 12 becomes 16
+    ],
+)
+def test_the_unit_tests_notice_a_changed_threshold(
+    tmp_path: Path, setting: str, value: float, alert: str
+) -> None:
     (tmp_path / "tests").mkdir()
-    (tmp_path / "poolwatch.rules.yml").write_text(_build().render(UTILIZATION_HIGH=0.91))
+    (tmp_path / "poolwatch.rules.yml").write_text(_build().render(**{setting: value}))
     shutil.copy(UNIT_TESTS, tmp_path / "tests" / UNIT_TESTS.name)
     result = _promtool("test", "rules", str(tmp_path / "tests" / UNIT_TESTS.name), cwd=tmp_path)
     assert result.returncode != 0
-    assert "PoolwatchPoolUtilizationHigh" in result.stdout + result.stderr
+    assert alert in result.stdout + result.stderr
 
 
 def test_rule_names_are_pinned() -> None:
@@ -105,7 +122,7 @@ def test_every_alert_follows_the_mixin_conventions(name: str) -> None:
     labels = rule["labels"]
     annotations = rule["annotations"]
     assert isinstance(labels, dict) and isinstance(annotations, dict)
-    assert labels["severity"] in ("warning", "critical")
+    assert labels["severity"] in ("info", "warning", "critical")
     assert set(annotations) == {"summary", "description", "runbook_url"}
     assert "{{" not in annotations["summary"]
     for part in ("$labels.job", "$labels.instance", "$labels.pool_name", "$value"):
@@ -115,6 +132,33 @@ def test_every_alert_follows_the_mixin_conventions(name: str) -> None:
     text = runbook.read_text()
     for section in ("Meaning", "Impact", "Diagnosis", "Mitigation"):
         assert f"## {section}" in text, f"{runbook.name} lacks a {section} section"
+
+
+def test_the_antipattern_runbook_explains_every_antipattern() -> None:
+    from poolwatch import _catalogue
+
+    text = (ALERTS / "runbooks" / "PoolwatchPoolAntipattern.md").read_text()
+    sections = text.split("\n### ")[1:]
+    assert [section.split("\n", 1)[0].strip("`") for section in sections] == list(
+        _catalogue.ANTIPATTERNS
+    )
+    for section in sections:
+        for part in ("Meaning", "Impact", "Diagnosis", "Mitigation"):
+            assert f"**{part}.**" in section, (section.split("\n", 1)[0], part)
+
+
+def test_doctor_and_top_judge_by_the_alerts_thresholds() -> None:
+    from poolwatch import _advice, _thresholds, _top
+
+    config = _build().config
+    assert {name: getattr(_thresholds, name) for name in _build().SHARED} == {
+        name: getattr(config, name) for name in _build().SHARED
+    }
+    assert (_top.WARN_AT, _top.CRITICAL_AT) == (config.UTILIZATION_HIGH, config.SATURATED)
+    assert (_advice.HIGH_UTILIZATION, _advice.SATURATED_UTILIZATION) == (0.8, 0.95)
+    assert (_advice.DISCARD_RATIO, _advice.DISCARD_RATE, _advice.HEADROOM) == (0.1, 0.1, 1.5)
+    assert (_advice.CHURN_RATIO, _advice.CHURN_MIN_RATE) == (0.5, 1.0)
+    assert _build().render_thresholds(UTILIZATION_HIGH=0.7).count("UTILIZATION_HIGH: Final = 0.7")
 
 
 def test_durations_and_thresholds_come_from_the_one_config_place() -> None:
