@@ -31,7 +31,7 @@ RULES = HERE / "poolwatch.rules.yml"
 GRAFANA_RULES = HERE.parent / "deploy/grafana/provisioning/alerting/poolwatch-alerts.yml"
 THRESHOLDS = HERE.parent / "poolwatch/_thresholds.py"
 SHARED = {  # the settings the package's commands use, and what they use them for
-    "UTILIZATION_HIGH": "Utilization from which top shows a pool yellow and doctor reports it high.",
+    "UTILIZATION_HIGH": "Utilization from which top shows a pool yellow, doctor reports it high.",
     "SATURATED": "Utilization from which top shows a pool red and doctor reports it saturated.",
     "DISCARD_RATIO": "pool_full closes per checkout above which doctor reports discards...",
     "DISCARD_RATE": "... when there are more than this many per second, too.",

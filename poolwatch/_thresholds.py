@@ -7,7 +7,7 @@ commands then say what the alerts would.
 from typing import Final
 
 UTILIZATION_HIGH: Final = 0.8
-"""Utilization from which top shows a pool yellow and doctor reports it high."""
+"""Utilization from which top shows a pool yellow, doctor reports it high."""
 SATURATED: Final = 0.95
 """Utilization from which top shows a pool red and doctor reports it saturated."""
 DISCARD_RATIO: Final = 0.1
