@@ -48,6 +48,7 @@ __all__ = ["PostgresCluster", "PostgresError", "find_bin_dir"]
 _BIN_GLOB_ROOT = Path("/usr/lib/postgresql")
 _OS_USER = "postgres"
 _COMMAND_TIMEOUT = 120.0
+_SETTLE_SECONDS = 3.0
 _START_ATTEMPTS = 3  # a free port can be taken by someone else before the server binds it
 
 
@@ -118,6 +119,7 @@ class PostgresCluster:
         self._dbname = dbname
         self._root: Path | None = None
         self._as_os_user = os.geteuid() == 0
+        self._start_attempted = False
 
     # -- connection parameters -----------------------------------------------------------
 
@@ -179,8 +181,10 @@ class PostgresCluster:
             self._create()
             self._start_on_free_port()
             self._create_database()
-        except BaseException:
-            self.stop()
+        except BaseException as error:
+            # Interrupted (Ctrl-C reaches pg_ctl too, and pg_ctl starts the server in a
+            # session of its own): the server may be a moment from writing its pid file.
+            self.stop(settle=not isinstance(error, Exception))
             raise
         atexit.register(self.stop)
 
@@ -189,13 +193,21 @@ class PostgresCluster:
         data = self._data_dir()
         self._pg_ctl("restart", "-D", str(data), "-l", str(self._log()), "-m", "fast")
 
-    def stop(self) -> None:
-        """Stop the server at once and remove the cluster's directory; safe to call again."""
+    def stop(self, *, settle: bool = False) -> None:
+        """Stop the server at once and remove the cluster's directory; safe to call again.
+
+        ``settle``: a start was interrupted — give a server that is still starting a few
+        seconds to write its ``postmaster.pid``, so that it is stopped rather than orphaned.
+        """
         root = self._root
         if root is None:
             return
         atexit.unregister(self.stop)
         data = root / "data"
+        if settle and self._start_attempted:
+            deadline = time.monotonic() + _SETTLE_SECONDS
+            while not (data / "postmaster.pid").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
         try:
             if (data / "postmaster.pid").exists():
                 try:
@@ -205,6 +217,7 @@ class PostgresCluster:
         finally:
             shutil.rmtree(root, ignore_errors=True)
             self._root = None
+            self._start_attempted = False
 
     def __enter__(self) -> PostgresCluster:
         self.start()
@@ -287,6 +300,7 @@ class PostgresCluster:
             if self._as_os_user:
                 shutil.chown(port_conf, _OS_USER, _OS_USER)
             try:
+                self._start_attempted = True
                 self._pg_ctl("start", "-D", str(data), "-l", str(self._log()))
                 return
             except PostgresError:
@@ -328,24 +342,46 @@ class PostgresCluster:
         )
 
     def _run(self, command: list[str], *, what: str) -> None:
+        """Run one step to its end, even when interrupted.
+
+        A Ctrl-C or SIGTERM arriving while ``pg_ctl start`` runs must not kill it halfway:
+        the server it is starting would live on without a ``postmaster.pid`` yet for
+        ``stop()`` to find. So an interruption waits for the step (bounded by its own
+        timeout), and is raised after it.
+        """
         if self._as_os_user:
             command = ["runuser", "-u", _OS_USER, "--", *command]
-        result = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=_COMMAND_TIMEOUT,
-            check=False,
-            stdin=subprocess.DEVNULL,
-            # The server inherits the working directory; the postgres user may not be able
-            # to enter the caller's (e.g. /root/...).
-            cwd=self._root,
-        )
-        if result.returncode != 0:
+        with tempfile.TemporaryFile() as output:
+            process = subprocess.Popen(
+                command,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                # The server inherits the working directory; the postgres user may not be
+                # able to enter the caller's (e.g. /root/...).
+                cwd=self._root,
+            )
+            try:
+                code = self._wait(process)
+            except BaseException:
+                self._wait(process)
+                raise
+            output.seek(0)
+            text = output.read().decode(errors="replace").strip() or "(no output)"
+        if code != 0:
             raise PostgresError(
-                f"{what} failed (exit {result.returncode}): {_output(result)}\n"
+                f"{what} failed (exit {code}): {text}\n"
                 f"--- server log ({self._bin}) ---\n{self.log_tail()}"
             )
+
+    @staticmethod
+    def _wait(process: subprocess.Popen[bytes]) -> int:
+        try:
+            return process.wait(_COMMAND_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
 
     @staticmethod
     def _kill_postmaster(data: Path) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -41,7 +42,9 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import poolwatch
 from poolwatch._demo.upstream import ThreadedUpstream
@@ -52,6 +55,8 @@ class Scenario:
     """Pool settings and workload shape of one demo scenario."""
 
     description: str
+    alerts: dict[str, tuple[str, ...]]
+    """The alerts whose condition the scenario makes true, by pool (none for healthy)."""
     pool_size: int = 5
     max_overflow: int = 5
     pool_timeout: float = 2.0
@@ -72,12 +77,25 @@ class Scenario:
     leak_threshold: float | None = 30.0
     leaked: int = 0
     """Database connections a worker takes and never returns."""
+    room: bool = False
+    """Size every pool at twice the workers (pool_size, max_overflow 0, HTTP pools) instead
+    of the sizes above: no pool ever fills, overflows or discards, whatever --workers is."""
 
 
 SCENARIOS: dict[str, Scenario] = {
-    "healthy": Scenario("room to spare in every pool"),
+    "healthy": Scenario(
+        "every pool sized at twice its workers: no alert's condition happens", {}, room=True
+    ),
     "exhaustion": Scenario(
         "2 database connections and an httpx pool of 2 for busy workers: callers time out",
+        {
+            "orders-db": (
+                "PoolwatchPoolExhausted",
+                "PoolwatchPoolSaturated",
+                "PoolwatchPoolUtilizationHigh",
+            ),
+            "pricing-api": ("PoolwatchPoolExhausted",),
+        },
         pool_size=2,
         max_overflow=0,
         pool_timeout=0.2,
@@ -89,20 +107,27 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "leak": Scenario(
         "a worker keeps 2 database connections and never returns them (threshold 3 s)",
+        {"orders-db": ("PoolwatchConnectionLeak",)},
         leak_threshold=3.0,
         leaked=2,
     ),
     "churn": Scenario(
         "requests.get() per call: a new pool and a new connection for every request",
+        {"inventory-api": ("PoolwatchConnectionChurn", "PoolwatchPoolAntipattern")},
         request_per_call=True,
     ),
     "stale": Scenario(
         "the upstream drops idle keep-alives after 50 ms; clients pause longer",
+        {"inventory-api": ("PoolwatchPoolAntipattern",)},
         pause=(0.1, 0.2),
         idle_timeout=0.05,
     ),
     "discard": Scenario(
         "a requests pool of 2 and a boto3 pool of 2 for 8 workers: extra connections discarded",
+        {
+            "inventory-api": ("PoolwatchPoolDiscarding", "PoolwatchPoolAntipattern"),
+            "sessions-dynamodb": ("PoolwatchPoolDiscarding",),
+        },
         pause=(0.0, 0.01),
         http_delay=0.05,
         http_pool=2,
@@ -147,6 +172,18 @@ class Demo:
         self._lock = threading.Lock()
         self.database_label = "the database --url names"
 
+    @property
+    def database_pool(self) -> tuple[int, int]:
+        """(pool_size, max_overflow) of orders-db."""
+        if self.scenario.room:
+            return 2 * self.options.workers, 0
+        return self.scenario.pool_size, self.scenario.max_overflow
+
+    @property
+    def http_pool(self) -> int:
+        """requests pool_maxsize, httpx max_connections, boto3 max_pool_connections."""
+        return 2 * self.options.workers if self.scenario.room else self.scenario.http_pool
+
     # -- workers -----------------------------------------------------------------------
     def _failed(self, pool: str) -> None:
         with self._lock:
@@ -176,10 +213,11 @@ class Demo:
         import sqlalchemy as sa
 
         s = self.scenario
+        pool_size, max_overflow = self.database_pool
         engine = sa.create_engine(
             self._database_url(stack),
-            pool_size=s.pool_size,
-            max_overflow=s.max_overflow,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
             pool_timeout=s.pool_timeout,
         )
         stack.callback(engine.dispose)
@@ -242,7 +280,7 @@ class Demo:
             self.workers("inventory-api", get, self.options.workers, requests.RequestException)
             return
         session = stack.enter_context(requests.Session())
-        adapter = requests.adapters.HTTPAdapter(pool_maxsize=s.http_pool)
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=self.http_pool)
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         _name(session, "inventory-api")
@@ -256,7 +294,9 @@ class Demo:
         import httpx
 
         s = self.scenario
-        limits = httpx.Limits(max_connections=s.http_pool, max_keepalive_connections=s.http_pool)
+        limits = httpx.Limits(
+            max_connections=self.http_pool, max_keepalive_connections=self.http_pool
+        )
         timeout = httpx.Timeout(10.0, pool=s.http_pool_timeout)
         client = stack.enter_context(httpx.Client(limits=limits, timeout=timeout))
         _name(client, "pricing-api")
@@ -291,23 +331,23 @@ class Demo:
         import boto3
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError
-        from moto.server import ThreadedMotoServer
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
-        # moto's development server closes the connection after every response (real
-        # DynamoDB keeps it alive): this pool shows a connect per call in every scenario.
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        stack.callback(server.stop)
-        host, port = server.get_host_and_port()
+        from poolwatch._demo.wsgi import WSGIServer
+
+        # moto's WSGI application under a keep-alive server: moto's own (werkzeug's
+        # development server) closes the connection after every response, where real
+        # DynamoDB keeps it alive — a healthy boto3 pool would look like it churns.
+        server = stack.enter_context(
+            WSGIServer(DomainDispatcherApplication(create_backend_app), idle_timeout=30.0)
+        )
         client = boto3.client(
             "dynamodb",
-            endpoint_url=f"http://{host}:{port}",
+            endpoint_url=server.url,
             region_name="eu-west-1",
             aws_access_key_id="demo",  # moto accepts any credentials
             aws_secret_access_key="demo",
-            config=Config(
-                max_pool_connections=self.scenario.http_pool, retries={"mode": "standard"}
-            ),
+            config=Config(max_pool_connections=self.http_pool, retries={"mode": "standard"}),
         )
         stack.callback(client.close)
         client.create_table(
@@ -354,7 +394,19 @@ class Demo:
         return skipped
 
     def run(self) -> int:
-        """Run until ``--duration`` passes or Ctrl-C; stop everything started."""
+        """Run until ``--duration`` passes, Ctrl-C, SIGTERM or SIGHUP; stop everything started.
+
+        A stop signal is a clean stop at any moment, start-up included (``StopSignals``):
+        workers stop, then their pools, servers and the throw-away database.
+        """
+        with StopSignals() as signals:
+            try:
+                return self._run(signals)
+            except KeyboardInterrupt:  # before the pools started: nothing of theirs runs
+                print("\nstopping…", file=self.out, flush=True)
+                return 0
+
+    def _run(self, signals: StopSignals) -> int:
         from poolwatch.cli import render
 
         s = self.scenario
@@ -362,36 +414,104 @@ class Demo:
         # warnings (which poolwatch counts as pool_full closes) off the terminal.
         for noisy in ("werkzeug", "urllib3.connectionpool"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
-        handle = poolwatch.instrument(
-            prometheus_port=self.options.port, leak_threshold=s.leak_threshold
-        )
-        try:
-            # The upstream outlives the stack: workers stop before their servers do.
-            with self._upstream() as url, ExitStack() as stack:
-                print("poolwatch demo: starting the pools …", file=sys.stderr, flush=True)
-                skipped = self._pools(stack, url)
-                stack.callback(self._join)  # runs first: workers stop, then pools close
-                if handle.prometheus_address:
-                    host, port = handle.prometheus_address
-                    print(f"Prometheus metrics on http://{host}:{port}/metrics", file=self.out)
-                print(f"scenario {self.options.scenario}: {s.description}", file=self.out)
-                print(f"database: {self.database_label}", file=self.out)
-                if skipped:
-                    print(f"skipped (not installed): {', '.join(skipped)}", file=self.out)
-                deadline = time.monotonic() + self.options.duration
-                try:
-                    while time.monotonic() < deadline:
-                        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-                        table = render(sorted(poolwatch.pools(), key=lambda p: p.name))
-                        print("\n" + table, file=self.out, flush=True)
-                except KeyboardInterrupt:
-                    print("\nstopping…", file=self.out, flush=True)
-        finally:
-            self.stop.set()
-            poolwatch.uninstrument()
+        # The upstream outlives the stack: workers stop before their servers do.
+        with self._upstream() as url:
+            names = {_origin(url): "inventory-api"} if s.request_per_call else {}
+            handle = poolwatch.instrument(
+                prometheus_port=self.options.port,
+                leak_threshold=s.leak_threshold,
+                pool_names=names,
+            )
+            try:
+                with ExitStack() as stack:
+                    try:
+                        print("poolwatch demo: starting the pools …", file=sys.stderr, flush=True)
+                        skipped = self._pools(stack, url)
+                        signals.running()  # from now on a signal only asks the loop to stop
+                        self._started(handle, skipped)
+                        deadline = time.monotonic() + self.options.duration
+                        while (left := deadline - time.monotonic()) > 0:
+                            if signals.requested.wait(min(1.0, left)):
+                                break
+                            table = render(sorted(poolwatch.pools(), key=lambda p: p.name))
+                            print("\n" + table, file=self.out, flush=True)
+                    except KeyboardInterrupt:
+                        signals.requested.set()
+                    finally:
+                        signals.disarm()
+                        if signals.requested.is_set():
+                            print("\nstopping…", file=self.out, flush=True)
+                        self._join()  # workers stop first; then the stack closes their pools
+            finally:
+                self.stop.set()
+                poolwatch.uninstrument()
         return 0
 
-    def _join(self) -> None:
+    def _started(self, handle: poolwatch.Instrumentation, skipped: list[str]) -> None:
+        if handle.prometheus_address:
+            host, port = handle.prometheus_address
+            print(f"Prometheus metrics on http://{host}:{port}/metrics", file=self.out)
+        print(f"scenario {self.options.scenario}: {self.scenario.description}", file=self.out)
+        print(f"database: {self.database_label}", file=self.out)
+        if skipped:
+            print(f"skipped (not installed): {', '.join(skipped)}", file=self.out)
+
+    def _join(self, seconds: float = 15.0) -> None:
+        """Stop the workers and wait for them, at most ``seconds`` in all."""
         self.stop.set()
+        deadline = time.monotonic() + seconds
         for thread in self._threads:
-            thread.join(10)
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _origin(url: str) -> str:
+    """scheme://host:port of a URL: the name poolwatch derives for its HTTP pools."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+class StopSignals:
+    """SIGTERM and SIGHUP stop the demo as Ctrl-C (SIGINT) does, at any moment.
+
+    While the demo starts, the first stop signal raises KeyboardInterrupt in the main thread
+    (start-up is a sequence of blocking steps: a database to create, servers to start).
+    Once it runs (``running()``), a signal only sets ``requested``, which the main loop
+    waits on: nothing is interrupted halfway, such as a collection holding poolwatch's
+    locks. A second signal, and any after ``disarm()`` (the clean-up has begun), is
+    ignored so that the clean-up runs to its end. The previous handlers come back on
+    exit. Outside the main thread (where Python delivers no signals) it does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        """Set by the first stop signal."""
+        self._interrupt = True
+        self._ignore = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._ignore or self.requested.is_set():
+            return
+        self.requested.set()
+        if self._interrupt:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def running(self) -> None:
+        """Start-up is over: a stop signal sets ``requested`` instead of interrupting."""
+        self._interrupt = False
+
+    def disarm(self) -> None:
+        """From now on, stop signals are ignored (the clean-up has begun)."""
+        self._ignore = True
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
