@@ -9,8 +9,8 @@ wrapper instead of to init. When the command exits, whatever is still a child of
 wrapper (and their children) was left running by it: the wrapper writes the report as
 JSON (``pid`` of the command, its ``returncode``, and ``left``: the command lines of
 those processes), then kills and reaps them so that nothing outlives a failed test.
-The command's stdin, stdout and stderr are the wrapper's; its pid is the first line of
-the report file's sibling ``FILE.pid`` as soon as it runs, for the caller to signal it.
+The command's stdin, stdout and stderr are the wrapper's; its pid is written to
+``FILE.pid`` as soon as it runs, for the caller to signal it.
 """
 
 from __future__ import annotations
