@@ -25,10 +25,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
+from poolwatch import _thresholds
 from poolwatch._advice import Counts
 
-WARN_AT = 0.80
-CRITICAL_AT = 0.95
+WARN_AT = _thresholds.UTILIZATION_HIGH
+"""Utilization from which a pool is yellow (PoolwatchPoolUtilizationHigh's threshold)."""
+CRITICAL_AT = _thresholds.SATURATED
+"""Utilization from which a pool is red (PoolwatchPoolSaturated's threshold)."""
+PROGRESS_EVERY = 5.0
+"""Seconds between progress lines when stderr is not a terminal (on one: every second)."""
 SORTS = {
     "u": "utilization",
     "w": "wait_p99",
@@ -109,6 +114,49 @@ def _add(pool: Counts, name: str, labels: dict[str, str], value: float) -> None:
         for label, wanted, attribute in _SUMS.get(name, ()):
             if label is None or labels.get(label) == wanted:
                 setattr(pool, attribute, getattr(pool, attribute) + value)
+
+
+def read(url: str) -> dict[tuple[str, str], Counts]:
+    """The pools ``url`` serves; TopError when it cannot be read or is not Prometheus text."""
+    text = fetch(url)
+    try:
+        return parse(text)
+    except ValueError as error:  # prometheus_client's parser on anything else
+        reason = str(error).strip().splitlines()[0][:80] if str(error).strip() else "unreadable"
+        raise TopError(
+            f"{url} does not serve metrics in the Prometheus text format ({reason}): is it a "
+            "poolwatch /metrics endpoint?"
+        ) from None
+
+
+def countdown(seconds: float, label: str, stream: TextIO, every: float | None = None) -> None:
+    """Wait ``seconds``, showing how far it got on ``stream``.
+
+    On a terminal one line, rewritten every second (``label: 3 of 10 s …``) and ended when
+    the wait is over; elsewhere (a log) a line when it starts and one every PROGRESS_EVERY
+    seconds (``every`` overrides both).
+    """
+    tty = stream.isatty()
+    every = every if every is not None else 1.0 if tty else PROGRESS_EVERY
+    start = time.monotonic()
+    end = start + seconds
+    if tty:
+        stream.write(f"\r\033[K{label}: 0 of {seconds:g} s …")
+    else:
+        stream.write(f"{label} for {seconds:g} s …\n")
+    stream.flush()
+    tick = 1
+    while (now := time.monotonic()) < end:
+        time.sleep(max(0.0, min(end, start + tick * every) - now))
+        if time.monotonic() >= end:
+            break
+        done = f"{label}: {tick * every:g} of {seconds:g} s …"
+        stream.write(f"\r\033[K{done}" if tty else done + "\n")
+        stream.flush()
+        tick += 1
+    if tty:
+        stream.write("\n")
+        stream.flush()
 
 
 def quantile(q: float, buckets: dict[float, float]) -> float | None:
@@ -266,8 +314,13 @@ def run(
     colour: bool | None,
     out: TextIO,
     keys_in: TextIO | None = None,
+    progress: TextIO | None = None,
 ) -> int:
-    """Show the table every ``interval`` seconds until ``q`` or Ctrl-C (or once)."""
+    """Show the table every ``interval`` seconds until ``q`` or Ctrl-C (or once).
+
+    ``--once`` reads twice, ``interval`` apart, with progress on ``progress`` (stderr).
+    """
+    progress = progress if progress is not None else sys.stderr
     keys_in = keys_in if keys_in is not None else sys.stdin
     interactive = out.isatty() and not once
     if colour is None:
@@ -276,13 +329,11 @@ def run(
     taken = time.monotonic()
     reverse = False
     if once:  # two scrapes an interval apart, so that rates and p99 are current
-        before, taken = parse(fetch(url)), time.monotonic()
-        if interval > 1:
-            print(f"poolwatch top: reading {url} for {interval:g} s …", file=sys.stderr, flush=True)
-        time.sleep(interval)
+        before, taken = read(url), time.monotonic()
+        countdown(interval, f"poolwatch top: reading {url}", progress)
     with _keys(keys_in) if interactive else contextlib.nullcontext(False) as has_keys:
         while True:
-            now, at = parse(fetch(url)), time.monotonic()
+            now, at = read(url), time.monotonic()
             table = ordered(rows(now, before, at - taken), sort, reverse)
             frame = render(table, colour=colour)
             if interactive:

@@ -1,13 +1,16 @@
 """The ``poolwatch`` command.
 
 ``poolwatch demo`` runs the main job on an embedded default: SQLAlchemy, requests, httpx
-and boto3 workloads against a throw-away SQLite database, a loopback HTTP server and
-moto's DynamoDB (poolwatch._demo), instrumented by poolwatch, with the Prometheus
-endpoint served on 127.0.0.1 and the live pool table printed every second.
-``--scenario`` makes one alert's condition really happen. ``poolwatch upstream`` serves
-the demo's HTTP server on its own (the compose stack runs it in a container).
+and boto3 workloads against a throw-away PostgreSQL (when its server binaries are on the
+machine; SQLite otherwise), a loopback HTTP server and moto's DynamoDB (poolwatch._demo),
+instrumented by poolwatch, with the Prometheus endpoint served on 127.0.0.1 and the live
+pool table printed every second. ``--scenario`` makes alerts' conditions really happen
+(each scenario says which). ``poolwatch upstream`` serves the demo's HTTP server on its
+own (the compose stack runs it in a container). ``top``, ``doctor`` and ``run`` are in
+``_top``, ``_doctor`` and ``_run``.
 
-Exit codes: 0 done, 1 a runtime failure (the message says which), 2 bad usage.
+Every command prints a failure as one line on stderr; its exit codes are in its --help
+(``EXIT_CODES``). Bad usage exits with 2 everywhere.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import textwrap
 import threading
 from collections.abc import Sequence
 from typing import TextIO
 
 import poolwatch
+from poolwatch import _advice, _top
 from poolwatch._demo.workload import SCENARIOS
 from poolwatch._version import __version__
 
@@ -80,8 +85,26 @@ def render(snapshots: Sequence[poolwatch.PoolSnapshot]) -> str:
     return "\n".join(lines)
 
 
+EXIT_CODES = {
+    "demo": "0 done, or stopped by Ctrl-C, SIGTERM or SIGHUP (at any moment, start-up "
+    "included: nothing is left running); 1 a failure (one line on stderr); 2 bad usage",
+    "top": "0 done (q, Ctrl-C, or --once); 1 the endpoint cannot be read or does not serve "
+    "Prometheus metrics; 2 bad usage",
+    "doctor": "0 nothing to report; 3 findings reported; 1 the endpoint cannot be read or "
+    "does not serve Prometheus metrics; 2 bad usage; 130 interrupted (Ctrl-C) before the "
+    "second reading: no report",
+    "run": "the program's own; 2 bad options; 127 command not found",
+    "upstream": "0 stopped (Ctrl-C or SIGTERM); 1 cannot listen (e.g. the port is in use); "
+    "2 bad usage",
+}
+"""Each command's exit codes, as its --help states them."""
+
+EXIT_INTERRUPTED = 130
+"""doctor interrupted by Ctrl-C (128 + SIGINT, as shells report it)."""
+
+
 def demo(args: argparse.Namespace, out: TextIO) -> int:
-    """Run the embedded demo until ``--duration`` passes or Ctrl-C."""
+    """Run the embedded demo until ``--duration`` passes, Ctrl-C, SIGTERM or SIGHUP."""
     from poolwatch._demo.workload import Demo, Options
 
     try:
@@ -100,6 +123,8 @@ def demo(args: argparse.Namespace, out: TextIO) -> int:
     )
     try:
         return Demo(options, out).run()
+    except KeyboardInterrupt:  # before the demo's own signal handling was in place
+        return 0
     except Exception as error:  # one line, never a traceback or a password
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         for secret in _secrets_of(args.url):
@@ -129,10 +154,22 @@ def upstream(args: argparse.Namespace, out: TextIO) -> int:
 
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    with ThreadedUpstream(host=args.host, port=args.port) as server:
+    server = ThreadedUpstream(host=args.host, port=args.port)
+    try:
+        server.start()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        print(
+            f"poolwatch upstream: cannot listen on {args.host}:{args.port}: {reason}",
+            file=sys.stderr,
+        )
+        return 1
+    try:
         print(f"demo upstream on http://{args.host}:{server.port}/", file=out, flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             stopped.wait()
+    finally:
+        server.stop()
     return 0
 
 
@@ -176,7 +213,10 @@ def doctor(args: argparse.Namespace, out: TextIO) -> int:
         print(f"poolwatch doctor: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        return 1
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")  # end the progress line
+        print("poolwatch doctor: interrupted before the second reading: no report", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -188,13 +228,17 @@ def _parser() -> argparse.ArgumentParser:
     run_demo = commands.add_parser(
         "demo",
         help="run an instrumented workload with every pool kind, no external services needed",
-        description="Run SQLAlchemy (SQLite), requests, httpx (sync and async) and boto3 "
-        "(moto) workloads against embedded loopback servers, instrumented by poolwatch; "
-        "print the pool table every second and serve Prometheus metrics. Each scenario "
-        "makes one alert's condition really happen.",
+        description=_described(
+            "demo",
+            "Run SQLAlchemy (a throw-away PostgreSQL when its server binaries are on the "
+            "machine, else SQLite), requests, httpx (sync and async) and boto3 (moto) "
+            "workloads against embedded loopback servers, instrumented by poolwatch; print "
+            "the pool table every second and serve Prometheus metrics. Each scenario but "
+            "healthy makes the conditions of the alerts listed below really happen; healthy "
+            "makes none.",
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="scenarios:\n"
-        + "\n".join(f"  {name:<11} {s.description}" for name, s in SCENARIOS.items()),
+        epilog="scenarios:\n" + "\n".join(_scenario_help(name) for name in SCENARIOS),
     )
     run_demo.add_argument("--scenario", choices=list(SCENARIOS), default="healthy")
     run_demo.add_argument("--duration", type=_positive, default=30.0, help="seconds (default 30)")
@@ -204,7 +248,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run_demo.add_argument(
         "--url",
-        help="a SQLAlchemy database URL to run against instead of a throw-away SQLite file",
+        help="a SQLAlchemy database URL to run against instead of the embedded database",
     )
     run_demo.add_argument(
         "--database",
@@ -221,10 +265,15 @@ def _parser() -> argparse.ArgumentParser:
     watch = commands.add_parser(
         "top",
         help="live view of every pool of a running process (reads its Prometheus metrics)",
-        description="Show every pool of a process serving poolwatch metrics in the Prometheus "
-        "format: used/idle/max with a utilization bar (yellow from 80%%, red from 95%%), "
-        "callers waiting, wait p99, timeouts and discards per second, active leaks. Keys: "
-        "u w t d n sort (utilization, wait, timeouts, discards, name), r reverse, q quit.",
+        description=_described(
+            "top",
+            "Show every pool of a process serving poolwatch metrics in the Prometheus format: "
+            f"used/idle/max with a utilization bar (yellow from {_top.WARN_AT:.0%}, red from "
+            f"{_top.CRITICAL_AT:.0%}), callers waiting, wait p99, timeouts and discards per "
+            "second, active leaks. Keys: u w t d n sort (utilization, wait, timeouts, "
+            "discards, name), r reverse, q quit.",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     watch.add_argument(
         "--url",
@@ -244,11 +293,15 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "doctor",
         help="watch a running process's pools and report what to fix, with advice",
-        description="Read a process's poolwatch metrics (Prometheus format) twice, INTERVAL "
-        "seconds apart, and report exhausted, saturated, too small, discarding, churning, "
-        "stale, leaking and unbounded pools with a recommended size (Little's law with 1.5x "
-        "headroom) and concrete advice. Exit codes: 0 nothing to report; 3 findings; "
-        "1 the endpoint cannot be read; 2 bad usage.",
+        description=_described(
+            "doctor",
+            "Read a process's poolwatch metrics (Prometheus format) twice, INTERVAL seconds "
+            "apart, and report exhausted, saturated, too small, discarding, churning, stale, "
+            "leaking and unbounded pools with a recommended size (Little's law with "
+            f"{_advice.HEADROOM}x headroom) and concrete advice. A pool seen at only one of "
+            "the two readings is named but not judged.",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument(
         "--url",
@@ -261,10 +314,13 @@ def _parser() -> argparse.ArgumentParser:
     start = commands.add_parser(
         "run",
         help="run a Python program instrumented by poolwatch, without changing its code",
-        description="Run COMMAND with poolwatch instrumenting every Python process it starts "
-        "(through sitecustomize on PYTHONPATH). Options become POOLWATCH_* / OTEL_* variables "
-        "and are checked before the program starts. Exit codes: the program's own; 2 bad "
-        "options; 127 command not found.",
+        description=_described(
+            "run",
+            "Run COMMAND with poolwatch instrumenting every Python process it starts (through "
+            "sitecustomize on PYTHONPATH). Options become POOLWATCH_* / OTEL_* variables and "
+            "are checked before the program starts.",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="poolwatch run [options] -- COMMAND [ARG ...]",
     )
     from poolwatch import _run
@@ -273,12 +329,30 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "upstream",
         help="serve the demo's HTTP upstream (for the compose stack)",
-        description="Serve the keep-alive HTTP server the demo calls; a request may ask for "
-        "a slow answer with ?delay=SECONDS.",
+        description=_described(
+            "upstream",
+            "Serve the keep-alive HTTP server the demo calls; a request may ask for a slow "
+            "answer with ?delay=SECONDS.",
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     return parser
+
+
+def _described(command: str, text: str) -> str:
+    """A command's description and its exit codes, as two wrapped paragraphs."""
+    return "\n\n".join(
+        textwrap.fill(paragraph, 79) for paragraph in (text, f"Exit codes: {EXIT_CODES[command]}.")
+    )
+
+
+def _scenario_help(name: str) -> str:
+    scenario = SCENARIOS[name]
+    alerts = sorted({a for names in scenario.alerts.values() for a in names})
+    fires = "\n" + " " * 14 + "alerts: " + ", ".join(alerts) if alerts else ""
+    return f"  {name:<11} {scenario.description}{fires}"
 
 
 def _positive(text: str) -> float:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from poolwatch._demo.workload import SCENARIOS
 from poolwatch._registry import PoolSnapshot
-from poolwatch.cli import COLUMNS, main, render
+from poolwatch.cli import COLUMNS, EXIT_CODES, main, render
 from tests.support.postgres import PostgresCluster
 
 # SQLite keeps the side-by-side demos fast; the PostgreSQL default has its own test.
@@ -90,8 +95,18 @@ def test_demo_runs_every_pool_kind(scenarios: dict[str, dict[str, dict[str, str]
     }
     for row in healthy.values():
         assert int(row["CHECKOUTS"]) > 0, row
-        assert (row["TIMEOUTS"], row["STALE"], row["LEAKS"]) == ("0", "0", "0"), row
-    assert healthy["inventory-api"]["DISCARDS"] == "0"
+        # room everywhere: no timeout, discard (not even an overflow close), stale or leak
+        assert (row["TIMEOUTS"], row["DISCARDS"], row["STALE"], row["LEAKS"]) == (
+            "0",
+            "0",
+            "0",
+            "0",
+        ), row
+        # twice the workers (8, or 4 for boto3): 16 connections each
+        assert row["USED/MAX"].endswith("/16"), row
+        # keep-alive everywhere, moto included: connections opened once, never past the
+        # pool's size (a churning pool opens hundreds in these seconds)
+        assert int(row["CONNECTS"]) <= 16, row
 
 
 def test_demo_exhaustion_times_callers_out(scenarios: dict[str, dict[str, dict[str, str]]]) -> None:
@@ -193,11 +208,52 @@ def test_demo_against_a_separate_upstream_process() -> None:
 
 
 @pytest.mark.parametrize("command", ["demo", "top", "doctor", "run", "upstream"])
-def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_command_has_help_with_its_exit_codes(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as caught:
         main([command, "--help"])
     assert caught.value.code == 0
-    assert capsys.readouterr().out.startswith(f"usage: poolwatch {command}")
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: poolwatch {command}")
+    assert f"Exit codes: {EXIT_CODES[command]}." in " ".join(text.split())
+    assert "%%" not in text
+
+
+def test_exit_codes_are_documented_in_the_readme() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = [re.split(r"(?<!\\)\|", line) for line in readme.splitlines()]
+    table = {
+        cells[1].strip().split()[1].strip("`"): cells[3].strip()
+        for cells in rows
+        if len(cells) == 5 and cells[1].startswith(" `poolwatch ")
+    }
+    assert table == {
+        "demo": "0 done or stopped (Ctrl-C, SIGTERM, SIGHUP); 1 failure",
+        "top": "0; 1 endpoint unreadable or not Prometheus",
+        "doctor": "0 nothing found; 3 findings; 1 endpoint unreadable or not Prometheus; "
+        "130 interrupted",
+        "run": "the program's; 2; 127",
+        "upstream": "0; 1 cannot listen",
+    }
+
+
+def test_upstream_on_a_port_in_use_is_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "poolwatch", "upstream", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"poolwatch upstream: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
 
 
 def test_demo_failure_is_one_line_without_the_password() -> None:
@@ -235,3 +291,89 @@ def test_demo_stops_cleanly_on_ctrl_c() -> None:
     assert process.returncode == 0, err
     assert "stopping…" in out
     assert "Traceback" not in err
+
+
+def _reaped_demo(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], Path]:
+    """The demo under tests.support.reaper: what it leaves running is reported."""
+    report = tmp_path / "report.json"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.support.reaper",
+            "--report",
+            str(report),
+            "--",
+            sys.executable,
+            "-m",
+            "poolwatch",
+            "demo",
+            "--port",
+            "0",
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return process, report
+
+
+def _demo_pid(report: Path) -> int:
+    pid_file = Path(f"{report}.pid")
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return int(pid_file.read_text())
+
+
+def _left_behind(
+    process: subprocess.Popen[str], report: Path
+) -> tuple[dict[str, object], str, str]:
+    try:
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+    return json.loads(report.read_text()), out, err
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_stops_the_demo_and_its_postgresql(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    process, report = _reaped_demo(tmp_path, "--duration", "60", "--database", "postgresql")
+    assert process.stdout is not None
+    seen = []
+    for line in process.stdout:  # bounded: the demo prints a table every second
+        seen.append(line)
+        if line.startswith("POOL "):
+            break
+    database = [line for line in seen if line.startswith("database: PostgreSQL on 127.0.0.1:")]
+    assert len(database) == 1, seen  # the throw-away cluster is running
+    os.kill(_demo_pid(report), stop)
+    result, out, err = _left_behind(process, report)
+    assert result["returncode"] == 0, err
+    assert result["left"] == []  # no postgres (postmaster or backend) outlived the demo
+    assert "stopping…" in out
+    assert "Traceback" not in err
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("after", [0.0, 1.0, 2.5])
+def test_ctrl_c_during_start_up_stops_cleanly(tmp_path: Path, after: float) -> None:
+    """SIGINT while the throw-away PostgreSQL is being created, started, or the pools."""
+    process, report = _reaped_demo(tmp_path, "--duration", "60", "--database", "postgresql")
+    assert process.stderr is not None
+    for line in process.stderr:  # bounded: the second line comes within seconds
+        if line.startswith("poolwatch demo: starting a throw-away PostgreSQL"):
+            break
+    time.sleep(after)
+    os.kill(_demo_pid(report), signal.SIGINT)  # as a terminal's Ctrl-C, to the demo alone
+    result, out, err = _left_behind(process, report)
+    assert result["returncode"] == 0, err
+    assert result["left"] == []
+    assert out.rstrip().endswith("stopping…")
+    assert "Traceback" not in err, err
