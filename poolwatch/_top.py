@@ -218,16 +218,18 @@ def rows(
 
 
 def ordered(table: list[Row], sort: str, reverse: bool = False) -> list[Row]:
-    """Rows sorted by a column of SORTS: worst first, name alphabetically."""
+    """Rows sorted by a column of SORTS: worst first (no value last), name alphabetically;
+    ``reverse`` puts the worst last."""
     attribute = SORTS[sort]
     if attribute == "name":
         return sorted(table, key=lambda r: (r.name, r.kind), reverse=reverse)
 
-    def key(row: Row) -> tuple[float, str]:
+    def key(row: Row) -> tuple[float, str]:  # ties by name, alphabetically, either way
         value = getattr(row, attribute)
-        return (-1.0 if value is None else value, row.name)
+        value = -1.0 if value is None else value
+        return (value if reverse else -value, row.name)
 
-    return sorted(table, key=key, reverse=not reverse)
+    return sorted(table, key=key)
 
 
 def _bar(utilization: float | None, width: int = 10) -> str:

@@ -97,14 +97,33 @@ def test_quantile_matches_prometheus_histogram_quantile() -> None:
 
 
 def test_sorting_puts_the_worst_first() -> None:
-    def row(name: str, utilization: float | None, timeouts: float | None) -> _top.Row:
-        return _top.Row("urllib3", name, 0, 0, None, 0, utilization, None, timeouts, None, 0)
+    def row(
+        name: str,
+        utilization: float | None,
+        timeouts: float | None,
+        p99: float | None = None,
+        discards: float | None = None,
+    ) -> _top.Row:
+        return _top.Row("urllib3", name, 0, 0, None, 0, utilization, p99, timeouts, discards, 0)
 
-    table = [row("a", 0.5, 0.0), row("b", 0.99, None), row("c", None, 3.0)]
-    assert [r.name for r in _top.ordered(table, "u")] == ["b", "a", "c"]
-    assert [r.name for r in _top.ordered(table, "t")] == ["c", "a", "b"]
-    assert [r.name for r in _top.ordered(table, "n")] == ["a", "b", "c"]
-    assert [r.name for r in _top.ordered(table, "u", reverse=True)] == ["c", "a", "b"]
+    table = [
+        row("a", 0.5, 0.0, p99=0.002, discards=0.0),
+        row("b", 0.99, None, p99=None, discards=4.5),
+        row("c", None, 3.0, p99=0.250, discards=0.0),
+        row("d", 0.5, 0.0, p99=0.002, discards=None),
+    ]
+    assert [r.name for r in _top.ordered(table, "u")] == ["b", "a", "d", "c"]
+    assert [r.name for r in _top.ordered(table, "t")] == ["c", "a", "d", "b"]
+    assert [r.name for r in _top.ordered(table, "w")] == ["c", "a", "d", "b"]
+    assert [r.name for r in _top.ordered(table, "d")] == ["b", "a", "c", "d"]
+    assert [r.name for r in _top.ordered(table, "n")] == ["a", "b", "c", "d"]
+    # reversed: the worst last, ties still by name
+    assert [r.name for r in _top.ordered(table, "u", reverse=True)] == ["c", "a", "d", "b"]
+    assert [r.name for r in _top.ordered(table, "w", reverse=True)] == ["b", "a", "d", "c"]
+    assert [r.name for r in _top.ordered(table, "d", reverse=True)] == ["d", "a", "c", "b"]
+
+
+DEMO_POOLS = ("orders-db", "inventory-api", "pricing-api", "pricing-api-async", "sessions-dynamodb")
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +149,9 @@ def exhausted_process() -> Iterator[str]:
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # every pool served: moto's starts last
             try:
-                if "orders-db" in _top.fetch(url):
+                if all(f'pool_name="{name}"' in _top.fetch(url) for name in DEMO_POOLS):
                     break
             except _top.TopError:
                 pass
@@ -168,11 +187,30 @@ def test_top_once_against_a_real_process(exhausted_process: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "\033[" not in result.stdout  # not a terminal: no colour
+    assert result.stderr == f"poolwatch top: reading {exhausted_process} for 1 s …\n"
     rows = _parse_table(result.stdout)
-    db = rows["orders-db"]
-    assert (db["kind"], db["used"], db["max"], db["pct"]) == ("sqlalchemy", "2", "2", "100")
-    assert float(db["tmo"]) > 0
-    assert {"inventory-api", "sessions-dynamodb"} <= set(rows)
+    # every pool of the scenario, each with its limit of 2 (the pools it sizes to run out)
+    assert {name: (row["kind"], row["max"]) for name, row in rows.items()} == {
+        "orders-db": ("sqlalchemy", "2"),
+        "inventory-api": ("requests", "2"),
+        "pricing-api": ("httpx", "2"),
+        "pricing-api-async": ("httpx", "2"),
+        "sessions-dynamodb": ("botocore", "2"),
+    }
+    for name, row in rows.items():
+        used = int(row["used"])
+        # the bar and the percentage say what used/max says
+        assert row["pct"] == f"{used * 50}", (name, row)
+        assert row["bar"] == "#" * min(10, used * 5) + "." * (10 - min(10, used * 5)), row
+        assert row["leaks"] == "0", row
+        assert row["p99"] == "-" or row["p99"].endswith("ms"), row
+        if name in ("orders-db", "pricing-api", "pricing-api-async"):  # blocking: they wait
+            assert used <= 2 and int(row["pending"]) > 0 and float(row["tmo"]) > 0, row
+            assert row["disc"] == "0.0", row
+        else:  # non-blocking urllib3 pools: nobody waits, the extra connections are discarded
+            assert (row["pending"], row["tmo"]) == ("0", "0.0"), row
+    assert (rows["orders-db"]["used"], rows["orders-db"]["idle"]) == ("2", "0")
+    assert float(rows["inventory-api"]["disc"]) > 0
 
 
 def _read_until(fd: int, pattern: str, seconds: float = 20.0) -> str:
@@ -238,3 +276,149 @@ def test_top_reports_an_unreachable_endpoint_in_one_line() -> None:
         f"poolwatch top: cannot read http://127.0.0.1:{port}/metrics: [Errno 111] "
         "Connection refused\n"
     )
+
+
+@pytest.fixture
+def still_pools(tmp_path: Path) -> Iterator[str]:
+    """This process serving pools in known, unchanging states: every cell of top is known.
+
+    Nothing happens between top's two readings, so every rate is 0.0 and no wait p99 is
+    shown; the leak threshold is 1 s, so every connection held counts as a leak.
+    """
+    from tests.support.upstream import ThreadedUpstream
+
+    handle = poolwatch.instrument(prometheus_port=0, leak_threshold=1.0)
+    assert handle.prometheus_address is not None
+    engines, held = [], []
+
+    def pool(name: str, size: int, opened: int, kept: int) -> None:
+        engine = sa.create_engine(f"sqlite:///{tmp_path}/{name}.db", pool_size=size, max_overflow=0)
+        poolwatch.track(engine, name=name)
+        engines.append(engine)
+        conns = [engine.connect() for _ in range(opened)]
+        for conn in conns[kept:]:
+            conn.close()  # back in the pool: idle
+        held.extend(conns[:kept])
+
+    pool("full-db", 2, 2, 2)  # 100%: red
+    pool("busy-db", 5, 5, 4)  # exactly 80%: yellow
+    pool("calm-db", 10, 5, 3)  # 30%
+    with ThreadedUpstream() as upstream:
+        import httpx
+        import requests
+
+        session = requests.Session()
+        session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=3))
+        poolwatch.track(session, name="inventory-api")
+        session.get(upstream.url, timeout=5).raise_for_status()  # one idle connection
+        client = httpx.Client(limits=httpx.Limits(max_connections=None))
+        poolwatch.track(client, name="pricing-api")
+        client.get(upstream.url).raise_for_status()
+        time.sleep(1.2)  # past the leak threshold
+        host, port = handle.prometheus_address
+        try:
+            yield f"http://{host}:{port}/metrics"
+        finally:
+            for conn in held:
+                conn.close()
+            for engine in engines:
+                engine.dispose()
+            session.close()
+            client.close()
+            poolwatch.uninstrument()
+
+
+STILL_ROWS = {  # name: kind, used/max, bar, %, idle, pending, p99, tmo/s, disc/s, leaks
+    "busy-db": ["sqlalchemy", "4/5", "########..", "80", "1", "0", "-", "0.0", "0.0", "4"],
+    "calm-db": ["sqlalchemy", "3/10", "###.......", "30", "2", "0", "-", "0.0", "0.0", "3"],
+    "full-db": ["sqlalchemy", "2/2", "##########", "100", "0", "0", "-", "0.0", "0.0", "2"],
+    "inventory-api": ["requests", "0/3", "..........", "0", "1", "0", "-", "0.0", "0.0", "0"],
+    "pricing-api": ["httpx", "0/-", "-", "-", "1", "0", "-", "0.0", "0.0", "0"],
+}
+
+
+def test_every_row_of_a_real_process_exactly(still_pools: str) -> None:
+    result = subprocess.run(
+        [*POOLWATCH, "top", "--once", "--interval", "1", "--sort", "n", "--url", still_pools],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    header, *lines = result.stdout.splitlines()
+    assert header == _top.HEADER
+    assert {line.split()[0]: line.split()[1:] for line in lines} == STILL_ROWS
+    assert [line.split()[0] for line in lines] == sorted(STILL_ROWS)  # --sort n
+
+
+def test_colour_is_yellow_from_80_and_red_from_95_percent(still_pools: str) -> None:
+    controller, terminal = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    process = subprocess.Popen(
+        [*POOLWATCH, "top", "--interval", "0.5", "--url", still_pools],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        env=env,
+    )
+    os.close(terminal)
+    try:
+        screen = _read_until(controller, r"sort: utilization.*pricing-api[^\n]*\n")
+        os.write(controller, b"q")
+        assert process.wait(10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+        os.close(controller)
+    frame = screen.rsplit("sort: utilization", 1)[1]
+    lines = {line.split()[0]: line for line in frame.splitlines() if line.split()}
+    assert "\033[31m##########  100\033[0m" in lines["full-db"]
+    assert "\033[33m########..   80\033[0m" in lines["busy-db"]
+    assert "\033[" not in lines["calm-db"] + lines["inventory-api"] + lines["pricing-api"]
+    # sorted by utilization, the unbounded pool last
+    names = [n for n in lines if n in STILL_ROWS]
+    assert names == ["full-db", "busy-db", "calm-db", "inventory-api", "pricing-api"]
+
+
+def _column(frame: str, column: str) -> list[float]:
+    values = []
+    for line in frame.splitlines():
+        match = TABLE_ROW.match(re.sub(r"\033\[[0-9;]*m", "", line))
+        if match:
+            text = match[column]
+            values.append(-1.0 if text == "-" else float(text.removesuffix("ms")))
+    return values
+
+
+def test_w_and_d_sort_a_live_process_by_wait_and_discards(exhausted_process: str) -> None:
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [*POOLWATCH, "top", "--interval", "0.5", "--no-color", "--url", exhausted_process],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    try:
+        _read_until(controller, r"sort: utilization.*sessions-dynamodb[^\n]*\n")
+        frames = {}
+        for key, title in ((b"w", "wait_p99"), (b"d", "discards_per_s")):
+            os.write(controller, key)
+            pattern = rf"sort: {title}(?:(?!\033\[H).)*?(?:\n[^\n]*){{6}}\n"
+            frames[title] = _read_until(controller, pattern).rsplit(f"sort: {title}", 1)[1]
+        os.write(controller, b"q")
+        assert process.wait(10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+        os.close(controller)
+    for title, column in (("wait_p99", "p99"), ("discards_per_s", "disc")):
+        values = _column(frames[title], column)
+        assert len(values) == 5, frames[title]
+        assert values == sorted(values, reverse=True), (title, frames[title])
+    # real values lead: callers waited, connections were discarded
+    assert _column(frames["wait_p99"], "p99")[0] > 0
+    assert _column(frames["discards_per_s"], "disc")[0] > 0
