@@ -238,6 +238,58 @@ def test_levels_per_host_with_two_upstreams(pw: Harness) -> None:
         assert (a.connections, b.connections) == (2, 1)
 
 
+def _queued(tasks: list[asyncio.Task[Any]]) -> int:
+    """Tasks suspended in aiohttp's wait for a free slot, read from their own coroutine
+    chains (not from the connector): the innermost coroutine awaited is that wait."""
+    queued = 0
+    for task in tasks:
+        coroutine: Any = task.get_coro()
+        innermost = ""
+        for _ in range(50):  # bounded: the chain of coroutines awaiting one another
+            code = getattr(coroutine, "cr_code", None)
+            if code is None:
+                break
+            innermost, coroutine = code.co_name, coroutine.cr_await
+        if not task.done() and innermost == "_wait_for_available_connection":
+            queued += 1
+    return queued
+
+
+def test_pending_is_exported_per_server(pw: Harness) -> None:
+    """The limit reached with both connections to one server: two requests queue for it,
+    three for a second server that has no connection yet."""
+
+    async def scenario(a: AsyncioUpstream, b: ThreadedUpstream) -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2)) as session:
+            holders = [asyncio.create_task(_get(session, a.url + "/?delay=1")) for _ in "ab"]
+            await _until(lambda: _pool().used == 2)
+            urls = [a.url] * 2 + [b.url] * 3
+            tasks = [asyncio.create_task(_get(session, url)) for url in urls]
+            await _until(lambda: _queued(tasks) == 5)
+            got = pw.collect()
+            pending = got.points("poolwatch.pending_requests", pool__name=NAME)
+            assert {
+                (p.attributes["server.address"], p.attributes["server.port"]): p.value
+                for p in pending
+            } == {("127.0.0.1", a.port): 2, ("127.0.0.1", b.port): 3}
+            used = {
+                p.attributes["server.port"]: p.value
+                for p in got.points("poolwatch.connections", pool__name=NAME, state="used")
+            }
+            assert used == {a.port: 2, b.port: 0}  # the second: callers, no connection
+            assert _pool().pending == 5
+            assert await _gather(*holders, *tasks) == [b"ok\n"] * 7
+            after = pw.collect().points("poolwatch.pending_requests", pool__name=NAME)
+            assert {p.attributes["server.port"]: p.value for p in after} == {
+                a.port: 0,
+                b.port: 0,
+            }
+
+    with AsyncioUpstream() as a, ThreadedUpstream() as b:
+        run(scenario(a, b))
+        assert (a.requests, b.requests) == (4, 3)
+
+
 def test_limit_per_host_queues_per_server_below_max(pw: Harness) -> None:
     async def scenario(up: AsyncioUpstream) -> None:
         made = aiohttp.TCPConnector(limit=10, limit_per_host=1)
@@ -384,6 +436,88 @@ def test_closing_the_session_disposes_idle_tls_connections(pw: Harness) -> None:
     with AsyncioUpstream(tls=True) as up:
         assert up.url.startswith("https://")
         run(scenario(up))
+
+
+HANDSHAKE = 0.2
+"""Seconds a TLS upstream sleeps inside each handshake (``handshake_delay``)."""
+
+
+def test_connect_time_includes_the_tls_handshake(pw: Harness) -> None:
+    async def scenario(tls: AsyncioUpstream, plain: AsyncioUpstream) -> None:
+        context = ssl.create_default_context(cafile=tls.ca_file)
+        secure = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context))
+        async with secure:
+            await _gather(*(_get(secure, tls.url + "/?delay=0.1") for _ in range(2)))
+        async with aiohttp.ClientSession() as session:
+            await _get(session, plain.url)
+
+    with (
+        AsyncioUpstream(tls=True, handshake_delay=HANDSHAKE) as tls,
+        AsyncioUpstream() as plain,
+    ):
+        run(scenario(tls, plain))
+        assert (tls.connections, plain.connections) == (2, 1)
+    names = sorted(s.name for s in poolwatch.pools())  # closed: shown until exported once
+    got = pw.collect()
+    assert names[0] == NAME and names[1].startswith(f"{NAME} (tests/test_aiohttp.py:")
+    secure = got.histogram("poolwatch.connect.duration", pool__name=NAME, outcome="ok")
+    assert secure.count == 2 and secure.min >= HANDSHAKE  # the handshake is in every connect
+    plain_ = got.histogram("poolwatch.connect.duration", pool__name=names[1], outcome="ok")
+    assert plain_.count == 1 and plain_.max < HANDSHAKE  # TCP alone
+
+
+@pytest.mark.semconv
+def test_semconv_mirrors_while_requests_are_in_flight(pw: Harness) -> None:
+    async def scenario(a: AsyncioUpstream, b: ThreadedUpstream) -> None:
+        async with aiohttp.ClientSession() as session:
+            assert await _get(session, b.url) == b"ok\n"  # done: its connection is idle
+            slow = asyncio.create_task(_get(session, a.url + "/?delay=0.5"))
+            await _until(lambda: _pool().used == 1)
+            got = pw.collect()
+            mirrors = got.points("http.client.open_connections", pool__name=NAME)
+            assert {
+                (p.attributes["server.port"], p.attributes["http.connection.state"]): p.value
+                for p in mirrors
+            } == {
+                (a.port, "active"): 1,
+                (a.port, "idle"): 0,
+                (b.port, "active"): 0,
+                (b.port, "idle"): 1,
+            }
+            [active] = [
+                p for p in mirrors if p.value == 1 and p.attributes["server.port"] == a.port
+            ]
+            assert dict(active.attributes) == {
+                "pool.name": NAME,
+                "server.address": "127.0.0.1",
+                "server.port": a.port,
+                "http.connection.state": "active",
+            }
+            queue = got.histogram("http.client.request.time_in_queue", pool__name=NAME)
+            wait = got.histogram("poolwatch.wait.duration", pool__name=NAME, outcome="acquired")
+            assert queue.count == 2  # the request in flight has its connection: counted
+            assert (queue.count, queue.sum, list(queue.bucket_counts)) == (
+                wait.count,
+                wait.sum,
+                list(wait.bucket_counts),
+            )
+            assert await slow == b"ok\n"
+            await asyncio.sleep(0.1)  # both connections live at least this long
+        got = pw.collect()
+        duration = got.histogram("http.client.connection.duration", pool__name=NAME)
+        lifetime = got.histogram(
+            "poolwatch.connection.lifetime", pool__name=NAME, reason="disposed"
+        )
+        assert duration.count == 2 and duration.min >= 0.1
+        assert (duration.sum, duration.min, duration.max, list(duration.bucket_counts)) == (
+            lifetime.sum,
+            lifetime.min,
+            lifetime.max,
+            list(lifetime.bucket_counts),
+        )
+
+    with AsyncioUpstream() as a, ThreadedUpstream() as b:
+        run(scenario(a, b))
 
 
 def test_checkouts_equal_requests_under_concurrency(pw: Harness) -> None:
