@@ -9,17 +9,33 @@ Two dashboards, on the one poolwatch metric family, so they cover every pool kin
 Both have the variables datasource (any Prometheus), job, instance, kind and pool; every
 panel has a unit and a description; every rate uses ``$__rate_interval``; no datasource uid
 is hard-coded. ``tests/test_dashboards.py`` lints that and parses every query with promtool.
+Thresholds shared with the alerts (the overview's "pools above" stat, the recommended
+size's headroom) are read from ``alerts/config.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+
+
+def _alerts_config() -> ModuleType:
+    path = HERE.parent / "alerts" / "config.py"
+    spec = importlib.util.spec_from_file_location("poolwatch_dashboards_alerts_config", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+config = _alerts_config()
 SCHEMA_VERSION = 39
 BY = "job, instance, pool_kind, pool_name"
 SEL = 'job=~"$job", instance=~"$instance", pool_kind=~"$kind", pool_name=~"$pool"'
@@ -31,6 +47,15 @@ def _utilization() -> str:
         f'sum by ({BY}) (poolwatch_connections{{{SEL}, state="used"}})\n'
         f"/\n(sum by ({BY}) (poolwatch_connections_max{{{SEL}}}) > 0)"
     )
+
+
+def _recommended(headroom: float) -> str:
+    used = f'sum(poolwatch_connections{{{SEL}, state="used"}})'
+    busy = (
+        f"sum(rate(poolwatch_use_duration_seconds_sum{{{SEL}}}[$__rate_interval]))\n+\n"
+        f"sum(avg_over_time(poolwatch_pending_requests{{{SEL}}}[$__rate_interval]))"
+    )
+    return f"(clamp_min(ceil({headroom} * (\n{busy}\n)), 1)\n>= {used})\nor\n{used}"
 
 
 def _quantile(q: float, metric: str, by: str, *matchers: str) -> str:
@@ -88,6 +113,49 @@ def _panel(
         "targets": [dict(t, refId=chr(ord("A") + i)) for i, t in enumerate(targets)],
     }
     layout.next_id += 1
+    return panel
+
+
+def _table(
+    layout: _Layout,
+    title: str,
+    description: str,
+    columns: dict[str, str],
+    *,
+    units: dict[str, str] | None = None,
+    hide: tuple[str, ...] = (),
+    sort_by: str,
+) -> dict[str, Any]:
+    """An instant table of one row per series, with a column per query (merged by labels):
+    a series one query lacks (an unbounded pool's limit) leaves its cell blank."""
+    targets = [_target(expr, "", instant=True, format="table") for expr in columns.values()]
+    renames = {f"Value #{chr(ord('A') + i)}": name for i, name in enumerate(columns)}
+    if len(columns) == 1:
+        renames = {"Value": next(iter(columns))}
+    excluded = {"Time": True, **{name: True for name in hide}}
+    panel = _panel(
+        layout,
+        "table",
+        title,
+        description,
+        "none",
+        targets=targets,
+        width=24,
+        height=8,
+        showHeader=True,
+        sortBy=[{"displayName": sort_by, "desc": sort_by not in ("pool_name",)}],
+    )
+    panel["transformations"] = [
+        {"id": "merge", "options": {}},
+        {"id": "organize", "options": {"excludeByName": excluded, "renameByName": renames}},
+    ]
+    panel["fieldConfig"]["overrides"] = [
+        {
+            "matcher": {"id": "byName", "options": name},
+            "properties": [{"id": "unit", "value": unit}],
+        }
+        for name, unit in (units or {}).items()
+    ]
     return panel
 
 
@@ -169,16 +237,18 @@ def _dashboard(
 def overview() -> dict[str, Any]:
     """Every selected pool, ranked by utilization."""
     layout = _Layout()
+    high = config.UTILIZATION_HIGH
     stat = {"reduceOptions": {"calcs": ["lastNotNull"]}, "colorMode": "background"}
     panels = [
         _panel(
             layout,
             "stat",
-            "Pools above 80%",
-            "Pools whose used connections are above 80% of their limit now "
-            "(PoolwatchPoolUtilizationHigh fires when this lasts 10m).",
+            f"Pools above {high:.0%}",
+            f"Pools whose used connections are above {high:.0%} of their limit now "
+            f"(PoolwatchPoolUtilizationHigh fires when this lasts {config.UTILIZATION_HIGH_FOR}; "
+            "the threshold is UTILIZATION_HIGH in alerts/config.py).",
             "none",
-            targets=[_target(f"count(({_utilization()}) > 0.8) or vector(0)")],
+            targets=[_target(f"count(({_utilization()}) > {high}) or vector(0)")],
             width=6,
             height=4,
             **stat,
@@ -225,17 +295,34 @@ def overview() -> dict[str, Any]:
             height=4,
             **stat,
         ),
-        _panel(
+        _table(
             layout,
-            "table",
             "Pools by utilization",
-            "Every selected pool, most utilized first: used connections against the limit now. "
-            "Unbounded pools have no limit and are not listed.",
-            "percentunit",
-            targets=[_target(f"sort_desc({_utilization()})", "", instant=True, format="table")],
-            width=24,
-            height=8,
-            showHeader=True,
+            "Every selected pool, most utilized first: connections in use and idle, the limit, "
+            "and used against the limit now. A pool without a limit (unbounded) is listed "
+            "with its limit and utilization blank.",
+            {
+                "Used": f'sum by ({BY}) (poolwatch_connections{{{SEL}, state="used"}})',
+                "Idle": f'sum by ({BY}) (poolwatch_connections{{{SEL}, state="idle"}})',
+                "Max": f"sum by ({BY}) (poolwatch_connections_max{{{SEL}}})",
+                "Utilization": _utilization(),
+            },
+            units={"Utilization": "percentunit"},
+            sort_by="Utilization",
+        ),
+        _table(
+            layout,
+            "Anti-patterns",
+            "Anti-patterns poolwatch detected in how each pool is configured or used (once per "
+            "pool and anti-pattern, in the process: its log has a WARNING with the numbers and "
+            "the fix); PoolwatchPoolAntipattern's runbook explains each. Empty when there are "
+            "none.",
+            {
+                "Detections": f"sum by ({BY}, antipattern) "
+                f"(poolwatch_antipatterns_total{{{SEL}}}) > 0",
+            },
+            hide=("Detections",),
+            sort_by="pool_name",
         ),
         _panel(
             layout,
@@ -305,12 +392,15 @@ def pool_detail() -> dict[str, Any]:
             layout,
             "timeseries",
             "Connections",
-            "Used and idle connections against the pool's limit, and callers waiting.",
+            "Used and idle connections against the pool's limit, the most idle connections it "
+            "keeps (idle max: SQLAlchemy pool_size, httpx max_keepalive_connections, urllib3 "
+            "maxsize), and callers waiting.",
             "none",
             targets=[
                 _target(f'sum(poolwatch_connections{{{SEL}, state="used"}})', "used"),
                 _target(f'sum(poolwatch_connections{{{SEL}, state="idle"}})', "idle"),
                 _target(f"sum(poolwatch_connections_max{{{SEL}}})", "max"),
+                _target(f"sum(poolwatch_connections_idle_max{{{SEL}}})", "idle max"),
                 _target(f"sum(poolwatch_pending_requests{{{SEL}}})", "waiting"),
             ],
             width=24,
@@ -413,26 +503,61 @@ def pool_detail() -> dict[str, Any]:
             layout,
             "timeseries",
             "Connection lifetime",
-            "Median age of connections when they were closed, by close reason.",
+            "Age of connections when they were closed, by close reason: 50th, 95th and 99th "
+            "percentiles.",
             "s",
             targets=[
                 _target(
-                    _quantile(0.5, "poolwatch_connection_lifetime_seconds", "reason"), "{{reason}}"
+                    _quantile(q, "poolwatch_connection_lifetime_seconds", "reason"),
+                    f"{{{{reason}}}} p{int(q * 100)}",
+                )
+                for q in (0.5, 0.95, 0.99)
+            ],
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Connections per host",
+            "For pools that span hosts (HTTP pools): used and idle connections by server "
+            "address and port.",
+            "none",
+            targets=[
+                _target(
+                    "sum by (server_address, server_port) "
+                    f'(poolwatch_connections{{{SEL}, state="{state}"}})',
+                    f"{{{{server_address}}}}:{{{{server_port}}}} {state}",
+                )
+                for state in ("used", "idle")
+            ],
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Connection reuse",
+            "Share of checkouts served by a connection that was already open (keep-alive at "
+            "work); the others opened a new one. Near 1 for a healthy pool; near 0 when a "
+            "client is made per request or the server closes every connection.",
+            "percentunit",
+            targets=[
+                _target(
+                    f"sum(rate(poolwatch_checkouts_reused_total{{{SEL}}}[$__rate_interval]))\n/\n"
+                    f'(sum(rate({wait}_count{{{SEL}, outcome="acquired"}}[$__rate_interval])) > 0)',
+                    "reused",
                 )
             ],
         ),
         _panel(
             layout,
             "timeseries",
-            "Used connections per host",
-            "For pools that span hosts (HTTP pools): used connections by server address and port.",
+            "Recommended size vs max",
+            f"Little's law: connections busy on average (the rate of hold-seconds) plus callers "
+            f"waiting on average, x {config.HEADROOM} headroom (HEADROOM in alerts/config.py), "
+            "never below the connections in use; against the pool's limit and its use now.",
             "none",
             targets=[
-                _target(
-                    "sum by (server_address, server_port) "
-                    f'(poolwatch_connections{{{SEL}, state="used"}})',
-                    "{{server_address}}:{{server_port}}",
-                )
+                _target(_recommended(config.HEADROOM), "recommended"),
+                _target(f"sum(poolwatch_connections_max{{{SEL}}})", "max"),
+                _target(f'sum(poolwatch_connections{{{SEL}, state="used"}})', "used"),
             ],
         ),
         _panel(

@@ -17,6 +17,18 @@ import yaml
 DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
 FILES = ["poolwatch-overview.json", "poolwatch-pool.json"]
 VARIABLES = ["datasource", "job", "instance", "kind", "pool"]
+RANGE = re.compile(r"\[([^\]]+)\]")
+"""Every range selector of an expression, e.g. ``[$__rate_interval]``."""
+WINDOWED = re.compile(r"\b(rate|irate|increase|avg_over_time)\([^\[()]*\[([^\]]+)\]")
+"""A range function applied directly to a selector, and its window."""
+ALLOWED_WINDOWS = {
+    "rate": {"$__rate_interval"},
+    "irate": {"$__rate_interval"},
+    "avg_over_time": {"$__rate_interval"},
+    "increase": {"$__rate_interval", "$__range"},  # "in range" stats count the whole range
+}
+WINDOWS = {"poolwatch-overview.json": 4, "poolwatch-pool.json": 20}
+"""Range selectors per dashboard, each checked: a new one is counted, so cannot slip by."""
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -67,10 +79,70 @@ def test_dashboard_lint(name: str) -> None:
         for target in panel["targets"]:
             assert target["datasource"]["uid"] == "${datasource}", title
             expr = target["expr"]
-            for window in re.findall(r"\b(?:rate|irate)\([^\[]*\[([^\]]+)\]", expr):
-                assert window == "$__rate_interval", f"{title}: {expr}"
+            found = WINDOWED.findall(expr)
+            # every range selector sits directly in one of the range functions checked here
+            assert len(found) == len(RANGE.findall(expr)), f"{title}: unchecked range: {expr}"
+            for function, window in found:
+                assert window in ALLOWED_WINDOWS[function], f"{title}: {function}[{window}]"
                 windows += 1
             assert 'pool_name=~"$pool"' in expr, f"{title} ignores the pool variable"
+    assert windows == WINDOWS[name]
+
+
+def test_the_lint_catches_a_fixed_window() -> None:
+    for bad in (
+        'sum(increase(poolwatch_timeouts_total{pool_name=~"$pool"}[5m]))',
+        'sum(rate(poolwatch_timeouts_total{pool_name=~"$pool"}[1m]))',
+        'max_over_time(poolwatch_connections{pool_name=~"$pool"}[10m])',
+    ):
+        found = WINDOWED.findall(bad)
+        assert len(found) != len(RANGE.findall(bad)) or any(
+            window not in ALLOWED_WINDOWS[function] for function, window in found
+        ), bad
+
+
+def test_the_overview_lists_every_pool_and_its_anti_patterns() -> None:
+    panels = {p["title"]: p for p in _load("poolwatch-overview.json")["panels"]}
+    table = panels["Pools by utilization"]
+    exprs = [t["expr"] for t in table["targets"]]
+    # one query lists every pool (used is exported for all), the others fill their columns
+    assert exprs[0].startswith(
+        "sum by (job, instance, pool_kind, pool_name) (poolwatch_connections{"
+    )
+    assert 'state="used"' in exprs[0] and "poolwatch_connections_max" in exprs[3]
+    assert [t["id"] for t in table["transformations"]] == ["merge", "organize"]
+    renames = table["transformations"][1]["options"]["renameByName"]
+    assert renames == {
+        "Value #A": "Used",
+        "Value #B": "Idle",
+        "Value #C": "Max",
+        "Value #D": "Utilization",
+    }
+    assert table["fieldConfig"]["overrides"] == [
+        {
+            "matcher": {"id": "byName", "options": "Utilization"},
+            "properties": [{"id": "unit", "value": "percentunit"}],
+        }
+    ]
+    [antipatterns] = panels["Anti-patterns"]["targets"]
+    assert "by (job, instance, pool_kind, pool_name, antipattern)" in antipatterns["expr"]
+    threshold = _alerts_config().UTILIZATION_HIGH
+    assert f"Pools above {threshold:.0%}" in panels
+    assert panels[f"Pools above {threshold:.0%}"]["targets"][0]["expr"].startswith("count((")
+    assert (
+        f") > {threshold}) or vector(0)"
+        in panels[f"Pools above {threshold:.0%}"]["targets"][0]["expr"]
+    )
+
+
+def _alerts_config() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cfg", DASHBOARDS.parent / "alerts/config.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_every_query_parses(tmp_path: Path) -> None:
