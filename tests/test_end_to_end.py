@@ -1,7 +1,9 @@
 """End to end with real processes on loopback: an instrumented workload exhausting a real
-PostgreSQL pool and HTTP pools (requests and httpx to a loopback server, boto3 to moto), a
-real Prometheus scraping it every second with the shipped rules (their durations shortened
-only through alerts/config.py overrides), and a real Alertmanager.
+PostgreSQL pool and HTTP pools (requests and httpx to a loopback server, boto3 to moto),
+keeping another pool busy but not exhausted, leaking a connection, and calling a server
+that refuses connections; a real Prometheus scraping it every second with the shipped
+rules (their durations shortened only through alerts/config.py overrides), and a real
+Alertmanager. The whole test, start-up included, is held to 3 minutes.
 
 Prometheus and Alertmanager come from Debian's prometheus and prometheus-alertmanager
 packages; the test command installs them.
@@ -9,110 +11,66 @@ packages; the test command installs them.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
-import socket
-import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.postgres import PostgresCluster
+from tests.support.prometheus import (
+    ROOT,
+    Processes,
+    Prometheus,
+    binary,
+    free_port,
+    get_json,
+    rules,
+    until,
+)
 
 pytestmark = pytest.mark.postgres
 
-ROOT = Path(__file__).resolve().parent.parent
+BUDGET = 180.0
+"""Seconds the whole test may take, the workload's and the servers' start-up included."""
 SHORT = {  # every override goes through the one configuration place
     "RATE_WINDOW": "10s",
     "UTILIZATION_HIGH_FOR": "5s",
     "SATURATED_FOR": "5s",
     "EXHAUSTED_FOR": "0s",
     "DISCARDING_FOR": "5s",
+    "LEAK_FOR": "5s",
 }
-POOLS = [  # (pool.kind, pool.name) of every pool the workload runs
+POOLS = [  # (pool.kind, pool.name) of every pool the workload's cycles run
     ("sqlalchemy", "orders-db"),
     ("requests", "inventory-api"),
     ("httpx", "pricing-api"),
     ("botocore", "sessions-dynamodb"),
 ]
-# Queries whose series only exist once something the workload never does has happened.
-NEEDS_OTHER_EVENTS = {"wait errors", "connect errors"}
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _binary(*names: str) -> str:
-    for name in names:
-        found = shutil.which(name)
-        if found:
-            return found
-    raise AssertionError(f"{names[0]} not found: the test command installs Debian's packages")
-
-
-def _get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.loads(response.read())
-
-
-def _until(what: str, probe: Callable[[], Any], seconds: float = 90.0) -> Any:
-    deadline = time.monotonic() + seconds
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-            if last:
-                return last
-        except OSError as error:  # not listening yet
-            last = error
-        time.sleep(0.5)
-    raise AssertionError(f"{what} not reached in {seconds} s; last: {last!r}")
-
-
-def _render_rules() -> str:
-    spec = importlib.util.spec_from_file_location("poolwatch_e2e_build", ROOT / "alerts/build.py")
-    assert spec is not None and spec.loader is not None
-    build = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = build
-    spec.loader.exec_module(build)
-    text: str = build.render(**SHORT)
-    return text
-
-
-class _Processes:
-    def __init__(self) -> None:
-        self.started: list[subprocess.Popen[bytes]] = []
-
-    def start(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
-        with log.open("wb") as out:
-            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.started.append(process)
-        return process
-
-    def stop(self) -> None:
-        for process in reversed(self.started):
-            process.terminate()
-        for process in self.started:
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+BROKEN = [  # pools whose server refuses connections
+    ("sqlalchemy", "replica-db"),
+    ("requests", "down-api"),
+    ("httpx", "down-pricing"),
+    ("botocore", "down-dynamodb"),
+]
+# Targets whose series exist only once a failure happened: checked against BROKEN. A wait
+# ends in error only where the wait includes opening the connection (SQLAlchemy); urllib3
+# (requests, botocore) and httpx connect after the wait is over, so their refused connects
+# are connect errors and their waits succeed.
+ON_FAILURE = {"wait errors": ["replica-db"], "connect errors": [name for _, name in BROKEN]}
+ANTIPATTERNS = {  # the only anti-patterns the workload has: non-blocking pools of 2, 4 callers
+    ("inventory-api", "pool_overflowing"),
+    ("sessions-dynamodb", "pool_overflowing"),
+}
 
 
 @pytest.fixture
-def stack(postgres: PostgresCluster, tmp_path: Path) -> Iterator[dict[str, str]]:
-    processes = _Processes()
+def stack(postgres: PostgresCluster, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    started = time.monotonic()
+    processes = Processes()
     try:
         port_file = tmp_path / "workload.port"
         processes.start(
@@ -125,21 +83,21 @@ def stack(postgres: PostgresCluster, tmp_path: Path) -> Iterator[dict[str, str]]
                 "--port-file",
                 str(port_file),
                 "--seconds",
-                "150",
+                str(BUDGET),
             ],
             tmp_path / "workload.log",
         )
         workload_port = int(
-            _until("the workload's endpoint", lambda: port_file.exists() and port_file.read_text())
+            until("the workload's endpoint", lambda: port_file.exists() and port_file.read_text())
         )
-        am_port, prom_port = _free_port(), _free_port()
+        am_port = free_port()
         (tmp_path / "alertmanager.yml").write_text(
             "route: {receiver: blackhole, group_wait: 1s, group_interval: 1s, "
             "repeat_interval: 1h}\nreceivers: [{name: blackhole}]\n"
         )
         processes.start(
             [
-                _binary("prometheus-alertmanager", "alertmanager"),
+                binary("prometheus-alertmanager", "alertmanager"),
                 f"--config.file={tmp_path / 'alertmanager.yml'}",
                 f"--storage.path={tmp_path / 'am-data'}",
                 f"--web.listen-address=127.0.0.1:{am_port}",
@@ -147,35 +105,26 @@ def stack(postgres: PostgresCluster, tmp_path: Path) -> Iterator[dict[str, str]]
             ],  # no gossip port: loopback only
             tmp_path / "alertmanager.log",
         )
-        (tmp_path / "rules.yml").write_text(_render_rules())
-        (tmp_path / "prometheus.yml").write_text(
-            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-            "rule_files: [rules.yml]\n"
-            "alerting: {alertmanagers: [{static_configs: "
-            f"[{{targets: ['127.0.0.1:{am_port}']}}]}}]}}\n"
-            "scrape_configs: [{job_name: poolwatch-e2e, static_configs: "
-            f"[{{targets: ['127.0.0.1:{workload_port}']}}]}}]\n"
-        )
-        processes.start(
-            [
-                _binary("prometheus"),
-                f"--config.file={tmp_path / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'prom-data'}",
-                f"--web.listen-address=127.0.0.1:{prom_port}",
-            ],
-            tmp_path / "prometheus.log",
+        prometheus = Prometheus(
+            processes,
+            tmp_path,
+            {"poolwatch-e2e": [f"127.0.0.1:{workload_port}"]},
+            rules(**SHORT),
+            alertmanager=f"127.0.0.1:{am_port}",
         )
         yield {
-            "prometheus": f"http://127.0.0.1:{prom_port}",
+            "prometheus": prometheus,
             "alertmanager": f"http://127.0.0.1:{am_port}",
+            "started": started,
         }
     finally:
         processes.stop()
+        print(f"end to end: {time.monotonic() - started:.1f} s")  # shown with -s or on failure
 
 
 def _firing(alertmanager: str, pool: str) -> dict[str, dict[str, str]]:
     """Alerts active in Alertmanager for ``pool``, by alert name."""
-    alerts = _get(f"{alertmanager}/api/v2/alerts?active=true")
+    alerts = get_json(f"{alertmanager}/api/v2/alerts?active=true")
     return {
         a["labels"]["alertname"]: a["labels"]
         for a in alerts
@@ -183,58 +132,115 @@ def _firing(alertmanager: str, pool: str) -> dict[str, dict[str, str]]:
     }
 
 
-def _query(prometheus: str, expr: str) -> list[Any]:
-    url = f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-    body = _get(url)
-    assert body["status"] == "success", body
-    result: list[Any] = body["data"]["result"]
-    return result
-
-
-def test_exhaustion_reaches_alertmanager_and_every_dashboard_query_has_data(
-    stack: dict[str, str],
-) -> None:
-    wanted = {"PoolwatchPoolExhausted", "PoolwatchPoolUtilizationHigh"}
-    firing = _until(
-        f"{sorted(wanted)} in Alertmanager",
-        lambda: (got := _firing(stack["alertmanager"], "orders-db")) and wanted <= set(got) and got,
+def _substituted(expr: str, kind: str, pool: str) -> str:
+    return (
+        expr.replace("$__rate_interval", "10s")
+        .replace("$__range", "5m")
+        .replace("$job", "poolwatch-e2e")
+        .replace("$instance", ".*")
+        .replace("$kind", kind)
+        .replace("$pool", pool)
     )
-    for name in wanted:
-        labels = firing[name]
-        assert (labels["job"], labels["pool_name"], labels["pool_kind"]) == (
-            "poolwatch-e2e",
-            "orders-db",
-            "sqlalchemy",
-        )
-    assert firing["PoolwatchPoolExhausted"]["severity"] == "critical"
-    assert firing["PoolwatchPoolUtilizationHigh"]["severity"] == "warning"
 
-    # A pool that discards on every cycle: requests' non-blocking urllib3 pool.
-    _until(
-        "PoolwatchPoolDiscarding for inventory-api",
-        lambda: "PoolwatchPoolDiscarding" in _firing(stack["alertmanager"], "inventory-api"),
+
+def _value(prometheus: Prometheus, expr: str) -> float:
+    [sample] = prometheus.query(expr)
+    return float(sample["value"][1])
+
+
+def _dashboards() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    for name in ("poolwatch-overview.json", "poolwatch-pool.json"):
+        dashboard = json.loads((ROOT / "dashboards" / name).read_text())
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                yield name, panel, target
+
+
+def test_alerts_reach_alertmanager_and_every_dashboard_query_has_data(
+    stack: dict[str, Any],
+) -> None:
+    prometheus: Prometheus = stack["prometheus"]
+    alertmanager: str = stack["alertmanager"]
+    wanted = {
+        "orders-db": {"PoolwatchPoolExhausted", "PoolwatchPoolUtilizationHigh"},
+        # high but not exhausted: 11 of 12 connections, nobody waiting, nobody timing out
+        "catalog-db": {"PoolwatchPoolUtilizationHigh"},
+        "reports-db": {"PoolwatchConnectionLeak"},
+        # a requests pool of 2 for 4 callers: a discard for half its checkouts
+        "inventory-api": {"PoolwatchPoolDiscarding", "PoolwatchPoolAntipattern"},
+    }
+    firing = until(
+        f"{wanted} in Alertmanager",
+        lambda: (
+            (got := {pool: _firing(alertmanager, pool) for pool in wanted})
+            and all(names <= set(got[pool]) for pool, names in wanted.items())
+            and got
+        ),
+    )
+    for pool, names in wanted.items():
+        for name in names:
+            labels = firing[pool][name]
+            assert (labels["job"], labels["pool_name"]) == ("poolwatch-e2e", pool)
+    assert firing["orders-db"]["PoolwatchPoolExhausted"]["severity"] == "critical"
+    assert firing["catalog-db"]["PoolwatchPoolUtilizationHigh"]["severity"] == "warning"
+    assert firing["inventory-api"]["PoolwatchPoolAntipattern"]["antipattern"] == "pool_overflowing"
+    assert firing["inventory-api"]["PoolwatchPoolAntipattern"]["severity"] == "info"
+    # catalog-db's utilization alone fired: it never saturated, nothing timed out
+    assert set(firing["catalog-db"]) == {"PoolwatchPoolUtilizationHigh"}
+    assert (
+        prometheus.query(
+            'ALERTS{pool_name="catalog-db", '
+            'alertname=~"PoolwatchPoolSaturated|PoolwatchPoolExhausted"}'
+        )
+        == []
     )
 
     empty, checked = [], 0
     for kind, pool in POOLS:
-        for name in ("poolwatch-overview.json", "poolwatch-pool.json"):
-            dashboard = json.loads((ROOT / "dashboards" / name).read_text())
-            for panel in dashboard["panels"]:
-                for target in panel["targets"]:
-                    if target["legendFormat"] in NEEDS_OTHER_EVENTS:
-                        continue
-                    expr = (
-                        target["expr"]
-                        .replace("$__rate_interval", "10s")
-                        .replace("$__range", "5m")
-                        .replace("$job", "poolwatch-e2e")
-                        .replace("$instance", ".*")
-                        .replace("$kind", kind)
-                        .replace("$pool", pool)
-                    )
-                    checked += 1
-                    if not _query(stack["prometheus"], expr):
-                        empty.append(f"{kind} {pool}: {name}: {panel['title']}: {expr}")
+        for name, panel, target in _dashboards():
+            if target["legendFormat"] in ON_FAILURE or panel["title"] == "Anti-patterns":
+                continue
+            expr = _substituted(target["expr"], kind, pool)
+            checked += 1
+            if not prometheus.query(expr):
+                empty.append(f"{kind} {pool}: {name}: {panel['title']}: {expr}")
     assert empty == []
-    # every target of both dashboards but the two in NEEDS_OTHER_EVENTS, for every pool
-    assert checked == 27 * len(POOLS)
+    # every target of both dashboards but the failure and anti-pattern ones, for every pool
+    assert checked == 38 * len(POOLS)
+
+    # failures: the broken pools' series, and only where each kind can fail that way
+    failing = {}
+    for kind, pool in BROKEN:
+        for _, _panel, target in _dashboards():
+            if target["legendFormat"] in ON_FAILURE:
+                result = prometheus.query(_substituted(target["expr"], kind, pool))
+                failing[target["legendFormat"], pool] = (
+                    len(result) == 1 and float(result[0]["value"][1]) > 0
+                )
+    assert failing == {
+        (legend, pool): pool in pools for legend, pools in ON_FAILURE.items() for _, pool in BROKEN
+    }
+
+    # the anti-patterns table lists exactly what the workload does wrong
+    [target] = [t for _, p, t in _dashboards() if p["title"] == "Anti-patterns"]
+    rows = prometheus.query(_substituted(target["expr"], ".*", ".*"))
+    assert {(r["metric"]["pool_name"], r["metric"]["antipattern"]) for r in rows} == ANTIPATTERNS
+
+    # the stats, without their "or vector(0)" fallback, where the workload makes them happen
+    stats = {
+        panel["title"].split(" above ")[0]: target["expr"]
+        for _, panel, target in _dashboards()
+        if panel["type"] == "stat"
+    }
+    assert all(expr.endswith(" or vector(0)") for expr in stats.values())
+    bare = {title: expr.removesuffix(" or vector(0)") for title, expr in stats.items()}
+    assert _value(prometheus, _substituted(bare["Pools"], ".*", "catalog-db")) == 1
+    assert _value(prometheus, _substituted(bare["Active leaks"], ".*", "reports-db")) == 1
+    assert _value(prometheus, _substituted(bare["Timeouts in range"], ".*", "orders-db")) >= 1
+    assert _value(prometheus, _substituted(bare["Discards in range"], ".*", "inventory-api")) >= 1
+    # and with it, 0 where nothing of the kind happens
+    assert _value(prometheus, _substituted(stats["Active leaks"], ".*", "catalog-db")) == 0
+    assert _value(prometheus, _substituted(stats["Timeouts in range"], ".*", "catalog-db")) == 0
+
+    elapsed = time.monotonic() - stack["started"]
+    assert elapsed < BUDGET, f"the end-to-end test took {elapsed:.0f} s"

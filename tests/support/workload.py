@@ -16,6 +16,16 @@ Instruments itself with poolwatch, serves the Prometheus endpoint on a free loop
 * ``sessions-dynamodb`` — a boto3 DynamoDB client (max_pool_connections=2) against moto's
   server started here on loopback.
 
+Beside the cycles, all the time:
+
+* ``catalog-db`` — pool_size=12 held by 11 threads in turn: utilization high (11/12, never
+  below 10/12 = 83%) but never saturated or exhausted;
+* ``reports-db`` — one connection taken and never returned: a leak past the 2 s threshold;
+* ``replica-db``, ``down-api``, ``down-pricing``, ``down-dynamodb`` — a SQLAlchemy engine,
+  a requests Session, an httpx Client and a boto3 client for a loopback port that refuses
+  connections, called twice a second: connect errors for every kind, and for SQLAlchemy,
+  whose wait includes opening the connection, wait errors too.
+
 Every pool kind thus has levels, waits, connects, holds and closes to show. It stops after
 ``--seconds`` (bounded: at most 300) or on SIGTERM.
 """
@@ -37,10 +47,13 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 
 import poolwatch
-from tests.support.upstream import ThreadedUpstream
+from tests.support.upstream import ThreadedUpstream, refusing_port
 
 CALLERS = 4
 HOLD = 0.3
+LEAK_THRESHOLD = 2.0
+CATALOG_SIZE = 12
+CATALOG_HOLDERS = 11
 
 
 def _database_call(engine: sa.Engine) -> Callable[[], None]:
@@ -53,6 +66,15 @@ def _database_call(engine: sa.Engine) -> Callable[[], None]:
             pass  # the point of the exercise: the exhaustion is what poolwatch reports
 
     return call
+
+
+def _every(seconds: float, call: Callable[[], None], stop: threading.Event) -> Callable[[], None]:
+    def loop() -> None:
+        while not stop.is_set():
+            call()
+            stop.wait(seconds)
+
+    return loop
 
 
 def _cycle(calls: list[Callable[[], None]]) -> None:
@@ -119,6 +141,79 @@ def _http_calls(upstream: ThreadedUpstream, moto_url: str) -> tuple[list[Callabl
     return [inventory, prices, sessions], close
 
 
+def _busy_catalog(url: str, stop: threading.Event) -> Callable[[], None]:
+    """11 threads taking turns on 12 connections; returns a function that joins them."""
+    engine = sa.create_engine(url, pool_size=CATALOG_SIZE, max_overflow=0, pool_timeout=5)
+    poolwatch.track(engine, name="catalog-db")
+
+    def hold(offset: float) -> None:
+        stop.wait(offset)  # staggered: returns never coincide
+        while not stop.is_set():
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+                stop.wait(HOLD)
+
+    threads = [
+        threading.Thread(target=hold, args=(i * HOLD / CATALOG_HOLDERS,), daemon=True)
+        for i in range(CATALOG_HOLDERS)
+    ]
+    for t in threads:
+        t.start()
+
+    def join() -> None:
+        for t in threads:
+            t.join(10)
+        engine.dispose()
+
+    return join
+
+
+def _broken(refused: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Pools of every kind whose server refuses connections: one call each, and a closer."""
+    import boto3
+    import httpx
+    import requests
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError
+
+    down = f"http://127.0.0.1:{refused}"
+    replica = sa.create_engine(
+        f"postgresql+psycopg://u:p@127.0.0.1:{refused}/replica", pool_size=1, max_overflow=0
+    )
+    poolwatch.track(replica, name="replica-db")
+    session = requests.Session()
+    poolwatch.track(session, name="down-api")
+    client = httpx.Client(timeout=2.0)
+    poolwatch.track(client, name="down-pricing")
+    dynamodb = boto3.client(
+        "dynamodb",
+        endpoint_url=down,
+        region_name="eu-west-1",
+        aws_access_key_id="workload",
+        aws_secret_access_key="workload",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=2),
+    )
+    poolwatch.track(dynamodb, name="down-dynamodb")
+
+    def call() -> None:
+        with contextlib.suppress(exc.OperationalError), replica.connect():
+            pass
+        with contextlib.suppress(requests.ConnectionError):
+            session.get(down, timeout=2)
+        with contextlib.suppress(httpx.ConnectError):
+            client.get(down)
+        with contextlib.suppress(BotoCoreError):
+            dynamodb.list_tables()
+
+    def close() -> None:
+        replica.dispose()
+        session.close()
+        client.close()
+        dynamodb.close()
+
+    return call, close
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", required=True)
@@ -131,22 +226,35 @@ def main() -> int:
         stop.set()
 
     signal.signal(signal.SIGTERM, on_term)
-    handle = poolwatch.instrument(prometheus_port=0)
+    handle = poolwatch.instrument(prometheus_port=0, leak_threshold=LEAK_THRESHOLD)
     from moto.server import ThreadedMotoServer
 
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     moto.start()
     try:
-        with ThreadedUpstream() as upstream:
+        with ThreadedUpstream() as upstream, refusing_port() as refused:
             engine = sa.create_engine(args.url, pool_size=2, max_overflow=1, pool_timeout=0.1)
             poolwatch.track(engine, name="orders-db")
             host, port = moto.get_host_and_port()
             http_calls, close_http = _http_calls(upstream, f"http://{host}:{port}")
+            join_catalog = _busy_catalog(args.url, stop)
+            reports = sa.create_engine(args.url, pool_size=5, max_overflow=0)
+            poolwatch.track(reports, name="reports-db")
+            leaked = reports.connect()  # never returned while the workload runs
+            broken, close_broken = _broken(refused)
+            failing = threading.Thread(target=_every(0.5, broken, stop), daemon=True)
+            failing.start()
             assert handle.prometheus_address is not None
             args.port_file.write_text(str(handle.prometheus_address[1]))
             deadline = time.monotonic() + min(args.seconds, 300.0)
             while not stop.is_set() and time.monotonic() < deadline:
                 _cycle([_database_call(engine), *http_calls])
+            stop.set()
+            failing.join(10)
+            join_catalog()
+            leaked.close()
+            reports.dispose()
+            close_broken()
             close_http()
             engine.dispose()
     finally:
