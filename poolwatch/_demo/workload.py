@@ -11,20 +11,25 @@ Pools (each where its library is installed; the demo says which it skipped):
 * ``sessions-dynamodb`` — a boto3 DynamoDB client against moto's server on loopback.
 
 The HTTP upstream is poolwatch's own loopback server (``upstream.py``) unless ``--http-url``
-names one. Each scenario makes one alert's condition really happen:
+names one, and moto's DynamoDB is served by ``wsgi.py``'s keep-alive server (moto's own
+closes every connection, which real DynamoDB does not). Each scenario makes the conditions
+of the alerts in its ``alerts`` really happen (tests/test_demo_alerts.py):
 
 =============  ===========================================================================
-healthy        room to spare everywhere: no alert
+healthy        every pool sized at twice its workers: no alert's condition happens
 exhaustion     2 database connections for busy workers, an httpx pool of 2 with a 0.2 s
-               pool timeout on a slow upstream: callers time out (PoolwatchPoolExhausted)
+               pool timeout on a slow upstream: callers wait and time out
+               (PoolwatchPoolExhausted, Saturated, UtilizationHigh, SlowAcquire)
 leak           a worker keeps database connections it never returns; the leak threshold is
                3 s (PoolwatchConnectionLeak)
 churn          ``requests.get()`` per call: a connection opened per request
-               (PoolwatchConnectionChurn)
+               (PoolwatchConnectionChurn; PoolwatchPoolAntipattern: client_per_request)
 stale          the upstream closes idle keep-alives after 50 ms and clients pause longer:
-               every reuse finds a dropped connection (stale closes)
+               every reuse finds a dropped connection (PoolwatchPoolAntipattern:
+               keepalive_too_long)
 discard        a requests pool of 2 for 8 workers and a boto3 pool of 1 for 4: connections
-               opened past the pool are thrown away (PoolwatchPoolDiscarding)
+               opened past the pool are thrown away (PoolwatchPoolDiscarding;
+               PoolwatchPoolAntipattern: pool_overflowing)
 =============  ===========================================================================
 """
 
@@ -95,6 +100,7 @@ SCENARIOS: dict[str, Scenario] = {
                 "PoolwatchPoolExhausted",
                 "PoolwatchPoolSaturated",
                 "PoolwatchPoolUtilizationHigh",
+                "PoolwatchSlowAcquire",
             ),
             "pricing-api": ("PoolwatchPoolExhausted",),
         },
