@@ -132,6 +132,9 @@ def test_every_alert_follows_the_mixin_conventions(name: str) -> None:
     text = runbook.read_text()
     for section in ("Meaning", "Impact", "Diagnosis", "Mitigation"):
         assert f"## {section}" in text, f"{runbook.name} lacks a {section} section"
+    diagnosis = text.split("## Diagnosis", 1)[1].split("\n## ", 1)[0]
+    for command in ("poolwatch top --url http://<instance>/metrics", "poolwatch doctor --url"):
+        assert command in diagnosis, f"{runbook.name}: Diagnosis does not use {command}"
 
 
 def test_the_antipattern_runbook_explains_every_antipattern() -> None:
