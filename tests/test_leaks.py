@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import httpx
 import pytest
 import sqlalchemy as sa
 import urllib3
+from aiohttp.client_reqrep import ClientRequest
+from yarl import URL
 
 import poolwatch
 from tests.conftest import Harness
+from tests.support.postgres import PostgresCluster
 from tests.support.upstream import ThreadedUpstream
 
 THRESHOLD = 0.05
@@ -127,3 +136,188 @@ def test_an_http_connection_held_too_long_names_its_borrower(
         response.read()
         response.release_conn()
         manager.clear()
+
+
+# -- checkouts garbage-collected without being returned ------------------------------------
+COLLECTED = "was garbage-collected without being returned, after "
+
+
+def _checkout_and_drop(engine: sa.Engine) -> None:
+    conn = engine.connect()
+    conn.execute(sa.text("SELECT 1"))
+    # returns without closing conn: the fairy is collected with this frame
+
+
+def test_a_database_connection_dropped_unreturned_is_a_leak(
+    pw: Harness, postgres: PostgresCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="poolwatch")
+    engine = sa.create_engine(postgres.url())
+    poolwatch.track(engine, name="orders-db")
+    _checkout_and_drop(engine)
+    gc.collect()
+    # SQLAlchemy's own cleanup returned the connection to the pool: the use ended
+    [snap] = poolwatch.pools()
+    assert (snap.used, snap.idle, snap.checkouts, snap.leaks, snap.leaks_active) == (0, 1, 1, 1, 0)
+    [(level, message)] = _records(caplog)
+    assert level == "WARNING"
+    assert message.startswith(
+        f"poolwatch: a connection of pool 'orders-db' (sqlalchemy) {COLLECTED}"
+    )
+    assert message.endswith(
+        "s; the borrower's stack was not captured; it is from now on for this pool's "
+        "checkouts (leak_stacks='auto')"
+    )
+    line = _checkout_and_drop.__code__.co_firstlineno + 1
+    _checkout_and_drop(engine)  # stacks are captured now: the borrower is named
+    gc.collect()
+    poolwatch.pools()
+    [(level, message)] = _records(caplog)
+    assert f'File "{__file__}", line {line}, in _checkout_and_drop\n' in message
+    with engine.connect() as conn:  # a returned checkout is not a leak
+        conn.execute(sa.text("SELECT 1"))
+    got = pw.collect()
+    assert got.value("poolwatch.leaks", pool__name="orders-db") == 2
+    assert got.value("poolwatch.leaks.active", pool__name="orders-db") == 0
+    assert got.count("poolwatch.use.duration", pool__name="orders-db") == 3
+    assert _records(caplog) == []
+    engine.dispose()
+
+
+def test_a_urllib3_response_dropped_unreleased_is_a_leak_and_its_socket_closes(
+    pw: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="poolwatch")
+    with ThreadedUpstream() as upstream:
+        pool = urllib3.HTTPConnectionPool("127.0.0.1", upstream.port, maxsize=2)
+        kept = pool.request("GET", "/", preload_content=False)  # still referenced: not a leak
+        dropped = pool.request("GET", "/", preload_content=False)
+        del dropped
+        gc.collect()
+        first, second = poolwatch.pools(), poolwatch.pools()  # confirmed at the second sweep
+        assert [(s.used, s.leaks) for s in first] == [(2, 0)]
+        assert [(s.used, s.leaks, s.checkouts) for s in second] == [(1, 1, 2)]
+        [(_, message)] = _records(caplog)
+        assert message.startswith(f"poolwatch: a connection of pool '{upstream.origin}' (urllib3)")
+        assert COLLECTED in message
+        for _ in range(3):
+            poolwatch.pools()
+        assert [(s.used, s.leaks) for s in poolwatch.pools()] == [(1, 1)]  # counted once
+        assert kept.read() == b"ok\n"
+        kept.release_conn()
+        pool.request("GET", "/")
+        [snap] = poolwatch.pools()
+        assert (snap.used, snap.idle, snap.leaks, snap.checkouts, snap.connects) == (0, 1, 1, 3, 2)
+        # the collected response closed its connection (io.IOBase.__del__), and only then
+        # poolwatch let go of the object: the server saw it close
+        assert snap.closed["invalidated"] == 1
+        assert pw.collect().value("poolwatch.leaks", pool__name=upstream.origin) == 1
+        pool.close()
+
+
+def test_an_httpx_response_dropped_unclosed_is_a_leak_that_keeps_its_connection(
+    pw: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="poolwatch")
+    with ThreadedUpstream() as upstream, httpx.Client(base_url=upstream.url) as client:
+        response = client.send(client.build_request("GET", "/"), stream=True)
+        del response
+        gc.collect()
+        poolwatch.pools()
+        [snap] = poolwatch.pools()
+        # httpcore never takes such a request out of its pool: the connection stays in use
+        assert (snap.used, snap.idle, snap.leaks, snap.leaks_active) == (1, 0, 1, 0)
+        [(_, message)] = _records(caplog)
+        assert message.startswith(f"poolwatch: a connection of pool '{upstream.origin}' (httpx)")
+        assert COLLECTED in message
+        assert client.get("/").text == "ok\n"  # a second connection
+        [snap] = poolwatch.pools()
+        assert (snap.used, snap.idle, snap.leaks, snap.checkouts, snap.connects) == (1, 1, 1, 2, 2)
+
+
+class _UnfinishedBody:
+    """A real server on 127.0.0.1 that answers every request with the first bytes of a
+    longer body and then waits: a response a client cannot finish reading."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._clients: list[socket.socket] = []
+
+    def __enter__(self) -> _UnfinishedBody:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for client in self._clients:
+            client.close()
+        self._listener.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            self._clients.append(client)
+            client.settimeout(5)
+            client.recv(65536)  # the request
+            client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nfirst bytes")
+
+
+def test_an_unfinished_aiohttp_response_dropped_unreleased_is_an_active_leak(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp keeps a half-read response alive itself (its protocol holds the response's
+    end-of-payload callback): it is never collected, and its connection never comes back.
+    The leak threshold finds it."""
+    harness.instrument(leak_threshold=THRESHOLD)
+    caplog.set_level(logging.WARNING, logger="poolwatch")
+
+    async def main() -> poolwatch.PoolSnapshot:
+        with _UnfinishedBody() as server:
+            async with aiohttp.ClientSession(base_url=server.url) as session:
+                response = await session.get("/")
+                assert await response.content.read(5) == b"first"
+                del response
+                gc.collect()
+                await asyncio.sleep(THRESHOLD * 2)
+                [snapshot] = poolwatch.pools()
+                return snapshot
+
+    dropped = asyncio.run(main())
+    assert (dropped.used, dropped.leaks, dropped.leaks_active) == (1, 1, 1)
+    [(_, message)] = _records(caplog)
+    assert message.startswith(
+        f"poolwatch: a connection of pool '{dropped.name}' (aiohttp) has been checked out for "
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Unclosed connection:ResourceWarning")  # aiohttp's own
+def test_an_aiohttp_connection_dropped_unreleased_is_a_leak(
+    pw: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="poolwatch")
+
+    async def main() -> poolwatch.PoolSnapshot:
+        with ThreadedUpstream() as upstream:
+            connector = aiohttp.TCPConnector()
+            request = ClientRequest("GET", URL(upstream.url), loop=asyncio.get_running_loop())
+            connection = await connector.connect(request, [], aiohttp.ClientTimeout(total=5))
+            del connection  # aiohttp's Connection.__del__ releases it, closing it
+            gc.collect()
+            [snapshot] = poolwatch.pools()
+            await connector.close()
+            return snapshot
+
+    dropped = asyncio.run(main())
+    assert (dropped.used, dropped.idle, dropped.leaks, dropped.checkouts) == (0, 0, 1, 1)
+    assert dropped.closed["error"] == 1
+    [(_, message)] = _records(caplog)
+    assert message.startswith(f"poolwatch: a connection of pool '{dropped.name}' (aiohttp) ")
+    assert COLLECTED in message

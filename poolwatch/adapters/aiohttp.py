@@ -9,10 +9,11 @@ them; idle — open connections kept for reuse (``_conns``; a connection the ser
 closed is not counted, it is thrown away as ``stale`` the next time aiohttp looks at it);
 both also per server (``Levels.hosts``: ``server.address`` is the host as the request
 addresses it); max — ``limit``, absent when 0; pending — requests queued for a slot now
-(``_waiters``, every host). aiohttp's ``limit`` bounds the connections handed out, not the
-idle ones: a connector that has talked to several servers may keep more idle connections
-than ``limit``. The containers are copied before they are read: collection
-runs on the exporter's thread, not the event loop's.
+(``_waiters``, every host; per server by the queue's connection key, a server with
+callers waiting and no connection yet included). aiohttp's ``limit`` bounds the
+connections handed out, not the idle ones: a connector that has talked to several servers
+may keep more idle connections than ``limit``. The containers are copied before they are
+read: collection runs on the exporter's thread, not the event loop's.
 
 ``limit_per_host`` is not a pool-wide maximum and is not exported as one (no metric is
 invented for it): ``poolwatch.connections.max`` stays ``limit``. A pool held back by
@@ -115,7 +116,7 @@ from typing import Any
 from poolwatch import _catalogue as c
 from poolwatch._ledger import Ledger, capture_stack
 from poolwatch._naming import creation_site, target_name
-from poolwatch.adapters._base import Adapter, HostLevels, Levels, Tracker
+from poolwatch.adapters._base import Adapter, HostLevels, Levels, Misconfiguration, Tracker
 
 _LEDGER = "_poolwatch_ledger"
 _MARK = "_poolwatch_mark"
@@ -168,6 +169,8 @@ class AiohttpAdapter(Adapter):
         self._making = threading.local()
         self._placeholder: type = type(None)
         self._closers: dict[CodeType, str] = {}
+        self._waits_for_ever: weakref.WeakSet[Any] = weakref.WeakSet()
+        """Connectors of sessions whose timeout bounds neither ``total`` nor ``connect``."""
 
     # -- patching ----------------------------------------------------------------------
     def _patch(self, owner: Any, attribute: str, replacement: Any) -> None:
@@ -256,6 +259,9 @@ class AiohttpAdapter(Adapter):
         base_url = session._base_url
         target = base_url_target(base_url) if base_url is not None else _TARGET
         self._track_connector(connector, target, site, name)
+        timeout = getattr(session, "timeout", None)
+        if timeout is not None and timeout.total is None and timeout.connect is None:
+            self._waits_for_ever.add(connector)  # a request may wait for a slot for ever
         return True
 
     def _discover(self, connector: Any) -> Ledger | None:
@@ -331,7 +337,7 @@ class AiohttpAdapter(Adapter):
         # Copies first, each one C call: the event loop's thread changes these meanwhile.
         acquired = list(pool._acquired)
         conns = list(pool._conns.items())
-        waiters = list(pool._waiters.values())
+        waiters = list(pool._waiters.items())
         connecting = list(pool.__dict__.get(_CONNECTING, {}).items())
         used_at: dict[tuple[str, int], int] = {}
         idle_at: dict[tuple[str, int], int] = {}
@@ -357,21 +363,64 @@ class AiohttpAdapter(Adapter):
                     count += 1
             if count:
                 idle_at[server] = idle_at.get(server, 0) + count
-        pending = 0
-        for queued in waiters:
-            pending += sum(1 for waiter in list(queued) if not waiter.done())
+        pending_at: dict[tuple[str, int], int] = {}
+        for key, queued in waiters:
+            waiting = sum(1 for waiter in list(queued) if not waiter.done())
+            if waiting:
+                server = _server(key)
+                pending_at[server] = pending_at.get(server, 0) + waiting
         hosts = tuple(
-            HostLevels(server[0], server[1], used_at.get(server, 0), idle_at.get(server, 0))
-            for server in {**used_at, **idle_at}
+            HostLevels(
+                server[0],
+                server[1],
+                used_at.get(server, 0),
+                idle_at.get(server, 0),
+                pending_at.get(server, 0),
+            )
+            for server in {**used_at, **idle_at, **pending_at}
         )
         limit = pool._limit
         return Levels(
             used=len(acquired),
             idle=sum(idle_at.values()),
             max=limit if limit else None,
-            pending=pending,
+            pending=sum(pending_at.values()),
             hosts=hosts,
         )
+
+    # -- diagnostics -------------------------------------------------------------------
+    def misconfigurations(self, pool: Any) -> tuple[Misconfiguration, ...]:
+        found = []
+        if not pool._limit:
+            found.append(Misconfiguration(c.ANTIPATTERN_UNBOUNDED_POOL, "TCPConnector(limit=0)"))
+        if pool in self._waits_for_ever:
+            found.append(
+                Misconfiguration(
+                    c.ANTIPATTERN_NO_POOL_TIMEOUT, "ClientTimeout(total=None, connect=None)"
+                )
+            )
+        return tuple(found)
+
+    def sockets(self, pool: Any) -> tuple[int, ...]:
+        found = []
+        for protocol in self._protocols(pool):
+            transport = protocol.transport
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            fd = sock.fileno() if sock is not None else -1
+            if fd >= 0:
+                found.append(fd)
+        return tuple(found)
+
+    def _protocols(self, pool: Any) -> list[Any]:
+        """The connector's connections: idle ones and handed-out ones."""
+        protocols = [p for conns in list(pool._conns.values()) for p, _ in list(conns)]
+        protocols.extend(p for p in list(pool._acquired) if type(p) is not self._placeholder)
+        return protocols
+
+    def oldest_connection(self, pool: Any) -> float | None:
+        marks = [getattr(p, "__dict__", {}).get(_MARK) for p in self._protocols(pool)]
+        born = [mark[0] for mark in marks if mark is not None and mark[0] is not None]
+        return monotonic() - min(born) if born else None
 
 
 def _server(key: Any) -> tuple[str, int]:
@@ -462,6 +511,12 @@ def _release_hook(adapter: AiohttpAdapter, original: Callable[..., None]) -> Cal
             start = ledger.active.pop(protocol, None)
             if start is not None:
                 held = perf_counter() - start
+                if should_close and sys._getframe(1).f_code.co_name == "__del__":
+                    # A Connection collected unreleased (aiohttp warns "Unclosed
+                    # connection"): the borrower dropped it.
+                    _collected(ledger, protocol, held, report)
+                    original(self, key, protocol, should_close=should_close)
+                    return
                 ledger.uses.append(held)
                 if held > ledger.leak_threshold:
                     try:
@@ -473,6 +528,13 @@ def _release_hook(adapter: AiohttpAdapter, original: Callable[..., None]) -> Cal
         original(self, key, protocol, should_close=should_close)
 
     return _release
+
+
+def _collected(ledger: Ledger, protocol: Any, held: float, report: Callable[..., None]) -> None:
+    try:
+        ledger.collected(protocol, held)
+    except Exception as error:
+        report("aiohttp leak", error)
 
 
 def _create_hook(

@@ -13,7 +13,8 @@ or ``is_readable``, is ever called from a reading):
   every origin it talks to, which is why the pool is one series and its servers are
   attributes of its points.
 * ``idle_max`` — ``max_keepalive_connections`` (absent when None).
-* pending — requests queued in the pool without a connection yet.
+* pending — requests queued in the pool without a connection while it is at its limit,
+  also per server (the queued request's origin; through a proxy, the origin behind it).
 
 HTTP/2: one connection carries many concurrent requests (streams). poolwatch counts
 *connections*, as httpcore's ``max_connections`` does: an HTTP/2 connection with five
@@ -46,11 +47,16 @@ Hooks, and why there:
 * ``PoolByteStream.close`` / ``aclose`` — the response is closed: end of use.
 * ``HTTPConnection._connect`` (and async) — connect time: TCP, then TLS for ``https``
   (with ``retries``, the failed attempts and their back-off are part of it). Through a
-  forwarding proxy it is the connect to the proxy; through a tunnelling (``CONNECT``)
-  proxy, the connect to the proxy only — the ``CONNECT`` exchange and the TLS handshake
-  with the origin are not in it. SOCKS proxies' connects are not timed.
+  forwarding proxy it is the connect to the proxy (TCP, and TLS to an ``https`` proxy).
+  Through a tunnelling (``CONNECT``) proxy it is the whole tunnel: the connect to the
+  proxy, the ``CONNECT`` exchange and the TLS handshake with the origin — its start is
+  kept on the application's request and the connect is counted once the tunnel's
+  HTTP/1.1 or HTTP/2 connection is born (``ok``), or when the request fails before that
+  (``error``: the proxy refused, TLS with the origin failed). All of it happens once per
+  connection, never per request. SOCKS proxies' connects are not timed.
 * ``HTTP11Connection.__init__`` / ``HTTP2Connection.__init__`` (and async) — a connection
-  is born: the mark its close is counted by, with the ledger found from the request.
+  is born: the mark its close is counted by, with the ledger found from the request; for
+  a tunnel, the end of its connect.
 * ``HTTP11Connection.close`` / ``HTTP2Connection.close`` (and ``aclose``) — every close,
   counted once (the mark is cleared), the reason told by who closed it:
 
@@ -89,13 +95,15 @@ from typing import Any
 from poolwatch import _catalogue as c
 from poolwatch._ledger import Ledger, capture_stack
 from poolwatch._naming import creation_site, target_name
-from poolwatch.adapters._base import Adapter, HostLevels, Levels, Tracker
+from poolwatch.adapters._base import Adapter, HostLevels, Levels, Misconfiguration, Tracker
 
 _LEDGER = "_poolwatch_ledger"
 """On pools: the pool's ledger (``_UNTRACKED`` if tracking failed). On requests: the ledger
 of the pool serving it."""
 _MARK = "_poolwatch_connection"
 """On HTTP/1.1 and HTTP/2 connections: (ledger, birth) until the close is counted."""
+_TUNNEL = "_poolwatch_tunnel"
+"""On a request whose tunnel through a proxy is being set up: when its connect began."""
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _UNBOUNDED = sys.maxsize
 _FRAMES = 8
@@ -125,6 +133,27 @@ def pool_name(pool: Any, base: str) -> str:
     if proxy is None:
         return base
     return f"{base} via {_origin(proxy.scheme, proxy.host, proxy.port)}"
+
+
+def _tunnelled_request(frame: FrameType | None) -> Any:
+    """The application's request (the one carrying a ledger) up the stack from the connect
+    of a tunnel's ``CONNECT`` request; None if not found."""
+    depth = 0
+    while frame is not None and depth < _FRAMES:
+        request = frame.f_locals.get("request")
+        if isinstance(getattr(request, _LEDGER, None), Ledger):
+            return request
+        frame = frame.f_back
+        depth += 1
+    return None
+
+
+def _tunnel_done(ledger: Ledger, request: Any, *, ok: bool) -> None:
+    """Count the connect of the tunnel set up for ``request``, if one is pending."""
+    start = getattr(request, _TUNNEL, None)
+    if start is not None:
+        setattr(request, _TUNNEL, None)
+        ledger.connected(perf_counter() - start, ok=ok)
 
 
 def _ledger_from_frames(frame: FrameType | None) -> Ledger | None:
@@ -164,6 +193,8 @@ class HTTPXAdapter(Adapter):
         self._protocols: tuple[type[Any], ...] = ()
         self.pool_timeout: type[BaseException] = TimeoutError
         """httpcore.PoolTimeout once hooked (counted by the wait hook, not as an error)."""
+        self._waits_for_ever: weakref.WeakSet[Any] = weakref.WeakSet()
+        """Pools of clients made with ``httpx.Timeout(pool=None)``."""
 
     # -- patching ----------------------------------------------------------------------
     def _patch(self, owner: Any, attribute: str, replacement: Any) -> None:
@@ -194,6 +225,7 @@ class HTTPXAdapter(Adapter):
         timeout = self.pool_timeout = httpcore.PoolTimeout
         for owner in (spool.ConnectionPool, apool.AsyncConnectionPool, httpcore.Request):
             self._patch(owner, _LEDGER, None)
+        self._patch(httpcore.Request, _TUNNEL, None)
         for protocol in self._protocols:
             self._patch(protocol, _MARK, None)
             self._patch(protocol, "__init__", _born_hook(self, protocol.__dict__["__init__"]))
@@ -316,10 +348,13 @@ class HTTPXAdapter(Adapter):
         base = _origin(base_url.scheme, base_url.host, base_url.port) if base_url.host else "httpx"
         found = False
         transports = [getattr(client, "_transport", None), *getattr(client, "_mounts", {}).values()]
+        timeout = getattr(client, "timeout", None)
         for transport in transports:
             pool = getattr(transport, "_pool", None)
             if pool is not None and hasattr(pool, "_connections"):
                 self._track_pool(pool, base, site, name)
+                if timeout is not None and timeout.pool is None:
+                    self._waits_for_ever.add(pool)
                 found = True
         return found
 
@@ -384,22 +419,32 @@ class HTTPXAdapter(Adapter):
     def levels(self, pool: Any) -> Levels:
         connections = list(pool._connections)  # the event loop or another thread mutates it
         requests = list(pool._requests)
-        hosts: dict[tuple[str, int], list[int]] = {}
-        used = idle = 0
+        hosts: dict[tuple[str, int], list[int]] = {}  # server: [used, idle, pending]
+        used = idle = opened = 0
         for connection in connections:
             if connection.is_closed():
                 continue
+            opened += 1
             origin = getattr(connection, "_remote_origin", None) or connection._origin
             key = (origin.host.decode("ascii", "replace"), origin.port)
-            counts = hosts.setdefault(key, [0, 0])
+            counts = hosts.setdefault(key, [0, 0, 0])
             if connection.is_idle():
                 idle += 1
                 counts[1] += 1
             else:
                 used += 1
                 counts[0] += 1
-        pending = sum(1 for r in requests if r.connection is None)
         limit = pool._max_connections
+        pending = 0
+        # A request is queued for an instant between joining the queue and being given a
+        # connection; it waits only while the pool is at its limit.
+        if opened >= limit:
+            for queued in requests:
+                if queued.connection is None:
+                    pending += 1
+                    origin = queued.request.url.origin  # through a proxy: the origin behind it
+                    key = (origin.host.decode("ascii", "replace"), origin.port)
+                    hosts.setdefault(key, [0, 0, 0])[2] += 1
         keepalive = pool._max_keepalive_connections
         return Levels(
             used=used,
@@ -407,8 +452,50 @@ class HTTPXAdapter(Adapter):
             max=None if limit >= _UNBOUNDED else limit,
             pending=pending,
             idle_max=None if keepalive >= _UNBOUNDED else keepalive,
-            hosts=tuple(HostLevels(a, p, u, i) for (a, p), (u, i) in sorted(hosts.items())),
+            hosts=tuple(HostLevels(a, p, *counts) for (a, p), counts in sorted(hosts.items())),
         )
+
+    # -- diagnostics -------------------------------------------------------------------
+    def misconfigurations(self, pool: Any) -> tuple[Misconfiguration, ...]:
+        found = []
+        if pool._max_connections >= _UNBOUNDED:
+            found.append(
+                Misconfiguration(c.ANTIPATTERN_UNBOUNDED_POOL, "httpx.Limits(max_connections=None)")
+            )
+        if pool in self._waits_for_ever:
+            found.append(
+                Misconfiguration(c.ANTIPATTERN_NO_POOL_TIMEOUT, "httpx.Timeout(pool=None)")
+            )
+        return tuple(found)
+
+    def oldest_connection(self, pool: Any) -> float | None:
+        marks = [getattr(p, _MARK, None) for p in self._protocols_of(pool) if not p.is_closed()]
+        born = [mark[1] for mark in marks if mark is not None and mark[1] is not None]
+        return perf_counter() - min(born) if born else None
+
+    def sockets(self, pool: Any) -> tuple[int, ...]:
+        found = []
+        for protocol in self._protocols_of(pool):
+            stream = getattr(protocol, "_network_stream", None)
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            fd = sock.fileno() if sock is not None else -1
+            if fd >= 0:
+                found.append(fd)
+        return tuple(found)
+
+    def find_abandoned(self, ledger: Ledger) -> None:
+        """Requests whose response was collected without being closed.
+
+        httpcore never takes such a request out of its pool (no finaliser closes the
+        response stream), so its connection stays in use for good: the pool's own list of
+        requests is then the only reference left besides poolwatch's checkout table. Each
+        counts as a leak as soon as two collections in a row see it so.
+        """
+        orphans = ledger.orphans(extra_references=1)  # the pool's _requests list
+        now = perf_counter()
+        for key in orphans:
+            start = ledger.active.get(key)
+            ledger.collected(key, now - start if start is not None else 0.0)
 
 
 def _forget_attribute(obj: Any, attribute: str) -> None:
@@ -441,6 +528,7 @@ def _dropped_reason(connection: Any) -> str:
 def _failed(adapter: HTTPXAdapter, ledger: Ledger, request: Any, start: float, exc: Any) -> None:
     """A request failed inside the pool (not on the hot path)."""
     try:
+        _tunnel_done(ledger, request, ok=False)  # its tunnel failed after the TCP connect
         had = [key for key in list(ledger.active) if getattr(key, "request", None) is request]
         if had:  # it had its connection: the use ends here, its wait was counted
             now = perf_counter()
@@ -596,6 +684,13 @@ def _connected(
     try:
         ledger = getattr(request, _LEDGER, None)
         if not isinstance(ledger, Ledger):  # a proxy connection's own request
+            if ok and request.method == b"CONNECT":
+                # A tunnel: counted once it is up, CONNECT exchange and origin TLS included
+                # (_born_hook), or when the request fails before that (_failed).
+                tunnelled = _tunnelled_request(caller)
+                if tunnelled is not None:
+                    setattr(tunnelled, _TUNNEL, start)
+                    return
             ledger = _ledger_from_frames(caller)
         if ledger is not None:
             ledger.connected(perf_counter() - start, ok=ok)
@@ -635,9 +730,12 @@ def _born_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         try:
-            ledger = _ledger_from_frames(sys._getframe(1))
+            caller = sys._getframe(1)
+            ledger = _ledger_from_frames(caller)
             if ledger is not None:
                 setattr(self, _MARK, (ledger, perf_counter()))
+                # Born in a tunnel's handle_request: the tunnel is up, its connect ends.
+                _tunnel_done(ledger, caller.f_locals.get("request"), ok=True)
         except Exception as error:
             adapter.tracker.report("httpx connection", error)
 

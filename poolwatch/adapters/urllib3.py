@@ -251,7 +251,8 @@ class Urllib3Adapter(Adapter):
                 found_pools.append(obj)
             else:
                 owned = _existing_maker(obj)
-                if owned is not None:
+                # A botocore Endpoint names its service; its URLLib3Session does not.
+                if owned is not None and (owned[1].service or id(owned[0]) not in makers):
                     makers[id(owned[0])] = owned[1]
         for manager in found_managers:
             maker = makers.get(id(manager))
@@ -381,6 +382,10 @@ class Urllib3Adapter(Adapter):
         known = [b for b in born if b is not None]
         return perf_counter() - min(known) if known else None
 
+    def sockets(self, pool: Any) -> tuple[int, ...]:
+        found = (conn.sock.fileno() for conn in self._connections_of(pool))
+        return tuple(fd for fd in found if fd >= 0)
+
     def _connections_of(self, pool: Any) -> list[Any]:
         """Open connections of ``pool``: idle in its queue, and checked out."""
         ledger: Ledger | None = pool._poolwatch_ledger
@@ -474,6 +479,11 @@ def _existing_maker(obj: Any) -> tuple[Any, _Maker] | None:
         return obj.poolmanager, _Maker("requests", None)
     if module == "botocore.httpsession" and hasattr(obj, "_manager"):
         return obj._manager, _Maker("botocore", None)
+    if module == "botocore.endpoint" and hasattr(obj, "http_session"):  # a client's Endpoint
+        manager = getattr(obj.http_session, "_manager", None)
+        service = getattr(obj, "_endpoint_prefix", None)
+        if manager is not None and isinstance(service, str):
+            return manager, _Maker("botocore", None, service)
     return None
 
 
