@@ -79,7 +79,7 @@ def test_prometheus_config_is_valid_with_its_rules(tmp_path: Path) -> None:
     shutil.copy(config, tmp_path / "prometheus.yml")
     result = _run("promtool", "check", "config", str(tmp_path / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 13 rules found" in result.stdout
+    assert "SUCCESS: 17 rules found" in result.stdout
 
 
 def test_alertmanager_config_is_valid() -> None:
