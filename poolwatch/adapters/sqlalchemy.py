@@ -255,7 +255,6 @@ class SQLAlchemyAdapter(Adapter):
         started = [r.starttime for r in records if r.dbapi_connection is not None and r.starttime]
         return time.time() - min(started) if started else None
 
-
     def sockets(self, pool: Any) -> tuple[int, ...]:
         found = (_driver_socket(r.dbapi_connection) for r in _records_of(pool))
         return tuple(fd for fd in found if fd is not None and fd >= 0)
