@@ -23,7 +23,10 @@ Sections (see each module's docstring for the method):
 * ``http`` (bench_http.py) — added cost per loopback keep-alive request for urllib3,
   requests, httpx (sync and async), aiohttp and boto3 against moto: bare, poolwatch, and
   each library's OpenTelemetry contrib instrumentation; acquire+release of urllib3,
-  httpx (httpcore) and aiohttp pools.
+  httpx (httpcore) and aiohttp pools;
+* ``instructions`` (bench_instructions.py, only with ``--only``) — instructions poolwatch
+  adds per checkout+checkin and per request, counted by valgrind: a figure the machine's
+  noise cannot move.
 
 docs/performance.md records a run and reads it against the targets.
 """
@@ -46,7 +49,9 @@ REPO = HERE.parent
 VENV = HERE / ".venv"
 REQUIREMENTS = HERE / "requirements.txt"
 STAMP = VENV / ".requirements-installed"
-SECTIONS = ("hotpath", "collect", "memory", "http")
+SECTIONS = ("hotpath", "collect", "memory", "http", "instructions")
+DEFAULT_SECTIONS = ("hotpath", "collect", "memory", "http")
+"""What a plain run measures; ``instructions`` (valgrind, minutes) only with ``--only``."""
 CORE_PACKAGES = ("SQLAlchemy", "opentelemetry-sdk", "opentelemetry-instrumentation-sqlalchemy")
 HTTP_PACKAGES = ("urllib3", "requests", "httpx", "httpcore", "aiohttp", "boto3", "botocore", "moto")
 """The libraries the http section measures, printed with their versions."""
@@ -65,7 +70,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--no-venv", action="store_true", help="run in this interpreter")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer rounds")
     parser.add_argument(
-        "--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}"
+        "--only",
+        default=",".join(DEFAULT_SECTIONS),
+        help=f"comma-separated subset of {SECTIONS} (default: all but instructions)",
     )
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -172,6 +179,7 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
     """Run and print each chosen section as soon as it is done."""
     import bench_collect
     import bench_http
+    import bench_instructions
     import bench_memory
     import bench_sqlalchemy
 
@@ -204,6 +212,16 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
         )
         results, acquire = bench_http.run_http(http_config)
         print(bench_http.render_http(results, acquire, http_config), flush=True)
+    if "instructions" in sections:
+        counting = (
+            bench_instructions.InstructionConfig(
+                small=50, large=150, repeats=1, sqlalchemy_small=500, sqlalchemy_large=1500
+            )
+            if quick
+            else bench_instructions.InstructionConfig()
+        )
+        counted = bench_instructions.run_instructions(counting)
+        print(bench_instructions.render_instructions(counted, counting), flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
