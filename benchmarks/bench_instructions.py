@@ -240,23 +240,21 @@ _RUN: dict[str, Callable[[int, str], None]] = {
 
 
 def _child(case: str, variant: str, n: int, url: str) -> None:
+    # Both variants import poolwatch and the SDK and make a provider: the same modules and
+    # heap (the garbage collector's work grows with the heap), so that only the hooks differ.
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    import poolwatch
+
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
     if variant == "poolwatch":
-        from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-
-        import poolwatch
-
-        poolwatch.instrument(
-            meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]),
-            process_view="off",  # its thread's reading every 10 s is not per operation
-        )
+        # the process view's reading every 10 s, on poolwatch's thread, is not per operation
+        poolwatch.instrument(meter_provider=provider, process_view="off")
     _RUN[case](n, url)
-    if variant == "poolwatch":
-        import poolwatch
-
-        counted = sum(s.checkouts for s in poolwatch.pools())
-        if counted != n:
-            raise SystemExit(f"{case}: poolwatch counted {counted} checkouts for {n} operations")
+    counted = sum(s.checkouts for s in poolwatch.pools())
+    if counted != (n if variant == "poolwatch" else 0):
+        raise SystemExit(f"{case} {variant}: poolwatch counted {counted} checkouts for {n}")
 
 
 if __name__ == "__main__":

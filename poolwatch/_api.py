@@ -14,7 +14,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 
 from poolwatch._config import ConfigError, Settings, psutil_importable, resolve
 from poolwatch._export import Bridge, Producer
-from poolwatch._imports import PostImportHooks
+from poolwatch._imports import PostImportHooks, installed
 from poolwatch._janitor import Janitor
 from poolwatch._ledger import Ledger
 from poolwatch._naming import check_pool_name
@@ -105,7 +105,7 @@ class Instrumentation:
             adapter = ADAPTERS[library](self._tracker)
             if adapter.module in sys.modules:
                 self._activate(adapter, imported_before=True)
-            else:
+            elif installed(adapter.module):
                 self._hooks.watch(adapter.module, self._on_import(adapter))
 
     def _on_import(self, adapter: Adapter) -> Any:

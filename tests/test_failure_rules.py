@@ -6,6 +6,9 @@ import gc
 import json
 import logging
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import tracemalloc
@@ -260,3 +263,35 @@ def test_pending_values_stay_bounded_without_any_collection(pw: Harness, tmp_pat
         assert time.monotonic() < deadline, "the janitor did not fold the pending values"
         time.sleep(0.05)
     assert [s.checkouts for s in poolwatch.pools()] == [DRAIN_AT + 100]
+
+
+def test_only_installed_libraries_are_watched_and_the_finder_leaves_when_done() -> None:
+    """While poolwatch's finder is on sys.meta_path every import consults it; it is there
+    only for libraries that are installed and not imported yet."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from opentelemetry.sdk.metrics import MeterProvider
+        import poolwatch
+        from poolwatch._imports import PostImportHooks
+        from poolwatch.adapters import AiohttpAdapter
+
+        AiohttpAdapter.module = "no_such_library_for_poolwatch"  # as if aiohttp were absent
+        import httpx, urllib3  # imported before: hooked at once
+        handle = poolwatch.instrument(meter_provider=MeterProvider())
+        [finder] = [f for f in sys.meta_path if isinstance(f, PostImportHooks)]
+        print(sorted(finder._hooks))
+        import sqlalchemy
+        print(sorted(handle.libraries))
+        print([f for f in sys.meta_path if isinstance(f, PostImportHooks)])
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "['sqlalchemy']",
+        "['httpx', 'sqlalchemy', 'urllib3']",
+        "[]",
+    ]
