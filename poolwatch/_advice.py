@@ -3,10 +3,12 @@
 The findings read two observations of a pool an interval apart (the same counts
 ``poolwatch top`` shows) and apply the rules of the alert runbooks, with numbers:
 
-* **size** — Little's law: connections busy on average = demand rate x mean hold time.
-  Demand counts the callers that gave up (timeouts) as well as those served. The
-  recommended size adds ``HEADROOM`` (half again) so that bursts find a free connection;
-  it is never below what is in use now.
+* **size** — Little's law: connections busy on average = demand rate x mean hold time,
+  and callers waiting on average = the rate of wait-seconds (they wanted a connection as
+  much). Demand counts the callers that gave up (timeouts) as well as those served. The
+  recommended size is both together plus ``HEADROOM`` (half again), so that bursts find a
+  free connection, and never below what is in use now — the same as the recording rule
+  ``poolwatch:pool_size:recommended``.
 * exhaustion (timeouts), saturation (callers waiting, 95% used), high utilization (80%),
   discards (connections opened past a non-blocking pool and thrown away), churn (a new
   connection for most checkouts), stale connections (dropped by the server while idle),
@@ -46,6 +48,8 @@ class Counts:
     """Seconds connections were held, summed (use.duration sum)."""
     holds: float = 0.0
     """Returns (use.duration count)."""
+    wait_total: float = 0.0
+    """Seconds successful checkouts waited, summed (wait.duration{outcome=acquired} sum)."""
     leaks_active: float = 0.0
     wait_buckets: dict[float, float] = field(default_factory=dict)
     """Cumulative count of successful waits at or below each bound (``le``), seconds."""
@@ -60,6 +64,8 @@ CHURN_RATIO = _thresholds.CHURN_RATIO
 """New connections per checkout above which a pool is churning."""
 CHURN_MIN_RATE = _thresholds.CHURN_MIN_CHECKOUTS
 """Checkouts per second below which churn is not worth reporting."""
+WAITING_SHOWN = 0.05
+"""Callers waiting on average below which the reasoning leaves them out (they are counted)."""
 HEADROOM = _thresholds.HEADROOM
 DISCARD_RATIO = _thresholds.DISCARD_RATIO
 """pool_full closes per checkout above which a pool is too small (with DISCARD_RATE).
@@ -118,11 +124,15 @@ def sizing(now: Counts, before: Counts, seconds: float) -> Sizing | None:
     demand = (now.checkouts - before.checkouts + now.timeouts - before.timeouts) / seconds
     hold = (now.hold_total - before.hold_total) / holds
     busy = demand * hold
-    size = max(math.ceil(busy * HEADROOM), round(now.used), 1)
+    # Little's law for the queue too: callers waiting on average = the rate of wait-seconds.
+    # They wanted a connection as much as the ones holding one.
+    waiting = max(now.wait_total - before.wait_total, 0.0) / seconds
+    size = max(math.ceil((busy + waiting) * HEADROOM), round(now.used), 1)
+    queued = f" + {waiting:.1f} callers waiting" if waiting >= WAITING_SHOWN else ""
     return Sizing(
         size,
         f"{demand:.1f} checkouts/s wanted x {hold * 1000:.0f} ms mean hold = {busy:.1f} "
-        f"connections busy on average; x {HEADROOM} headroom → {size}",
+        f"connections busy on average{queued}; x {HEADROOM} headroom → {size}",
     )
 
 

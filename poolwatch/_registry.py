@@ -49,6 +49,11 @@ class Sample(NamedTuple):
     timeouts: int
     hold_total: float
     holds: int
+    wait_total: float
+
+
+_ZERO = Sample(0.0, 0, 0, 0.0, 0, 0.0)
+"""A series' counts at its creation (``at`` set when it is made)."""
 
 
 class Series:
@@ -97,7 +102,7 @@ class Series:
         self.antipatterns: dict[str, Antipattern] = {}
         """Anti-patterns found, by name, in the order found (``_antipatterns.py``)."""
         self.watch = Watch()
-        self.history: deque[Sample] = deque([Sample(time.monotonic(), 0, 0, 0.0, 0)], SAMPLES_KEPT)
+        self.history: deque[Sample] = deque([_ZERO._replace(at=time.monotonic())], SAMPLES_KEPT)
         """Counts every ``SAMPLE_EVERY`` seconds, oldest first, from zero at creation."""
 
 
@@ -385,7 +390,7 @@ class Registry:
             series.created_ns = time.time_ns()
             series.instances_created = len(series.pools)
             series.history.clear()
-            series.history.append(Sample(time.monotonic(), 0, 0, 0.0, 0))
+            series.history.append(_ZERO._replace(at=time.monotonic()))
 
 
 def _sample(series: Series, ledger: LedgerSnapshot) -> None:
@@ -394,7 +399,10 @@ def _sample(series: Series, ledger: LedgerSnapshot) -> None:
     history = series.history
     if now - history[-1].at >= SAMPLE_EVERY:
         use = ledger.use
-        history.append(Sample(now, ledger.checkouts, ledger.timeouts, use.total, use.observations))
+        waited = ledger.wait[c.OUTCOME_ACQUIRED].total
+        history.append(
+            Sample(now, ledger.checkouts, ledger.timeouts, use.total, use.observations, waited)
+        )
 
 
 def _sizing(series: Series, levels: Levels, ledger: LedgerSnapshot) -> Sizing | None:
@@ -411,6 +419,7 @@ def _sizing(series: Series, levels: Levels, ledger: LedgerSnapshot) -> Sizing | 
         timeouts=ledger.timeouts,
         hold_total=use.total,
         holds=use.observations,
+        wait_total=ledger.wait[c.OUTCOME_ACQUIRED].total,
     )
     then = Counts(
         series.kind,
@@ -419,6 +428,7 @@ def _sizing(series: Series, levels: Levels, ledger: LedgerSnapshot) -> Sizing | 
         timeouts=before.timeouts,
         hold_total=before.hold_total,
         holds=before.holds,
+        wait_total=before.wait_total,
     )
     return sizing(now, then, seconds)
 

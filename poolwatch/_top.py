@@ -100,6 +100,7 @@ _SUMS: dict[str, list[tuple[str | None, str | None, str]]] = {
     "poolwatch_use_duration_seconds_count": [(None, None, "holds")],
     "poolwatch_connect_duration_seconds_count": [("outcome", "ok", "connects")],
     "poolwatch_wait_duration_seconds_count": [("outcome", "acquired", "checkouts")],
+    "poolwatch_wait_duration_seconds_sum": [("outcome", "acquired", "wait_total")],
 }
 
 

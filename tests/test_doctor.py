@@ -58,6 +58,17 @@ def test_size_is_littles_law_with_headroom() -> None:
     )
 
 
+def test_callers_waiting_count_towards_the_size() -> None:
+    """Little's law for the queue: 30 wait-seconds in 10 s = 3 callers waiting on average."""
+    before = _counts(checkouts=1000, holds=1000, hold_total=200.0, wait_total=100.0)
+    now = _counts(checkouts=1100, holds=1100, hold_total=250.0, wait_total=130.0, used=5, max=5)
+    assert _advice.sizing(now, before, 10.0) == _advice.Sizing(
+        12,  # 10/s x 0.5 s = 5 busy, + 3 waiting = 8 wanting a connection; x 1.5 = 12
+        "10.0 checkouts/s wanted x 500 ms mean hold = 5.0 connections busy on average + "
+        "3.0 callers waiting; x 1.5 headroom → 12",
+    )
+
+
 def test_one_observation_of_a_level_is_not_enough() -> None:
     """Waiters seen at one scrape only (a request caught between queueing and assignment)."""
     now = _counts(used=2, max=10, pending=1)
@@ -155,7 +166,11 @@ def reports() -> Iterator[dict[str, tuple[int, str]]]:
         for demo in demos:
             demo.terminate()
         for demo in demos:
-            demo.wait(15)
+            try:
+                demo.wait(15)
+            except subprocess.TimeoutExpired:  # a stuck demo is the failure, not a leftover
+                demo.kill()
+                demo.wait(15)
 
 
 def _until_serving(url: str) -> None:
