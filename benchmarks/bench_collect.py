@@ -3,7 +3,8 @@
 Each case instruments poolwatch with an ``InMemoryMetricReader`` (``max_pools=20000`` so
 that nothing folds into the overflow series, except in the *cap* case), creates the
 engines (in-memory SQLite, ``QueuePool``), checks each out and in once, collects once to
-warm up, then times ``get_metrics_data()`` with ``time.perf_counter``. Three layouts:
+warm up, then times ``get_metrics_data()`` with ``time.perf_counter`` — per round, as many
+collections back to back as fill 2 ms (one, for the big cases), divided. Three layouts:
 
 * *one call site* — every engine is created by the same line: they aggregate into one
   series with many pool instances (levels are still read from every pool);
@@ -25,6 +26,7 @@ well as on poolwatch. The GC-disabled figure isolates poolwatch's own work.
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter
@@ -86,6 +88,8 @@ class CaseResult:
     points: int
     setup_us_per_pool: float
     """Creating, tracking and checking out one engine, as seen while building the case."""
+    process_view: float | None = None
+    """Seconds of one process-view reading with the case's pools (None without psutil)."""
 
 
 def _engine() -> Any:
@@ -118,14 +122,28 @@ def dispose_all(engines: list[Any]) -> None:
     engines.clear()
 
 
-def timed_collection(reader: InMemoryMetricReader, *, gc_enabled: bool) -> float:
-    """Seconds for one ``get_metrics_data()``."""
+BATCH_SECONDS = 0.002
+"""A round times back-to-back collections for at least this long (one, for big cases): a
+20 µs collection timed alone is mostly timer and cache noise."""
+
+
+def batch_size(reader: InMemoryMetricReader) -> int:
+    """Collections per round: enough to fill ``BATCH_SECONDS``, from one timed collection."""
+    start = perf_counter()
+    reader.get_metrics_data()
+    once = perf_counter() - start
+    return max(1, min(1000, int(BATCH_SECONDS / max(once, 1e-9))))
+
+
+def timed_collection(reader: InMemoryMetricReader, *, gc_enabled: bool, batch: int = 1) -> float:
+    """Seconds per ``get_metrics_data()``, over ``batch`` collections back to back."""
     if not gc_enabled:
         gc.disable()
     try:
         start = perf_counter()
-        reader.get_metrics_data()
-        return perf_counter() - start
+        for _ in range(batch):
+            reader.get_metrics_data()
+        return (perf_counter() - start) / batch
     finally:
         gc.enable()
 
@@ -151,10 +169,13 @@ def run_case(case: Case) -> CaseResult:
     gc.collect()  # or instrument()'s heap walk finds a previous case's unreachable engines
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
+    logging.getLogger("poolwatch").setLevel(logging.ERROR)  # one call site: a client per request
+    # The process view is off here: its reading runs on poolwatch's thread every 10 s, not
+    # in a collection, and is timed on its own below (view ms).
     if case.layout == CAPPED:
-        poolwatch.instrument(meter_provider=provider)  # the default cap
+        handle = poolwatch.instrument(meter_provider=provider, process_view="off")
     else:
-        poolwatch.instrument(meter_provider=provider, max_pools=20_000)
+        handle = poolwatch.instrument(meter_provider=provider, max_pools=20_000, process_view="off")
     engines: list[Any] = []
     try:
         build = engines_one_site if case.layout == ONE_SITE else engines_named
@@ -162,17 +183,40 @@ def run_case(case: Case) -> CaseResult:
         engines = build(case.pools)
         setup = (perf_counter() - start) / case.pools * 1e6
         series, points = count_points(reader.get_metrics_data())
+        batch = batch_size(reader)
         runs: dict[str, Callable[[], float]] = {
-            "on": lambda: timed_collection(reader, gc_enabled=True),
-            "off": lambda: timed_collection(reader, gc_enabled=False),
+            "on": lambda: timed_collection(reader, gc_enabled=True, batch=batch),
+            "off": lambda: timed_collection(reader, gc_enabled=False, batch=batch),
         }
         samples = interleave(runs, case.rounds)
+        view = time_process_view(handle)
     finally:
         dispose_all(engines)
         poolwatch.uninstrument()
         provider.shutdown()
     on, off = summarize(samples["on"]), summarize(samples["off"])
-    return CaseResult(case, on, off, series, points, setup)
+    return CaseResult(case, on, off, series, points, setup, view)
+
+
+def time_process_view(handle: poolwatch.Instrumentation, rounds: int = 5) -> float | None:
+    """Median seconds of one process-view reading (psutil's scan of descriptors and TCP
+    connections, and every pool's sockets), as poolwatch's thread takes it; None without
+    psutil."""
+    try:
+        from poolwatch._process import ProcessWatcher
+    except ImportError:
+        return None
+    try:
+        watcher = ProcessWatcher(handle._registry.pool_sockets, handle._errors)
+    except ImportError:  # psutil not installed
+        return None
+    samples = []
+    for _ in range(rounds):
+        start = perf_counter()
+        if watcher.refresh() is None:
+            raise RuntimeError("the process view could not be read")
+        samples.append(perf_counter() - start)
+    return summarize(samples).median
 
 
 def run_collection(cases: tuple[Case, ...]) -> list[CaseResult]:
@@ -195,6 +239,7 @@ def render_collection(results: list[CaseResult]) -> str:
         "marginal",
         "GC off",
         "setup",
+        "view ms",
         f"<= {TARGET_US_PER_POOL:.0f} µs/pool",
     ]
     return "\n".join(
@@ -202,7 +247,9 @@ def render_collection(results: list[CaseResult]) -> str:
             heading("Collection: InMemoryMetricReader.get_metrics_data() with N live pools"),
             "medians, GC enabled unless said; µs/pool = collection / pools (the verdict uses it);",
             "marginal = (collection - 1-pool collection) / (pools - 1) µs; GC off = µs/pool with",
-            "the collector disabled; setup = create + track + one checkout, µs per engine",
+            "the collector disabled; setup = create + track + one checkout, µs per engine;",
+            "view ms = one process-view reading (poolwatch's thread, every 10 s; not in a",
+            "collection): psutil's scan and every pool's sockets",
             table(headers, rows),
         ]
     )
@@ -225,5 +272,6 @@ def _row(r: CaseResult, single: float | None) -> list[str]:
         marginal,
         f"{r.gc_off.median / pools * 1e6:.1f}",
         f"{r.setup_us_per_pool:.0f}",
+        "-" if r.process_view is None else f"{r.process_view * 1e3:.2f}",
         verdict(per_pool <= TARGET_US_PER_POOL),
     ]

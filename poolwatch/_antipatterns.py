@@ -146,6 +146,13 @@ class Detector:
         """Look at one series as just read; report what is new."""
         found = series.antipatterns
         watch = series.watch
+        if (
+            ledger is watch.last  # an idle series hands out the same snapshot: nothing new
+            and watch.checked_instances == series.instances_created
+            and not levels.pending
+            and self._max_age is None
+        ):
+            return
         new: list[Antipattern] = []
         if pools and (
             watch.checked_instances != series.instances_created

@@ -135,6 +135,7 @@ _PROCESS_VARIANTS_CACHED = 1000
 _DELTA = AggregationTemporality.DELTA
 _CUMULATIVE = AggregationTemporality.CUMULATIVE
 _SPECS = tuple((spec.name, spec.description, spec.unit, spec.instrument) for spec in c.ALL_METRICS)
+_SPEC_OF = {spec[0]: spec for spec in _SPECS}
 
 
 def _metric(spec: tuple[str, str, str, c.Instrument], points: list[Any], delta: bool) -> Metric:
@@ -215,6 +216,7 @@ def _merged(histograms: Iterable[HistogramSnapshot]) -> HistogramSnapshot | None
             merged.total + h.total,
             min(merged.min, h.min),
             max(merged.max, h.max),
+            merged.observations + h.observations,
         )
     return merged
 
@@ -236,12 +238,17 @@ def _delta_histogram(now: HistogramSnapshot, before: HistogramSnapshot) -> Histo
     bounds = now.bounds
     filled = [i for i, n in enumerate(counts) if n]
     if not filled:
-        return HistogramSnapshot(bounds, counts, 0.0, inf, -inf)
+        return HistogramSnapshot(bounds, counts, 0.0, inf, -inf, 0)
     # The interval's exact min/max are not kept; bound them by the buckets that filled.
     low = bounds[filled[0] - 1] if filled[0] > 0 else now.min
     high = bounds[filled[-1]] if filled[-1] < len(bounds) else now.max
     return HistogramSnapshot(
-        bounds, counts, now.total - before.total, max(low, now.min), min(high, now.max)
+        bounds,
+        counts,
+        now.total - before.total,
+        max(low, now.min),
+        min(high, now.max),
+        now.observations - before.observations,
     )
 
 
@@ -318,7 +325,18 @@ class _Collection:
             start, before = self._previous(spec, series, variant, value)
             if isinstance(before, int):
                 value -= before
-        self.points[spec.name].append(_number_point(attributes, start, self.now_ns, value))
+        # _number_point, inlined: this runs for every point of every series (measured)
+        if FAST_POINTS:
+            point = _new(NumberDataPoint)
+            fields = point.__dict__
+            fields["attributes"] = attributes
+            fields["start_time_unix_nano"] = start
+            fields["time_unix_nano"] = self.now_ns
+            fields["value"] = value
+            fields["exemplars"] = ()  # Sequence[Exemplar]: one shared empty tuple, no allocation
+        else:
+            point = NumberDataPoint(attributes, start, self.now_ns, value)
+        self.points[spec.name].append(point)
 
     def process_number(
         self,
@@ -381,14 +399,13 @@ class _Collection:
         self.points[spec.name].append(point)
 
     def metrics(self) -> list[Metric]:
-        """The collection as OpenTelemetry metrics."""
-        out: list[Metric] = []
-        found, delta = self.points, self.delta
-        for spec in _SPECS:
-            points = found.get(spec[0])
-            if points:
-                out.append(_metric(spec, points, delta[spec[3]]))
-        return out
+        """The collection as OpenTelemetry metrics (in the order their points came)."""
+        delta = self.delta
+        return [
+            _metric(spec, points, delta[spec[3]])
+            for spec, points in ((_SPEC_OF[name], points) for name, points in self.points.items())
+            if points
+        ]
 
 
 class Producer:
@@ -551,12 +568,37 @@ class Producer:
             return out.metrics()
 
 
+_FAST_ENVELOPES = (
+    _fields_are(ResourceMetrics, ("resource", "scope_metrics", "schema_url"))
+    and _fields_are(ScopeMetrics, ("scope", "metrics", "schema_url"))
+    and _fields_are(MetricsData, ("resource_metrics",))
+)
+"""Whether the three objects wrapping a collection are built by filling ``__dict__``."""
+
+
+def _scope_metrics(scope: InstrumentationScope, metrics: list[Metric]) -> ScopeMetrics:
+    if not _FAST_ENVELOPES:
+        return ScopeMetrics(scope, metrics, "")
+    made: ScopeMetrics = _new(ScopeMetrics)
+    made.__dict__.update(scope=scope, metrics=metrics, schema_url="")
+    return made
+
+
 def _merge(result: MetricsData | None, scope: ScopeMetrics, resource: Any) -> MetricsData:
     if result is None or not result.resource_metrics:
-        return MetricsData([ResourceMetrics(resource, [scope], "")])
-    first, *rest = result.resource_metrics
-    merged = ResourceMetrics(first.resource, [*first.scope_metrics, scope], first.schema_url)
-    return MetricsData([merged, *rest])
+        resource_metrics, schema_url, scopes, rest = resource, "", [scope], []
+    else:
+        first, *rest = result.resource_metrics
+        resource_metrics, schema_url = first.resource, first.schema_url
+        scopes = [*first.scope_metrics, scope]
+    if not _FAST_ENVELOPES:
+        merged = ResourceMetrics(resource_metrics, scopes, schema_url)
+        return MetricsData([merged, *rest])
+    made: ResourceMetrics = _new(ResourceMetrics)
+    made.__dict__.update(resource=resource_metrics, scope_metrics=scopes, schema_url=schema_url)
+    data: MetricsData = _new(MetricsData)
+    data.__dict__["resource_metrics"] = [made, *rest]
+    return data
 
 
 def readers_of(provider: MeterProvider) -> list[MetricReader]:
@@ -600,7 +642,7 @@ class Bridge:
                 return result
             if not metrics:
                 return result
-            return _merge(result, ScopeMetrics(producer.scope, metrics, ""), resource)
+            return _merge(result, _scope_metrics(producer.scope, metrics), resource)
 
         return collect
 

@@ -43,7 +43,8 @@ class Histogram:
 
     def snapshot(self) -> HistogramSnapshot:
         """An immutable copy (the caller holds the ledger's lock)."""
-        return HistogramSnapshot(self.bounds, tuple(self.counts), self.total, self.min, self.max)
+        counts = tuple(self.counts)
+        return HistogramSnapshot(self.bounds, counts, self.total, self.min, self.max, sum(counts))
 
 
 class HistogramSnapshot(NamedTuple):
@@ -54,11 +55,8 @@ class HistogramSnapshot(NamedTuple):
     total: float
     min: float
     max: float
-
-    @property
-    def observations(self) -> int:
-        """Number of values observed."""
-        return sum(self.counts)
+    observations: int
+    """Number of values observed (the sum of ``counts``, kept: read at every collection)."""
 
     def quantile(self, q: float) -> float | None:
         """Estimate the ``q`` quantile by linear interpolation inside its bucket."""

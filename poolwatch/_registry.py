@@ -40,6 +40,59 @@ SAMPLES_KEPT = 10
 """Samples kept: sizing looks at up to the last five minutes."""
 
 
+class _PoolRef(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference that knows its key in ``WeakPools``."""
+
+    __slots__ = ("key",)
+    key: int
+
+
+class WeakPools:
+    """The live pool instances of a series, held weakly.
+
+    ``weakref.WeakSet`` would do, but iterating it runs Python code (a generator and an
+    iteration guard) for every series at every collection; this lists them in C.
+    """
+
+    __slots__ = ("_gone", "_refs")
+
+    def __init__(self) -> None:
+        self._refs: dict[int, _PoolRef] = {}
+        self._gone = self._forget_ref  # one callback for every reference
+
+    def _forget_ref(self, ref: _PoolRef) -> None:
+        # Runs as the pool is freed, before its id can be reused.
+        if self._refs.get(ref.key) is ref:
+            del self._refs[ref.key]
+
+    def add(self, pool: Any) -> None:
+        """Hold ``pool`` weakly (again: no change)."""
+        key = id(pool)
+        held = self._refs.get(key)
+        if held is not None and held() is pool:
+            return
+        ref = _PoolRef(pool, self._gone)
+        ref.key = key
+        self._refs[key] = ref
+
+    def discard(self, pool: Any) -> None:
+        """Stop holding ``pool``."""
+        held = self._refs.get(id(pool))
+        if held is not None and held() is pool:
+            del self._refs[id(pool)]
+
+    def live(self) -> list[Any]:
+        """The pools still alive (a copy: collection runs beside the application)."""
+        found = [ref() for ref in list(self._refs.values())]
+        return [pool for pool in found if pool is not None]
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def __bool__(self) -> bool:
+        return bool(self._refs)
+
+
 class Sample(NamedTuple):
     """A series' counts at one moment, for rates over a window (sizing advice)."""
 
@@ -94,7 +147,7 @@ class Series:
         self.site = site
         self.attributes = dict(attributes)
         self.ledger = ledger
-        self.pools: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.pools = WeakPools()
         self.created_ns = time.time_ns()
         self.instances_created = 0
         self.export_cache: dict[tuple[str, str], dict[str, str | int]] = {}
@@ -331,37 +384,17 @@ class Registry:
         with self._lock:
             everything = list(self._series.items())
         now = time.perf_counter()
+        now_monotonic = time.monotonic()
         readings: list[SeriesReading] = []
         gone: list[tuple[tuple[str, str], Series]] = []
         for key, series in everything:
-            pools = list(series.pools)
-            try:  # first: what it settles leaves the levels, too
-                series.adapter.find_abandoned(series.ledger)
-            except Exception as error:
-                self._errors.report(f"{series.kind} abandoned checkouts", error)
-            levels: list[Levels] = []
-            for pool in pools:
-                try:
-                    levels.append(series.adapter.levels(pool))
-                except Exception as error:  # a pool in a state we did not foresee
-                    self._errors.report(f"{series.kind} levels", error)
+            pools = series.pools.live()
             if not pools and drop_gone:
                 gone.append((key, series))
-            try:
-                snapshot = series.ledger.snapshot(now)
-                for report in series.ledger.take_reports():
-                    _log_leak(series, report, self._settings)
-            except Exception as error:
-                self._errors.report("ledger snapshot", error)
-                continue
-            summed = _sum_levels(levels)
-            if series.name != OVERFLOW_NAME:  # pools from many places: no one pattern
-                try:
-                    self._detector.check(series, summed, snapshot, pools)
-                except Exception as error:
-                    self._errors.report("anti-patterns", error)
-            _sample(series, snapshot)
-            readings.append(SeriesReading(series, summed, snapshot, len(pools)))
+            reading = self._read_series(series, pools, now)
+            if reading is not None:
+                _sample(series, reading.ledger, now_monotonic)
+                readings.append(reading)
         if gone:
             with self._lock:
                 for key, series in gone:
@@ -369,13 +402,41 @@ class Registry:
                         del self._series[key]
         return readings
 
+    def _read_series(self, series: Series, pools: list[Any], now: float) -> SeriesReading | None:
+        """One series: abandoned checkouts settled, levels, ledger, anti-patterns."""
+        if series.ledger.active:  # first: what it settles leaves the levels, too
+            try:
+                series.adapter.find_abandoned(series.ledger)
+            except Exception as error:
+                self._errors.report(f"{series.kind} abandoned checkouts", error)
+        levels: list[Levels] = []
+        for pool in pools:
+            try:
+                levels.append(series.adapter.levels(pool))
+            except Exception as error:  # a pool in a state we did not foresee
+                self._errors.report(f"{series.kind} levels", error)
+        try:
+            snapshot = series.ledger.snapshot(now)
+            for report in series.ledger.take_reports():
+                _log_leak(series, report, self._settings)
+        except Exception as error:
+            self._errors.report("ledger snapshot", error)
+            return None
+        summed = _sum_levels(levels)
+        if series.name != OVERFLOW_NAME:  # pools from many places: no one pattern
+            try:
+                self._detector.check(series, summed, snapshot, pools)
+            except Exception as error:
+                self._errors.report("anti-patterns", error)
+        return SeriesReading(series, summed, snapshot, len(pools))
+
     def pool_sockets(self) -> set[int]:
         """File descriptors of every tracked pool's open connections (the process view)."""
         with self._lock:
             everything = list(self._series.values())
         found: set[int] = set()
         for series in everything:
-            for pool in list(series.pools):
+            for pool in series.pools.live():
                 try:
                     found.update(series.adapter.sockets(pool))
                 except Exception as error:
@@ -393,9 +454,9 @@ class Registry:
             series.history.append(_ZERO._replace(at=time.monotonic()))
 
 
-def _sample(series: Series, ledger: LedgerSnapshot) -> None:
-    """Keep a sample of the series' counts every ``SAMPLE_EVERY`` seconds."""
-    now = time.monotonic()
+def _sample(series: Series, ledger: LedgerSnapshot, now: float) -> None:
+    """Keep a sample of the series' counts every ``SAMPLE_EVERY`` seconds (``now``:
+    ``time.monotonic()``)."""
     history = series.history
     if now - history[-1].at >= SAMPLE_EVERY:
         use = ledger.use

@@ -511,7 +511,7 @@ def _queue_levels(pool: Any) -> Levels:
         records = list(aqueue._queue) if aqueue is not None else []
         getters = list(aqueue._getters) if aqueue is not None else []
         pending = sum(1 for g in getters if not g.done())
-    idle = sum(1 for r in records if r.dbapi_connection is not None)
+    idle = len([r for r in records if r.dbapi_connection is not None])
     used = size - len(records) + pool._overflow
     return Levels(
         used=max(used, 0),
