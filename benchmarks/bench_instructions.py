@@ -17,9 +17,10 @@ shows as twice the instructions. The garbage collector runs inside the counted w
 slightly different moments between the two lengths: a few thousand instructions of
 spread on a loopback request, which the table shows as the spread over ``repeats``.
 
-Operations: a SQLAlchemy ``QueuePool`` checkout+checkin (SQLite file), and one loopback
+Operations: a SQLAlchemy ``QueuePool`` checkout+checkin (SQLite file), one loopback
 keep-alive request with urllib3, requests, httpx (sync and async) and aiohttp, against
-``poolwatch upstream`` in its own process (its instructions are not counted). The child
+``poolwatch upstream`` in its own process, and a boto3 DynamoDB ``ListTables`` against
+moto's server in its own process (the servers' instructions are not counted). The child
 is this module run as a script (``python bench_instructions.py CASE VARIANT N URL``).
 
 Needs valgrind (Debian package ``valgrind``); without it the section says so and is
@@ -39,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-CASES = ("sqlalchemy", "urllib3", "requests", "httpx", "httpx-async", "aiohttp")
+CASES = ("sqlalchemy", "urllib3", "requests", "httpx", "httpx-async", "aiohttp", "boto3")
 TARGET_PCT = 1.0
 """The request-level budget: poolwatch adds at most 1% to a request."""
 
@@ -101,15 +102,22 @@ def run_instructions(config: InstructionConfig) -> list[CaseResult] | str:
         return "valgrind is not installed (Debian: apt-get install valgrind): section skipped"
     from bench_http import _free_port, _server
 
-    port = _free_port()
+    port, moto_port = _free_port(), _free_port()
     upstream = [sys.executable, "-m", "poolwatch", "upstream", "--port", str(port)]
-    with _server(upstream, port):
-        return _measure(config, f"http://127.0.0.1:{port}/")
+    moto = shutil.which("moto_server", path=os.path.dirname(sys.executable))
+    if moto is None:
+        raise RuntimeError("moto_server not found: the benchmark environment installs moto")
+    with (
+        _server(upstream, port),
+        _server([moto, "-H", "127.0.0.1", "-p", str(moto_port)], moto_port),
+    ):
+        return _measure(config, f"http://127.0.0.1:{port}/", f"http://127.0.0.1:{moto_port}")
 
 
-def _measure(config: InstructionConfig, url: str) -> list[CaseResult]:
+def _measure(config: InstructionConfig, url: str, moto_url: str) -> list[CaseResult]:
     results = []
     for case in CASES:
+        target = moto_url if case == "boto3" else url
         small, large = (
             (config.sqlalchemy_small, config.sqlalchemy_large)
             if case == "sqlalchemy"
@@ -118,7 +126,7 @@ def _measure(config: InstructionConfig, url: str) -> list[CaseResult]:
         per_op: dict[str, tuple[float, float, float]] = {}
         for variant in ("bare", "poolwatch"):
             samples = [
-                (_count(case, variant, large, url) - _count(case, variant, small, url))
+                (_count(case, variant, large, target) - _count(case, variant, small, target))
                 / (large - small)
                 for _ in range(config.repeats)
             ]
@@ -229,6 +237,21 @@ def _aiohttp(n: int, url: str) -> None:
     asyncio.run(main())
 
 
+def _boto3(n: int, url: str) -> None:
+    import boto3
+
+    client = boto3.client(
+        "dynamodb",
+        endpoint_url=url,
+        region_name="eu-west-1",
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+    )
+    for _ in range(n):
+        client.list_tables()
+    client.close()
+
+
 _RUN: dict[str, Callable[[int, str], None]] = {
     "sqlalchemy": _sqlalchemy,
     "urllib3": _urllib3,
@@ -236,6 +259,7 @@ _RUN: dict[str, Callable[[int, str], None]] = {
     "httpx": _httpx,
     "httpx-async": _httpx_async,
     "aiohttp": _aiohttp,
+    "boto3": _boto3,
 }
 
 
