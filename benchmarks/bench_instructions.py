@@ -24,7 +24,7 @@ moto's server in its own process (the servers' instructions are not counted). Th
 is this module run as a script (``python bench_instructions.py CASE VARIANT N URL``).
 
 Needs valgrind (Debian package ``valgrind``); without it the section says so and is
-skipped. It takes a few minutes: callgrind runs Python about fifty times slower.
+skipped. It takes about fifteen minutes: callgrind runs Python some fifty times slower.
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ TARGET_PCT = 1.0
 class InstructionConfig:
     """Sizes of one run."""
 
-    small: int = 200
-    large: int = 700
-    repeats: int = 2
+    small: int = 100
+    large: int = 400
+    repeats: int = 1
     """Measurements of each variant (their median is reported, their range shown)."""
-    sqlalchemy_small: int = 2_000
-    sqlalchemy_large: int = 7_000
+    sqlalchemy_small: int = 1_000
+    sqlalchemy_large: int = 4_000
 
 
 @dataclass(frozen=True)
