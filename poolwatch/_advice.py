@@ -53,6 +53,18 @@ class Counts:
     leaks_active: float = 0.0
     wait_buckets: dict[float, float] = field(default_factory=dict)
     """Cumulative count of successful waits at or below each bound (``le``), seconds."""
+    antipatterns: set[str] = field(default_factory=set)
+    """Anti-patterns the process found in this pool (``poolwatch.antipatterns``)."""
+
+
+@dataclass
+class ProcessCounts:
+    """What one scrape says about the process itself (the process view), if it has one."""
+
+    file_descriptors: float | None = None
+    file_descriptors_max: float | None = None
+    connections: dict[tuple[str, str], float] = field(default_factory=dict)
+    """TCP connections by (``network.connection.state``, ``owner``)."""
 
 
 Severity = Literal["critical", "warning"]

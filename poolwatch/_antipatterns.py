@@ -105,6 +105,30 @@ _AGE_DEFAULT = (
 )
 
 
+def advice_for(antipattern: str, kind: str) -> str:
+    """What to change, for one anti-pattern in a pool of ``kind`` (also ``poolwatch doctor``'s,
+    for the anti-patterns a process exports)."""
+    knob = SIZE_KNOB.get(kind, "the pool's maximum size")
+    if antipattern == c.ANTIPATTERN_CLIENT_PER_REQUEST:
+        return _PER_REQUEST_FIX.get(kind, "create the client once per process and reuse it")
+    if antipattern == c.ANTIPATTERN_UNBOUNDED_POOL:
+        return (
+            f"set {knob}: an unbounded pool turns a slow server into a flood of connections, "
+            "and the server's own connection limit becomes the first one hit"
+        )
+    if antipattern == c.ANTIPATTERN_NO_POOL_TIMEOUT:
+        return _TIMEOUT_FIX.get(kind, "give callers a pool timeout")
+    if antipattern == c.ANTIPATTERN_POOL_OVERFLOWING:
+        return (
+            f"raise {knob} to the number of concurrent requests (threads or workers sharing "
+            "the client); the pool's recommended size is in poolwatch.pools() and "
+            "`poolwatch doctor`"
+        )
+    if antipattern == c.ANTIPATTERN_KEEPALIVE_TOO_LONG:
+        return STALE_FIX.get(kind, STALE_DEFAULT)
+    return _AGE_FIX.get(kind, _AGE_DEFAULT)
+
+
 @dataclass(frozen=True)
 class Antipattern:
     """One anti-pattern found in one pool series."""
@@ -178,7 +202,7 @@ class Detector:
                         f"a connection has been open for {oldest:.0f} s, past "
                         f"connection_max_age={self._max_age:g} s: it still talks to the address "
                         "DNS gave when it opened (a failover or rotation goes unnoticed)",
-                        _AGE_FIX.get(series.kind, _AGE_DEFAULT),
+                        advice_for(c.ANTIPATTERN_CONNECTION_TOO_OLD, series.kind),
                     )
                 )
         for antipattern in new:
@@ -195,18 +219,12 @@ class Detector:
 
 def _configured(kind: str, found: Misconfiguration) -> Antipattern:
     if found.antipattern == c.ANTIPATTERN_UNBOUNDED_POOL:
-        knob = SIZE_KNOB.get(kind, "the pool's maximum size")
-        return Antipattern(
-            found.antipattern,
-            f"{found.setting}: the pool has no connection limit",
-            f"set {knob}: an unbounded pool turns a slow server into a flood of connections, "
-            "and the server's own connection limit becomes the first one hit",
+        problem = f"{found.setting}: the pool has no connection limit"
+    else:
+        problem = (
+            f"{found.setting}: when the pool is exhausted a caller waits for a connection for ever"
         )
-    return Antipattern(
-        found.antipattern,
-        f"{found.setting}: when the pool is exhausted a caller waits for a connection for ever",
-        _TIMEOUT_FIX.get(kind, "give callers a pool timeout"),
-    )
+    return Antipattern(found.antipattern, problem, advice_for(found.antipattern, kind))
 
 
 def _observed(series: Series, ledger: LedgerSnapshot, watch: Watch) -> list[Antipattern]:
@@ -227,7 +245,7 @@ def _observed(series: Series, ledger: LedgerSnapshot, watch: Watch) -> list[Anti
                 f"{instances} pool instances were created {where} for {checkouts} checkouts: a "
                 "new client per request, so every request opens a new connection (TCP, TLS) "
                 "and none is reused",
-                _PER_REQUEST_FIX.get(kind, "create the client once per process and reuse it"),
+                advice_for(c.ANTIPATTERN_CLIENT_PER_REQUEST, kind),
             )
         )
     discards = ledger.closed[c.REASON_POOL_FULL]
@@ -237,16 +255,13 @@ def _observed(series: Series, ledger: LedgerSnapshot, watch: Watch) -> list[Anti
         and discards >= OVERFLOW_DISCARDS
         and discards >= OVERFLOW_SHARE * checkouts
     ):
-        knob = SIZE_KNOB.get(kind, "the pool's maximum size")
         out.append(
             Antipattern(
                 c.ANTIPATTERN_POOL_OVERFLOWING,
                 f"{discards} connections were opened past the pool's size and discarded when "
                 f"returned ('Connection pool is full, discarding connection'), for {checkouts} "
                 "checkouts: a non-blocking pool smaller than the concurrency it serves",
-                f"raise {knob} to the number of concurrent requests (threads or workers "
-                "sharing the client); the pool's recommended size is in poolwatch.pools() "
-                "and `poolwatch doctor`",
+                advice_for(c.ANTIPATTERN_POOL_OVERFLOWING, kind),
             )
         )
     stale = ledger.closed[c.REASON_STALE]
@@ -267,7 +282,7 @@ def _observed(series: Series, ledger: LedgerSnapshot, watch: Watch) -> list[Anti
                 f"{stale} idle connections were found closed by the server when reused "
                 f"({share:.0%} of {checkouts} checkouts): the client keeps idle connections "
                 "longer than the server does",
-                STALE_FIX.get(kind, STALE_DEFAULT),
+                advice_for(c.ANTIPATTERN_KEEPALIVE_TOO_LONG, kind),
             )
         )
     return out

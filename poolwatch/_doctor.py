@@ -3,7 +3,10 @@
 It reads the process's poolwatch metrics in the Prometheus format twice, ``--interval``
 seconds apart, and reports every finding of ``_advice`` — exhaustion, saturation, size,
 discards, churn, stale connections, leaks, unbounded pools — with the numbers behind it
-and concrete advice. Exit code 0: nothing to report; 3: findings were reported.
+and concrete advice; the anti-patterns poolwatch found inside the process
+(``poolwatch.antipatterns``) that those findings do not already say; and, when the process
+exports its process view, file descriptors near their limit and untracked connections
+piling up in ``close_wait``. Exit code 0: nothing to report; 3: findings were reported.
 
 Only a pool seen at both readings is judged. One that appeared in between (created during
 the interval, or first exported then) has no first reading to compare with: taking zeros
@@ -19,13 +22,23 @@ import sys
 import time
 from typing import TextIO
 
-from poolwatch import _advice, _top
-from poolwatch._advice import Counts
+from poolwatch import _advice, _antipatterns, _top
+from poolwatch._advice import Counts, ProcessCounts
 
 EXIT_FINDINGS = 3
 """Exit code when the doctor reports findings."""
 
 _ORDER = {"critical": 0, "warning": 1}
+FD_HIGH = 0.8
+"""Open file descriptors per limit from which the process is told it is near it."""
+CLOSE_WAIT_UNTRACKED = 5
+"""Untracked connections in close_wait, at both readings, from which it is a finding."""
+PROCESS = "the process"
+_SAID_BY = {  # anti-patterns the doctor's own findings already report, by their name
+    "unbounded_pool": ("unbounded",),
+    "pool_overflowing": ("overflowing", "discarding"),
+    "keepalive_too_long": ("stale",),
+}
 _COUNTERS = ("checkouts", "timeouts", "discards", "stale", "connects", "hold_total", "holds")
 
 
@@ -51,17 +64,73 @@ def report(
             unjudged.append(f"{name} ({kind}): its counters went back (a restart?), not judged")
         else:
             found += _advice.findings(pool, previous, seconds)
+    for (kind, name), pool in sorted(now.items()):
+        said = {f.problem.split(":")[0] for f in found if (f.kind, f.pool) == (kind, name)}
+        for antipattern in sorted(pool.antipatterns):
+            if not said & set(_SAID_BY.get(antipattern, ())):
+                found.append(
+                    _advice.Finding(
+                        "warning",
+                        kind,
+                        name,
+                        f"{antipattern}: found by poolwatch in the process (its WARNING log "
+                        "line has the numbers)",
+                        _antipatterns.advice_for(antipattern, kind),
+                    )
+                )
     found.sort(key=lambda f: (_ORDER[f.severity], f.pool, f.kind))
     return found, unjudged
+
+
+def process_findings(
+    now: ProcessCounts | None, before: ProcessCounts | None
+) -> list[_advice.Finding]:
+    """The process view's findings; levels must hold at both readings."""
+    if now is None or before is None:
+        return []
+    found = []
+    used, limit = now.file_descriptors, now.file_descriptors_max
+    if used is not None and before.file_descriptors is not None and limit:
+        share = min(used, before.file_descriptors) / limit
+        if share >= FD_HIGH:
+            found.append(
+                _advice.Finding(
+                    "warning",
+                    "process view",
+                    PROCESS,
+                    f"file descriptors: {used:.0f} of {limit:.0f} open ({share:.0%}): at the "
+                    "limit, new connections fail with 'Too many open files'",
+                    "raise the limit (ulimit -n, systemd LimitNOFILE=, the container's nofile "
+                    "ulimit) and find who holds them: poolwatch.process_view() in the "
+                    "process, ls -l /proc/PID/fd",
+                )
+            )
+    key = ("close_wait", "untracked")
+    waiting = min(now.connections.get(key, 0.0), before.connections.get(key, 0.0))
+    if waiting >= CLOSE_WAIT_UNTRACKED:
+        found.append(
+            _advice.Finding(
+                "warning",
+                "process view",
+                PROCESS,
+                f"{waiting:.0f} TCP connections no tracked pool owns are in close_wait: their "
+                "servers closed them and nothing in this process has",
+                "a client poolwatch does not hook leaks its connections: find it by "
+                'server_address in poolwatch_process_connections{owner="untracked"} and close '
+                'its responses; pools poolwatch hooks are counted under owner="pool"',
+            )
+        )
+    return found
 
 
 def run(url: str, *, interval: float, out: TextIO, progress: TextIO | None = None) -> int:
     """Observe ``url`` for ``interval`` seconds and print the findings (progress: stderr)."""
     progress = progress if progress is not None else sys.stderr
-    before, started = _top.read(url), time.monotonic()
+    (before, process_before), started = _top.read_all(url), time.monotonic()
     _top.countdown(interval, f"poolwatch doctor: observing {url}", progress)
-    now, seconds = _top.read(url), time.monotonic() - started
+    (now, process_now), seconds = _top.read_all(url), time.monotonic() - started
     found, unjudged = report(now, before, seconds)
+    found += process_findings(process_now, process_before)
     print(f"{len(now)} pools observed for {seconds:.1f} s at {url}", file=out)
     for line in unjudged:
         print(f"{'NOTE':<8}  {line}: run the doctor again to judge it", file=out)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from poolwatch import _thresholds
-from poolwatch._advice import Counts
+from poolwatch._advice import Counts, ProcessCounts
 
 WARN_AT = _thresholds.UTILIZATION_HIGH
 """Utilization from which a pool is yellow (PoolwatchPoolUtilizationHigh's threshold)."""
@@ -104,8 +104,34 @@ _SUMS: dict[str, list[tuple[str | None, str | None, str]]] = {
 }
 
 
+def parse_process(text: str) -> ProcessCounts | None:
+    """The process view in a Prometheus text exposition; None if it has none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: ProcessCounts | None = None
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith("poolwatch_process_"):
+            continue
+        found = found or ProcessCounts()
+        for sample in family.samples:
+            if sample.name == "poolwatch_process_file_descriptors":
+                found.file_descriptors = (found.file_descriptors or 0.0) + sample.value
+            elif sample.name == "poolwatch_process_file_descriptors_max":
+                found.file_descriptors_max = sample.value
+            elif sample.name == "poolwatch_process_connections":
+                key = (
+                    sample.labels.get("network_connection_state", ""),
+                    sample.labels.get("owner", ""),
+                )
+                found.connections[key] = found.connections.get(key, 0.0) + sample.value
+    return found
+
+
 def _add(pool: Counts, name: str, labels: dict[str, str], value: float) -> None:
-    if name == "poolwatch_connections_max":
+    if name == "poolwatch_antipatterns_total":
+        if value > 0:
+            pool.antipatterns.add(labels.get("antipattern", ""))
+    elif name == "poolwatch_connections_max":
         pool.max = (pool.max or 0.0) + value
     elif name == "poolwatch_wait_duration_seconds_bucket":
         if labels.get("outcome") == "acquired":
@@ -119,9 +145,15 @@ def _add(pool: Counts, name: str, labels: dict[str, str], value: float) -> None:
 
 def read(url: str) -> dict[tuple[str, str], Counts]:
     """The pools ``url`` serves; TopError when it cannot be read or is not Prometheus text."""
+    return read_all(url)[0]
+
+
+def read_all(url: str) -> tuple[dict[tuple[str, str], Counts], ProcessCounts | None]:
+    """The pools ``url`` serves and its process view (None if it has none); TopError when
+    it cannot be read or is not Prometheus text."""
     text = fetch(url)
     try:
-        return parse(text)
+        return parse(text), parse_process(text)
     except ValueError as error:  # prometheus_client's parser on anything else
         reason = str(error).strip().splitlines()[0][:80] if str(error).strip() else "unreadable"
         raise TopError(

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -257,6 +258,80 @@ def test_a_pool_seen_at_one_reading_only_is_named_not_judged() -> None:
         [],
         ["orders-db (sqlalchemy): its counters went back (a restart?), not judged"],
     )
+
+
+def test_antipatterns_of_the_process_are_findings_unless_already_said() -> None:
+    before = Counts("httpx", "pricing-api", antipatterns={"unbounded_pool", "no_pool_timeout"})
+    now = Counts("httpx", "pricing-api", antipatterns={"unbounded_pool", "no_pool_timeout"})
+    found, _ = _doctor.report(
+        {("httpx", "pricing-api"): now}, {("httpx", "pricing-api"): before}, 2.0
+    )
+    assert [(f.severity, f.problem.split(":")[0]) for f in found] == [
+        ("warning", "unbounded"),  # the doctor's own, from the missing limit: said once
+        ("warning", "no_pool_timeout"),
+    ]
+    assert found[1] == _advice.Finding(
+        "warning",
+        "httpx",
+        "pricing-api",
+        "no_pool_timeout: found by poolwatch in the process (its WARNING log line has the numbers)",
+        "set httpx.Timeout(…, pool=…) so that an exhausted pool fails fast with httpx.PoolTimeout",
+    )
+
+
+def test_the_process_view_findings_need_both_readings() -> None:
+    from poolwatch._advice import ProcessCounts
+
+    crowded = ProcessCounts(900, 1000, {("close_wait", "untracked"): 6})
+    assert [f.problem for f in _doctor.process_findings(crowded, crowded)] == [
+        "file descriptors: 900 of 1000 open (90%): at the limit, new connections fail with "
+        "'Too many open files'",
+        "6 TCP connections no tracked pool owns are in close_wait: their servers closed them "
+        "and nothing in this process has",
+    ]
+    calmer = ProcessCounts(700, 1000, {("close_wait", "untracked"): 4})
+    assert _doctor.process_findings(crowded, calmer) == []
+    assert _doctor.process_findings(crowded, None) == []
+
+
+def test_a_real_process_with_an_antipattern_and_connections_left_in_close_wait() -> None:
+    handle = poolwatch.instrument(prometheus_port=0, process_view="on")
+    assert handle.prometheus_address is not None
+    host, port = handle.prometheus_address
+    url = f"http://{host}:{port}/metrics"
+    listener = socket.create_server(("127.0.0.1", 0))
+    leaked = []
+    with ThreadedUpstream() as upstream:
+        forever = httpx.Client(base_url=upstream.url, timeout=httpx.Timeout(5.0, pool=None))
+        forever.get("/")
+        for _ in range(_doctor.CLOSE_WAIT_UNTRACKED + 1):  # a client that never closes
+            leaked.append(socket.create_connection(listener.getsockname(), timeout=5))
+            accepted, _ = listener.accept()
+            accepted.close()  # the server closes: the client's socket waits in close_wait
+        deadline = time.monotonic() + 5
+        while (view := poolwatch.process_view()) is not None and view.count(
+            "untracked", "close_wait"
+        ) < len(leaked):
+            assert time.monotonic() < deadline, view
+            time.sleep(0.05)
+        out = io.StringIO()
+        try:
+            code = _doctor.run(url, interval=1.0, out=out, progress=io.StringIO())
+        finally:
+            forever.close()
+            for sock in leaked:
+                sock.close()
+            listener.close()
+    lines = out.getvalue().splitlines()
+    assert code == _doctor.EXIT_FINDINGS, lines
+    assert (
+        f"WARNING   {upstream.origin} (httpx): no_pool_timeout: found by poolwatch in the "
+        "process (its WARNING log line has the numbers)"
+    ) in lines
+    assert (
+        f"WARNING   the process (process view): {len(leaked)} TCP connections no tracked pool "
+        "owns are in close_wait: their servers closed them and nothing in this process has"
+    ) in lines
 
 
 class _Started(io.StringIO):
