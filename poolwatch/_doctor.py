@@ -18,6 +18,7 @@ that a second run can judge them.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import TextIO
@@ -143,4 +144,42 @@ def run(url: str, *, interval: float, out: TextIO, progress: TextIO | None = Non
             file=out,
         )
         print(f"{'':<8}  advice: {finding.advice}", file=out)
+    return EXIT_FINDINGS
+
+
+def configured(modules: list[str], out: TextIO) -> int:
+    """Import ``modules`` (an application's own, which create its engines and clients)
+    under poolwatch, then report what their configuration alone shows: the configuration
+    anti-patterns (no limit, no pool timeout) and each pool's limits. Nothing is measured:
+    for demand, waits and churn, run the doctor against the running process."""
+    import importlib
+
+    from opentelemetry.sdk.metrics import MeterProvider
+
+    import poolwatch
+
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # the application's modules, as `python -m` would find them
+    # The report below says what poolwatch's own WARNING lines would: not twice.
+    logging.getLogger("poolwatch").setLevel(logging.ERROR)
+    handle = poolwatch.instrument(meter_provider=MeterProvider(), process_view="off")
+    try:
+        for module in modules:
+            importlib.import_module(module)
+        snapshots = handle.pools()
+    finally:
+        handle.uninstrument()
+    print(f"{len(snapshots)} pools configured by {', '.join(modules)}", file=out)
+    found = 0
+    for pool in snapshots:
+        limit = "no limit" if pool.max is None else f"max {pool.max}"
+        idle = "" if pool.idle_max is None else f", keeps up to {pool.idle_max} idle"
+        print(f"{'POOL':<8}  {pool.name} ({pool.kind}): {limit}{idle}", file=out)
+        for antipattern in pool.antipatterns:
+            found += 1
+            print(f"{'WARNING':<8}  {pool.name} ({pool.kind}): {antipattern.problem}", file=out)
+            print(f"{'':<8}  advice: {antipattern.advice}", file=out)
+    if not found:
+        print("no problems found in the configuration", file=out)
+        return 0
     return EXIT_FINDINGS

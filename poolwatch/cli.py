@@ -91,8 +91,8 @@ EXIT_CODES = {
     "top": "0 done (q, Ctrl-C, or --once); 1 the endpoint cannot be read or does not serve "
     "Prometheus metrics; 2 bad usage",
     "doctor": "0 nothing to report; 3 findings reported; 1 the endpoint cannot be read or "
-    "does not serve Prometheus metrics; 2 bad usage; 130 interrupted (Ctrl-C) before the "
-    "second reading: no report",
+    "does not serve Prometheus metrics, or an --import module cannot be imported; 2 bad "
+    "usage; 130 interrupted (Ctrl-C) before the second reading: no report",
     "run": "the program's own; 2 bad options; 127 command not found",
     "upstream": "0 stopped (Ctrl-C or SIGTERM); 1 cannot listen (e.g. the port is in use); "
     "2 bad usage",
@@ -198,9 +198,16 @@ def top(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def doctor(args: argparse.Namespace, out: TextIO) -> int:
-    """Findings and advice for every pool of a process serving poolwatch metrics."""
+    """Findings and advice for every pool of a process serving poolwatch metrics, or of
+    the pools an application's modules configure (``--import``)."""
     from poolwatch import _doctor, _top
 
+    if args.imports:
+        try:
+            return _doctor.configured(args.imports, out)
+        except ImportError as error:
+            print(f"poolwatch doctor: cannot import {args.imports}: {error}", file=sys.stderr)
+            return 1
     try:
         import prometheus_client  # noqa: F401  (its text-format parser)
     except ImportError:
@@ -299,7 +306,10 @@ def _parser() -> argparse.ArgumentParser:
             "apart, and report exhausted, saturated, too small, discarding, churning, stale, "
             "leaking and unbounded pools with a recommended size (Little's law with "
             f"{_advice.HEADROOM}x headroom) and concrete advice. A pool seen at only one of "
-            "the two readings is named but not judged.",
+            "the two readings is named but not judged. With --import, import the "
+            "application's own modules instead (which create its engines and clients) and "
+            "report what their configuration alone shows: pools without a limit or a pool "
+            "timeout, and each pool's limits.",
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -310,6 +320,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument(
         "--interval", type=_positive, default=10.0, help="seconds to observe (default 10)"
+    )
+    check.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        metavar="MODULE",
+        help="judge the configuration of the pools MODULE creates when imported (repeatable)",
     )
     start = commands.add_parser(
         "run",

@@ -489,3 +489,59 @@ def test_a_body_that_is_not_prometheus_is_one_line(command: str) -> None:
         f"poolwatch {command}: {url} does not serve metrics in the Prometheus text format "
         "(could not convert string to float: 'ok'): is it a poolwatch /metrics endpoint?\n"
     )
+
+
+CONFIGURED_APP = """
+import httpx
+import sqlalchemy as sa
+
+orders = sa.create_engine("sqlite:///orders.db", max_overflow=-1, pool_timeout=None)
+reports = sa.create_engine("sqlite:///reports.db", pool_size=3, max_overflow=2)
+unbounded = httpx.Limits(max_connections=None)
+pricing = httpx.Client(base_url="https://pricing.internal", limits=unbounded)
+"""
+
+
+def test_doctor_judges_the_configuration_an_app_imports(tmp_path: Path) -> None:
+    (tmp_path / "shopapp.py").write_text(CONFIGURED_APP)
+    result = subprocess.run(
+        [*POOLWATCH, "doctor", "--import", "shopapp"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert (result.returncode, result.stderr) == (_doctor.EXIT_FINDINGS, "")
+    assert result.stdout.splitlines() == [
+        "3 pools configured by shopapp",
+        "POOL      https://pricing.internal (httpx): no limit",
+        "WARNING   https://pricing.internal (httpx): httpx.Limits(max_connections=None): the "
+        "pool has no connection limit",
+        "          advice: set httpx.Limits(max_connections=…): an unbounded pool turns a slow "
+        "server into a flood of connections, and the server's own connection limit becomes the "
+        "first one hit",
+        "POOL      sqlite:///orders.db (sqlalchemy): no limit, keeps up to 5 idle",
+        "WARNING   sqlite:///orders.db (sqlalchemy): max_overflow=-1: the pool has no "
+        "connection limit",
+        "          advice: set create_engine(pool_size=…, max_overflow=…) (their sum is the "
+        "maximum): an unbounded pool turns a slow server into a flood of connections, and the "
+        "server's own connection limit becomes the first one hit",
+        "WARNING   sqlite:///orders.db (sqlalchemy): pool_timeout=None: when the pool is "
+        "exhausted a caller waits for a connection for ever",
+        "          advice: set create_engine(pool_timeout=…) so that an exhausted pool fails "
+        "fast with sqlalchemy.exc.TimeoutError",
+        "POOL      sqlite:///reports.db (sqlalchemy): max 5, keeps up to 3 idle",
+    ]
+    missing = subprocess.run(
+        [*POOLWATCH, "doctor", "--import", "no_such_app"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert (missing.returncode, missing.stdout) == (1, "")
+    assert missing.stderr == (
+        "poolwatch doctor: cannot import ['no_such_app']: No module named 'no_such_app'\n"
+    )
