@@ -301,9 +301,13 @@ class Ledger:
             self._changes += 1
             self.closed[reason] += 1
             if lifetime is not None and lifetime >= 0:
-                # setdefault is one C call: a finalizer re-entering while the new histogram
-                # is allocated inserts its own first, and both observations land in it.
-                self.lifetime.setdefault(reason, Histogram(self.lifetime_bounds)).observe(lifetime)
+                histogram = self.lifetime.get(reason)
+                if histogram is None:
+                    # setdefault is one C call: a finalizer re-entering while the new
+                    # histogram is allocated inserts its own first, and both observations
+                    # land in it.
+                    histogram = self.lifetime.setdefault(reason, Histogram(self.lifetime_bounds))
+                histogram.observe(lifetime)
 
     def collected(self, key: Hashable, held: float) -> None:
         """The borrower of checkout ``key`` dropped it without returning it (the garbage

@@ -56,7 +56,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from time import perf_counter
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any, NamedTuple
 
 from poolwatch import _catalogue as c
@@ -71,6 +71,7 @@ _OWNER = "_poolwatch_owner"
 _CONTEXT = "_poolwatch_context"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _FRAMES_SEARCHED = 40
+_CLOSE_CODES_KEPT = 64
 
 
 class _Maker(NamedTuple):
@@ -152,6 +153,8 @@ class Urllib3Adapter(Adapter):
         self._tracked: weakref.WeakSet[Any] = weakref.WeakSet()
         self._making = threading.local()
         self._queue_empty: type[BaseException] = Exception
+        self._own_close: dict[CodeType, bool] = {}
+        """By the code of a function named ``close``: whether it is a connection's own."""
         self._get_conn_code: Any = None
         """The code of urllib3's own ``_get_conn``: a waiting caller's frame runs it."""
 
@@ -167,6 +170,12 @@ class Urllib3Adapter(Adapter):
         https_pools = connectionpool.HTTPSConnectionPool
         self._patch(pools, _LEDGER, None)  # class default: "untracked"
         self._patch(connection.HTTPConnection, _LEDGER, None)
+        # Class defaults, so that reading a connection's marks never raises: a missed
+        # getattr builds an AttributeError and its message, thousands of instructions,
+        # twice per close (boto3 against a server answering Connection: close paid ~40,000
+        # instructions a request for them, measured with valgrind).
+        self._patch(connection.HTTPConnection, _BORN, None)
+        self._patch(connection.HTTPConnection, _ENDED, _ABSENT)
         self._patch(pools, "__init__", _pool_init_hook(self, pools.__init__))
         self._get_conn_code = getattr(pools._get_conn, "__code__", None)
         self._patch(
@@ -290,15 +299,30 @@ class Urllib3Adapter(Adapter):
         return True
 
     # -- closes ------------------------------------------------------------------------
+    def _closer(self, conn: Any, caller: FrameType | None) -> FrameType | None:
+        """The frame of whoever closes ``conn``, past its class's own ``close`` methods
+        (botocore's AWSConnection closes through ``super()``).
+
+        Whether a ``close`` is the connection's own is a property of its code, learnt once:
+        reading a frame's ``f_locals`` builds a dict of all its locals (~5,000 instructions).
+        """
+        own_close = self._own_close
+        while caller is not None and caller.f_code.co_name == "close":
+            own = own_close.get(caller.f_code)
+            if own is None:
+                own = caller.f_locals.get("self") is conn
+                if len(own_close) < _CLOSE_CODES_KEPT:
+                    own_close[caller.f_code] = own
+            if not own:
+                break
+            caller = caller.f_back
+        return caller
+
     def _closing(self, conn: Any, caller: FrameType | None) -> None:
         ledger: Ledger | None = conn._poolwatch_ledger
         if ledger is None:
             return
-        # Subclasses (botocore's AWSConnection) close through super(): skip their frames.
-        while caller is not None and caller.f_code.co_name == "close":
-            if caller.f_locals.get("self") is not conn:
-                break
-            caller = caller.f_back
+        caller = self._closer(conn, caller)
         who = caller.f_code.co_name if caller is not None else ""
         handling = sys.exc_info()[1] is not None
         now = perf_counter()
@@ -308,12 +332,15 @@ class Urllib3Adapter(Adapter):
             if start is not None:
                 ledger.uses.append(now - start)
 
-        if conn.sock is None and not hasattr(conn, _ENDED):
+        ended = conn._poolwatch_ended
+        if conn.sock is None and ended is _ABSENT:
             return  # never connected (a refused connect), or its close was counted
-        born = pop_attribute(conn, _BORN)
+        born = conn._poolwatch_born
+        if born is not None:
+            conn._poolwatch_born = None
         lifetime = now - born if born is not None else None
-        ended = pop_attribute(conn, _ENDED, _ABSENT)
         if ended is not _ABSENT:
+            conn._poolwatch_ended = _ABSENT
             # The server ended it earlier; the pool lets go of the connection object now.
             lifetime = ended
             if who == "_put_conn" and not _pool_closed(caller):
@@ -323,7 +350,7 @@ class Urllib3Adapter(Adapter):
         elif who == "getresponse" and not handling:
             # The server ended it (Connection: close). Counted when the pool lets go of the
             # object: urllib3 may yet discard it as "pool is full", which must count as such.
-            setattr(conn, _ENDED, lifetime)
+            conn._poolwatch_ended = lifetime
             return
         else:
             reason = _close_reason(who, caller, handling)
@@ -378,7 +405,7 @@ class Urllib3Adapter(Adapter):
         return False
 
     def oldest_connection(self, pool: Any) -> float | None:
-        born = [getattr(conn, _BORN, None) for conn in self._connections_of(pool)]
+        born = [conn._poolwatch_born for conn in self._connections_of(pool)]
         known = [b for b in born if b is not None]
         return perf_counter() - min(known) if known else None
 
@@ -417,7 +444,8 @@ class Urllib3Adapter(Adapter):
         for conn in orphans:
             start = ledger.active.get(conn)
             ledger.collected(conn, now - start if start is not None else 0.0)
-            born = pop_attribute(conn, _BORN)
+            born = conn._poolwatch_born
+            conn._poolwatch_born = None
             if conn.sock is not None:
                 ledger.closed_connection(c.REASON_ERROR, now - born if born is not None else None)
             conn._poolwatch_ledger = None  # its close below is not counted again
