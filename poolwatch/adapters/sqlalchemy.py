@@ -90,6 +90,8 @@ class SQLAlchemyAdapter(Adapter):
         record, fairy = base._ConnectionRecord, base._ConnectionFairy
         # Pools read their ledger as a plain attribute; the class default means "untracked".
         self._patch_attribute(base.Pool, _LEDGER, None)
+        # Read on every close (a NullPool closes at every return): a default, not a raise.
+        self._patch_attribute(record, _REASON, None)
         checkout = _checkout_hook(self, fairy.__dict__["_checkout"].__func__, exc.TimeoutError)
         self._patch(fairy, "_checkout", classmethod(checkout))
         self._patch(record, "checkin", _checkin_hook(self, record.checkin))
@@ -214,7 +216,9 @@ class SQLAlchemyAdapter(Adapter):
         ledger: Ledger | None = pool._poolwatch_ledger
         if ledger is None or record.dbapi_connection is None:
             return
-        reason = pop_attribute(record, _REASON)
+        reason = record._poolwatch_close_reason  # the class default is None: never raises
+        if reason is not None:
+            record._poolwatch_close_reason = None
         if reason is None:
             reason = _close_reason(record, pool, caller)
         lifetime = time.time() - record.starttime if record.starttime else None
