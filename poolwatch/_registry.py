@@ -54,16 +54,19 @@ class WeakPools:
     iteration guard) for every series at every collection; this lists them in C.
     """
 
-    __slots__ = ("_gone", "_refs")
+    __slots__ = ("__weakref__", "_gone", "_refs")
 
     def __init__(self) -> None:
         self._refs: dict[int, _PoolRef] = {}
-        self._gone = self._forget_ref  # one callback for every reference
+        owner = weakref.ref(self)  # the callback must not keep this object alive (a cycle)
 
-    def _forget_ref(self, ref: _PoolRef) -> None:
-        # Runs as the pool is freed, before its id can be reused.
-        if self._refs.get(ref.key) is ref:
-            del self._refs[ref.key]
+        def gone(ref: _PoolRef) -> None:
+            # Runs as the pool is freed, before its id can be reused.
+            pools = owner()
+            if pools is not None and pools._refs.get(ref.key) is ref:
+                del pools._refs[ref.key]
+
+        self._gone = gone  # one callback for every reference
 
     def add(self, pool: Any) -> None:
         """Hold ``pool`` weakly (again: no change)."""
