@@ -63,7 +63,7 @@ class Janitor:
         """One round; returns how many ledgers were folded."""
         folded = 0
         for ledger in self._ledgers():
-            if len(ledger.uses) > DRAIN_AT or len(ledger.waits) > DRAIN_AT:
+            if ledger.pending > DRAIN_AT:
                 ledger.drain()
                 folded += 1
         return folded
