@@ -285,8 +285,9 @@ PROCESS_CONNECTIONS: Final = MetricSpec(
     "poolwatch.process.connections",
     "updowncounter",
     "{connection}",
-    "TCP connections of the process by state and owner: held by a tracked pool, untracked "
-    "(outbound, no tracked pool holds it: with server.address and server.port), or inbound.",
+    "TCP connections of the process by state and owner: held by a tracked pool or untracked "
+    "(outbound, no tracked pool holds it), both with server.address and server.port; or "
+    "inbound.",
     (CONNECTION_STATE, OWNER),
 )
 

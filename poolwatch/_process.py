@@ -9,9 +9,11 @@ connections. The process view answers both from the operating system (psutil, th
 * ``poolwatch.process.file_descriptors`` and ``.max`` (the soft ``RLIMIT_NOFILE``);
 * ``poolwatch.process.connections`` by ``network.connection.state`` and ``owner``:
   ``pool`` — the socket of a connection a tracked pool holds (each adapter names its
-  pools' sockets, ``Adapter.sockets``); ``inbound`` — accepted by one of the process's
-  listening sockets; ``untracked`` — any other, with the remote ``server.address`` and
-  ``server.port`` (the ``ENDPOINTS_KEPT`` busiest endpoints; the rest as ``_other``).
+  pools' sockets, ``Adapter.sockets``); ``untracked`` — any other outbound connection;
+  both with the remote ``server.address`` and ``server.port`` (the ``ENDPOINTS_KEPT``
+  busiest endpoints of each; the rest as ``_other``); ``inbound`` — accepted by one of
+  the process's listening sockets (their remote ends are clients' ephemeral ports: not
+  named).
 
 Reading it scans the process's descriptors and the kernel's TCP table (``/proc`` on
 Linux): milliseconds on a busy host, so it never runs on a collection. poolwatch's own
@@ -64,9 +66,10 @@ class ProcessConnections:
     """``pool``, ``untracked`` or ``inbound``."""
     count: int
     address: str | None = None
-    """For ``untracked``: the remote address (``_other`` past the endpoints kept)."""
+    """For ``pool`` and ``untracked``: the remote address (``_other`` past the endpoints
+    kept); None for ``inbound``."""
     port: int | None = None
-    """For ``untracked``: the remote port."""
+    """For ``pool`` and ``untracked``: the remote port."""
 
 
 @dataclass(frozen=True)
@@ -127,42 +130,42 @@ def read(pool_sockets: set[int], psutil: Any) -> ProcessView:
     for conn in sockets:
         if conn.status == "LISTEN" and conn.laddr:
             listening.add((conn.laddr.ip, conn.laddr.port))
-    owned: dict[tuple[str, str], int] = {}
-    untracked: dict[tuple[str, str, int], int] = {}
+    inbound: dict[str, int] = {}
+    outbound: dict[str, dict[tuple[str, str, int], int]] = {c.OWNER_POOL: {}, c.OWNER_UNTRACKED: {}}
     for conn in sockets:
         state = _STATES.get(conn.status)
         if state is None or not conn.raddr:
             continue  # listening, or not connected
-        if conn.fd in pool_sockets:
-            owner = c.OWNER_POOL
-        elif any(
+        if any(
             port == conn.laddr.port and ip in (conn.laddr.ip, *_ANY_ADDRESS)
             for ip, port in listening
         ):
-            owner = c.OWNER_INBOUND
-        else:
-            endpoint = (state, str(conn.raddr.ip), int(conn.raddr.port))
-            untracked[endpoint] = untracked.get(endpoint, 0) + 1
+            inbound[state] = inbound.get(state, 0) + 1  # remote: clients' ephemeral ports
             continue
-        owned[(state, owner)] = owned.get((state, owner), 0) + 1
-    groups = [ProcessConnections(state, owner, n) for (state, owner), n in sorted(owned.items())]
-    groups.extend(_endpoints(untracked))
+        owner = c.OWNER_POOL if conn.fd in pool_sockets else c.OWNER_UNTRACKED
+        endpoint = (state, str(conn.raddr.ip), int(conn.raddr.port))
+        counts = outbound[owner]
+        counts[endpoint] = counts.get(endpoint, 0) + 1
+    groups = _endpoints(c.OWNER_POOL, outbound[c.OWNER_POOL])
+    groups.extend(_endpoints(c.OWNER_UNTRACKED, outbound[c.OWNER_UNTRACKED]))
+    groups.extend(ProcessConnections(s, c.OWNER_INBOUND, n) for s, n in sorted(inbound.items()))
     return ProcessView(os.getpid(), descriptors, _fd_limit(), tuple(groups), time.time())
 
 
-def _endpoints(untracked: dict[tuple[str, str, int], int]) -> list[ProcessConnections]:
-    """Untracked connections by endpoint: the busiest ``ENDPOINTS_KEPT``, the rest folded."""
+def _endpoints(owner: str, counts: dict[tuple[str, str, int], int]) -> list[ProcessConnections]:
+    """Outbound connections by remote endpoint: the busiest ``ENDPOINTS_KEPT``, the rest as
+    ``OTHER``."""
     by_endpoint: dict[tuple[str, int], int] = {}
-    for (_, address, port), n in untracked.items():
+    for (_, address, port), n in counts.items():
         by_endpoint[(address, port)] = by_endpoint.get((address, port), 0) + n
     ranked = sorted(by_endpoint, key=lambda e: (-by_endpoint[e], e))
     kept = set(ranked[:ENDPOINTS_KEPT])
     out: dict[tuple[str, str, int | None], int] = {}
-    for (state, address, port), n in untracked.items():
+    for (state, address, port), n in counts.items():
         key = (state, address, port) if (address, port) in kept else (state, OTHER, None)
         out[key] = out.get(key, 0) + n
     return [
-        ProcessConnections(state, c.OWNER_UNTRACKED, n, address, port)
+        ProcessConnections(state, owner, n, address, port)
         for (state, address, port), n in sorted(out.items(), key=lambda item: str(item[0]))
     ]
 

@@ -66,7 +66,8 @@ def test_connections_are_told_apart_by_owner(pw: Harness, postgres: PostgresClus
         # the database, the requests and the httpx connections are their pools'; the raw
         # one is untracked; the upstream runs here, so it accepted three: inbound
         assert _groups(view) == {
-            ("established", "pool", 3, None, None),
+            ("established", "pool", 1, "127.0.0.1", postgres.port),
+            ("established", "pool", 2, "127.0.0.1", upstream.port),  # requests and httpx
             ("established", "inbound", 3, None, None),
             ("established", "untracked", 1, "127.0.0.1", upstream.port),
         }
@@ -86,7 +87,10 @@ def test_connections_are_told_apart_by_owner(pw: Harness, postgres: PostgresClus
             )
             == 1
         )
-        assert got.value("poolwatch.process.connections", owner="pool") == 3
+        assert (
+            got.value("poolwatch.process.connections", owner="pool", server__port=upstream.port)
+            == 2
+        )
         assert got.value("poolwatch.process.connections", owner="inbound") == 3
         assert re.fullmatch(
             r"<ProcessView pid \d+ \[file descriptors \d+ of \d+ \| tcp: pool 3, "
