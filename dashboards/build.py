@@ -40,6 +40,8 @@ SCHEMA_VERSION = 39
 BY = "job, instance, pool_kind, pool_name"
 SEL = 'job=~"$job", instance=~"$instance", pool_kind=~"$kind", pool_name=~"$pool"'
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+PROCESS_SEL = 'job=~"$job", instance=~"$instance"'
+"""The process view's points describe a process, not a pool: no kind or pool to select."""
 
 
 def _utilization() -> str:
@@ -370,6 +372,44 @@ def overview() -> dict[str, Any]:
                 _target(
                     f"sum by ({BY}) (rate(poolwatch_timeouts_total{{{SEL}}}[$__rate_interval]))",
                     "{{pool_name}} ({{instance}})",
+                )
+            ],
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Process: file descriptors",
+            "Each selected process's open file descriptors against its limit (the process "
+            "view, refreshed every 10 s; needs psutil in the process). At the limit, new "
+            "connections fail with 'Too many open files'.",
+            "none",
+            targets=[
+                _target(
+                    f"sum by (job, instance) (poolwatch_process_file_descriptors{{{PROCESS_SEL}}})",
+                    "open ({{instance}})",
+                ),
+                _target(
+                    "sum by (job, instance) "
+                    f"(poolwatch_process_file_descriptors_max{{{PROCESS_SEL}}})",
+                    "limit ({{instance}})",
+                ),
+            ],
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Process: TCP connections by owner",
+            "Each selected process's TCP connections by who holds them: a tracked pool, "
+            "nobody poolwatch knows (untracked: a client it does not hook, or a leak outside "
+            "any pool), or the process's own listeners (inbound); and by TCP state. "
+            "Untracked connections piling up in close_wait are sockets their servers closed "
+            "and the process never did.",
+            "none",
+            targets=[
+                _target(
+                    "sum by (job, instance, owner, network_connection_state) "
+                    f"(poolwatch_process_connections{{{PROCESS_SEL}}})",
+                    "{{owner}} {{network_connection_state}} ({{instance}})",
                 )
             ],
         ),

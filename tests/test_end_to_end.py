@@ -206,7 +206,7 @@ def test_alerts_reach_alertmanager_and_every_dashboard_query_has_data(
                 empty.append(f"{kind} {pool}: {name}: {panel['title']}: {expr}")
     assert empty == []
     # every target of both dashboards but the failure and anti-pattern ones, for every pool
-    assert checked == 38 * len(POOLS)
+    assert checked == 41 * len(POOLS)
 
     # failures: the broken pools' series, and only where each kind can fail that way
     failing = {}
