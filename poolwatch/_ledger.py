@@ -164,6 +164,9 @@ def _own_references() -> int:
     raise AssertionError("unreachable")
 
 
+UNKNOWN_LIFETIME = -1.0
+"""A pending close whose connection's birth poolwatch did not see (opened before it)."""
+
 DRAIN_AT = 16384
 """Pending values (of every list together) past which the janitor (``_janitor.py``) folds a
 ledger between collections."""
@@ -244,8 +247,9 @@ class Ledger:
         self.uses: list[float] = []
         self.connects: list[float] = []
         """Durations of successful connects, not bucketed yet."""
-        self.closes: list[tuple[str, float | None]] = []
-        """(reason, lifetime) of closes, not counted yet."""
+        self.closes: dict[str, list[float]] = {reason: [] for reason in c.CLOSE_REASONS}
+        """Lifetimes of closes by reason (``UNKNOWN_LIFETIME`` when unknown), not counted yet:
+        one list per reason, so that a close is one append and allocates nothing."""
         self.active: dict[Hashable, float] = {}
         self._leaked: set[Hashable] = set()
         self._changes = 0
@@ -316,7 +320,7 @@ class Ledger:
     def closed_connection(self, reason: str, lifetime: float | None) -> None:
         """The pool closed a connection for ``reason`` (a catalogue reason) after ``lifetime``;
         counted at the next fold (one append here, as for a connect)."""
-        self.closes.append((reason, lifetime))
+        self.closes[reason].append(UNKNOWN_LIFETIME if lifetime is None else lifetime)
 
     def collected(self, key: Hashable, held: float) -> None:
         """The borrower of checkout ``key`` dropped it without returning it (the garbage
@@ -392,27 +396,25 @@ class Ledger:
         _fold(self.waits, self.wait[c.OUTCOME_ACQUIRED])
         _fold(self.uses, self.use)
         _fold(self.connects, self.connect[c.CONNECT_OK])
-        closes = self.closes
-        n = len(closes)
-        if not n:
-            return
-        batch = closes[:n]  # appends land after it: nothing is lost (see _fold)
-        del closes[:n]
-        lifetimes: dict[str, list[float]] = {}
-        for reason, lifetime in batch:
-            self.closed[reason] += 1
-            if lifetime is not None and lifetime >= 0:
-                lifetimes.setdefault(reason, []).append(lifetime)
-        for reason, values in lifetimes.items():
-            histogram = self.lifetime.get(reason)
-            if histogram is None:
-                histogram = self.lifetime[reason] = Histogram(self.lifetime_bounds)
-            _fold(values, histogram)
+        for reason, pending in self.closes.items():
+            n = len(pending)
+            if not n:
+                continue
+            batch = pending[:n]  # appends land after it: nothing is lost (see _fold)
+            del pending[:n]
+            self.closed[reason] += n
+            lifetimes = [value for value in batch if value >= 0]
+            if lifetimes:
+                histogram = self.lifetime.get(reason)
+                if histogram is None:
+                    histogram = self.lifetime[reason] = Histogram(self.lifetime_bounds)
+                _fold(lifetimes, histogram)
 
     @property
     def pending(self) -> int:
         """Values waiting to be folded (the janitor folds past ``DRAIN_AT``)."""
-        return len(self.waits) + len(self.uses) + len(self.connects) + len(self.closes)
+        closes = sum(len(pending) for pending in self.closes.values())
+        return len(self.waits) + len(self.uses) + len(self.connects) + closes
 
     def snapshot(self, now: float | None = None) -> LedgerSnapshot:
         """Copy every counter; checkouts held past the threshold are counted as leaks."""
@@ -428,7 +430,7 @@ class Ledger:
             and not self.waits
             and not self.uses
             and not self.connects
-            and not self.closes
+            and not any(self.closes.values())
             and self._last_changes == self._changes
         ):
             return last
