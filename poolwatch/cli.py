@@ -206,7 +206,8 @@ def doctor(args: argparse.Namespace, out: TextIO) -> int:
         try:
             return _doctor.configured(args.imports, out)
         except ImportError as error:
-            print(f"poolwatch doctor: cannot import {args.imports}: {error}", file=sys.stderr)
+            modules = ", ".join(args.imports)
+            print(f"poolwatch doctor: cannot import {modules}: {error}", file=sys.stderr)
             return 1
     try:
         import prometheus_client  # noqa: F401  (its text-format parser)

@@ -231,8 +231,8 @@ def test_exit_codes_are_documented_in_the_readme() -> None:
     assert table == {
         "demo": "0 done or stopped (Ctrl-C, SIGTERM, SIGHUP); 1 failure",
         "top": "0; 1 endpoint unreadable or not Prometheus",
-        "doctor": "0 nothing found; 3 findings; 1 endpoint unreadable or not Prometheus; "
-        "130 interrupted",
+        "doctor": "0 nothing found; 3 findings; 1 endpoint unreadable or not Prometheus, "
+        "or a module not importable; 130 interrupted",
         "run": "the program's; 2; 127",
         "upstream": "0; 1 cannot listen",
     }

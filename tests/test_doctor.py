@@ -543,5 +543,5 @@ def test_doctor_judges_the_configuration_an_app_imports(tmp_path: Path) -> None:
     )
     assert (missing.returncode, missing.stdout) == (1, "")
     assert missing.stderr == (
-        "poolwatch doctor: cannot import ['no_such_app']: No module named 'no_such_app'\n"
+        "poolwatch doctor: cannot import no_such_app: No module named 'no_such_app'\n"
     )
