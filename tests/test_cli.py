@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from poolwatch._demo.workload import SCENARIOS
+from poolwatch._demo.workload import SCENARIOS, StopSignals
 from poolwatch._registry import PoolSnapshot
 from poolwatch.cli import COLUMNS, EXIT_CODES, main, render
 from tests.support.postgres import PostgresCluster
@@ -359,6 +359,26 @@ def test_a_stop_signal_stops_the_demo_and_its_postgresql(
     assert result["left"] == []  # no postgres (postmaster or backend) outlived the demo
     assert "stopping…" in out
     assert "Traceback" not in err
+
+
+def test_a_stop_signal_is_raised_only_at_a_checkpoint() -> None:
+    """The handler never raises: a KeyboardInterrupt raised from it can land in an import's
+    weakref callback, be swallowed there and leave an import lock held (moto's server
+    thread then blocks for ever). Start-up raises it at its next checkpoint instead."""
+    previous = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as signals:
+        signals.checkpoint()  # nothing asked yet
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in this (the main) thread
+        time.sleep(0.01)  # bytecodes run after the signal: none of them raises
+        assert signals.requested.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            signals.checkpoint()
+        signals.requested.clear()
+        signals.disarm()
+        os.kill(os.getpid(), signal.SIGTERM)  # the clean-up has begun: ignored
+        time.sleep(0.01)
+        assert not signals.requested.is_set()
+    assert signal.getsignal(signal.SIGTERM) == previous
 
 
 @pytest.mark.postgres

@@ -39,6 +39,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
@@ -110,8 +111,12 @@ class PostgresCluster:
         user: str = "poolwatch",
         password: str = "s3cret-pw-never-exported",
         dbname: str = "orders",
+        checkpoint: Callable[[], None] | None = None,
     ) -> None:
+        """``checkpoint``: called between the steps of ``start()``; what it raises (the
+        demo's KeyboardInterrupt on a stop signal) stops and removes the cluster."""
         self._bin = find_bin_dir()
+        self._checkpoint = checkpoint or (lambda: None)
         self._host = "127.0.0.1"
         self._port = 0
         self._user = user
@@ -179,8 +184,11 @@ class PostgresCluster:
             raise PostgresError("the cluster is already started")
         try:
             self._create()
+            self._checkpoint()
             self._start_on_free_port()
+            self._checkpoint()
             self._create_database()
+            self._checkpoint()
         except BaseException as error:
             # Interrupted (Ctrl-C reaches pg_ctl too, and pg_ctl starts the server in a
             # session of its own): the server may be a moment from writing its pid file.

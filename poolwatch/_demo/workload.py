@@ -180,6 +180,7 @@ class Demo:
         self.failures: dict[str, int] = {}
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self.signals = StopSignals()
         self.database_label = "the database --url names"
 
     @property
@@ -268,7 +269,7 @@ class Demo:
                     raise
             else:
                 print("poolwatch demo: starting a throw-away PostgreSQL …", file=sys.stderr)
-                cluster = stack.enter_context(PostgresCluster())
+                cluster = stack.enter_context(PostgresCluster(checkpoint=self.signals.checkpoint))
                 self.database_label = f"PostgreSQL on 127.0.0.1:{cluster.port} (throw-away)"
                 return cluster.url()
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="poolwatch-demo-"))
@@ -404,6 +405,7 @@ class Demo:
             ("boto3 and moto", lambda: self.dynamodb(stack)),
         ]
         for library, start in starts:
+            self.signals.checkpoint()
             try:
                 start()
             except ImportError:
@@ -416,7 +418,7 @@ class Demo:
         A stop signal is a clean stop at any moment, start-up included (``StopSignals``):
         workers stop, then their pools, servers and the throw-away database.
         """
-        with StopSignals() as signals:
+        with self.signals as signals:
             try:
                 return self._run(signals)
             except KeyboardInterrupt:  # before the pools started: nothing of theirs runs
@@ -433,6 +435,7 @@ class Demo:
             logging.getLogger(noisy).setLevel(logging.ERROR)
         # The upstream outlives the stack: workers stop before their servers do.
         with self._upstream() as url:
+            signals.checkpoint()
             names = {_origin(url): "inventory-api"} if s.request_per_call else {}
             handle = poolwatch.instrument(
                 prometheus_port=self.options.port,
@@ -444,7 +447,6 @@ class Demo:
                     try:
                         print("poolwatch demo: starting the pools …", file=sys.stderr, flush=True)
                         skipped = self._pools(stack, url)
-                        signals.running()  # from now on a signal only asks the loop to stop
                         self._started(handle, skipped)
                         deadline = time.monotonic() + self.options.duration
                         while (left := deadline - time.monotonic()) > 0:
@@ -490,13 +492,17 @@ def _origin(url: str) -> str:
 class StopSignals:
     """SIGTERM and SIGHUP stop the demo as Ctrl-C (SIGINT) does, at any moment.
 
-    While the demo starts, the first stop signal raises KeyboardInterrupt in the main thread
-    (start-up is a sequence of blocking steps: a database to create, servers to start).
-    Once it runs (``running()``), a signal only sets ``requested``, which the main loop
-    waits on: nothing is interrupted halfway, such as a collection holding poolwatch's
-    locks. A second signal, and any after ``disarm()`` (the clean-up has begun), is
-    ignored so that the clean-up runs to its end. The previous handlers come back on
-    exit. Outside the main thread (where Python delivers no signals) it does nothing.
+    A stop signal only sets ``requested``. The main loop waits on it; start-up, a sequence
+    of blocking steps (a database to create, servers to start), calls ``checkpoint()``
+    between its steps, which raises KeyboardInterrupt there. The handler itself never
+    raises: Python runs it between any two bytecodes of the main thread, so an exception
+    from it can land in an import's clean-up or a weakref callback, where it is swallowed
+    ("Exception ignored in ...") after leaving an import lock held — moto's server thread
+    then waits on that lock for ever. A stop during start-up therefore waits for the step
+    under way (at most a few seconds: initdb). A signal after ``disarm()`` (the clean-up
+    has begun) is ignored so that the clean-up runs to its end. The previous handlers
+    come back on exit. Outside the main thread (where Python delivers no signals) it
+    does nothing.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -504,20 +510,17 @@ class StopSignals:
     def __init__(self) -> None:
         self.requested = threading.Event()
         """Set by the first stop signal."""
-        self._interrupt = True
         self._ignore = False
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self._ignore or self.requested.is_set():
-            return
-        self.requested.set()
-        if self._interrupt:
-            raise KeyboardInterrupt(signal.Signals(signum).name)
+        if not self._ignore:
+            self.requested.set()
 
-    def running(self) -> None:
-        """Start-up is over: a stop signal sets ``requested`` instead of interrupting."""
-        self._interrupt = False
+    def checkpoint(self) -> None:
+        """Raise KeyboardInterrupt if a stop was asked for (start-up calls it between steps)."""
+        if self.requested.is_set():
+            raise KeyboardInterrupt("stop requested")
 
     def disarm(self) -> None:
         """From now on, stop signals are ignored (the clean-up has begun)."""
