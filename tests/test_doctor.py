@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
-import pty
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -24,6 +21,7 @@ import sqlalchemy as sa
 import poolwatch
 from poolwatch import _advice, _doctor, _top
 from poolwatch._advice import Counts
+from tests.support.terminal import on_terminal, read_until
 from tests.support.upstream import ThreadedUpstream, refusing_port
 
 POOLWATCH = [sys.executable, "-m", "poolwatch"]
@@ -415,39 +413,12 @@ def endpoint(tmp_path: Path) -> Iterator[str]:
         poolwatch.uninstrument()
 
 
-def _read_until(fd: int, pattern: str, seconds: float = 20.0) -> str:
-    seen = ""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.2)
-        if ready:
-            try:
-                seen += os.read(fd, 65536).decode(errors="replace")
-            except OSError:
-                break
-            if re.search(pattern, seen, re.S):
-                return seen
-    raise AssertionError(f"{pattern!r} not seen; got {seen[-2000:]!r}")
-
-
 def test_progress_on_a_terminal_counts_the_seconds(endpoint: str) -> None:
-    controller, terminal = pty.openpty()
-    process = subprocess.Popen(
-        [*POOLWATCH, "doctor", "--interval", "2", "--url", endpoint],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=terminal,
-    )
-    os.close(terminal)
-    try:
+    argv = [*POOLWATCH, "doctor", "--interval", "2", "--url", endpoint]
+    with on_terminal(argv, stderr_only=True) as (process, controller):
         label = re.escape(f"poolwatch doctor: observing {endpoint}")
-        seen = _read_until(controller, r"1 of 2 s …\r?\n")
+        seen = read_until(controller, r"1 of 2 s …\r?\n")
         assert process.wait(20) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
-        os.close(controller)
     assert re.search(rf"\r\x1b\[K{label}: 0 of 2 s …\r\x1b\[K{label}: 1 of 2 s …\r?\n", seen), seen
 
 

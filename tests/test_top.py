@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import pty
 import re
-import select
 import socket
 import subprocess
 import sys
@@ -20,6 +18,7 @@ from sqlalchemy import exc
 
 import poolwatch
 from poolwatch import _top
+from tests.support.terminal import on_terminal, read_until
 from tests.support.upstream import refusing_port
 
 POOLWATCH = [sys.executable, "-m", "poolwatch"]
@@ -227,38 +226,14 @@ def test_top_once_against_a_real_process(exhausted_process: str) -> None:
     assert float(rows["pricing-api"]["tmo"]) + float(rows["pricing-api-async"]["tmo"]) > 0
 
 
-def _read_until(fd: int, pattern: str, seconds: float = 20.0) -> str:
-    seen = ""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.2)
-        if ready:
-            try:
-                seen += os.read(fd, 65536).decode(errors="replace")
-            except OSError:
-                break
-            if re.search(pattern, seen, re.S):
-                return seen
-    raise AssertionError(f"{pattern!r} not seen; got {seen[-2000:]!r}")
-
-
 def test_top_in_a_terminal_colours_sorts_and_quits(exhausted_process: str) -> None:
-    controller, terminal = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
-    process = subprocess.Popen(
-        [*POOLWATCH, "top", "--interval", "0.5", "--url", exhausted_process],
-        stdin=terminal,
-        stdout=terminal,
-        stderr=terminal,
-        env=env,
-    )
-    os.close(terminal)
-    try:
-        screen = _read_until(controller, r"sort: utilization.*orders-db.*\n")
+    argv = [*POOLWATCH, "top", "--interval", "0.5", "--url", exhausted_process]
+    with on_terminal(argv, colour=True) as (process, controller):
+        screen = read_until(controller, r"sort: utilization.*orders-db.*\n")
         # orders-db at 100%: red from 95%
         assert re.search(r"\033\[31m#{10}\s+100\033\[0m", screen)
         os.write(controller, b"n")
-        screen = _read_until(controller, r"sort: name.*sessions-dynamodb[^\n]*\n")
+        screen = read_until(controller, r"sort: name.*sessions-dynamodb[^\n]*\n")
         frame = screen.rsplit("sort: name", 1)[1]
         names = [
             line.split()[0]
@@ -268,11 +243,6 @@ def test_top_in_a_terminal_colours_sorts_and_quits(exhausted_process: str) -> No
         assert names == sorted(names)
         os.write(controller, b"q")
         assert process.wait(10) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
-        os.close(controller)
 
 
 def test_top_reports_an_unreachable_endpoint_in_one_line() -> None:
@@ -367,25 +337,11 @@ def test_every_row_of_a_real_process_exactly(still_pools: str) -> None:
 
 
 def test_colour_is_yellow_from_80_and_red_from_95_percent(still_pools: str) -> None:
-    controller, terminal = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
-    process = subprocess.Popen(
-        [*POOLWATCH, "top", "--interval", "0.5", "--url", still_pools],
-        stdin=terminal,
-        stdout=terminal,
-        stderr=terminal,
-        env=env,
-    )
-    os.close(terminal)
-    try:
-        screen = _read_until(controller, r"sort: utilization.*pricing-api[^\n]*\n")
+    argv = [*POOLWATCH, "top", "--interval", "0.5", "--url", still_pools]
+    with on_terminal(argv, colour=True) as (process, controller):
+        screen = read_until(controller, r"sort: utilization.*pricing-api[^\n]*\n")
         os.write(controller, b"q")
         assert process.wait(10) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
-        os.close(controller)
     frame = screen.rsplit("sort: utilization", 1)[1]
     lines = {line.split()[0]: line for line in frame.splitlines() if line.split()}
     assert "\033[31m##########  100\033[0m" in lines["full-db"]
@@ -407,30 +363,18 @@ def _column(frame: str, column: str) -> list[float]:
 
 
 def test_w_and_d_sort_a_live_process_by_wait_and_discards(discarding_process: str) -> None:
-    controller, terminal = pty.openpty()
-    process = subprocess.Popen(
-        [*POOLWATCH, "top", "--interval", "1", "--no-color", "--url", discarding_process],
-        stdin=terminal,
-        stdout=terminal,
-        stderr=terminal,
-    )
-    os.close(terminal)
-    try:
-        _read_until(controller, r"sort: utilization.*sessions-dynamodb[^\n]*\n")
+    argv = [*POOLWATCH, "top", "--interval", "1", "--no-color", "--url", discarding_process]
+    with on_terminal(argv) as (process, controller):
+        read_until(controller, r"sort: utilization.*sessions-dynamodb[^\n]*\n")
         frames = {}
         for key, title in ((b"w", "wait_p99"), (b"d", "discards_per_s")):
             os.write(controller, key)
             # the frame a key press draws covers only the moment since the last one: judge
             # the next, a whole interval's rates
             pattern = rf"sort: {title}.*sort: {title}(?:[^\n]*\n){{8}}"
-            frames[title] = _read_until(controller, pattern).rsplit(f"sort: {title}", 1)[1]
+            frames[title] = read_until(controller, pattern).rsplit(f"sort: {title}", 1)[1]
         os.write(controller, b"q")
         assert process.wait(10) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(5)
-        os.close(controller)
     for title, column in (("wait_p99", "p99"), ("discards_per_s", "disc")):
         values = _column(frames[title], column)
         assert len(values) == 5, frames[title]
