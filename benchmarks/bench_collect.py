@@ -9,7 +9,7 @@ collections back to back as fill 2 ms (one, for the big cases), divided. Three l
 * *one call site* — every engine is created by the same line: they aggregate into one
   series with many pool instances (levels are still read from every pool);
 * *distinct names* — each engine is named with ``poolwatch.track(engine, name=f"p{i}")``:
-  one series, and its 10 data points (the poolwatch family; the semantic-convention
+  one series, and its 12 data points (the poolwatch family; the semantic-convention
   mirrors are off by default), per pool;
 * *names, cap 200* — the same under the default ``max_pools``: 200 series, and every
   further pool folded into the ``_overflow`` series (what an application with thousands of
