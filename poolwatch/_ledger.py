@@ -265,7 +265,9 @@ class Ledger:
     # The hot-path contract: ``waits.append(wait)`` and ``active[key] = now`` on checkout;
     # ``start = active.pop(key, None)``, ``uses.append(now - start)`` on return, then
     # ``settle(key, held)`` when ``held > leak_threshold``. An adapter whose hook is hot
-    # enough that a method call shows in its benchmark may inline exactly that.
+    # enough that a method call shows in its benchmark may inline exactly that, and so
+    # ``connects.append(duration)`` for a successful connect and
+    # ``closes[reason].append(lifetime)`` (``UNKNOWN_LIFETIME`` when unknown) for a close.
     def acquired(self, key: Hashable, start: float, end: float) -> None:
         """A caller got connection ``key`` after waiting from ``start`` to ``end``."""
         self.waits.append(end - start)

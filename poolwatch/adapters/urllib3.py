@@ -60,7 +60,7 @@ from types import CodeType, FrameType
 from typing import Any, NamedTuple
 
 from poolwatch import _catalogue as c
-from poolwatch._ledger import Ledger, capture_stack
+from poolwatch._ledger import UNKNOWN_LIFETIME, Ledger, capture_stack
 from poolwatch._naming import creation_site, target_name
 from poolwatch.adapters._base import Adapter, Levels, Misconfiguration, Tracker, pop_attribute
 
@@ -318,13 +318,16 @@ class Urllib3Adapter(Adapter):
             caller = caller.f_back
         return caller
 
-    def _closing(self, conn: Any, caller: FrameType | None) -> None:
-        ledger: Ledger | None = conn._poolwatch_ledger
-        if ledger is None:
-            return
-        caller = self._closer(conn, caller)
+    def _closing(self, conn: Any, ledger: Ledger, caller: FrameType | None) -> None:
+        """``conn`` of a tracked pool closes: count the close, by reason and lifetime, now
+        or (closed by the server's ``Connection: close``) when the pool lets go of it.
+
+        A server that closes every connection makes one of these per request, twice (the
+        response closes it, then the pool): the common steps come first and cheapest.
+        """
+        if caller is not None and caller.f_code.co_name == "close":
+            caller = self._closer(conn, caller)  # a subclass's close, calling super()
         who = caller.f_code.co_name if caller is not None else ""
-        handling = sys.exc_info()[1] is not None
         now = perf_counter()
         if who == "urlopen":  # thrown away after an error, never returned: its use ends
             start = ledger.active.pop(conn, None)
@@ -347,14 +350,15 @@ class Urllib3Adapter(Adapter):
                 reason = c.REASON_POOL_FULL
             else:
                 reason = c.REASON_INVALIDATED
-        elif who == "getresponse" and not handling:
+        elif who == "getresponse" and sys.exc_info()[1] is None:
             # The server ended it (Connection: close). Counted when the pool lets go of the
             # object: urllib3 may yet discard it as "pool is full", which must count as such.
             conn._poolwatch_ended = lifetime
             return
         else:
-            reason = _close_reason(who, caller, handling)
-        ledger.closed_connection(reason, lifetime)
+            reason = _close_reason(who, caller, sys.exc_info()[1] is not None)
+        # Ledger.closed_connection, inlined (the hot-path contract in _ledger.py)
+        ledger.closes[reason].append(UNKNOWN_LIFETIME if lifetime is None else lifetime)
 
     # -- levels ------------------------------------------------------------------------
     def levels(self, pool: Any) -> Levels:
@@ -609,9 +613,9 @@ def _connect_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Call
                 report("urllib3 connect", error)
             raise
         now = perf_counter()
-        try:
-            ledger.connected(now - start, ok=True)
-            setattr(self, _BORN, now)
+        try:  # Ledger.connected(ok=True), inlined (the hot-path contract in _ledger.py)
+            ledger.connects.append(now - start)
+            self._poolwatch_born = now
         except Exception as error:
             report("urllib3 connect", error)
         return None
@@ -620,10 +624,13 @@ def _connect_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Call
 
 
 def _close_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Callable[..., Any]:
+    closing = adapter._closing
+
     def close(self: Any) -> None:
-        if self._poolwatch_ledger is not None:
+        ledger = self._poolwatch_ledger
+        if ledger is not None:
             try:
-                adapter._closing(self, sys._getframe(1))
+                closing(self, ledger, sys._getframe(1))
             except Exception as error:
                 adapter.tracker.report("urllib3 close", error)
         original(self)
