@@ -1,9 +1,12 @@
 """Instructions poolwatch adds per operation, counted by valgrind: a figure noise cannot move.
 
-Wall-clock medians on a shared two-core machine move by about ±1% between runs (the
-``http`` section's request rows) — as much as the 1% budget they are read against. The
-processor's instruction count of the same work does not: ``valgrind --tool=callgrind``
-counts every instruction the process executes, whatever else the machine does. This
+Wall-clock medians on a shared two-core machine move by ±10% and more between rounds
+(the ``http`` section's request rows) — ten times the 1% budget they are read against.
+The processor's instruction count of the same work does not: ``valgrind --tool=callgrind``
+counts every instruction a thread executes, whatever else the machine does. Only the
+main thread, which makes the requests, is counted: poolwatch's own thread works once a
+second, and at callgrind's slowdown its wake-ups would be charged some fifty times over
+to each request (``_count``). This
 section runs each operation in a child process under callgrind, ``bare`` and with
 ``poolwatch``, twice — ``small`` and ``large`` operations — so that start-up, imports and
 warm-up cancel out::
@@ -68,32 +71,43 @@ class CaseResult:
         return self.per_op["poolwatch"][0] - self.per_op["bare"][0]
 
 
-_COLLECTED = re.compile(r"Collected : (\d+)")
+_TOTALS = re.compile(r"^totals: (\d+)$", re.MULTILINE)
 
 
 def _count(case: str, variant: str, n: int, url: str) -> int:
-    """Instructions of one child run, counted by callgrind."""
+    """Instructions of one child run's main thread, counted by callgrind.
+
+    Only the thread that makes the requests counts: poolwatch's own thread wakes once a
+    second (its work is per second, not per request), and callgrind runs the child some
+    fifty times slower, so its wake-ups would be charged fifty times over to each
+    request — and more when the machine is busy and the run takes longer.
+    """
     valgrind = shutil.which("valgrind")
     assert valgrind is not None
-    command = [
-        valgrind,
-        "--tool=callgrind",
-        "--callgrind-out-file=/dev/null",
-        sys.executable,
-        str(Path(__file__).resolve()),
-        case,
-        variant,
-        str(n),
-        url,
-    ]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}  # the same dict layouts in every run
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=1800, check=False, env=env
-    )
-    found = _COLLECTED.search(result.stderr)
-    if result.returncode != 0 or found is None:
-        raise RuntimeError(f"{case} {variant}: callgrind run failed:\n{result.stderr[-2000:]}")
-    return int(found.group(1))
+    with tempfile.TemporaryDirectory(prefix="poolwatch-callgrind-") as out:
+        command = [
+            valgrind,
+            "--tool=callgrind",
+            "--separate-threads=yes",  # one file a thread: out-01 is the main thread
+            f"--callgrind-out-file={out}/cg",
+            sys.executable,
+            str(Path(__file__).resolve()),
+            case,
+            variant,
+            str(n),
+            url,
+        ]
+        env = {**os.environ, "PYTHONHASHSEED": "0"}  # the same dict layouts in every run
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=1800, check=False, env=env
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{case} {variant}: callgrind run failed:\n{result.stderr[-2000:]}")
+        main = Path(out, "cg-01")
+        found = _TOTALS.search(main.read_text()) if main.exists() else None
+        if found is None:
+            raise RuntimeError(f"{case} {variant}: no main-thread totals in {main}")
+        return int(found.group(1))
 
 
 def run_instructions(config: InstructionConfig) -> list[CaseResult] | str:
