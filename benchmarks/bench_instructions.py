@@ -27,7 +27,9 @@ moto's server in its own process (the servers' instructions are not counted). Th
 is this module run as a script (``python bench_instructions.py CASE VARIANT N URL``).
 
 Needs valgrind (Debian package ``valgrind``); without it the section says so and is
-skipped. It takes about fifteen minutes: callgrind runs Python some fifty times slower.
+skipped. It takes about forty minutes: callgrind runs Python some fifty times slower, and each
+measurement is taken three times (a loopback request's count moves by up to ~1,000
+instructions between runs; the median is reported, the range shown).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class InstructionConfig:
 
     small: int = 100
     large: int = 400
-    repeats: int = 1
+    repeats: int = 3
     """Measurements of each variant (their median is reported, their range shown)."""
     sqlalchemy_small: int = 1_000
     sqlalchemy_large: int = 4_000
