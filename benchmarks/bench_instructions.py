@@ -27,9 +27,10 @@ moto's server in its own process (the servers' instructions are not counted). Th
 is this module run as a script (``python bench_instructions.py CASE VARIANT N URL``).
 
 Needs valgrind (Debian package ``valgrind``); without it the section says so and is
-skipped. It takes about forty minutes: callgrind runs Python some fifty times slower, and each
-measurement is taken three times (a loopback request's count moves by up to ~1,000
-instructions between runs; the median is reported, the range shown).
+skipped. It takes 25 to 40 minutes: callgrind runs Python some fifty times slower, and
+each measurement is taken three times (the median is reported, the range shown). The
+three agree closely; runs hours apart, or beside other work, differ by a few thousand
+instructions on a network request, whose reads and polls follow the server's timing.
 """
 
 from __future__ import annotations

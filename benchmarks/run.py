@@ -5,7 +5,7 @@ Usage (from anywhere; paths are resolved from this file)::
     python benchmarks/run.py            # all but instructions, 2-3 minutes on 2 cores
     python benchmarks/run.py --quick    # smaller sizes and fewer rounds (a smoke test)
     python benchmarks/run.py --only hotpath,collect
-    python benchmarks/run.py --only instructions   # valgrind, about 40 minutes
+    python benchmarks/run.py --only instructions   # valgrind, 25-40 minutes
     python benchmarks/run.py --no-venv  # use the current interpreter as it is
 
 Unless ``--no-venv`` is given, the script creates ``benchmarks/.venv`` (gitignored) with the
