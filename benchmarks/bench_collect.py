@@ -202,10 +202,8 @@ def time_process_view(handle: poolwatch.Instrumentation, rounds: int = 5) -> flo
     """Median seconds of one process-view reading (psutil's scan of descriptors and TCP
     connections, and every pool's sockets), as poolwatch's thread takes it; None without
     psutil."""
-    try:
-        from poolwatch._process import ProcessWatcher
-    except ImportError:
-        return None
+    from poolwatch._process import ProcessWatcher
+
     try:
         watcher = ProcessWatcher(handle._registry.pool_sockets, handle._errors)
     except ImportError:  # psutil not installed

@@ -148,6 +148,16 @@ def sizing(now: Counts, before: Counts, seconds: float) -> Sizing | None:
     )
 
 
+def unbounded_advice(kind: str) -> str:
+    """What to change in a pool of ``kind`` without a connection limit (the doctor's finding
+    and the ``unbounded_pool`` anti-pattern say the same)."""
+    knob = SIZE_KNOB.get(kind, "the pool's maximum size")
+    return (
+        f"set {knob}: an unbounded pool turns a slow server into a flood of connections, and "
+        "the server's own connection limit becomes the first one hit"
+    )
+
+
 def _size_advice(kind: str, sized: Sizing | None, current: float | None) -> str:
     knob = SIZE_KNOB.get(kind, "the pool's maximum size")
     if sized is None:
@@ -247,8 +257,7 @@ def findings(now: Counts, before: Counts, seconds: float) -> list[Finding]:
         add(
             "warning",
             "unbounded: the pool has no connection limit",
-            f"set {SIZE_KNOB[kind]}: an unbounded pool turns a slow server into a flood of "
-            "connections",
+            unbounded_advice(kind),
         )
     return out
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from poolwatch import _catalogue as c
-from poolwatch._advice import SIZE_KNOB, STALE_DEFAULT, STALE_FIX
+from poolwatch._advice import SIZE_KNOB, STALE_DEFAULT, STALE_FIX, unbounded_advice
 from poolwatch._safe import logger
 from poolwatch.adapters._base import Misconfiguration
 
@@ -108,17 +108,14 @@ _AGE_DEFAULT = (
 def advice_for(antipattern: str, kind: str) -> str:
     """What to change, for one anti-pattern in a pool of ``kind`` (also ``poolwatch doctor``'s,
     for the anti-patterns a process exports)."""
-    knob = SIZE_KNOB.get(kind, "the pool's maximum size")
     if antipattern == c.ANTIPATTERN_CLIENT_PER_REQUEST:
         return _PER_REQUEST_FIX.get(kind, "create the client once per process and reuse it")
     if antipattern == c.ANTIPATTERN_UNBOUNDED_POOL:
-        return (
-            f"set {knob}: an unbounded pool turns a slow server into a flood of connections, "
-            "and the server's own connection limit becomes the first one hit"
-        )
+        return unbounded_advice(kind)
     if antipattern == c.ANTIPATTERN_NO_POOL_TIMEOUT:
         return _TIMEOUT_FIX.get(kind, "give callers a pool timeout")
     if antipattern == c.ANTIPATTERN_POOL_OVERFLOWING:
+        knob = SIZE_KNOB.get(kind, "the pool's maximum size")
         return (
             f"raise {knob} to the number of concurrent requests (threads or workers sharing "
             "the client); the pool's recommended size is in poolwatch.pools() and "

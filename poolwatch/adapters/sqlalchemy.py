@@ -217,10 +217,10 @@ class SQLAlchemyAdapter(Adapter):
         if ledger is None or record.dbapi_connection is None:
             return
         reason = record._poolwatch_close_reason  # the class default is None: never raises
-        if reason is not None:
-            record._poolwatch_close_reason = None
         if reason is None:
             reason = _close_reason(record, pool, caller)
+        else:
+            record._poolwatch_close_reason = None
         lifetime = time.time() - record.starttime if record.starttime else None
         ledger.closed_connection(reason, lifetime)
 
