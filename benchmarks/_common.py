@@ -8,6 +8,7 @@ Results are medians over the rounds, with the interquartile range to show the sp
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,20 @@ def interleave(variants: Mapping[str, Callable[[], float]], rounds: int) -> dict
 def paired_differences(a: Sequence[float], b: Sequence[float]) -> list[float]:
     """``a[i] - b[i]`` for samples taken in the same round."""
     return [x - y for x, y in zip(a, b, strict=True)]
+
+
+def median_interval(samples: Sequence[float]) -> tuple[float, float, float]:
+    """The median of ``samples`` and a 95% confidence interval for it.
+
+    Distribution-free: the interval runs between the order statistics that a fair coin
+    (each sample equally likely above or below the true median) puts 1.96 standard
+    deviations from the middle, so it assumes nothing about the samples' shape — network
+    latencies are skewed and have outliers.
+    """
+    values = sorted(samples)
+    n = len(values)
+    k = max(0, math.floor(n / 2 - 1.96 * math.sqrt(n) / 2))
+    return statistics.median(values), values[k], values[n - 1 - k]
 
 
 def verdict(met: bool) -> str:

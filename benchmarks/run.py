@@ -207,12 +207,14 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
         print(bench_memory.render_memory(bench_memory.run_memory(memory_config)), flush=True)
     if "http" in sections:
         http_config = (
-            bench_http.HTTPConfig(rounds=5, requests=100, warmup=10, acquire_ops=5_000)
+            bench_http.HTTPConfig(
+                rounds=5, requests=100, warmup=10, acquire_ops=5_000, in_situ_pairs=50
+            )
             if quick
             else bench_http.HTTPConfig()
         )
-        results, acquire = bench_http.run_http(http_config)
-        print(bench_http.render_http(results, acquire, http_config), flush=True)
+        measured = bench_http.run_http(http_config)
+        print(bench_http.render_http(measured, http_config), flush=True)
     if "instructions" in sections:
         counting = (
             bench_instructions.InstructionConfig(
