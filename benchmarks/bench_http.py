@@ -842,7 +842,7 @@ def render_http(measured: HTTPResults, config: HTTPConfig) -> str:
             contrib = r.added["contrib"].median
             line = f"{r.name}: contrib adds {contrib:.1f} µs per request"
             ours = in_situ.get(r.name)
-            if ours is not None and ours > 0:
+            if ours is not None and ours > 0 and contrib > 0:
                 line += f", {contrib / ours:.0f}x what poolwatch adds in situ ({ours:.2f} µs)"
         else:
             line = f"{r.name}: contrib skipped: {r.refusal}"
