@@ -520,10 +520,13 @@ def _hook_states() -> dict[bool, list[tuple[Any, str, Any]]]:
     on, off = [], []
     for adapter in current._active.values():
         for owner, attribute, original in getattr(adapter, "_patches", ()):
-            # Attributes poolwatch added (marks, class defaults) stay: only functions swap.
             if isinstance(original, (types.FunctionType, classmethod, staticmethod)):
                 on.append((owner, attribute, owner.__dict__[attribute]))
                 off.append((owner, attribute, original))
+            elif not attribute.startswith("_poolwatch"):
+                # Something else replaced (an inherited function?): "off" would not be bare.
+                raise MeasurementError(f"in situ: cannot switch {owner.__name__}.{attribute}")
+            # Otherwise a mark or class default poolwatch added: it stays, read by no one.
     if not on:
         raise MeasurementError("in situ: no patched library function found to switch")
     return {True: on, False: off}
