@@ -90,11 +90,6 @@ import poolwatch
 
 TARGET_PCT = 1.0
 TARGET_ACQUIRE_US = 1.0
-ACQUIRE_ROWS = (
-    "urllib3 _get_conn()+_put_conn()",
-    "httpx pool handle_request()+close()",
-    "aiohttp connector.connect()+release()",
-)
 
 
 @dataclass(frozen=True)
@@ -563,8 +558,7 @@ def run_in_situ(library: Library, url: str, config: HTTPConfig) -> InSituResult:
         finally:
             library.close()
         switch(True)
-        hooked_blocks = config.in_situ_pairs
-        expected = config.warmup + hooked_blocks * (config.in_situ_block + 1)
+        expected = config.warmup + config.in_situ_pairs * (config.in_situ_block + 1)
         counted = checkouts_of(library.kind)
         if counted != expected:
             raise MeasurementError(
@@ -574,11 +568,11 @@ def run_in_situ(library: Library, url: str, config: HTTPConfig) -> InSituResult:
     finally:
         poolwatch.uninstrument()
         meters.shutdown()
-    off = [m for m, hooked in zip(medians, plan, strict=True) if not hooked]
-    pairs = [(a - b) * 1e6 for a, b in zip(medians[0::2], medians[1::2], strict=True)]
-    firsts = plan[0::2]
-    added = [d if first else -d for d, first in zip(pairs, firsts, strict=True)]
-    return InSituResult(library.name, statistics.median(off) * 1e6, median_interval(added))
+    # Each pair holds one block of each, so the i-th on and off blocks are pair i's.
+    on = [m * 1e6 for m, hooked in zip(medians, plan, strict=True) if hooked]
+    off = [m * 1e6 for m, hooked in zip(medians, plan, strict=True) if not hooked]
+    added = median_interval(paired_differences(on, off))
+    return InSituResult(library.name, statistics.median(off), added)
 
 
 def _interval_verdict(low_pct: float, high_pct: float) -> str:
@@ -754,11 +748,10 @@ def _acquire_aiohttp(url: str, variant: str, ops: int) -> float:
 def run_acquire(url: str, config: HTTPConfig) -> dict[str, dict[str, Summary]]:
     """Per library, µs per acquire+release bare and with poolwatch, and what it adds."""
     ops = config.acquire_ops
-    urllib3_row, httpx_row, aiohttp_row = ACQUIRE_ROWS
     cases: dict[str, Callable[[str], float]] = {
-        urllib3_row: lambda v: _acquire_urllib3(url, v, ops),
-        httpx_row: lambda v: _acquire_httpx(v, ops),
-        aiohttp_row: lambda v: _acquire_aiohttp(url, v, ops),
+        "urllib3 _get_conn()+_put_conn()": lambda v: _acquire_urllib3(url, v, ops),
+        "httpx pool handle_request()+close()": lambda v: _acquire_httpx(v, ops),
+        "aiohttp connector.connect()+release()": lambda v: _acquire_aiohttp(url, v, ops),
     }
     results: dict[str, dict[str, Summary]] = {}
     for label, one in cases.items():

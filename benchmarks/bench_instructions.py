@@ -91,7 +91,7 @@ def _count(case: str, variant: str, n: int, url: str) -> int:
         command = [
             valgrind,
             "--tool=callgrind",
-            "--separate-threads=yes",  # one file a thread: out-01 is the main thread
+            "--separate-threads=yes",  # one file a thread: cg-01 is the main thread
             f"--callgrind-out-file={out}/cg",
             sys.executable,
             str(Path(__file__).resolve()),
