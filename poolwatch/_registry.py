@@ -407,6 +407,10 @@ class Registry:
 
     def _read_series(self, series: Series, pools: list[Any], now: float) -> SeriesReading | None:
         """One series: abandoned checkouts settled, levels, ledger, anti-patterns."""
+        try:
+            series.adapter.publish_checkouts(series.ledger, pools)
+        except Exception as error:
+            self._errors.report(f"{series.kind} checkouts", error)
         if series.ledger.active:  # first: what it settles leaves the levels, too
             try:
                 series.adapter.find_abandoned(series.ledger)

@@ -138,6 +138,56 @@ def test_an_http_connection_held_too_long_names_its_borrower(
         manager.clear()
 
 
+def test_aiohttp_connections_held_too_long_on_two_connectors_of_one_pool(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp keeps each checkout's time on the connection, not in the ledger: a collection
+    gathers the connections out from every connector of the series (two connectors tracked
+    under one name: one series, two instances) and finds both past the threshold."""
+    harness.instrument(leak_threshold=THRESHOLD, leak_stacks="always")
+    caplog.set_level(logging.INFO, logger="poolwatch")
+
+    async def main(upstream: ThreadedUpstream) -> list[poolwatch.PoolSnapshot]:
+        connectors = [aiohttp.TCPConnector(), aiohttp.TCPConnector()]
+        for each in connectors:
+            poolwatch.track(each, name="held")
+        request = ClientRequest("GET", URL(upstream.url), loop=asyncio.get_running_loop())
+        timeout = aiohttp.ClientTimeout(total=5)
+        try:
+            line = sys._getframe().f_lineno + 1
+            connections = [await each.connect(request, [], timeout) for each in connectors]
+            await asyncio.sleep(THRESHOLD * 2)
+            [out] = poolwatch.pools()
+            warnings = _records(caplog)
+            assert [level for level, _ in warnings] == ["WARNING", "WARNING"]
+            for _, message in warnings:
+                assert message.startswith(
+                    "poolwatch: a connection of pool 'held' (aiohttp) has been checked out for "
+                )
+                assert f'File "{__file__}", line {line}, in main' in message
+            for connection in connections:
+                connection.release()
+            [back] = poolwatch.pools()
+            returned = _records(caplog)
+            assert [level for level, _ in returned] == ["INFO", "INFO"]
+            assert all(
+                m.startswith("poolwatch: the leaked connection of pool 'held' (aiohttp) came back")
+                for _, m in returned
+            )
+            [after] = poolwatch.pools()
+            return [out, back, after]
+        finally:
+            for each in connectors:
+                await each.close()
+
+    with ThreadedUpstream() as upstream:
+        out, back, after = asyncio.run(main(upstream))
+    assert (out.instances, out.used, out.checkouts, out.leaks, out.leaks_active) == (2, 2, 2, 2, 2)
+    assert (back.used, back.idle, back.leaks, back.leaks_active) == (0, 2, 2, 0)
+    assert (after.leaks, after.leaks_active) == (2, 0)
+    assert _records(caplog) == []  # each reported once
+
+
 # -- checkouts garbage-collected without being returned ------------------------------------
 COLLECTED = "was garbage-collected without being returned, after "
 

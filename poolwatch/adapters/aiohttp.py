@@ -124,6 +124,11 @@ _MARK = "_poolwatch_mark"
 """On a connection (``ResponseHandler``): ``(born, key)`` — monotonic birth time (None if
 opened before poolwatch saw it) and its ``ConnectionKey`` (None if unknown); not None means
 "a connection of a pool, not yet counted as closed" (the class default is None)."""
+_OUT = "_poolwatch_out"
+"""On a connection: the ``perf_counter()`` time it was handed out, while it is out (the class
+default is None). Kept on the connection rather than in ``Ledger.active``: a dict set and
+pop per request cost about a third of the hooks' time inside a request (measured in situ,
+benchmarks/bench_http.py); ``publish_checkouts`` fills ``Ledger.active`` at collection."""
 _CONNECTING = "_poolwatch_connecting"
 """On a connector: connections being opened, by ``ConnectionKey`` (for per-host used)."""
 _SITE = "_poolwatch_site"
@@ -207,6 +212,7 @@ class AiohttpAdapter(Adapter):
             self._patch(cls, "_create_connection", _create_hook(self, create))
         handler = client_proto.ResponseHandler
         self._patch(handler, _MARK, None)
+        self._patch(handler, _OUT, None)
         self._patch(handler, "close", _close_hook(self, handler.close))
         self._patch(handler, "abort", _close_hook(self, handler.abort))
         session = client.ClientSession
@@ -238,6 +244,7 @@ class AiohttpAdapter(Adapter):
         protocols = [p for conns in list(connector._conns.values()) for p, _ in list(conns)]
         for proto in protocols + list(connector._acquired):
             _forget(proto, _MARK)
+            _forget(proto, _OUT)
 
     # -- tracking ----------------------------------------------------------------------
     def _track_connector(
@@ -344,6 +351,17 @@ class AiohttpAdapter(Adapter):
         ledger.closed_connection(reason, monotonic() - born if born is not None else None)
 
     # -- levels ------------------------------------------------------------------------
+    def publish_checkouts(self, ledger: Ledger, pools: list[Any]) -> None:
+        # One C call per connector: the event loop's thread changes _acquired meanwhile.
+        # A connection returned since the copy reads None (its hook cleared it first).
+        out: dict[Any, float] = {}
+        for pool in pools:
+            for proto in list(pool._acquired):
+                start = getattr(proto, _OUT, None)  # a placeholder slot has none
+                if start is not None:
+                    out[proto] = start
+        ledger.active = out
+
     def levels(self, pool: Any) -> Levels:
         # Copies first, each one C call: the event loop's thread changes these meanwhile.
         acquired = list(pool._acquired)
@@ -506,11 +524,12 @@ def _connect_hook(
             failed(ledger, start, req, error)
             raise
         if ledger is not None:
-            # Ledger.acquired, inlined (the hot-path contract in _ledger.py).
+            # Ledger.acquired, inlined (the hot-path contract in _ledger.py), the checkout
+            # time kept on the connection (_OUT).
             now = perf_counter()
             ledger.waits.append(now - start)
             proto = conn._protocol
-            ledger.active[proto] = now
+            proto._poolwatch_out = now
             if ledger.capture:  # this pool has leaked (or leak_stacks="always")
                 ledger.stacks[proto] = capture_stack(sys._getframe(1))
         return conn
@@ -524,9 +543,11 @@ def _release_hook(adapter: AiohttpAdapter, original: Callable[..., None]) -> Cal
     def _release(self: Any, key: Any, protocol: Any, *, should_close: bool = False) -> None:
         ledger = self._poolwatch_ledger
         if ledger is not None:
-            # Ledger.released, inlined (the hot-path contract in _ledger.py).
-            start = ledger.active.pop(protocol, None)
+            # Ledger.released, inlined (the hot-path contract in _ledger.py), the checkout
+            # time read from the connection (_OUT).
+            start = protocol._poolwatch_out
             if start is not None:
+                protocol._poolwatch_out = None
                 held = perf_counter() - start
                 if should_close and sys._getframe(1).f_code.co_name == "__del__":
                     # A Connection collected unreleased (aiohttp warns "Unclosed
