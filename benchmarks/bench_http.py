@@ -41,15 +41,22 @@ Those rows time the hooks in a tight loop, where their code and data stay in the
 caches; inside a real request they run among the library's own work, which has evicted
 them, and cost several times as much (docs/performance.md has both). The in-situ
 measurement reads that cost where it is paid: one client per library, instrumented from
-the start, sends ``in_situ_pairs`` pairs of blocks of ``in_situ_block`` requests; in one
-block of each pair poolwatch's hooks are switched off (``HookSwitch`` puts back the library
-functions poolwatch replaced), in the other they are on, in a seeded random order. Each
-block's median request is compared with its pair's: neighbours in time share the machine's
-state, so its drift cancels, and the median of the pairs' differences, with a
-distribution-free 95% interval, is what the hooks add to a request. The first request
-after each switch is sent but not timed (changing a class's attributes empties the
-interpreter's caches of it once). The check: poolwatch counted exactly the warm-up and the
-requests of the blocks with the hooks on.
+the start, sends pairs of blocks of ``in_situ_block`` requests — up to ``in_situ_pairs``
+pairs, or as many as ``in_situ_seconds`` allow — and in one block of each pair poolwatch's
+hooks are switched off (``HookSwitch`` puts back the library functions poolwatch
+replaced), in the other they are on, in a seeded random order. Neighbours in time share
+the machine's state, so its drift cancels in each pair's difference; the median of the
+pairs' differences, with a distribution-free 95% interval, is what the hooks add to a
+request. The first request after each switch is sent but not timed (changing a class's
+attributes empties the interpreter's caches of it once). The check: poolwatch counted
+exactly the warm-up and the requests of the blocks with the hooks on.
+
+Each block is read two ways: the latency (its median request, by the wall clock) and the
+client thread's CPU time per request (``time.thread_time()`` over the block). The hooks are
+synchronous code on the request's path that takes no lock and does no I/O, so what they
+add to a request's latency is the time they run on that thread: the CPU reading measures
+the same quantity without the waits for a core that other processes on a shared machine
+add to the wall clock at random, and its interval is the narrower one.
 
 The request rows' own paired differences (bare against poolwatch, round by round) carry
 the rounds' noise, several % of a request on this machine: they show the contrib
@@ -72,7 +79,7 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from time import perf_counter
+from time import perf_counter, thread_time
 from typing import Any
 
 from _common import (
@@ -100,8 +107,11 @@ class HTTPConfig:
     requests: int = 300
     warmup: int = 30
     acquire_ops: int = 20_000
-    in_situ_pairs: int = 400
-    """Pairs of blocks (hooks on, hooks off) per library in the in-situ measurement."""
+    in_situ_pairs: int = 3000
+    """At most this many pairs of blocks (hooks on, hooks off) per library in the in-situ
+    measurement..."""
+    in_situ_seconds: float = 40.0
+    """...or as many as fit in this many seconds (whichever ends first)."""
     in_situ_block: int = 20
     """Timed requests per block (after the one dropped at each switch)."""
 
@@ -135,6 +145,16 @@ def _server(args: list[str], port: int) -> Iterator[None]:
 # -- one request per library -----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Block:
+    """One in-situ block of requests."""
+
+    median: float
+    """Median seconds of a request (wall clock)."""
+    cpu: float
+    """Seconds of the client thread's CPU time per request (the block's total / its size)."""
+
+
 class Library:
     """Makes a client and sends one request with it; knows its contrib instrumentor."""
 
@@ -166,23 +186,34 @@ class Library:
         return elapsed / count
 
     def blocks(
-        self, plan: list[bool], switch: Callable[[bool], None], size: int, warmup: int
-    ) -> list[float]:
-        """After ``warmup`` requests, the median seconds of a request in each block of
-        ``plan`` (True: hooks on); the first request after each ``switch`` is not timed."""
+        self,
+        plan: list[bool],
+        switch: Callable[[bool], None],
+        size: int,
+        warmup: int,
+        seconds: float,
+    ) -> list[Block]:
+        """After ``warmup`` requests, one ``Block`` per entry of ``plan`` (True: hooks on),
+        until the plan ends or, at the end of a pair, ``seconds`` have passed; the first
+        request after each ``switch`` is not timed."""
         for _ in range(warmup):
             self.request()
-        medians = []
+        blocks: list[Block] = []
+        deadline = perf_counter() + seconds
         for hooked in plan:
+            if len(blocks) % 2 == 0 and perf_counter() > deadline:
+                break
             switch(hooked)
             self.request()
             times = []
+            cpu = thread_time()
             for _ in range(size):
                 start = perf_counter()
                 self.request()
                 times.append(perf_counter() - start)
-            medians.append(statistics.median(times))
-        return medians
+            cpu = thread_time() - cpu
+            blocks.append(Block(statistics.median(times), cpu / size))
+        return blocks
 
 
 class Urllib3(Library):
@@ -260,24 +291,34 @@ class AsyncLibrary(Library):
         return asyncio.run(run())
 
     def blocks(
-        self, plan: list[bool], switch: Callable[[bool], None], size: int, warmup: int
-    ) -> list[float]:
-        async def run() -> list[float]:
+        self,
+        plan: list[bool],
+        switch: Callable[[bool], None],
+        size: int,
+        warmup: int,
+        seconds: float,
+    ) -> list[Block]:
+        async def run() -> list[Block]:
             await self.aopen()
             try:
                 for _ in range(warmup):
                     await self.arequest()
-                medians = []
+                blocks: list[Block] = []
+                deadline = perf_counter() + seconds
                 for hooked in plan:
+                    if len(blocks) % 2 == 0 and perf_counter() > deadline:
+                        break
                     switch(hooked)
                     await self.arequest()
                     times = []
+                    cpu = thread_time()
                     for _ in range(size):
                         start = perf_counter()
                         await self.arequest()
                         times.append(perf_counter() - start)
-                    medians.append(statistics.median(times))
-                return medians
+                    cpu = thread_time() - cpu
+                    blocks.append(Block(statistics.median(times), cpu / size))
+                return blocks
             finally:
                 await self.aclose()
 
@@ -532,10 +573,16 @@ class InSituResult:
     """One library's in-situ reading: block medians with the hooks off and on."""
 
     name: str
+    pairs: int
+    """Pairs of blocks measured."""
     bare: float
     """Median µs of a request with the hooks off (the median of the off blocks' medians)."""
     added: tuple[float, float, float]
-    """Median µs the hooks add (of the paired block differences), and its 95% interval."""
+    """Median µs the hooks add to a request's latency (of the paired block differences),
+    and its 95% interval."""
+    cpu: tuple[float, float, float]
+    """Median µs of the client thread's CPU time the hooks add per request (of the paired
+    block differences), and its 95% interval."""
 
 
 def run_in_situ(library: Library, url: str, config: HTTPConfig) -> InSituResult:
@@ -554,11 +601,14 @@ def run_in_situ(library: Library, url: str, config: HTTPConfig) -> InSituResult:
     try:
         library.open(url)
         try:
-            medians = library.blocks(plan, switch, config.in_situ_block, config.warmup)
+            blocks = library.blocks(
+                plan, switch, config.in_situ_block, config.warmup, config.in_situ_seconds
+            )
         finally:
             library.close()
         switch(True)
-        expected = config.warmup + config.in_situ_pairs * (config.in_situ_block + 1)
+        pairs = len(blocks) // 2
+        expected = config.warmup + pairs * (config.in_situ_block + 1)
         counted = checkouts_of(library.kind)
         if counted != expected:
             raise MeasurementError(
@@ -569,10 +619,21 @@ def run_in_situ(library: Library, url: str, config: HTTPConfig) -> InSituResult:
         poolwatch.uninstrument()
         meters.shutdown()
     # Each pair holds one block of each, so the i-th on and off blocks are pair i's.
-    on = [m * 1e6 for m, hooked in zip(medians, plan, strict=True) if hooked]
-    off = [m * 1e6 for m, hooked in zip(medians, plan, strict=True) if not hooked]
-    added = median_interval(paired_differences(on, off))
-    return InSituResult(library.name, statistics.median(off), added)
+    done = plan[: len(blocks)]
+    on = [b for b, hooked in zip(blocks, done, strict=True) if hooked]
+    off = [b for b, hooked in zip(blocks, done, strict=True) if not hooked]
+
+    def added(value: Callable[[Block], float]) -> tuple[float, float, float]:
+        pairs = paired_differences([value(b) * 1e6 for b in on], [value(b) * 1e6 for b in off])
+        return median_interval(pairs)
+
+    return InSituResult(
+        library.name,
+        pairs,
+        statistics.median(b.median * 1e6 for b in off),
+        added(lambda b: b.median),
+        added(lambda b: b.cpu),
+    )
 
 
 def _interval_verdict(low_pct: float, high_pct: float) -> str:
@@ -585,33 +646,44 @@ def _interval_verdict(low_pct: float, high_pct: float) -> str:
 
 
 def render_in_situ(results: list[InSituResult], config: HTTPConfig) -> str:
-    """The in-situ table and its verdicts."""
-    rows = []
-    for r in results:
-        median, low, high = r.added
-        rows.append(
-            [
-                r.name,
-                f"{r.bare:.1f}",
-                f"{median:+.2f}",
-                f"{median / r.bare * 100:+.2f}%",
-                f"{low / r.bare * 100:+.2f}% .. {high / r.bare * 100:+.2f}%",
-                _interval_verdict(low / r.bare * 100, high / r.bare * 100),
-            ]
-        )
+    """The in-situ tables and their verdicts: added latency, added CPU time."""
+
+    def rows(reading: Callable[[InSituResult], tuple[float, float, float]]) -> list[list[str]]:
+        out = []
+        for r in results:
+            median, low, high = reading(r)
+            out.append(
+                [
+                    r.name,
+                    str(r.pairs),
+                    f"{r.bare:.1f}",
+                    f"{median:+.2f}",
+                    f"{median / r.bare * 100:+.2f}%",
+                    f"{low / r.bare * 100:+.2f}% .. {high / r.bare * 100:+.2f}%",
+                    _interval_verdict(low / r.bare * 100, high / r.bare * 100),
+                ]
+            )
+        return out
+
+    headers = ["library", "pairs", "bare µs", "added µs", "added", "95% interval", "target"]
     return "\n".join(
         [
             heading("HTTP pools: added latency per request, in situ"),
-            f"one client per library, instrumented throughout; {config.in_situ_pairs} pairs of "
-            f"blocks of {config.in_situ_block} requests, poolwatch's hooks off in one and on in "
-            "the other, in random order;",
-            "added = median of the pairs' differences of block medians, with its 95% "
-            f"interval; target <= {TARGET_PCT:.0f}% of the request: MET when all the interval "
-            "is below it, NOT MET when all is above, UNDECIDED when it straddles it",
-            table(
-                ["library", "bare µs", "added µs", "added", "95% interval", "target"],
-                rows,
-            ),
+            "one client per library, instrumented throughout; pairs of blocks of "
+            f"{config.in_situ_block} requests (up to {config.in_situ_pairs}, or "
+            f"{config.in_situ_seconds:.0f} s), poolwatch's hooks off in one and on in the other, "
+            "in random order;",
+            "added = median of the pairs' differences, with its 95% interval, as a share of "
+            f"the bare request's median latency; target <= {TARGET_PCT:.0f}%: MET when all the "
+            "interval is below it, NOT MET when all is above, UNDECIDED when it straddles it",
+            "",
+            "latency (wall clock, the differences of the blocks' median requests):",
+            table(headers, rows(lambda r: r.added)),
+            "",
+            "CPU time of the client thread per request, which the hooks' synchronous work adds "
+            "to the latency one for one",
+            "and which the machine's other processes do not inflate (scheduling, waiting):",
+            table(headers, rows(lambda r: r.cpu)),
         ]
     )
 

@@ -208,7 +208,12 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
     if "http" in sections:
         http_config = (
             bench_http.HTTPConfig(
-                rounds=5, requests=100, warmup=10, acquire_ops=5_000, in_situ_pairs=50
+                rounds=5,
+                requests=100,
+                warmup=10,
+                acquire_ops=5_000,
+                in_situ_pairs=50,
+                in_situ_seconds=5.0,
             )
             if quick
             else bench_http.HTTPConfig()
