@@ -268,10 +268,10 @@ class Ledger:
     # enough that a method call shows in its benchmark may inline exactly that, and so
     # ``connects.append(duration)`` for a successful connect and
     # ``closes[reason].append(lifetime)`` (``UNKNOWN_LIFETIME`` when unknown) for a close.
-    # One variation: an adapter may keep the checkout time on the pooled connection instead
-    # of in ``active`` (aiohttp: a dict set and pop cost a third of its hooks' time inside
-    # a request) if its ``Adapter.publish_checkouts`` puts the connections out now into
-    # ``active`` at every collection, before the ledger is read.
+    # One variation: an adapter may keep the checkout time on the library's own object
+    # instead of in ``active`` (aiohttp, httpx: a dict set and pop cost about a third of
+    # their hooks' time inside a request) if its ``Adapter.publish_checkouts`` puts what is
+    # out now into ``active`` at every collection, before the ledger is read.
     def acquired(self, key: Hashable, start: float, end: float) -> None:
         """A caller got connection ``key`` after waiting from ``start`` to ``end``."""
         self.waits.append(end - start)

@@ -138,6 +138,36 @@ def test_an_http_connection_held_too_long_names_its_borrower(
         manager.clear()
 
 
+def test_an_httpx_response_held_too_long_names_its_borrower_then_comes_back(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """httpx keeps each checkout's time on the request, not in the ledger: a collection
+    finds the request out in the pool's own list, past the threshold."""
+    harness.instrument(leak_threshold=THRESHOLD, leak_stacks="always")
+    caplog.set_level(logging.INFO, logger="poolwatch")
+    with ThreadedUpstream() as upstream, httpx.Client(base_url=upstream.url) as client:
+        line = sys._getframe().f_lineno + 1
+        response = client.send(client.build_request("GET", "/"), stream=True)
+        time.sleep(THRESHOLD * 2)
+        [out] = poolwatch.pools()
+        [(level, message)] = _records(caplog)
+        assert level == "WARNING"
+        assert message.startswith(
+            f"poolwatch: a connection of pool '{upstream.origin}' (httpx) has been checked out "
+        )
+        assert f'File "{__file__}", line {line}, in ' in message
+        assert response.read() == b"ok\n"
+        response.close()
+        [back] = poolwatch.pools()
+        [(level, message)] = _records(caplog)
+        assert (level, message.split(" came back after ")[0]) == (
+            "INFO",
+            f"poolwatch: the leaked connection of pool '{upstream.origin}' (httpx)",
+        )
+    assert (out.used, out.checkouts, out.leaks, out.leaks_active) == (1, 1, 1, 1)
+    assert (back.used, back.idle, back.leaks, back.leaks_active) == (0, 1, 1, 0)
+
+
 def test_aiohttp_connections_held_too_long_on_two_connectors_of_one_pool(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -281,6 +311,7 @@ def test_an_httpx_response_dropped_unclosed_is_a_leak_that_keeps_its_connection(
         assert message.startswith(f"poolwatch: a connection of pool '{upstream.origin}' (httpx)")
         assert COLLECTED in message
         assert client.get("/").text == "ok\n"  # a second connection
+        poolwatch.pools()  # two sweeps more: the leak is not found again
         [snap] = poolwatch.pools()
         assert (snap.used, snap.idle, snap.leaks, snap.checkouts, snap.connects) == (1, 1, 1, 2, 2)
 

@@ -102,6 +102,12 @@ _LEDGER = "_poolwatch_ledger"
 of the pool serving it."""
 _MARK = "_poolwatch_connection"
 """On HTTP/1.1 and HTTP/2 connections: (ledger, birth) until the close is counted."""
+_OUT = "_poolwatch_out"
+"""On a request: the ``perf_counter()`` time it was given its connection, until its response
+is closed (the class default is None). Kept on the request rather than in
+``Ledger.active``, as for aiohttp (docs/architecture.md, section 2): at collection,
+``publish_checkouts`` puts the pool's requests holding one into ``Ledger.active``, keyed by
+their ``PoolRequest``."""
 _TUNNEL = "_poolwatch_tunnel"
 """On a request whose tunnel through a proxy is being set up: when its connect began."""
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -226,6 +232,7 @@ class HTTPXAdapter(Adapter):
         for owner in (spool.ConnectionPool, apool.AsyncConnectionPool, httpcore.Request):
             self._patch(owner, _LEDGER, None)
         self._patch(httpcore.Request, _TUNNEL, None)
+        self._patch(httpcore.Request, _OUT, None)
         for protocol in self._protocols:
             self._patch(protocol, _MARK, None)
             self._patch(protocol, "__init__", _born_hook(self, protocol.__dict__["__init__"]))
@@ -495,7 +502,20 @@ class HTTPXAdapter(Adapter):
         now = perf_counter()
         for key in orphans:
             start = ledger.active.get(key)
+            pool_request: Any = key
+            pool_request.request._poolwatch_out = None  # its use ends: not published again
             ledger.collected(key, now - start if start is not None else 0.0)
+
+    def publish_checkouts(self, ledger: Ledger, pools: list[Any]) -> None:
+        # One C call per pool: other threads and event loops change _requests meanwhile.
+        # Queued requests have no connection yet, and read None.
+        out: dict[Any, float] = {}
+        for pool in pools:
+            for pool_request in list(pool._requests):
+                start = getattr(pool_request.request, _OUT, None)
+                if start is not None:
+                    out[pool_request] = start
+        ledger.active = out
 
 
 def _forget_attribute(obj: Any, attribute: str) -> None:
@@ -522,21 +542,19 @@ def _dropped_reason(connection: Any) -> str:
 # -- hooks ---------------------------------------------------------------------------------
 # The request path (handle_request, wait_for_connection, PoolByteStream.close) is the hot
 # path: no OpenTelemetry, no lock, no logging; only the Ledger contract of _ledger.py,
-# inlined, and one attribute write on the request.
+# inlined, the checkout time kept on the request (_OUT), and the request's ledger.
 
 
 def _failed(adapter: HTTPXAdapter, ledger: Ledger, request: Any, start: float, exc: Any) -> None:
     """A request failed inside the pool (not on the hot path)."""
     try:
         _tunnel_done(ledger, request, ok=False)  # its tunnel failed after the TCP connect
-        had = [key for key in list(ledger.active) if getattr(key, "request", None) is request]
-        if had:  # it had its connection: the use ends here, its wait was counted
-            now = perf_counter()
-            for key in had:
-                begun = ledger.active.pop(key, None)
+        begun = request._poolwatch_out
+        if begun is not None:  # it had its connection: the use ends here, its wait was counted
+            request._poolwatch_out = None
+            ledger.uses.append(perf_counter() - begun)
+            for key in [k for k in list(ledger.stacks) if getattr(k, "request", None) is request]:
                 ledger.stacks.pop(key, None)
-                if begun is not None:
-                    ledger.uses.append(now - begun)
         elif not isinstance(exc, adapter.pool_timeout):  # timeouts: counted by the wait
             ledger.failed(start, perf_counter(), timeout=False)
     except Exception as error:
@@ -581,8 +599,9 @@ def _ahandle_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callab
 
 def _timed_out(adapter: HTTPXAdapter, pool_request: Any, start: float) -> None:
     try:
-        ledger = pool_request.request._poolwatch_ledger
-        if ledger is not None and pool_request not in ledger.active:
+        request = pool_request.request
+        ledger = request._poolwatch_ledger
+        if ledger is not None and request._poolwatch_out is None:
             ledger.failed(start, perf_counter(), timeout=True)
     except Exception as error:
         adapter.tracker.report("httpx pool timeout", error)
@@ -598,12 +617,15 @@ def _wait_hook(
         except timeout_error:
             _timed_out(adapter, self, start)
             raise
-        ledger = self.request._poolwatch_ledger
+        request = self.request
+        ledger = request._poolwatch_ledger
         # A request whose connection became unavailable waits again: still one checkout.
-        if ledger is not None and self not in ledger.active:
+        if ledger is not None and request._poolwatch_out is None:
+            # Ledger.acquired, inlined (the hot-path contract in _ledger.py), the checkout
+            # time kept on the request (_OUT).
             now = perf_counter()
             ledger.waits.append(now - start)
-            ledger.active[self] = now
+            request._poolwatch_out = now
             if ledger.capture:  # this pool has leaked (or leak_stacks="always")
                 ledger.stacks[self] = capture_stack(sys._getframe(1))
         return connection
@@ -621,11 +643,12 @@ def _await_hook(
         except timeout_error:
             _timed_out(adapter, self, start)
             raise
-        ledger = self.request._poolwatch_ledger
-        if ledger is not None and self not in ledger.active:
+        request = self.request
+        ledger = request._poolwatch_ledger
+        if ledger is not None and request._poolwatch_out is None:
             now = perf_counter()
             ledger.waits.append(now - start)
-            ledger.active[self] = now
+            request._poolwatch_out = now
             if ledger.capture:
                 ledger.stacks[self] = capture_stack(sys._getframe(1))
         return connection
@@ -644,10 +667,12 @@ def _release_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callab
     def close(self: Any) -> None:
         if not self._closed:
             pool_request = self._pool_request
-            ledger = pool_request.request._poolwatch_ledger
+            request = pool_request.request
+            ledger = request._poolwatch_ledger
             if ledger is not None:
-                start = ledger.active.pop(pool_request, None)
+                start = request._poolwatch_out
                 if start is not None:
+                    request._poolwatch_out = None
                     held = perf_counter() - start
                     ledger.uses.append(held)
                     if held > ledger.leak_threshold:
@@ -663,10 +688,12 @@ def _arelease_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Calla
     async def aclose(self: Any) -> None:
         if not self._closed:
             pool_request = self._pool_request
-            ledger = pool_request.request._poolwatch_ledger
+            request = pool_request.request
+            ledger = request._poolwatch_ledger
             if ledger is not None:
-                start = ledger.active.pop(pool_request, None)
+                start = request._poolwatch_out
                 if start is not None:
+                    request._poolwatch_out = None
                     held = perf_counter() - start
                     ledger.uses.append(held)
                     if held > ledger.leak_threshold:
