@@ -677,13 +677,14 @@ def render_in_situ(results: list[InSituResult], config: HTTPConfig) -> str:
             f"the bare request's median latency; target <= {TARGET_PCT:.0f}%: MET when all the "
             "interval is below it, NOT MET when all is above, UNDECIDED when it straddles it",
             "",
-            "latency (wall clock, the differences of the blocks' median requests):",
-            table(headers, rows(lambda r: r.added)),
-            "",
-            "CPU time of the client thread per request, which the hooks' synchronous work adds "
-            "to the latency one for one",
-            "and which the machine's other processes do not inflate (scheduling, waiting):",
+            "the verdict: CPU time of the client thread per request, which the hooks' "
+            "synchronous work adds to the latency one for one",
+            "and which the machine's other processes do not inflate (waits for a core):",
             table(headers, rows(lambda r: r.cpu)),
+            "",
+            "the same blocks by the wall clock (their median requests), where waiting added "
+            "by poolwatch would show:",
+            table(headers, rows(lambda r: r.added)),
         ]
     )
 
@@ -903,7 +904,7 @@ def render_http(measured: HTTPResults, config: HTTPConfig) -> str:
         table(["library", "variant", "median µs", "IQR µs", "added over bare"], rows),
         "",
     ]
-    in_situ = {r.name: r.added[0] for r in measured.in_situ}
+    in_situ = {r.name: r.cpu[0] for r in measured.in_situ}
     for r in measured.requests:
         # The rounds' own poolwatch row is noise at this size (see the in-situ table).
         if "contrib" in r.added:
@@ -911,7 +912,9 @@ def render_http(measured: HTTPResults, config: HTTPConfig) -> str:
             line = f"{r.name}: contrib adds {contrib:.1f} µs per request"
             ours = in_situ.get(r.name)
             if ours is not None and ours > 0 and contrib > 0:
-                line += f", {contrib / ours:.0f}x what poolwatch adds in situ ({ours:.2f} µs)"
+                line += (
+                    f", {contrib / ours:.0f}x what poolwatch adds in situ ({ours:.2f} µs of CPU)"
+                )
         else:
             line = f"{r.name}: contrib skipped: {r.refusal}"
         lines.append(line)
