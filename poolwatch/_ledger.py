@@ -291,6 +291,10 @@ class Ledger:
         """After a return held past the leak threshold: count the leak, once."""
         with self._lock:
             self._changes += 1
+            # Out of ``active`` too: an adapter that publishes its checkouts at collection
+            # (``Adapter.publish_checkouts``) leaves it there until the next one, and the
+            # snapshot would count the leak again.
+            self.active.pop(key, None)
             stack = self.stacks.pop(key, None)
             if key in self._leaked:
                 self._leaked.discard(key)  # already counted while it was out

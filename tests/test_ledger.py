@@ -92,6 +92,18 @@ def test_leaks_are_counted_once_whether_seen_out_or_returned_late() -> None:
     assert ledger.snapshot(now=13.0).leaks == 3
 
 
+def test_a_published_checkout_returned_late_before_the_snapshot_is_one_leak() -> None:
+    """aiohttp and httpx publish their checkouts into ``active`` at collection; one that
+    comes back past the threshold before the snapshot reads them is counted once."""
+    ledger = Ledger(leak_threshold=1.0)
+    key = object()
+    ledger.active = {key: 0.0}  # as publish_checkouts leaves it
+    ledger.uses.append(3.0)  # the release hook's inlined Ledger.released, then:
+    ledger.settle(key, 3.0)
+    snap = ledger.snapshot(now=3.5)
+    assert (snap.leaks, snap.leaks_active, snap.checked_out) == (1, 0, 0)
+
+
 def test_quantile_interpolates_inside_the_bucket() -> None:
     ledger = Ledger(bounds=(0.1, 0.2, 0.4))
     for value in [0.15] * 99 + [0.3]:

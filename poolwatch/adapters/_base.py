@@ -154,10 +154,11 @@ class Adapter(abc.ABC):
 
     def publish_checkouts(self, ledger: Ledger, pools: list[Any]) -> None:  # noqa: B027
         """At collection, first: for an adapter whose hot path keeps each checkout's time
-        on the connection instead of in ``ledger.active``, put the connections of
-        ``pools`` out now into ``ledger.active`` (the live pools of the ledger's series),
-        so that the checkouts out and the leak scan read as for any adapter. Optional: the
-        default, for adapters that keep ``ledger.active`` on the hot path, does nothing."""
+        on the library's own object (a connection, a request) instead of in
+        ``ledger.active``, put what ``pools`` have out now into ``ledger.active`` (the live
+        pools of the ledger's series), so that the checkouts out and the leak scan read as
+        for any adapter. Optional: the default, for adapters that keep ``ledger.active`` on
+        the hot path, does nothing."""
 
     def find_abandoned(self, ledger: Ledger) -> None:  # noqa: B027 (optional: most need none)
         """At collection, before ``ledger`` is read: settle checkouts whose borrower dropped
