@@ -107,10 +107,13 @@ class HTTPConfig:
     requests: int = 300
     warmup: int = 30
     acquire_ops: int = 20_000
-    in_situ_pairs: int = 3000
+    acquire_rounds: int = 31
+    """Interleaved rounds of each acquire+release row: httpx's bare row moves by more than
+    1 µs from round to round, so its paired median needs more rounds than a request's."""
+    in_situ_pairs: int = 6_000
     """At most this many pairs of blocks (hooks on, hooks off) per library in the in-situ
     measurement..."""
-    in_situ_seconds: float = 40.0
+    in_situ_seconds: float = 360.0
     """...or as many as fit in this many seconds (whichever ends first)."""
     in_situ_block: int = 20
     """Timed requests per block (after the one dropped at each switch)."""
@@ -586,7 +589,8 @@ class InSituResult:
 
 
 def run_in_situ(library: Library, url: str, config: HTTPConfig) -> InSituResult:
-    """``in_situ_pairs`` pairs of blocks, hooks on and off in a seeded random order."""
+    """Pairs of blocks (up to ``in_situ_pairs``, within ``in_situ_seconds``), hooks on and off
+    in a seeded random order."""
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
@@ -829,7 +833,7 @@ def run_acquire(url: str, config: HTTPConfig) -> dict[str, dict[str, Summary]]:
     results: dict[str, dict[str, Summary]] = {}
     for label, one in cases.items():
         runs = {variant: functools.partial(one, variant) for variant in ("bare", "poolwatch")}
-        samples = interleave(runs, config.rounds)
+        samples = interleave(runs, config.acquire_rounds)
         result = {name: summarize(values) for name, values in samples.items()}
         result["added"] = summarize(paired_differences(samples["poolwatch"], samples["bare"]))
         results[label] = result
@@ -919,6 +923,10 @@ def render_http(measured: HTTPResults, config: HTTPConfig) -> str:
             line = f"{r.name}: contrib skipped: {r.refusal}"
         lines.append(line)
     lines.append("")
+    lines.append(
+        f"acquire+release: {config.acquire_rounds} interleaved rounds x {config.acquire_ops} ops;"
+        " added = median of per-round paired differences"
+    )
     for label, row in measured.acquire.items():
         added = row["added"].median
         lines.append(

@@ -2,7 +2,7 @@
 
 Usage (from anywhere; paths are resolved from this file)::
 
-    python benchmarks/run.py            # all but instructions, 2-3 minutes on 2 cores
+    python benchmarks/run.py            # all but instructions, 22-25 minutes on 2 cores
     python benchmarks/run.py --quick    # smaller sizes and fewer rounds (a smoke test)
     python benchmarks/run.py --only hotpath,collect
     python benchmarks/run.py --only instructions   # valgrind, 25-40 minutes
@@ -212,6 +212,7 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
                 requests=100,
                 warmup=10,
                 acquire_ops=5_000,
+                acquire_rounds=5,
                 in_situ_pairs=50,
                 in_situ_seconds=5.0,
             )
