@@ -56,7 +56,7 @@ client thread's CPU time per request (``time.thread_time()`` over the block). Th
 synchronous code on the request's path that takes no lock and does no I/O, so what they
 add to a request's latency is the time they run on that thread: the CPU reading measures
 the same quantity without the waits for a core that other processes on a shared machine
-add to the wall clock at random, and its interval is the narrower one.
+add to the wall clock at random, and its interval is usually the narrower one.
 
 The request rows' own paired differences (bare against poolwatch, round by round) carry
 the rounds' noise, several % of a request on this machine: they show the contrib
@@ -158,6 +158,16 @@ class Block:
     """Seconds of the client thread's CPU time per request (the block's total / its size)."""
 
 
+def _paced(plan: list[bool], seconds: float) -> Iterator[bool]:
+    """The entries of ``plan``, ending early at the end of a pair once ``seconds`` have
+    passed (a pair is two entries: the hooks on in one, off in the other)."""
+    deadline = perf_counter() + seconds
+    for i, hooked in enumerate(plan):
+        if i % 2 == 0 and perf_counter() > deadline:
+            return
+        yield hooked
+
+
 class Library:
     """Makes a client and sends one request with it; knows its contrib instrumentor."""
 
@@ -202,10 +212,7 @@ class Library:
         for _ in range(warmup):
             self.request()
         blocks: list[Block] = []
-        deadline = perf_counter() + seconds
-        for hooked in plan:
-            if len(blocks) % 2 == 0 and perf_counter() > deadline:
-                break
+        for hooked in _paced(plan, seconds):
             switch(hooked)
             self.request()
             times = []
@@ -307,10 +314,7 @@ class AsyncLibrary(Library):
                 for _ in range(warmup):
                     await self.arequest()
                 blocks: list[Block] = []
-                deadline = perf_counter() + seconds
-                for hooked in plan:
-                    if len(blocks) % 2 == 0 and perf_counter() > deadline:
-                        break
+                for hooked in _paced(plan, seconds):
                     switch(hooked)
                     await self.arequest()
                     times = []
