@@ -181,22 +181,32 @@ class ProcessWatcher:
         self._errors = errors
         self._lock = threading.Lock()
         self.latest: ProcessView | None = None
+        self._latest_started = float("-inf")
+        """``time.monotonic()`` when the reading kept as ``latest`` began."""
         self.created_ns = time.time_ns()
         """Start of the process view's points (cumulative temporality)."""
 
     def refresh(self) -> ProcessView | None:
-        """Read the process now; None (the failure counted) if the platform refuses."""
+        """Read the process now; None (the failure counted) if the platform refuses.
+
+        Readings by poolwatch's thread and by ``poolwatch.process_view()`` can overlap, and
+        one taking longer can end last: ``latest`` keeps the reading that began last, so
+        an export never goes back to a state older than one already read.
+        """
+        started = time.monotonic()
         try:
             view = read(self._pool_sockets(), self._psutil)
         except Exception as error:  # a platform psutil does not fully support, a race
             self._errors.report("process view", error)
             return None
         with self._lock:
-            self.latest = view
+            if started >= self._latest_started:
+                self.latest, self._latest_started = view, started
         return view
 
     def reset(self) -> None:
         """In a forked child: the parent's reading is not this process's."""
         self._lock = threading.Lock()
         self.latest = None
+        self._latest_started = float("-inf")
         self.created_ns = time.time_ns()

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ import sqlalchemy as sa
 
 import poolwatch
 from poolwatch import _process
+from poolwatch._safe import ErrorLog
 from tests.conftest import Harness
 from tests.support.postgres import PostgresCluster
 from tests.support.upstream import ThreadedUpstream
@@ -148,6 +150,40 @@ def test_poolwatchs_thread_refreshes_the_view_for_collections(harness: Harness) 
             assert time.monotonic() < deadline, "the process view was never refreshed"
             time.sleep(0.05)
         raw.close()
+
+
+def test_a_reading_that_ends_last_but_began_first_is_not_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """poolwatch's thread and process_view() read at once; the older reading finishing
+    last must not replace the newer one in what collections export."""
+    real_read = _process.read
+    first_read, newer_kept = threading.Event(), threading.Event()
+    older: list[poolwatch.ProcessView] = []
+
+    def read(pool_sockets: set[int], psutil: object) -> poolwatch.ProcessView:
+        view = real_read(pool_sockets, psutil)
+        if not first_read.is_set():  # the slow reading: ends after the next one
+            first_read.set()
+            assert newer_kept.wait(10)
+        return view
+
+    monkeypatch.setattr(_process, "read", read)
+    watcher = _process.ProcessWatcher(set, ErrorLog())
+    slow = threading.Thread(target=lambda: older.append(watcher.refresh()))  # type: ignore[arg-type]
+    slow.start()
+    assert first_read.wait(10)
+    with _listeners(1) as (listener,):
+        client = socket.create_connection(listener.getsockname(), timeout=5)
+        try:
+            newer = watcher.refresh()
+            newer_kept.set()
+            slow.join(10)
+        finally:
+            client.close()
+    assert newer is not None and older[0] is not None
+    assert newer.untracked == older[0].untracked + 1
+    assert watcher.latest is newer
 
 
 def test_prometheus_renders_the_process_view_names() -> None:
