@@ -136,6 +136,31 @@ def test_track_names_a_client(pw: Harness, moto_endpoint: str) -> None:
     client.close()
 
 
+def _connection_attributes(client: Any) -> list[str]:
+    manager = client._endpoint.http_session._manager
+    (pool,) = manager.pools._container.values()
+    (conn,) = (conn for conn in pool.pool.queue if conn is not None)
+    return list(vars(conn))
+
+
+def test_a_tracked_connection_carries_one_attribute_more(
+    harness: Harness, moto_endpoint: str
+) -> None:
+    """botocore's connections have 27 attributes; CPython keeps an instance's attributes in
+    its class's compact layout only up to 28 or so. poolwatch's marks are one attribute."""
+    bare = boto3.client(**_args(moto_endpoint))
+    bare.list_tables()
+    attributes = _connection_attributes(bare)
+    bare.close()
+    del bare
+    gc.collect()  # not found by instrument(): its connection stays unmarked
+    harness.instrument()
+    tracked = boto3.client(**_args(moto_endpoint))
+    tracked.list_tables()
+    assert sorted(_connection_attributes(tracked)) == sorted([*attributes, "_poolwatch"])
+    tracked.close()
+
+
 def test_eight_threads_holding_responses_make_exactly_six_discards(
     pw: Harness, moto_endpoint: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -580,6 +580,11 @@ def test_uninstrument_restores_urllib3(harness: Harness, upstream: ThreadedUpstr
     poolwatch.uninstrument()
     assert all(cls.__dict__.get(attr) is fn for (cls, attr), fn in originals.items())
     assert "_poolwatch_ledger" not in connectionpool.HTTPConnectionPool.__dict__
+    assert "_poolwatch" not in connection.HTTPConnection.__dict__
+    (pool,) = manager.pools._container.values()
+    assert [
+        vars(conn) for conn in pool.pool.queue if conn is not None and "_poolwatch" in vars(conn)
+    ] == []
     manager.request("GET", upstream.url)
     assert harness.collect().names() == set()
     manager.clear()

@@ -65,9 +65,7 @@ from poolwatch._naming import creation_site, target_name
 from poolwatch.adapters._base import Adapter, Levels, Misconfiguration, Tracker, pop_attribute
 
 _LEDGER = "_poolwatch_ledger"
-_BORN = "_poolwatch_born"
-_ENDED = "_poolwatch_ended"
-_OWNER = "_poolwatch_owner"
+_MARK = "_poolwatch"
 _CONTEXT = "_poolwatch_context"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _FRAMES_SEARCHED = 40
@@ -89,6 +87,35 @@ class _Absent:
 
 
 _ABSENT = _Absent()
+
+
+class _Mark:
+    """poolwatch's state on one connection of a tracked pool, kept in one attribute.
+
+    One, because CPython (3.11 and later) keeps an instance's attributes in a compact
+    array shared by its class only while the class's instances have few enough of them:
+    botocore's connections have 27, and four more marks made every attribute read of
+    every connection — urllib3's and http.client's own, on every request — a dict lookup
+    (about 20,000 instructions per boto3 request against a server answering
+    ``Connection: close``, counted with valgrind).
+    """
+
+    __slots__ = ("born", "ended", "ledger", "owner")
+
+    def __init__(self, ledger: Ledger, owner: int) -> None:
+        self.ledger: Ledger | None = ledger
+        """None once poolwatch closed the connection itself (its close is not counted)."""
+        self.owner = owner
+        """``id()`` of its pool: a series (and its ledger) can hold several pools."""
+        self.born: float | None = None
+        """``perf_counter()`` of the connect that opened it; None while not connected."""
+        self.ended: float | _Absent | None = _ABSENT
+        """Its lifetime, once the server ended it and the pool has yet to let go of it."""
+
+
+def _owner(conn: Any) -> int | None:
+    mark: _Mark | None = getattr(conn, _MARK, None)
+    return mark.owner if mark is not None else None
 
 
 def _botocore_service(frame: FrameType) -> str | None:
@@ -169,13 +196,11 @@ class Urllib3Adapter(Adapter):
         pools = connectionpool.HTTPConnectionPool
         https_pools = connectionpool.HTTPSConnectionPool
         self._patch(pools, _LEDGER, None)  # class default: "untracked"
-        self._patch(connection.HTTPConnection, _LEDGER, None)
-        # Class defaults, so that reading a connection's marks never raises: a missed
+        # A class default, so that reading a connection's mark never raises: a missed
         # getattr builds an AttributeError and its message, thousands of instructions,
         # twice per close (boto3 against a server answering Connection: close paid ~40,000
         # instructions a request for them, measured with valgrind).
-        self._patch(connection.HTTPConnection, _BORN, None)
-        self._patch(connection.HTTPConnection, _ENDED, _ABSENT)
+        self._patch(connection.HTTPConnection, _MARK, None)
         self._patch(pools, "__init__", _pool_init_hook(self, pools.__init__))
         self._get_conn_code = getattr(pools._get_conn, "__code__", None)
         self._patch(
@@ -202,7 +227,7 @@ class Urllib3Adapter(Adapter):
             queue = pool.pool
             for conn in list(queue.queue) if queue is not None else ():
                 if conn is not None:
-                    pop_attribute(conn, _LEDGER)
+                    pop_attribute(conn, _MARK)
         for owner, attribute, original in reversed(self._patches):
             if original is _ABSENT:
                 delattr(owner, attribute)
@@ -236,8 +261,7 @@ class Urllib3Adapter(Adapter):
 
     @staticmethod
     def _adopt(pool: Any, conn: Any, ledger: Ledger) -> None:
-        setattr(conn, _LEDGER, ledger)
-        setattr(conn, _OWNER, id(pool))
+        setattr(conn, _MARK, _Mark(ledger, id(pool)))
 
     def _discover(self, pool: Any) -> Ledger | None:
         """A pool first seen at checkout: made before instrument()."""
@@ -318,7 +342,7 @@ class Urllib3Adapter(Adapter):
             caller = caller.f_back
         return caller
 
-    def _closing(self, conn: Any, ledger: Ledger, caller: FrameType | None) -> None:
+    def _closing(self, conn: Any, mark: _Mark, ledger: Ledger, caller: FrameType | None) -> None:
         """``conn`` of a tracked pool closes: count the close, by reason and lifetime, now
         or (closed by the server's ``Connection: close``) when the pool lets go of it.
 
@@ -335,17 +359,17 @@ class Urllib3Adapter(Adapter):
             if start is not None:
                 ledger.uses.append(now - start)
 
-        ended = conn._poolwatch_ended
+        ended = mark.ended
         if conn.sock is None and ended is _ABSENT:
             return  # never connected (a refused connect), or its close was counted
-        born = conn._poolwatch_born
+        born = mark.born
         if born is not None:
-            conn._poolwatch_born = None
+            mark.born = None
         lifetime = now - born if born is not None else None
         if ended is not _ABSENT:
-            conn._poolwatch_ended = _ABSENT
+            mark.ended = _ABSENT
             # The server ended it earlier; the pool lets go of the connection object now.
-            lifetime = ended
+            lifetime = ended  # type: ignore[assignment]  # not _ABSENT (an `is` test: cheap)
             if who == "_put_conn" and not _pool_closed(caller):
                 reason = c.REASON_POOL_FULL
             else:
@@ -353,7 +377,7 @@ class Urllib3Adapter(Adapter):
         elif who == "getresponse" and sys.exc_info()[1] is None:
             # The server ended it (Connection: close). Counted when the pool lets go of the
             # object: urllib3 may yet discard it as "pool is full", which must count as such.
-            conn._poolwatch_ended = lifetime
+            mark.ended = lifetime
             return
         else:
             reason = _close_reason(who, caller, sys.exc_info()[1] is not None)
@@ -366,7 +390,7 @@ class Urllib3Adapter(Adapter):
         owner = id(pool)
         used = 0
         if ledger is not None:
-            used = sum(1 for conn in list(ledger.active) if getattr(conn, _OWNER, None) == owner)
+            used = sum(1 for conn in list(ledger.active) if _owner(conn) == owner)
         queue = pool.pool
         if queue is None:  # closed
             return Levels(used, 0, None, 0)
@@ -409,8 +433,8 @@ class Urllib3Adapter(Adapter):
         return False
 
     def oldest_connection(self, pool: Any) -> float | None:
-        born = [conn._poolwatch_born for conn in self._connections_of(pool)]
-        known = [b for b in born if b is not None]
+        marks = (getattr(conn, _MARK, None) for conn in self._connections_of(pool))
+        known = [mark.born for mark in marks if mark is not None and mark.born is not None]
         return perf_counter() - min(known) if known else None
 
     def sockets(self, pool: Any) -> tuple[int, ...]:
@@ -422,9 +446,7 @@ class Urllib3Adapter(Adapter):
         ledger: Ledger | None = pool._poolwatch_ledger
         owner = id(pool)
         out: list[Any] = (
-            [conn for conn in list(ledger.active) if getattr(conn, _OWNER, None) == owner]
-            if ledger
-            else []
+            [conn for conn in list(ledger.active) if _owner(conn) == owner] if ledger else []
         )
         queue = pool.pool
         if queue is not None:
@@ -448,11 +470,12 @@ class Urllib3Adapter(Adapter):
         for conn in orphans:
             start = ledger.active.get(conn)
             ledger.collected(conn, now - start if start is not None else 0.0)
-            born = conn._poolwatch_born
-            conn._poolwatch_born = None
+            mark: _Mark | None = getattr(conn, _MARK, None)
+            born = mark.born if mark is not None else None
             if conn.sock is not None:
                 ledger.closed_connection(c.REASON_ERROR, now - born if born is not None else None)
-            conn._poolwatch_ledger = None  # its close below is not counted again
+            if mark is not None:
+                mark.born, mark.ledger = None, None  # its close below is not counted again
             with contextlib.suppress(Exception):
                 conn.close()
 
@@ -600,7 +623,8 @@ def _connect_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Call
     report = adapter.tracker.report
 
     def connect(self: Any) -> None:
-        ledger: Ledger | None = self._poolwatch_ledger
+        mark: _Mark | None = self._poolwatch
+        ledger = mark.ledger if mark is not None else None
         if ledger is None:
             return original(self)  # type: ignore[no-any-return]
         start = perf_counter()
@@ -615,7 +639,7 @@ def _connect_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Call
         now = perf_counter()
         try:  # Ledger.connected(ok=True), inlined (the hot-path contract in _ledger.py)
             ledger.connects.append(now - start)
-            self._poolwatch_born = now
+            mark.born = now  # type: ignore[union-attr]  # not None: it has a ledger
         except Exception as error:
             report("urllib3 connect", error)
         return None
@@ -627,10 +651,10 @@ def _close_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Callab
     closing = adapter._closing
 
     def close(self: Any) -> None:
-        ledger = self._poolwatch_ledger
-        if ledger is not None:
+        mark: _Mark | None = self._poolwatch
+        if mark is not None and mark.ledger is not None:
             try:
-                closing(self, ledger, sys._getframe(1))
+                closing(self, mark, mark.ledger, sys._getframe(1))
             except Exception as error:
                 adapter.tracker.report("urllib3 close", error)
         original(self)
