@@ -33,6 +33,15 @@ def pop_attribute(obj: Any, name: str, default: Any = None) -> Any:
     return value
 
 
+class _NotOwn:
+    def __repr__(self) -> str:
+        return "<not its own>"
+
+
+NOT_OWN = _NotOwn()
+"""In :attr:`Adapter._patches`: the owner held no attribute of its own by that name."""
+
+
 class HostLevels(NamedTuple):
     """The part of a multi-host pool's levels that belongs to one server."""
 
@@ -123,6 +132,27 @@ class Adapter(abc.ABC):
 
     def __init__(self, tracker: Tracker) -> None:
         self.tracker = tracker
+        self._patches: list[tuple[Any, str, Any]] = []
+        """What :meth:`_patch` replaced, in order: owner, attribute, and what the owner's
+        own ``__dict__`` held before (``NOT_OWN`` when nothing: the attribute was
+        inherited, or poolwatch added it). ``benchmarks/bench_http.py`` reads it to switch
+        the hooks off and on."""
+
+    def _patch(self, owner: Any, attribute: str, replacement: Any) -> None:
+        """Set ``owner.attribute`` (on a class or module) to ``replacement``, for
+        :meth:`_unpatch` to undo."""
+        self._patches.append((owner, attribute, owner.__dict__.get(attribute, NOT_OWN)))
+        setattr(owner, attribute, replacement)
+
+    def _unpatch(self) -> None:
+        """Undo every :meth:`_patch`, last first: what an owner held is put back, and what
+        it did not hold is deleted (its inherited attribute shows again)."""
+        for owner, attribute, original in reversed(self._patches):
+            if original is NOT_OWN:
+                delattr(owner, attribute)
+            else:
+                setattr(owner, attribute, original)
+        self._patches.clear()
 
     @abc.abstractmethod
     def instrument(self, *, imported_before: bool) -> None:

@@ -143,14 +143,6 @@ _failed_connect: contextvars.ContextVar[object | None] = contextvars.ContextVar(
 while connecting (a connect error) from a timeout while queued for a slot."""
 
 
-class _Absent:
-    def __repr__(self) -> str:
-        return "<absent>"
-
-
-_ABSENT = _Absent()
-
-
 def base_url_target(url: Any) -> str:
     """The credential-free origin of a ``yarl.URL``: ``scheme://host[:port]``."""
     scheme = (url.scheme or "http").lower()
@@ -168,7 +160,6 @@ class AiohttpAdapter(Adapter):
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)
-        self._patches: list[tuple[Any, str, Any]] = []
         self._tracked: weakref.WeakSet[Any] = weakref.WeakSet()
         self._sited: weakref.WeakSet[Any] = weakref.WeakSet()
         """Connectors made since instrument() and not tracked yet (their site is kept)."""
@@ -179,10 +170,6 @@ class AiohttpAdapter(Adapter):
         """Connectors of sessions whose timeout bounds neither ``total`` nor ``connect``."""
 
     # -- patching ----------------------------------------------------------------------
-    def _patch(self, owner: Any, attribute: str, replacement: Any) -> None:
-        self._patches.append((owner, attribute, owner.__dict__.get(attribute, _ABSENT)))
-        setattr(owner, attribute, replacement)
-
     def instrument(self, *, imported_before: bool) -> None:
         from aiohttp import client, client_proto, connector
 
@@ -230,12 +217,7 @@ class AiohttpAdapter(Adapter):
             _forget(connector, _SITE)
         self._tracked = weakref.WeakSet()
         self._sited = weakref.WeakSet()
-        for owner, attribute, original in reversed(self._patches):
-            if original is _ABSENT:
-                delattr(owner, attribute)
-            else:
-                setattr(owner, attribute, original)
-        self._patches.clear()
+        self._unpatch()
 
     def _unmark(self, connector: Any) -> None:
         _forget(connector, _LEDGER)

@@ -116,13 +116,12 @@ _FRAMES = 8
 """Frames looked through, off the hot path, for who closes or who opens a connection."""
 
 
-class _Absent:
+class _Untracked:
     def __repr__(self) -> str:
-        return "<absent>"
+        return "<untracked>"
 
 
-_ABSENT = _Absent()
-_UNTRACKED = _Absent()
+_UNTRACKED = _Untracked()
 
 
 def _origin(scheme: bytes | str, host: bytes | str, port: int | None) -> str:
@@ -194,7 +193,6 @@ class HTTPXAdapter(Adapter):
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)
-        self._patches: list[tuple[Any, str, Any]] = []
         self._tracked: weakref.WeakSet[Any] = weakref.WeakSet()
         self._protocols: tuple[type[Any], ...] = ()
         self.pool_timeout: type[BaseException] = TimeoutError
@@ -203,10 +201,6 @@ class HTTPXAdapter(Adapter):
         """Pools of clients made with ``httpx.Timeout(pool=None)``."""
 
     # -- patching ----------------------------------------------------------------------
-    def _patch(self, owner: Any, attribute: str, replacement: Any) -> None:
-        self._patches.append((owner, attribute, owner.__dict__.get(attribute, _ABSENT)))
-        setattr(owner, attribute, replacement)
-
     def instrument(self, *, imported_before: bool) -> None:
         import httpcore
         from httpcore._async import connection as aconn
@@ -318,12 +312,7 @@ class HTTPXAdapter(Adapter):
                 _forget_attribute(pool, _LEDGER)
             except Exception as error:
                 self.tracker.report("httpx uninstrument", error)
-        for owner, attribute, original in reversed(self._patches):
-            if original is _ABSENT:
-                delattr(owner, attribute)
-            else:
-                setattr(owner, attribute, original)
-        self._patches.clear()
+        self._unpatch()
         self._tracked = weakref.WeakSet()
 
     # -- tracking ----------------------------------------------------------------------

@@ -71,15 +71,10 @@ class SQLAlchemyAdapter(Adapter):
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)
-        self._patches: list[tuple[Any, str, Any]] = []
         self._tracked: weakref.WeakSet[Any] = weakref.WeakSet()
         self._pools: Any = None
 
     # -- patching ----------------------------------------------------------------------
-    def _patch(self, owner: Any, attribute: str, replacement: Any) -> None:
-        self._patches.append((owner, attribute, owner.__dict__[attribute]))
-        setattr(owner, attribute, replacement)
-
     def instrument(self, *, imported_before: bool) -> None:
         import sqlalchemy.pool
         from sqlalchemy import exc
@@ -89,9 +84,9 @@ class SQLAlchemyAdapter(Adapter):
         self._pools = sqlalchemy.pool
         record, fairy = base._ConnectionRecord, base._ConnectionFairy
         # Pools read their ledger as a plain attribute; the class default means "untracked".
-        self._patch_attribute(base.Pool, _LEDGER, None)
+        self._patch(base.Pool, _LEDGER, None)
         # Read on every close (a NullPool closes at every return): a default, not a raise.
-        self._patch_attribute(record, _REASON, None)
+        self._patch(record, _REASON, None)
         checkout = _checkout_hook(self, fairy.__dict__["_checkout"].__func__, exc.TimeoutError)
         self._patch(fairy, "_checkout", classmethod(checkout))
         self._patch(record, "checkin", _checkin_hook(self, record.checkin))
@@ -103,10 +98,6 @@ class SQLAlchemyAdapter(Adapter):
         if imported_before:
             self._track_existing(Engine)
 
-    def _patch_attribute(self, owner: Any, attribute: str, value: Any) -> None:
-        self._patches.append((owner, attribute, _ABSENT))
-        setattr(owner, attribute, value)
-
     def uninstrument(self) -> None:
         for pool in list(self._tracked):
             pop_attribute(pool, _LEDGER)
@@ -114,12 +105,7 @@ class SQLAlchemyAdapter(Adapter):
             original = getattr(creator, _ORIGINAL, None)
             if original is not None:
                 pool._invoke_creator = original
-        for owner, attribute, original in reversed(self._patches):
-            if original is _ABSENT:
-                delattr(owner, attribute)
-            else:
-                setattr(owner, attribute, original)
-        self._patches.clear()
+        self._unpatch()
 
     # -- tracking ----------------------------------------------------------------------
     def _attach(self, pool: Any, ledger: Ledger) -> None:
@@ -410,14 +396,6 @@ def _dispose_hook(adapter: SQLAlchemyAdapter, original: Callable[..., Any]) -> C
             adapter.tracker.report("sqlalchemy dispose", error)
 
     return dispose
-
-
-class _Absent:
-    def __repr__(self) -> str:
-        return "<absent>"
-
-
-_ABSENT = _Absent()
 
 
 def _timed_creator(

@@ -176,7 +176,6 @@ class Urllib3Adapter(Adapter):
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)
-        self._patches: list[tuple[Any, str, Any]] = []
         self._tracked: weakref.WeakSet[Any] = weakref.WeakSet()
         self._making = threading.local()
         self._queue_empty: type[BaseException] = Exception
@@ -186,10 +185,6 @@ class Urllib3Adapter(Adapter):
         """The code of urllib3's own ``_get_conn``: a waiting caller's frame runs it."""
 
     # -- patching ----------------------------------------------------------------------
-    def _patch(self, owner: Any, attribute: str, replacement: Any) -> None:
-        self._patches.append((owner, attribute, owner.__dict__.get(attribute, _ABSENT)))
-        setattr(owner, attribute, replacement)
-
     def instrument(self, *, imported_before: bool) -> None:
         from urllib3 import connection, connectionpool, exceptions, poolmanager
 
@@ -228,12 +223,7 @@ class Urllib3Adapter(Adapter):
             for conn in list(queue.queue) if queue is not None else ():
                 if conn is not None:
                     pop_attribute(conn, _MARK)
-        for owner, attribute, original in reversed(self._patches):
-            if original is _ABSENT:
-                delattr(owner, attribute)
-            else:
-                setattr(owner, attribute, original)
-        self._patches.clear()
+        self._unpatch()
 
     # -- tracking ----------------------------------------------------------------------
     def _track_pool(self, pool: Any, maker: _Maker | None, name: str | None = None) -> Ledger:
