@@ -147,7 +147,7 @@ def test_a_tracked_connection_carries_one_attribute_more(
     harness: Harness, moto_endpoint: str
 ) -> None:
     """botocore's connections have 27 attributes; CPython keeps an instance's attributes in
-    its class's compact layout only up to 28 or so. poolwatch's marks are one attribute."""
+    its class's compact layout only up to 30. poolwatch's marks are one attribute."""
     bare = boto3.client(**_args(moto_endpoint))
     bare.list_tables()
     attributes = _connection_attributes(bare)
