@@ -68,7 +68,7 @@ class ProcessCounts:
 
 
 Severity = Literal["critical", "warning"]
-AddFinding = Callable[[Severity, str, str], None]
+AddFinding = Callable[[Severity, str, str, str], None]
 
 HIGH_UTILIZATION = _thresholds.UTILIZATION_HIGH
 SATURATED_UTILIZATION = _thresholds.SATURATED
@@ -116,8 +116,16 @@ class Finding:
     severity: Severity
     kind: str
     pool: str
-    problem: str
+    topic: str
+    """What kind of problem, in a word or two: ``exhausted``, ``stale``, ``unbounded``, an
+    anti-pattern's name…; the printed line starts with it."""
+    detail: str
     advice: str
+
+    @property
+    def problem(self) -> str:
+        """The problem as printed: ``topic: detail``."""
+        return f"{self.topic}: {self.detail}"
 
 
 @dataclass(frozen=True)
@@ -176,8 +184,8 @@ def findings(now: Counts, before: Counts, seconds: float) -> list[Finding]:
     out: list[Finding] = []
     kind, name = now.kind, now.name
 
-    def add(severity: Severity, problem: str, advice: str) -> None:
-        out.append(Finding(severity, kind, name, problem, advice))
+    def add(severity: Severity, topic: str, detail: str, advice: str) -> None:
+        out.append(Finding(severity, kind, name, topic, detail, advice))
 
     sized = sizing(now, before, seconds)
     # Levels are instants: a finding on them needs both observations to agree, so that
@@ -189,7 +197,8 @@ def findings(now: Counts, before: Counts, seconds: float) -> list[Finding]:
     if timeouts > 0:
         add(
             "critical",
-            f"exhausted: {timeouts:.0f} callers timed out waiting for a connection {interval}",
+            "exhausted",
+            f"{timeouts:.0f} callers timed out waiting for a connection {interval}",
             _size_advice(kind, sized, now.max),
         )
     elif now.max and now.used > now.max and before.used > now.max and pending == 0:
@@ -197,23 +206,25 @@ def findings(now: Counts, before: Counts, seconds: float) -> list[Finding]:
         # connections past its size are opened now and thrown away on return.
         add(
             "warning",
-            f"overflowing: {now.used:.0f} connections in use for a pool of {now.max:.0f}; "
+            "overflowing",
+            f"{now.used:.0f} connections in use for a pool of {now.max:.0f}; "
             f"the {now.used - now.max:.0f} past it are discarded when returned",
             _size_advice(kind, sized, now.max),
         )
     elif pending > 0 or (utilization is not None and utilization >= SATURATED_UTILIZATION):
         waiting = f"{now.pending:.0f} callers waiting"
+        in_use = f"{now.used:.0f} of {now.max:.0f} connections in use, " if now.max else ""
         add(
             "critical",
-            f"saturated: {now.used:.0f} of {now.max:.0f} connections in use, {waiting}"
-            if now.max
-            else f"saturated: {waiting}",
+            "saturated",
+            in_use + waiting,
             _size_advice(kind, sized, now.max),
         )
     elif utilization is not None and utilization >= HIGH_UTILIZATION:
         add(
             "warning",
-            f"utilization high: {utilization:.0%} of {now.max:.0f} connections in use",
+            "utilization high",
+            f"{utilization:.0%} of {now.max:.0f} connections in use",
             _size_advice(kind, sized, now.max),
         )
     discards = now.discards - before.discards
@@ -226,7 +237,8 @@ def findings(now: Counts, before: Counts, seconds: float) -> list[Finding]:
     if discarding and kind == "sqlalchemy":
         add(
             "warning",
-            f"overflow churn: {discards:.0f} overflow connections opened and closed again "
+            "overflow churn",
+            f"{discards:.0f} overflow connections opened and closed again "
             f"for {checkouts:.0f} checkouts {interval}",
             "raise pool_size towards the connections in use at busy times, so that fewer "
             "checkouts need a new overflow connection",
@@ -234,7 +246,8 @@ def findings(now: Counts, before: Counts, seconds: float) -> list[Finding]:
     elif discarding:
         add(
             "warning",
-            f"discarding: {discards:.0f} connections opened past the pool and thrown away "
+            "discarding",
+            f"{discards:.0f} connections opened past the pool and thrown away "
             f"{interval} (a non-blocking pool that is too small)",
             _size_advice(kind, sized, now.max),
         )
@@ -243,20 +256,23 @@ def findings(now: Counts, before: Counts, seconds: float) -> list[Finding]:
     if stale > 0:
         add(
             "warning",
-            f"stale: {stale:.0f} idle connections found dropped by the server {interval}",
+            "stale",
+            f"{stale:.0f} idle connections found dropped by the server {interval}",
             STALE_FIX.get(kind, STALE_DEFAULT),
         )
     if now.leaks_active > 0:
         add(
             "warning",
-            f"leak: {now.leaks_active:.0f} checkouts held past the leak threshold right now",
+            "leak",
+            f"{now.leaks_active:.0f} checkouts held past the leak threshold right now",
             "return every connection (a with block or try/finally around each checkout); "
             "look for transactions left open across slow calls",
         )
     if now.max is None and kind in ("httpx", "aiohttp"):
         add(
             "warning",
-            "unbounded: the pool has no connection limit",
+            "unbounded",
+            "the pool has no connection limit",
             unbounded_advice(kind),
         )
     return out
@@ -277,7 +293,8 @@ def _churn(now: Counts, before: Counts, seconds: float, add: AddFinding) -> None
     if ratio > CHURN_RATIO:
         add(
             "warning",
-            f"churn: a new connection for {ratio:.0%} of {checkouts:.0f} checkouts",
+            "churn",
+            f"a new connection for {ratio:.0%} of {checkouts:.0f} checkouts",
             "reuse one client (Session, Client, engine) per process instead of one per "
             "request, and keep connections alive; a server answering Connection: close "
             "defeats the pool",

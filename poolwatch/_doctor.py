@@ -35,7 +35,7 @@ FD_HIGH = 0.8
 CLOSE_WAIT_UNTRACKED = 5
 """Untracked connections in close_wait, at both readings, from which it is a finding."""
 PROCESS = "the process"
-_SAID_BY = {  # anti-patterns the doctor's own findings already report, by their name
+_SAID_BY = {  # anti-patterns the doctor's own findings already report, by their topic
     "unbounded_pool": ("unbounded",),
     "pool_overflowing": ("overflowing", "discarding"),
     "keepalive_too_long": ("stale",),
@@ -66,7 +66,7 @@ def report(
         else:
             found += _advice.findings(pool, previous, seconds)
     for (kind, name), pool in sorted(now.items()):
-        said = {f.problem.split(":")[0] for f in found if (f.kind, f.pool) == (kind, name)}
+        said = {f.topic for f in found if (f.kind, f.pool) == (kind, name)}
         for antipattern in sorted(pool.antipatterns):
             if not said & set(_SAID_BY.get(antipattern, ())):
                 found.append(
@@ -74,8 +74,8 @@ def report(
                         "warning",
                         kind,
                         name,
-                        f"{antipattern}: found by poolwatch in the process (its WARNING log "
-                        "line has the numbers)",
+                        antipattern,
+                        "found by poolwatch in the process (its WARNING log line has the numbers)",
                         _antipatterns.advice_for(antipattern, kind),
                     )
                 )
@@ -99,8 +99,9 @@ def process_findings(
                     "warning",
                     "process view",
                     PROCESS,
-                    f"file descriptors: {used:.0f} of {limit:.0f} open ({share:.0%}): at the "
-                    "limit, new connections fail with 'Too many open files'",
+                    "file descriptors",
+                    f"{used:.0f} of {limit:.0f} open ({share:.0%}): at the limit, new "
+                    "connections fail with 'Too many open files'",
                     "raise the limit (ulimit -n, systemd LimitNOFILE=, the container's nofile "
                     "ulimit) and find who holds them: poolwatch.process_view() in the "
                     "process, ls -l /proc/PID/fd",
@@ -114,8 +115,9 @@ def process_findings(
                 "warning",
                 "process view",
                 PROCESS,
-                f"{waiting:.0f} TCP connections no tracked pool owns are in close_wait: their "
-                "servers closed them and nothing in this process has",
+                "close_wait",
+                f"{waiting:.0f} TCP connections no tracked pool owns: their servers closed "
+                "them and nothing in this process has",
                 "a client poolwatch does not hook leaks its connections: find it by "
                 'server_address in poolwatch_process_connections{owner="untracked"} and close '
                 'its responses; pools poolwatch hooks are counted under owner="pool"',

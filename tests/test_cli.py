@@ -35,18 +35,24 @@ def _demo(*args: str) -> str:
     return result.stdout
 
 
+def _tables(output: str) -> list[dict[str, dict[str, str]]]:
+    """Every table the demo printed, in order, each by pool name, each row by column."""
+    tables = []
+    for chunk in output.split(COLUMNS[0] + " ")[1:]:
+        rows = {}
+        for line in chunk.splitlines()[1:]:
+            if not line.strip():
+                break
+            name, kind, used_max, bar, *rest = line.split()
+            rows[name] = dict(zip(COLUMNS, [name, kind, used_max, bar, *rest], strict=True))
+        tables.append(rows)
+    assert tables, output
+    return tables
+
+
 def _rows(output: str) -> dict[str, dict[str, str]]:
     """The last table the demo printed, by pool name, each row by column."""
-    tables = output.split(COLUMNS[0] + " ")
-    assert len(tables) > 1, output
-    last = tables[-1].splitlines()[1:]
-    rows = {}
-    for line in last:
-        if not line.strip():
-            break
-        name, kind, used_max, bar, *rest = line.split()
-        rows[name] = dict(zip(COLUMNS, [name, kind, used_max, bar, *rest], strict=True))
-    return rows
+    return _tables(output)[-1]
 
 
 def test_render_is_one_line_per_pool(sample_snapshot: PoolSnapshot) -> None:
@@ -62,8 +68,8 @@ def test_render_is_one_line_per_pool(sample_snapshot: PoolSnapshot) -> None:
 
 
 @pytest.fixture(scope="module")
-def scenarios() -> dict[str, dict[str, dict[str, str]]]:
-    """Every scenario's final table: the demos run side by side, each for a few seconds."""
+def demo_outputs() -> dict[str, str]:
+    """Every scenario's output: the demos run side by side, each for a few seconds."""
     runs = {
         name: subprocess.Popen(
             [*DEMO, "--scenario", name, "--duration", "5" if name == "leak" else "3"],
@@ -73,13 +79,19 @@ def scenarios() -> dict[str, dict[str, dict[str, str]]]:
         )
         for name in SCENARIOS
     }
-    tables = {}
+    outputs = {}
     for name, process in runs.items():
         out, err = process.communicate(timeout=90)
         assert process.returncode == 0, err
         assert re.search(r"^Prometheus metrics on http://127\.0\.0\.1:\d+/metrics$", out, re.M)
-        tables[name] = _rows(out)
-    return tables
+        outputs[name] = out
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def scenarios(demo_outputs: dict[str, str]) -> dict[str, dict[str, dict[str, str]]]:
+    """Every scenario's final table."""
+    return {name: _rows(out) for name, out in demo_outputs.items()}
 
 
 def test_demo_runs_every_pool_kind(scenarios: dict[str, dict[str, dict[str, str]]]) -> None:
@@ -109,10 +121,16 @@ def test_demo_runs_every_pool_kind(scenarios: dict[str, dict[str, dict[str, str]
         assert int(row["CONNECTS"]) <= 16, row
 
 
-def test_demo_exhaustion_times_callers_out(scenarios: dict[str, dict[str, dict[str, str]]]) -> None:
-    db = scenarios["exhaustion"]["orders-db"]
-    assert db["USED/MAX"] == "2/2"
-    assert int(db["TIMEOUTS"]) > 0
+def test_demo_exhaustion_times_callers_out(demo_outputs: dict[str, str]) -> None:
+    tables = _tables(demo_outputs["exhaustion"])
+    used = [t["orders-db"]["USED/MAX"] for t in tables]
+    # One table a second, each an instant: one may fall in the moment between a release and
+    # the next waiter's checkout (1/2); the pool is full in the others, never beyond its 2.
+    assert len(tables) >= 2, used
+    assert "2/2" in used, used
+    assert {u.split("/")[1] for u in used} == {"2"}, used
+    assert all(int(u.split("/")[0]) <= 2 for u in used), used
+    assert int(tables[-1]["orders-db"]["TIMEOUTS"]) > 0
 
 
 def test_demo_leak_is_counted(scenarios: dict[str, dict[str, dict[str, str]]]) -> None:

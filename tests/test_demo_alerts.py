@@ -19,16 +19,10 @@ from typing import Any
 import pytest
 
 from poolwatch._demo.workload import SCENARIOS
+from tests.support.demo import POOLS
 from tests.support.prometheus import Processes, Prometheus, build, free_port, rules, until
 
 WINDOW = {"RATE_WINDOW": "10s"}
-POOLS = {
-    "orders-db": "sqlalchemy",
-    "inventory-api": "requests",
-    "pricing-api": "httpx",
-    "pricing-api-async": "httpx",
-    "sessions-dynamodb": "botocore",
-}
 WARM_UP = 15.0
 """Seconds the demo runs before the expressions are judged: the 10 s window is then full
 of steady work, not of its first connects."""

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 import poolwatch
 from poolwatch import _advice, _doctor, _top
 from poolwatch._advice import Counts
+from tests.support.demo import until_serving
 from tests.support.terminal import on_terminal, read_until
 from tests.support.upstream import ThreadedUpstream, refusing_port
 
@@ -51,7 +52,8 @@ def test_size_is_littles_law_with_headroom() -> None:
         "critical",
         "sqlalchemy",
         "orders-db",
-        "exhausted: 20 callers timed out waiting for a connection in 10 s",
+        "exhausted",
+        "20 callers timed out waiting for a connection in 10 s",
         "set create_engine(pool_size=…, max_overflow=…) (their sum is the maximum) to 9 "
         f"(now 2): {sized.reasoning}",
     )
@@ -105,11 +107,15 @@ def test_each_rule_names_its_problem() -> None:
             now, checkouts=0, connects=0, discards=0, stale=0, holds=0, hold_total=0
         )
         found = _advice.findings(now, before, 10.0)
-        assert [f.problem.split(":")[0] for f in found] == [problem], (problem, found)
+        assert [f.topic for f in found] == [problem], (problem, found)
     unbounded = Counts("httpx", "pricing-api")
     [finding] = _advice.findings(unbounded, quiet, 10.0)
     assert finding.problem == "unbounded: the pool has no connection limit"
     assert finding.advice.startswith("set httpx.Limits(max_connections=…)")
+    # The anti-patterns the doctor leaves unsaid name topics these rules really produce.
+    said_by = {topic for topics in _doctor._SAID_BY.values() for topic in topics}
+    assert said_by == {"unbounded", "overflowing", "discarding", "stale"}
+    assert said_by <= {*cases, finding.topic}
 
 
 def _free_port() -> int:
@@ -145,7 +151,7 @@ def reports() -> Iterator[dict[str, tuple[int, str]]]:
     results: dict[str, tuple[int, str]] = {}
     try:
         for port in ports.values():
-            _until_serving(f"http://127.0.0.1:{port}/metrics")
+            until_serving(f"http://127.0.0.1:{port}/metrics")
         time.sleep(3)  # the leak scenario's connections pass its 3 s threshold
 
         def observe(name: str, port: int) -> None:
@@ -170,21 +176,6 @@ def reports() -> Iterator[dict[str, tuple[int, str]]]:
             except subprocess.TimeoutExpired:  # a stuck demo is the failure, not a leftover
                 demo.kill()
                 demo.wait(15)
-
-
-def _until_serving(url: str) -> None:
-    """Until the demo serves its first pool and its last: the httpx AsyncClient starts in a
-    thread of its own, seconds after the others when six demos share two cores."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            served = _top.fetch(url)
-            if "orders-db" in served and "pricing-api-async" in served:
-                return
-        except _top.TopError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} never served the demo's pools")
 
 
 def _problems(report: str) -> set[tuple[str, str, str]]:
@@ -267,7 +258,7 @@ def test_antipatterns_of_the_process_are_findings_unless_already_said() -> None:
     found, _ = _doctor.report(
         {("httpx", "pricing-api"): now}, {("httpx", "pricing-api"): before}, 2.0
     )
-    assert [(f.severity, f.problem.split(":")[0]) for f in found] == [
+    assert [(f.severity, f.topic) for f in found] == [
         ("warning", "unbounded"),  # the doctor's own, from the missing limit: said once
         ("warning", "no_pool_timeout"),
     ]
@@ -275,7 +266,8 @@ def test_antipatterns_of_the_process_are_findings_unless_already_said() -> None:
         "warning",
         "httpx",
         "pricing-api",
-        "no_pool_timeout: found by poolwatch in the process (its WARNING log line has the numbers)",
+        "no_pool_timeout",
+        "found by poolwatch in the process (its WARNING log line has the numbers)",
         "set httpx.Timeout(…, pool=…) so that an exhausted pool fails fast with httpx.PoolTimeout",
     )
 
@@ -287,7 +279,7 @@ def test_the_process_view_findings_need_both_readings() -> None:
     assert [f.problem for f in _doctor.process_findings(crowded, crowded)] == [
         "file descriptors: 900 of 1000 open (90%): at the limit, new connections fail with "
         "'Too many open files'",
-        "6 TCP connections no tracked pool owns are in close_wait: their servers closed them "
+        "close_wait: 6 TCP connections no tracked pool owns: their servers closed them "
         "and nothing in this process has",
     ]
     calmer = ProcessCounts(700, 1000, {("close_wait", "untracked"): 4})
@@ -330,8 +322,8 @@ def test_a_real_process_with_an_antipattern_and_connections_left_in_close_wait()
         "process (its WARNING log line has the numbers)"
     ) in lines
     assert (
-        f"WARNING   the process (process view): {len(leaked)} TCP connections no tracked pool "
-        "owns are in close_wait: their servers closed them and nothing in this process has"
+        f"WARNING   the process (process view): close_wait: {len(leaked)} TCP connections no "
+        "tracked pool owns: their servers closed them and nothing in this process has"
     ) in lines
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import exc
 
 import poolwatch
 from poolwatch import _top
+from tests.support.demo import until_serving
 from tests.support.terminal import on_terminal, read_until
 from tests.support.upstream import refusing_port
 
@@ -122,9 +123,6 @@ def test_sorting_puts_the_worst_first() -> None:
     assert [r.name for r in _top.ordered(table, "d", reverse=True)] == ["d", "a", "c", "b"]
 
 
-DEMO_POOLS = ("orders-db", "inventory-api", "pricing-api", "pricing-api-async", "sessions-dynamodb")
-
-
 @pytest.fixture(scope="module")
 def exhausted_process() -> Iterator[str]:
     """A real process serving poolwatch metrics: the demo's exhaustion scenario."""
@@ -157,14 +155,7 @@ def _demo_process(scenario: str) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}/metrics"
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # every pool served: moto's starts last
-            try:
-                if all(f'pool_name="{name}"' in _top.fetch(url) for name in DEMO_POOLS):
-                    break
-            except _top.TopError:
-                pass
-            time.sleep(0.2)
+        until_serving(url)
         yield url
     finally:
         process.terminate()
