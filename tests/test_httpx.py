@@ -450,6 +450,69 @@ def test_async_pool_timeouts(pw: Harness) -> None:
     )
 
 
+def test_only_a_queued_request_is_timed_waiting(pw: Harness) -> None:
+    """A request the pool gives a connection before it asks waits for none (recorded as 0,
+    the clock not read); one queued behind a held connection waits as long as it is held."""
+    limits = httpx.Limits(max_connections=1)
+    with ThreadedUpstream() as server, httpx.Client(limits=limits) as client:
+        for _ in range(3):
+            client.get(server.url)
+        got = pw.collect()
+        free = got.histogram("poolwatch.wait.duration", pool__name="httpx", outcome="acquired")
+        assert (free.count, free.sum, free.min, free.max) == (3, 0.0, 0.0, 0.0)
+
+        held = _held(client, server.url)
+        queued = _run_threads(lambda: client.get(server.url).raise_for_status(), 1)
+        _wait_until(lambda: blocked_in(queued, "wait_for_connection") == 1)
+        time.sleep(0.2)
+        held.read()
+        held.close()
+        _join(queued)
+        got = pw.collect()
+        waits = got.histogram("poolwatch.wait.duration", pool__name="httpx", outcome="acquired")
+        assert (waits.count, waits.min) == (5, 0.0)
+        assert 0.2 <= waits.max == waits.sum < 2.0  # the queued one: the only wait of length
+        assert _pool("httpx").checkouts == 5
+
+
+def test_a_cancelled_waiter_is_a_wait_error(pw: Harness) -> None:
+    async def main() -> None:
+        with AsyncioUpstream(delay=0.5) as upstream:
+            limits = httpx.Limits(max_connections=1)
+            async with httpx.AsyncClient(limits=limits) as client:
+                first = asyncio.create_task(client.get(upstream.url))
+                second = asyncio.create_task(client.get(upstream.url))
+                for _ in range(100):  # bounded: until the second queues behind the first
+                    await asyncio.sleep(0.005)
+                    if _pool("httpx").pending == 1:
+                        break
+                await asyncio.sleep(0.1)
+                second.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await second
+                (await first).raise_for_status()
+
+    asyncio.run(main())
+    snap = _pool("httpx")
+    assert (snap.checkouts, snap.timeouts, snap.pending) == (1, 0, 0)
+    got = pw.collect()
+    failed = got.histogram("poolwatch.wait.duration", pool__name="httpx", outcome="error")
+    assert failed.count == 1
+    assert 0.1 <= failed.sum < 0.5  # from its queueing to its cancellation
+    assert got.count("poolwatch.wait.duration", pool__name="httpx", outcome="timeout") == 0
+
+
+def test_a_request_failing_before_it_can_wait(pw: Harness) -> None:
+    with httpcore.ConnectionPool() as pool, pytest.raises(httpcore.UnsupportedProtocol):
+        pool.request("GET", "ftp://127.0.0.1/")
+    snap = _pool("httpcore")
+    assert (snap.checkouts, snap.timeouts, snap.used) == (0, 0, 0)
+    failed = pw.collect().histogram(
+        "poolwatch.wait.duration", pool__name="httpcore", outcome="error"
+    )
+    assert (failed.count, failed.sum) == (1, 0.0)
+
+
 # -- closes by reason ----------------------------------------------------------------------
 def test_stale_connections_found_on_reuse(pw: Harness) -> None:
     with ThreadedUpstream(idle_timeout=0.05) as dropping:

@@ -38,12 +38,17 @@ Hooks, and why there:
 
 * ``ConnectionPool.handle_request`` / ``AsyncConnectionPool.handle_async_request`` — put
   the pool's ledger on the request (the request travels with the pool request and to the
-  connection); a failure after the request had its connection ends its use, one before is
-  a wait with outcome ``error`` (a cancelled waiter included).
+  connection); a failure after the request had its connection ends its use, one before it
+  could wait (the pool closing an expired connection, an unsupported scheme) is a wait of
+  no length with outcome ``error``.
 * ``PoolRequest.wait_for_connection`` (and the async one) — the queue wait alone; when it
-  returns, the request holds its connection: the checkout. ``PoolTimeout`` from it is a
-  wait with outcome ``timeout`` and one ``poolwatch.timeouts``. A request whose connection
-  became unavailable (an HTTP/2 connection closing) waits again: still one checkout.
+  returns, the request holds its connection: the checkout. A request the pool gave a
+  connection before it asked (one was free: the usual case) waited for none, and its wait
+  is recorded as 0 without reading the clock; only a request still queued is timed.
+  ``PoolTimeout`` from the wait is a wait with outcome ``timeout`` and one
+  ``poolwatch.timeouts``; any other failure while waiting (a cancelled waiter) a wait with
+  outcome ``error``. A request whose connection became unavailable (an HTTP/2 connection
+  closing) waits again: still one checkout.
 * ``PoolByteStream.close`` / ``aclose`` — the response is closed: end of use.
 * ``HTTPConnection._connect`` (and async) — connect time: TCP, then TLS for ``https``
   (with ``retries``, the failed attempts and their back-off are part of it). Through a
@@ -108,6 +113,9 @@ is closed (the class default is None). Kept on the request rather than in
 ``Ledger.active``, as for aiohttp (docs/architecture.md, section 2): at collection,
 ``publish_checkouts`` puts the pool's requests holding one into ``Ledger.active``, keyed by
 their ``PoolRequest``."""
+_WAIT_FAILED = "_poolwatch_wait_failed"
+"""On a request whose wait for a connection failed: that failure is counted (set on the
+failure path only; read there with a default, so it needs no class default)."""
 _TUNNEL = "_poolwatch_tunnel"
 """On a request whose tunnel through a proxy is being set up: when its connect began."""
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -222,7 +230,7 @@ class HTTPXAdapter(Adapter):
             async_protocols.append(ah2.AsyncHTTP2Connection)
         self._protocols = (*sync_protocols, *async_protocols)
 
-        timeout = self.pool_timeout = httpcore.PoolTimeout
+        self.pool_timeout = httpcore.PoolTimeout
         for owner in (spool.ConnectionPool, apool.AsyncConnectionPool, httpcore.Request):
             self._patch(owner, _LEDGER, None)
         self._patch(httpcore.Request, _TUNNEL, None)
@@ -243,12 +251,12 @@ class HTTPXAdapter(Adapter):
         self._patch(
             spool.PoolRequest,
             "wait_for_connection",
-            _wait_hook(self, spool.PoolRequest.__dict__["wait_for_connection"], timeout),
+            _wait_hook(self, spool.PoolRequest.__dict__["wait_for_connection"]),
         )
         self._patch(
             apool.AsyncPoolRequest,
             "wait_for_connection",
-            _await_hook(self, apool.AsyncPoolRequest.__dict__["wait_for_connection"], timeout),
+            _await_hook(self, apool.AsyncPoolRequest.__dict__["wait_for_connection"]),
         )
         self._patch(
             spool.PoolByteStream,
@@ -534,7 +542,7 @@ def _dropped_reason(connection: Any) -> str:
 # inlined, the checkout time kept on the request (_OUT), and the request's ledger.
 
 
-def _failed(adapter: HTTPXAdapter, ledger: Ledger, request: Any, start: float, exc: Any) -> None:
+def _failed(adapter: HTTPXAdapter, ledger: Ledger, request: Any) -> None:
     """A request failed inside the pool (not on the hot path)."""
     try:
         _tunnel_done(ledger, request, ok=False)  # its tunnel failed after the TCP connect
@@ -544,8 +552,12 @@ def _failed(adapter: HTTPXAdapter, ledger: Ledger, request: Any, start: float, e
             ledger.uses.append(perf_counter() - begun)
             for key in [k for k in list(ledger.stacks) if getattr(k, "request", None) is request]:
                 ledger.stacks.pop(key, None)
-        elif not isinstance(exc, adapter.pool_timeout):  # timeouts: counted by the wait
-            ledger.failed(start, perf_counter(), timeout=False)
+        elif not getattr(request, _WAIT_FAILED, False):
+            # It failed before it could wait (the pool closing an expired connection, an
+            # unsupported scheme): a failed wait of no length. Failures while it waited
+            # were counted by the wait hook (_wait_failed), with their length.
+            now = perf_counter()
+            ledger.failed(now, now, timeout=False)
     except Exception as error:
         adapter.tracker.report("httpx request", error)
 
@@ -558,11 +570,14 @@ def _handle_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callabl
         if ledger is _UNTRACKED:
             return original(self, request)
         request._poolwatch_ledger = ledger
-        start = perf_counter()
+        # Stored, not left to the class default: reading a class default through an
+        # instance that lacks the attribute is never specialised by CPython 3.11, and the
+        # wait hook reads it on every request.
+        request._poolwatch_out = None
         try:
             return original(self, request)
-        except BaseException as exc:
-            _failed(adapter, ledger, request, start, exc)
+        except BaseException:
+            _failed(adapter, ledger, request)
             raise
 
     return handle_request
@@ -576,44 +591,52 @@ def _ahandle_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callab
         if ledger is _UNTRACKED:
             return await original(self, request)
         request._poolwatch_ledger = ledger
-        start = perf_counter()
+        request._poolwatch_out = None  # see handle_request
         try:
             return await original(self, request)
-        except BaseException as exc:
-            _failed(adapter, ledger, request, start, exc)
+        except BaseException:
+            _failed(adapter, ledger, request)
             raise
 
     return handle_async_request
 
 
-def _timed_out(adapter: HTTPXAdapter, pool_request: Any, start: float) -> None:
+def _wait_failed(adapter: HTTPXAdapter, pool_request: Any, start: float, exc: Any) -> None:
+    """The wait for a connection failed: ``PoolTimeout`` (outcome ``timeout``), or anything
+    else — a cancelled waiter, an interrupt (outcome ``error``)."""
+    end = perf_counter()
     try:
         request = pool_request.request
         ledger = request._poolwatch_ledger
         if ledger is not None and request._poolwatch_out is None:
-            ledger.failed(start, perf_counter(), timeout=True)
+            ledger.failed(start, end, timeout=isinstance(exc, adapter.pool_timeout))
+            setattr(request, _WAIT_FAILED, True)  # counted: not again by _failed
     except Exception as error:
-        adapter.tracker.report("httpx pool timeout", error)
+        adapter.tracker.report("httpx wait", error)
 
 
-def _wait_hook(
-    adapter: HTTPXAdapter, original: Callable[..., Any], timeout_error: type[BaseException]
-) -> Callable[..., Any]:
+def _wait_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
     def wait_for_connection(self: Any, timeout: float | None = None) -> Any:
-        start = perf_counter()
-        try:
+        if self.connection is None:  # not given a connection yet: it may have to wait
+            start = perf_counter()
+            try:
+                connection = original(self, timeout)
+            except BaseException as exc:
+                _wait_failed(adapter, self, start, exc)
+                raise
+            now = perf_counter()
+            waited = now - start
+        else:  # given one before it asked (the pool had one free): it waits for none
             connection = original(self, timeout)
-        except timeout_error:
-            _timed_out(adapter, self, start)
-            raise
+            now = perf_counter()
+            waited = 0.0
         request = self.request
         ledger = request._poolwatch_ledger
         # A request whose connection became unavailable waits again: still one checkout.
         if ledger is not None and request._poolwatch_out is None:
             # Ledger.acquired, inlined (the hot-path contract in _ledger.py), the checkout
             # time kept on the request (_OUT).
-            now = perf_counter()
-            ledger.waits.append(now - start)
+            ledger.waits.append(waited)
             request._poolwatch_out = now
             if ledger.capture:  # this pool has leaked (or leak_stacks="always")
                 ledger.stacks[self] = capture_stack(sys._getframe(1))
@@ -622,21 +645,25 @@ def _wait_hook(
     return wait_for_connection
 
 
-def _await_hook(
-    adapter: HTTPXAdapter, original: Callable[..., Any], timeout_error: type[BaseException]
-) -> Callable[..., Any]:
+def _await_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
     async def wait_for_connection(self: Any, timeout: float | None = None) -> Any:
-        start = perf_counter()
-        try:
+        if self.connection is None:
+            start = perf_counter()
+            try:
+                connection = await original(self, timeout)
+            except BaseException as exc:
+                _wait_failed(adapter, self, start, exc)
+                raise
+            now = perf_counter()
+            waited = now - start
+        else:
             connection = await original(self, timeout)
-        except timeout_error:
-            _timed_out(adapter, self, start)
-            raise
+            now = perf_counter()
+            waited = 0.0
         request = self.request
         ledger = request._poolwatch_ledger
         if ledger is not None and request._poolwatch_out is None:
-            now = perf_counter()
-            ledger.waits.append(now - start)
+            ledger.waits.append(waited)
             request._poolwatch_out = now
             if ledger.capture:
                 ledger.stacks[self] = capture_stack(sys._getframe(1))
