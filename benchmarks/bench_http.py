@@ -47,9 +47,16 @@ hooks are switched off (``HookSwitch`` puts back the library functions poolwatch
 replaced), in the other they are on, in a seeded random order. Neighbours in time share
 the machine's state, so its drift cancels in each pair's difference; the median of the
 pairs' differences, with a distribution-free 95% interval, is what the hooks add to a
-request. The first request after each switch is sent but not timed (changing a class's
-attributes empties the interpreter's caches of it once). The check: poolwatch counted
-exactly the warm-up and the requests of the blocks with the hooks on.
+request in that process. The first request after each switch is sent but not timed
+(changing a class's attributes empties the interpreter's caches of it once). The check:
+poolwatch counted exactly the warm-up and the requests of the blocks with the hooks on.
+
+One process is one draw of where CPython put the objects involved, and that moves the
+same hooks' cost by a factor of two (``benchmarks/in_situ.py``): so each library is read
+in ``in_situ_layouts`` processes, each laid out in memory by a seed of its own, one after
+another. The verdict is taken from the median layout's reading, with the layouts' lowest
+and highest as its interval (distribution-free: with six layouts, 97% for the median of
+what an application's process may meet).
 
 Each block is read two ways: the latency (its median request, by the wall clock) and the
 client thread's CPU time per request (``time.thread_time()`` over the block). The hooks are
@@ -68,6 +75,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import random
 import shutil
@@ -79,6 +87,7 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from time import perf_counter, thread_time
 from typing import Any
 
@@ -110,10 +119,13 @@ class HTTPConfig:
     acquire_rounds: int = 31
     """Interleaved rounds of each acquire+release row: httpx's bare row moves by more than
     1 µs from round to round, so its paired median needs more rounds than a request's."""
-    in_situ_pairs: int = 6_000
-    """At most this many pairs of blocks (hooks on, hooks off) per library in the in-situ
-    measurement..."""
-    in_situ_seconds: float = 360.0
+    in_situ_layouts: int = 6
+    """In-situ processes per library, each with a memory layout of its own
+    (``benchmarks/in_situ.py``): where CPython puts the library's and poolwatch's objects
+    moves what the same hooks cost by a factor of two, so one process is one draw."""
+    in_situ_pairs: int = 800
+    """At most this many pairs of blocks (hooks on, hooks off) per layout..."""
+    in_situ_seconds: float = 50.0
     """...or as many as fit in this many seconds (whichever ends first)."""
     in_situ_block: int = 20
     """Timed requests per block (after the one dropped at each switch)."""
@@ -171,6 +183,8 @@ def _paced(plan: list[bool], seconds: float) -> Iterator[bool]:
 class Library:
     """Makes a client and sends one request with it; knows its contrib instrumentor."""
 
+    key = ""
+    """How ``benchmarks/in_situ.py`` names it (``LIBRARIES``)."""
     name = ""
     kind = ""
     """The ``pool.kind`` poolwatch reports its pools under."""
@@ -227,6 +241,7 @@ class Library:
 
 
 class Urllib3(Library):
+    key = "urllib3"
     kind = "urllib3"
     name, contrib = (
         "urllib3 PoolManager",
@@ -246,6 +261,7 @@ class Urllib3(Library):
 
 
 class Requests(Library):
+    key = "requests"
     kind = "requests"
     name, contrib = (
         "requests Session",
@@ -265,6 +281,7 @@ class Requests(Library):
 
 
 class HTTPX(Library):
+    key = "httpx"
     kind = "httpx"
     name, contrib = "httpx Client", "opentelemetry.instrumentation.httpx:HTTPXClientInstrumentor"
 
@@ -348,6 +365,7 @@ class AsyncLibrary(Library):
 
 
 class HTTPXAsync(AsyncLibrary):
+    key = "httpx-async"
     kind = "httpx"
     name, contrib = (
         "httpx AsyncClient",
@@ -367,6 +385,7 @@ class HTTPXAsync(AsyncLibrary):
 
 
 class Aiohttp(AsyncLibrary):
+    key = "aiohttp"
     kind = "aiohttp"
     name, contrib = (
         "aiohttp ClientSession",
@@ -387,6 +406,7 @@ class Aiohttp(AsyncLibrary):
 
 
 class Boto3(Library):
+    key = "boto3"
     kind = "botocore"
     name, contrib = (
         "boto3 DynamoDB (moto)",
@@ -576,10 +596,11 @@ def _hook_states() -> dict[bool, list[tuple[Any, str, Any]]]:
 
 
 @dataclass(frozen=True)
-class InSituResult:
-    """One library's in-situ reading: block medians with the hooks off and on."""
+class LayoutReading:
+    """The in-situ reading of one process: block medians with the hooks off and on."""
 
-    name: str
+    seed: int
+    """The seed of its memory layout (``benchmarks/in_situ.py``)."""
     pairs: int
     """Pairs of blocks measured."""
     bare: float
@@ -592,13 +613,47 @@ class InSituResult:
     block differences), and its 95% interval."""
 
 
-def run_in_situ(library: Library, url: str, config: HTTPConfig) -> InSituResult:
-    """Pairs of blocks (up to ``in_situ_pairs``, within ``in_situ_seconds``), hooks on and off
+@dataclass(frozen=True)
+class InSituResult:
+    """One library's in-situ readings, one per memory layout."""
+
+    name: str
+    layouts: list[LayoutReading]
+
+    @property
+    def pairs(self) -> int:
+        return sum(r.pairs for r in self.layouts)
+
+    @property
+    def bare(self) -> float:
+        """Median µs of a request with the hooks off, over the layouts."""
+        return statistics.median(r.bare for r in self.layouts)
+
+    def reading(
+        self, value: Callable[[LayoutReading], tuple[float, float, float]]
+    ) -> tuple[float, float, float]:
+        """The median over the layouts of their medians, and the layouts' lowest and highest:
+        with six layouts, a distribution-free interval of 97% for the median layout."""
+        medians = [value(r)[0] for r in self.layouts]
+        return statistics.median(medians), min(medians), max(medians)
+
+    @property
+    def cpu(self) -> tuple[float, float, float]:
+        return self.reading(lambda r: r.cpu)
+
+    @property
+    def added(self) -> tuple[float, float, float]:
+        return self.reading(lambda r: r.added)
+
+
+def measure_layout(library: Library, url: str, config: HTTPConfig, seed: int) -> LayoutReading:
+    """One process's reading (run by ``benchmarks/in_situ.py``, in a process of its own):
+    pairs of blocks (up to ``in_situ_pairs``, within ``in_situ_seconds``), hooks on and off
     in a seeded random order."""
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-    order = random.Random(library.name)
+    order = random.Random(f"{library.name}/{seed}")
     plan: list[bool] = []
     for _ in range(config.in_situ_pairs):
         first = order.random() < 0.5
@@ -635,13 +690,48 @@ def run_in_situ(library: Library, url: str, config: HTTPConfig) -> InSituResult:
         pairs = paired_differences([value(b) * 1e6 for b in on], [value(b) * 1e6 for b in off])
         return median_interval(pairs)
 
-    return InSituResult(
-        library.name,
+    return LayoutReading(
+        seed,
         pairs,
         statistics.median(b.median * 1e6 for b in off),
         added(lambda b: b.median),
         added(lambda b: b.cpu),
     )
+
+
+def run_in_situ(library: Library, url: str, config: HTTPConfig) -> InSituResult:
+    """``in_situ_layouts`` readings of ``library``, each in a new process laid out by its own
+    seed (``benchmarks/in_situ.py``), one after another."""
+    child = Path(__file__).with_name("in_situ.py")
+    sizes = {
+        "pairs": config.in_situ_pairs,
+        "seconds": config.in_situ_seconds,
+        "block": config.in_situ_block,
+        "warmup": config.warmup,
+    }
+    layouts = []
+    for seed in range(1, config.in_situ_layouts + 1):
+        command = [sys.executable, str(child), library.key, url, json.dumps(sizes), str(seed)]
+        # The hash seed too: it orders the dicts and sets of everything the process builds.
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+        timeout = config.in_situ_seconds * 3 + 120
+        done = subprocess.run(
+            command, capture_output=True, text=True, env=env, timeout=timeout, check=False
+        )
+        if done.returncode != 0:
+            raise MeasurementError(f"{library.name} in situ, layout {seed}:\n{done.stderr[-3000:]}")
+        fields = json.loads(done.stdout.strip().splitlines()[-1])
+        added, cpu = fields["added"], fields["cpu"]
+        layouts.append(
+            LayoutReading(
+                fields["seed"],
+                fields["pairs"],
+                fields["bare"],
+                (added[0], added[1], added[2]),
+                (cpu[0], cpu[1], cpu[2]),
+            )
+        )
+    return InSituResult(library.name, layouts)
 
 
 def _interval_verdict(low_pct: float, high_pct: float) -> str:
@@ -656,10 +746,11 @@ def _interval_verdict(low_pct: float, high_pct: float) -> str:
 def render_in_situ(results: list[InSituResult], config: HTTPConfig) -> str:
     """The in-situ tables and their verdicts: added latency, added CPU time."""
 
-    def rows(reading: Callable[[InSituResult], tuple[float, float, float]]) -> list[list[str]]:
+    def rows(reading: Callable[[LayoutReading], tuple[float, float, float]]) -> list[list[str]]:
         out = []
         for r in results:
-            median, low, high = reading(r)
+            median, low, high = r.reading(reading)
+            layouts = " ".join(f"{reading(layout)[0] / r.bare * 100:+.2f}" for layout in r.layouts)
             out.append(
                 [
                     r.name,
@@ -668,22 +759,35 @@ def render_in_situ(results: list[InSituResult], config: HTTPConfig) -> str:
                     f"{median:+.2f}",
                     f"{median / r.bare * 100:+.2f}%",
                     f"{low / r.bare * 100:+.2f}% .. {high / r.bare * 100:+.2f}%",
+                    layouts,
                     _interval_verdict(low / r.bare * 100, high / r.bare * 100),
                 ]
             )
         return out
 
-    headers = ["library", "pairs", "bare µs", "added µs", "added", "95% interval", "target"]
+    headers = [
+        "library",
+        "pairs",
+        "bare µs",
+        "added µs",
+        "added",
+        "layouts' range",
+        "each layout, % (in seed order)",
+        "target",
+    ]
     return "\n".join(
         [
             heading("HTTP pools: added latency per request, in situ"),
-            "one client per library, instrumented throughout; pairs of blocks of "
-            f"{config.in_situ_block} requests (up to {config.in_situ_pairs}, or "
-            f"{config.in_situ_seconds:.0f} s), poolwatch's hooks off in one and on in the other, "
-            "in random order;",
-            "added = median of the pairs' differences, with its 95% interval, as a share of "
-            f"the bare request's median latency; target <= {TARGET_PCT:.0f}%: MET when all the "
-            "interval is below it, NOT MET when all is above, UNDECIDED when it straddles it",
+            f"one client per library, instrumented throughout, in {config.in_situ_layouts} "
+            "processes each laid out in memory by a seed of its own (benchmarks/in_situ.py);",
+            f"in each, pairs of blocks of {config.in_situ_block} requests (up to "
+            f"{config.in_situ_pairs}, or {config.in_situ_seconds:.0f} s), poolwatch's hooks "
+            "off in one and on in the other, in random order, and the median of the pairs' "
+            "differences;",
+            "added = the median layout's, as a share of the bare request's median latency; "
+            f"target <= {TARGET_PCT:.0f}%: MET when every layout is below it (with six, a "
+            "97% distribution-free interval for the median layout),",
+            "NOT MET when every layout is above it, UNDECIDED otherwise",
             "",
             "the verdict: CPU time of the client thread per request, which the hooks' "
             "synchronous work adds to the latency one for one",
@@ -695,6 +799,12 @@ def render_in_situ(results: list[InSituResult], config: HTTPConfig) -> str:
             table(headers, rows(lambda r: r.added)),
         ]
     )
+
+
+LIBRARIES: dict[str, type[Library]] = {
+    library.key: library for library in (Urllib3, Requests, HTTPX, HTTPXAsync, Aiohttp, Boto3)
+}
+"""The libraries, by the key ``benchmarks/in_situ.py`` is given."""
 
 
 def _instrumented(variant: str) -> None:

@@ -213,8 +213,9 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
                 warmup=10,
                 acquire_ops=5_000,
                 acquire_rounds=5,
-                in_situ_pairs=50,
-                in_situ_seconds=5.0,
+                in_situ_layouts=2,
+                in_situ_pairs=25,
+                in_situ_seconds=3.0,
             )
             if quick
             else bench_http.HTTPConfig()

@@ -1,0 +1,65 @@
+"""One in-situ reading of one library, in a process laid out in memory by a seed.
+
+    python benchmarks/in_situ.py LIBRARY URL SIZES SEED
+
+``LIBRARY`` is a key of ``bench_http.LIBRARIES``, ``SIZES`` a JSON object of the
+``HTTPConfig`` fields it reads (``pairs``, ``seconds``, ``block``, ``warmup``). Prints the
+reading (``bench_http.measure_layout``) as one JSON line. ``bench_http.run_in_situ`` runs it
+``in_situ_layouts`` times per library, with seeds 1, 2, ..., and ``PYTHONHASHSEED`` set to
+the seed.
+
+Why a process per reading: what the same hooks cost inside a request depends on where
+CPython happens to put the objects involved — the library's, poolwatch's, and the
+interpreter's own caches keyed by address — and one process is one such arrangement. Five
+processes that differed only in a few hundred kilobytes allocated at start-up read
+httpx's hooks at 1.9, 2.0, 2.7, 3.1 and 3.7 µs of CPU per request, each to within
+±0.3 µs (docs/performance.md). So before anything else is imported, this script
+allocates a seeded number of objects of seeded sizes and frees every other one: every
+module, function, pool and connection made afterwards lands at addresses of this seed's
+own, and the readings of several seeds sample what an application's process may meet.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+
+def scatter(seed: int) -> list[bytes]:
+    """Allocate a seeded set of objects of seeded sizes (small ones from CPython's own
+    allocator, larger ones from malloc) and free every other one; the rest must be kept."""
+    rng = random.Random(seed)
+    kept = [bytes(rng.randrange(1, 2048)) for _ in range(rng.randrange(100, 2000))]
+    del kept[::2]
+    return kept
+
+
+def main(argv: list[str]) -> None:
+    library_key, url, sizes_json, seed_text = argv
+    seed = int(seed_text)
+    layout = scatter(seed)
+
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    sys.path[:0] = [str(here), str(here.parent)]
+    import bench_http
+
+    sizes = json.loads(sizes_json)
+    config = bench_http.HTTPConfig(
+        warmup=sizes["warmup"],
+        in_situ_layouts=1,
+        in_situ_pairs=sizes["pairs"],
+        in_situ_seconds=sizes["seconds"],
+        in_situ_block=sizes["block"],
+    )
+    library = bench_http.LIBRARIES[library_key]()
+    reading = bench_http.measure_layout(library, url, config, seed)
+    print(json.dumps(dataclasses.asdict(reading)), flush=True)
+    del layout
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
