@@ -39,8 +39,8 @@ Hooks, and why there:
 * ``ConnectionPool.handle_request`` / ``AsyncConnectionPool.handle_async_request`` — put
   the pool's ledger on the request (the request travels with the pool request and to the
   connection); a failure after the request had its connection ends its use, one before it
-  could wait (the pool closing an expired connection, an unsupported scheme) is a wait of
-  no length with outcome ``error``.
+  could wait (the pool closing an expired connection, an unsupported scheme) is a wait
+  with outcome ``error``, timed from the call.
 * ``PoolRequest.wait_for_connection`` (and the async one) — the queue wait alone; when it
   returns, the request holds its connection: the checkout. A request the pool gave a
   connection before it asked (one was free: the usual case) waited for none, and its wait
@@ -542,7 +542,7 @@ def _dropped_reason(connection: Any) -> str:
 # inlined, the checkout time kept on the request (_OUT), and the request's ledger.
 
 
-def _failed(adapter: HTTPXAdapter, ledger: Ledger, request: Any) -> None:
+def _failed(adapter: HTTPXAdapter, ledger: Ledger, request: Any, start: float) -> None:
     """A request failed inside the pool (not on the hot path)."""
     try:
         _tunnel_done(ledger, request, ok=False)  # its tunnel failed after the TCP connect
@@ -554,10 +554,9 @@ def _failed(adapter: HTTPXAdapter, ledger: Ledger, request: Any) -> None:
                 ledger.stacks.pop(key, None)
         elif not getattr(request, _WAIT_FAILED, False):
             # It failed before it could wait (the pool closing an expired connection, an
-            # unsupported scheme): a failed wait of no length. Failures while it waited
-            # were counted by the wait hook (_wait_failed), with their length.
-            now = perf_counter()
-            ledger.failed(now, now, timeout=False)
+            # unsupported scheme). Failures while it waited were counted by the wait hook
+            # (_wait_failed).
+            ledger.failed(start, perf_counter(), timeout=False)
     except Exception as error:
         adapter.tracker.report("httpx request", error)
 
@@ -570,14 +569,11 @@ def _handle_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callabl
         if ledger is _UNTRACKED:
             return original(self, request)
         request._poolwatch_ledger = ledger
-        # Stored, not left to the class default: reading a class default through an
-        # instance that lacks the attribute is never specialised by CPython 3.11, and the
-        # wait hook reads it on every request.
-        request._poolwatch_out = None
+        start = perf_counter()
         try:
             return original(self, request)
         except BaseException:
-            _failed(adapter, ledger, request)
+            _failed(adapter, ledger, request, start)
             raise
 
     return handle_request
@@ -591,11 +587,11 @@ def _ahandle_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callab
         if ledger is _UNTRACKED:
             return await original(self, request)
         request._poolwatch_ledger = ledger
-        request._poolwatch_out = None  # see handle_request
+        start = perf_counter()
         try:
             return await original(self, request)
         except BaseException:
-            _failed(adapter, ledger, request)
+            _failed(adapter, ledger, request, start)
             raise
 
     return handle_async_request
