@@ -1,4 +1,4 @@
-"""One in-situ reading of one library, in a process laid out in memory by a seed.
+"""One in-situ reading of one library, in a process laid out in memory by a seed of its own.
 
     python benchmarks/in_situ.py LIBRARY URL SIZES SEED
 
@@ -11,12 +11,15 @@ the seed.
 Why a process per reading: what the same hooks cost inside a request depends on where
 CPython happens to put the objects involved — the library's, poolwatch's, and the
 interpreter's own caches keyed by address — and one process is one such arrangement. Five
-processes that differed only in a few hundred kilobytes allocated at start-up read
-httpx's hooks at 1.9, 2.0, 2.7, 3.1 and 3.7 µs of CPU per request, each to within
-±0.3 µs (docs/performance.md). So before anything else is imported, this script
-allocates a seeded number of objects of seeded sizes and frees every other one: every
-module, function, pool and connection made afterwards lands at addresses of this seed's
-own, and the readings of several seeds sample what an application's process may meet.
+processes that differed in a few hundred kilobytes allocated at start-up (and, as any two
+processes do, in where the kernel put their memory) read httpx's hooks at 1.9, 2.0, 2.7,
+3.1 and 3.7 µs of CPU per request, each to within ±0.3 µs (docs/performance.md). So
+before anything else is imported, this script allocates a seeded number of objects of
+seeded sizes and frees every other one: every module, function, pool and connection made
+afterwards lands elsewhere in the low address bits too, which the kernel's address
+randomisation leaves alone, and the readings of several processes sample what an
+application's process may meet. The seed does not reproduce a layout (the kernel's
+randomisation differs every time); it makes each reading's start-up different.
 """
 
 from __future__ import annotations
