@@ -137,7 +137,7 @@ def reports() -> Iterator[dict[str, tuple[int, str]]]:
                 "--scenario",
                 name,
                 "--duration",
-                "30",
+                "120",  # stopped below once observed: room for a slow machine's start-up
                 "--port",
                 str(port),
                 "--database",
@@ -166,8 +166,7 @@ def reports() -> Iterator[dict[str, tuple[int, str]]]:
             t.start()
         for t in threads:
             t.join(30)
-        yield results
-    finally:
+    finally:  # stopped before the module's other tests run: six busy demos load two cores
         for demo in demos:
             demo.terminate()
         for demo in demos:
@@ -176,6 +175,7 @@ def reports() -> Iterator[dict[str, tuple[int, str]]]:
             except subprocess.TimeoutExpired:  # a stuck demo is the failure, not a leftover
                 demo.kill()
                 demo.wait(15)
+    yield results
 
 
 def _problems(report: str) -> set[tuple[str, str, str]]:
@@ -418,12 +418,19 @@ def test_progress_on_a_terminal_counts_the_seconds(endpoint: str) -> None:
 
 
 def test_ctrl_c_stops_the_doctor_with_130_and_one_line(endpoint: str) -> None:
-    process = subprocess.Popen(
-        [*POOLWATCH, "doctor", "--interval", "60", "--url", endpoint],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # Started as from a terminal's foreground: a test run started in the background (a
+    # shell's `&`, some CI runners) ignores SIGINT, and a child inherits an ignored signal
+    # (a handled one is reset to the default at exec).
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(
+            [*POOLWATCH, "doctor", "--interval", "60", "--url", endpoint],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, before)
     try:
         assert process.stderr is not None
         line = process.stderr.readline()  # bounded: the doctor writes it at once
@@ -433,7 +440,7 @@ def test_ctrl_c_stops_the_doctor_with_130_and_one_line(endpoint: str) -> None:
     finally:
         if process.poll() is None:
             process.kill()
-            process.wait(5)
+            process.communicate(timeout=5)  # its pipes closed too: nothing left to the next test
     assert (process.returncode, out) == (130, "")
     assert err == "poolwatch doctor: interrupted before the second reading: no report\n"
 

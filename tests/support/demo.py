@@ -17,13 +17,14 @@ POOLS = {
 installed for the tests)."""
 
 
-def until_serving(url: str, seconds: float = 30.0) -> None:
+def until_serving(url: str, seconds: float = 60.0) -> None:
     """Until the demo's metrics at ``url`` show every one of its pools.
 
     The pools start one after another, the httpx AsyncClient in a thread of its own and
     boto3's after moto's backend: with several demos on two cores the last appears seconds
     after the first, and a reading taken before would find pools missing, or appearing
-    while it watches.
+    while it watches. Six demos at once serve all their pools after about 16 s on this
+    project's two-core machine; the default deadline leaves a slower one room.
     """
     deadline = time.monotonic() + seconds
     missing = list(POOLS)
