@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -703,15 +704,10 @@ def run_in_situ(library: Library, url: str, config: HTTPConfig) -> InSituResult:
     """``in_situ_layouts`` readings of ``library``, each in a new process laid out by its own
     seed (``benchmarks/in_situ.py``), one after another."""
     child = Path(__file__).with_name("in_situ.py")
-    sizes = {
-        "pairs": config.in_situ_pairs,
-        "seconds": config.in_situ_seconds,
-        "block": config.in_situ_block,
-        "warmup": config.warmup,
-    }
+    config_json = json.dumps(dataclasses.asdict(config))
     layouts = []
     for seed in range(1, config.in_situ_layouts + 1):
-        command = [sys.executable, str(child), library.key, url, json.dumps(sizes), str(seed)]
+        command = [sys.executable, str(child), library.key, url, config_json, str(seed)]
         # The hash seed too: it orders the dicts and sets of everything the process builds.
         env = {**os.environ, "PYTHONHASHSEED": str(seed)}
         timeout = config.in_situ_seconds * 3 + 120
@@ -721,16 +717,8 @@ def run_in_situ(library: Library, url: str, config: HTTPConfig) -> InSituResult:
         if done.returncode != 0:
             raise MeasurementError(f"{library.name} in situ, layout {seed}:\n{done.stderr[-3000:]}")
         fields = json.loads(done.stdout.strip().splitlines()[-1])
-        added, cpu = fields["added"], fields["cpu"]
-        layouts.append(
-            LayoutReading(
-                fields["seed"],
-                fields["pairs"],
-                fields["bare"],
-                (added[0], added[1], added[2]),
-                (cpu[0], cpu[1], cpu[2]),
-            )
-        )
+        fields["added"], fields["cpu"] = tuple(fields["added"]), tuple(fields["cpu"])
+        layouts.append(LayoutReading(**fields))
     return InSituResult(library.name, layouts)
 
 
@@ -746,7 +734,9 @@ def _interval_verdict(low_pct: float, high_pct: float) -> str:
 def render_in_situ(results: list[InSituResult], config: HTTPConfig) -> str:
     """The in-situ tables and their verdicts: added latency, added CPU time."""
 
-    def rows(reading: Callable[[LayoutReading], tuple[float, float, float]]) -> list[list[str]]:
+    Value = Callable[[LayoutReading], tuple[float, float, float]]
+
+    def rows(reading: Value) -> list[list[str]]:
         out = []
         for r in results:
             median, low, high = r.reading(reading)
@@ -765,6 +755,20 @@ def render_in_situ(results: list[InSituResult], config: HTTPConfig) -> str:
             )
         return out
 
+    def within(reading: Value) -> str:
+        """How far each layout's own 95% interval reaches, against the spread between them."""
+        reach = [
+            max(m - low, high - m) / r.bare * 100
+            for r in results
+            for m, low, high in map(reading, r.layouts)
+        ]
+        return (
+            f"each layout's own 95% interval reaches ±{min(reach):.2f} to ±{max(reach):.2f} "
+            "points from its median"
+        )
+
+    processes = config.in_situ_layouts
+    coverage = 1 - 2 * 0.5**processes  # the chance that the median lies between min and max
     headers = [
         "library",
         "pairs",
@@ -778,25 +782,27 @@ def render_in_situ(results: list[InSituResult], config: HTTPConfig) -> str:
     return "\n".join(
         [
             heading("HTTP pools: added latency per request, in situ"),
-            f"one client per library, instrumented throughout, in {config.in_situ_layouts} "
+            f"one client per library, instrumented throughout, in {processes} "
             "processes each laid out in memory by a seed of its own (benchmarks/in_situ.py);",
             f"in each, pairs of blocks of {config.in_situ_block} requests (up to "
             f"{config.in_situ_pairs}, or {config.in_situ_seconds:.0f} s), poolwatch's hooks "
             "off in one and on in the other, in random order, and the median of the pairs' "
             "differences;",
             "added = the median layout's, as a share of the bare request's median latency; "
-            f"target <= {TARGET_PCT:.0f}%: MET when every layout is below it (with six, a "
-            "97% distribution-free interval for the median layout),",
+            f"target <= {TARGET_PCT:.0f}%: MET when every layout is below it (with {processes}, "
+            f"a {coverage:.0%} distribution-free interval for the median layout),",
             "NOT MET when every layout is above it, UNDECIDED otherwise",
             "",
             "the verdict: CPU time of the client thread per request, which the hooks' "
             "synchronous work adds to the latency one for one",
             "and which the machine's other processes do not inflate (waits for a core):",
             table(headers, rows(lambda r: r.cpu)),
+            within(lambda r: r.cpu),
             "",
             "the same blocks by the wall clock (their median requests), where waiting added "
             "by poolwatch would show:",
             table(headers, rows(lambda r: r.added)),
+            within(lambda r: r.added),
         ]
     )
 

@@ -1,12 +1,11 @@
 """One in-situ reading of one library, in a process laid out in memory by a seed of its own.
 
-    python benchmarks/in_situ.py LIBRARY URL SIZES SEED
+    python benchmarks/in_situ.py LIBRARY URL CONFIG SEED
 
-``LIBRARY`` is a key of ``bench_http.LIBRARIES``, ``SIZES`` a JSON object of the
-``HTTPConfig`` fields it reads (``pairs``, ``seconds``, ``block``, ``warmup``). Prints the
-reading (``bench_http.measure_layout``) as one JSON line. ``bench_http.run_in_situ`` runs it
-``in_situ_layouts`` times per library, with seeds 1, 2, ..., and ``PYTHONHASHSEED`` set to
-the seed.
+``LIBRARY`` is a key of ``bench_http.LIBRARIES``, ``CONFIG`` the run's ``HTTPConfig`` as a
+JSON object. Prints the reading (``bench_http.measure_layout``) as one JSON line.
+``bench_http.run_in_situ`` runs it ``in_situ_layouts`` times per library, with seeds 1, 2,
+..., and ``PYTHONHASHSEED`` set to the seed.
 
 Why a process per reading: what the same hooks cost inside a request depends on where
 CPython happens to put the objects involved — the library's, poolwatch's, and the
@@ -38,7 +37,7 @@ def scatter(seed: int) -> list[bytes]:
 
 
 def main(argv: list[str]) -> None:
-    library_key, url, sizes_json, seed_text = argv
+    library_key, url, config_json, seed_text = argv
     seed = int(seed_text)
     layout = scatter(seed)
 
@@ -50,14 +49,7 @@ def main(argv: list[str]) -> None:
     sys.path[:0] = [str(here), str(here.parent)]
     import bench_http
 
-    sizes = json.loads(sizes_json)
-    config = bench_http.HTTPConfig(
-        warmup=sizes["warmup"],
-        in_situ_layouts=1,
-        in_situ_pairs=sizes["pairs"],
-        in_situ_seconds=sizes["seconds"],
-        in_situ_block=sizes["block"],
-    )
+    config = bench_http.HTTPConfig(**json.loads(config_json))
     library = bench_http.LIBRARIES[library_key]()
     reading = bench_http.measure_layout(library, url, config, seed)
     print(json.dumps(dataclasses.asdict(reading)), flush=True)

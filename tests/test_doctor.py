@@ -125,7 +125,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def reports() -> Iterator[dict[str, tuple[int, str]]]:
+def reports() -> dict[str, tuple[int, str]]:
     """Doctor's report on each demo scenario, observed side by side for 2 s."""
     scenarios = ("healthy", "exhaustion", "discard", "stale", "leak", "churn")
     ports = {name: _free_port() for name in scenarios}
@@ -175,7 +175,7 @@ def reports() -> Iterator[dict[str, tuple[int, str]]]:
             except subprocess.TimeoutExpired:  # a stuck demo is the failure, not a leftover
                 demo.kill()
                 demo.wait(15)
-    yield results
+    return results
 
 
 def _problems(report: str) -> set[tuple[str, str, str]]:
