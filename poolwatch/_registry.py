@@ -265,9 +265,15 @@ class Registry:
         self.folded = 0
         """Pools folded into an overflow series because of the ``max_pools`` cap."""
 
-    def _new_ledger(self) -> Ledger:
+    def _new_ledger(self, adapter: Adapter) -> Ledger:
         s = self._settings
-        return Ledger(s.buckets, s.lifetime_buckets, s.leak_threshold, s.leak_stacks)
+        return Ledger(
+            s.buckets,
+            s.lifetime_buckets,
+            s.leak_threshold,
+            s.leak_stacks,
+            connects_in_checkout=adapter.connects_in_checkout,
+        )
 
     def _name_for(self, kind: str, target: str, site: str | None, name: str | None) -> str:
         if name is not None:
@@ -333,7 +339,7 @@ class Registry:
                             target=OVERFLOW_NAME,
                             site=None,
                             attributes={},
-                            ledger=self._new_ledger(),
+                            ledger=self._new_ledger(adapter),
                             kind=kind,
                         )
                         self._series[key] = series
@@ -344,7 +350,7 @@ class Registry:
                         target=target,
                         site=site,
                         attributes=attributes or {},
-                        ledger=self._new_ledger(),
+                        ledger=self._new_ledger(adapter),
                         kind=kind,
                     )
                     self._series[key] = series
