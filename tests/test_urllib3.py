@@ -588,3 +588,23 @@ def test_uninstrument_restores_urllib3(harness: Harness, upstream: ThreadedUpstr
     manager.request("GET", upstream.url)
     assert harness.collect().names() == set()
     manager.clear()
+
+
+def test_a_blocking_pool_counts_connections_checked_out_before_instrument(
+    harness: Harness,
+) -> None:
+    with ThreadedUpstream() as upstream:
+        pool = urllib3.HTTPConnectionPool("127.0.0.1", upstream.port, maxsize=3, block=True)
+        held = [pool.request("GET", "/", preload_content=False) for _ in range(2)]
+        harness.instrument()
+        [snap] = poolwatch.pools()
+        assert (snap.used, snap.idle, snap.max, snap.checkouts) == (2, 0, 3, 0)
+        more = pool.request("GET", "/", preload_content=False)
+        [snap] = poolwatch.pools()
+        assert (snap.used, snap.checkouts) == (3, 1)
+        for response in [*held, more]:
+            response.read()
+            response.release_conn()
+        [snap] = poolwatch.pools()
+        assert (snap.used, snap.idle, snap.checkouts) == (0, 3, 1)
+        pool.close()
