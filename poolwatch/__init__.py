@@ -7,8 +7,6 @@ waiting, time to get a connection, time to open one, how long connections are he
 timeouts, connections closed and why, and leaks.
 """
 
-from poolwatch._advice import Sizing
-from poolwatch._antipatterns import Antipattern
 from poolwatch._api import (
     Instrumentation,
     instrument,
@@ -18,8 +16,8 @@ from poolwatch._api import (
     uninstrument,
 )
 from poolwatch._config import ConfigError
+from poolwatch._models import Antipattern, PoolSnapshot, Sizing
 from poolwatch._process import ProcessConnections, ProcessView
-from poolwatch._registry import PoolSnapshot
 from poolwatch._version import __version__
 
 __all__ = [

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from poolwatch import _thresholds
+from poolwatch._models import Sizing
 
 
 @dataclass
@@ -126,14 +127,6 @@ class Finding:
     def problem(self) -> str:
         """The problem as printed: ``topic: detail``."""
         return f"{self.topic}: {self.detail}"
-
-
-@dataclass(frozen=True)
-class Sizing:
-    """A recommended pool size and how it was reached."""
-
-    size: int
-    reasoning: str
 
 
 def sizing(now: Counts, before: Counts, seconds: float) -> Sizing | None:

@@ -34,19 +34,18 @@ healthy workload that must produce none.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from poolwatch import _catalogue as c
 from poolwatch._advice import SIZE_KNOB, STALE_DEFAULT, STALE_FIX, unbounded_advice
+from poolwatch._models import Antipattern, Misconfiguration
 from poolwatch._safe import logger
-from poolwatch.adapters._base import Misconfiguration
 
 if TYPE_CHECKING:
     from poolwatch._config import Settings
     from poolwatch._ledger import LedgerSnapshot
+    from poolwatch._models import Levels
     from poolwatch._registry import Series
-    from poolwatch.adapters._base import Levels
 
 PER_REQUEST_INSTANCES = 10
 """Pool instances created at one place before ``client_per_request`` is considered."""
@@ -124,20 +123,6 @@ def advice_for(antipattern: str, kind: str) -> str:
     if antipattern == c.ANTIPATTERN_KEEPALIVE_TOO_LONG:
         return STALE_FIX.get(kind, STALE_DEFAULT)
     return _AGE_FIX.get(kind, _AGE_DEFAULT)
-
-
-@dataclass(frozen=True)
-class Antipattern:
-    """One anti-pattern found in one pool series."""
-
-    name: str
-    """The ``antipattern`` attribute: one of ``client_per_request``, ``unbounded_pool``,
-    ``no_pool_timeout``, ``pool_overflowing``, ``keepalive_too_long``,
-    ``connection_too_old``."""
-    problem: str
-    """What was seen, with its numbers."""
-    advice: str
-    """What to change."""
 
 
 class Watch:

@@ -23,16 +23,16 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from poolwatch import _catalogue as c
-from poolwatch._advice import Counts, Sizing, sizing
-from poolwatch._antipatterns import Antipattern, Detector, Watch
+from poolwatch._advice import Counts, sizing
+from poolwatch._antipatterns import Detector, Watch
 from poolwatch._config import Settings
 from poolwatch._ledger import LeakReport, Ledger, LedgerSnapshot, render_stack
+from poolwatch._models import Antipattern, Levels, PoolSnapshot, Sizing
 from poolwatch._safe import ErrorLog, logger
-from poolwatch.adapters._base import Adapter, Levels
+from poolwatch.adapters._base import Adapter
 
 _SITES_KEPT = 10
 """Creation sites remembered per allowed series, for naming a second site of a target."""
@@ -192,65 +192,6 @@ class SeriesReading(NamedTuple):
     levels: Levels
     ledger: LedgerSnapshot
     instances: int
-
-
-@dataclass(frozen=True)
-class PoolSnapshot:
-    """One pool series as ``poolwatch.pools()`` reports it."""
-
-    name: str
-    kind: str
-    used: int
-    idle: int
-    max: int | None
-    pending: int
-    instances: int
-    """Live pool objects behind this series (more than one: same target, same site)."""
-    instances_created: int
-    """Pool objects created for this series since it appeared."""
-    checkouts: int
-    timeouts: int
-    connects: int
-    connect_errors: int
-    closed: dict[str, int]
-    leaks: int
-    leaks_active: int
-    wait_p99: float | None
-    """Estimated 99th percentile of successful waits, in seconds."""
-    attributes: dict[str, str | int] = field(default_factory=dict)
-    idle_max: int | None = None
-    """The most idle connections the pool keeps; None when it keeps any number."""
-    reused: int = 0
-    """Checkouts served by a connection that was already open (keep-alive at work).
-
-    Every pool poolwatch knows opens a connection for the checkout that needs one, so the
-    checkouts that did not open one — successfully or not — reused a connection.
-    """
-    antipatterns: tuple[Antipattern, ...] = ()
-    """Anti-patterns found in how the pool is configured or used (docs/diagnostics.md)."""
-    sizing: Sizing | None = None
-    """The recommended size from the last minutes' demand and hold time (Little's law with
-    half again as headroom), with its reasoning; None before any connection came back."""
-
-    @property
-    def utilization(self) -> float | None:
-        """used / max, or None for an unbounded pool."""
-        if not self.max:
-            return None
-        return self.used / self.max
-
-    @property
-    def reuse_ratio(self) -> float | None:
-        """reused / checkouts: near 1 for a warm pool, 0 when every request connects."""
-        return self.reused / self.checkouts if self.checkouts else None
-
-    def __repr__(self) -> str:
-        limit = "unbounded" if self.max is None else str(self.max)
-        return (
-            f"<PoolSnapshot {self.kind} {self.name!r} [used {self.used}, idle {self.idle}, "
-            f"max {limit}, pending {self.pending} | checkouts {self.checkouts}, "
-            f"timeouts {self.timeouts}]>"
-        )
 
 
 def _sum_levels(readings: list[Levels]) -> Levels:

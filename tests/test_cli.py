@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from poolwatch._demo.workload import SCENARIOS, StopSignals
-from poolwatch._registry import PoolSnapshot
+from poolwatch._models import PoolSnapshot
 from poolwatch.cli import COLUMNS, EXIT_CODES, main, render
 from tests.support.postgres import PostgresCluster
 

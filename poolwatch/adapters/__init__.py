@@ -5,7 +5,8 @@ Adding a library means adding one module here and one entry to :data:`ADAPTERS`.
 
 from __future__ import annotations
 
-from poolwatch.adapters._base import Adapter, HostLevels, Levels, Misconfiguration, Tracker
+from poolwatch._models import HostLevels, Levels, Misconfiguration
+from poolwatch.adapters._base import Adapter, Tracker
 from poolwatch.adapters.aiohttp import AiohttpAdapter
 from poolwatch.adapters.httpx import HTTPXAdapter
 from poolwatch.adapters.sqlalchemy import SQLAlchemyAdapter

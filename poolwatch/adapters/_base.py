@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from poolwatch._ledger import Ledger
+from poolwatch._models import Levels, Misconfiguration
 from poolwatch.adapters._patching import around, disguise, function_of, rewrap
 
 if TYPE_CHECKING:
@@ -41,51 +42,6 @@ class _NotOwn:
 
 NOT_OWN = _NotOwn()
 """In :attr:`Adapter._patches`: the owner held no attribute of its own by that name."""
-
-
-class HostLevels(NamedTuple):
-    """The part of a multi-host pool's levels that belongs to one server."""
-
-    address: str
-    """``server.address``: host name or IP literal, as the pool addresses it."""
-    port: int
-    """``server.port``."""
-    used: int
-    idle: int
-    pending: int = 0
-    """Callers waiting for a connection to this server now."""
-
-
-class Misconfiguration(NamedTuple):
-    """A configuration anti-pattern an adapter sees on a pool (``_antipatterns.py``)."""
-
-    antipattern: str
-    """One of ``_catalogue.ANTIPATTERNS``: ``unbounded_pool`` or ``no_pool_timeout``."""
-    setting: str
-    """The setting as the application wrote it, e.g. ``httpx.Limits(max_connections=None)``."""
-
-
-class Levels(NamedTuple):
-    """A pool's levels at one moment, read from the pool itself."""
-
-    used: int
-    """Connections checked out."""
-    idle: int
-    """Open connections ready to be checked out."""
-    max: int | None
-    """The most connections the pool may hold at once; None when unbounded."""
-    pending: int
-    """Callers waiting for a connection now."""
-    idle_max: int | None = None
-    """The most idle connections the pool keeps (database semconv); None if unknown."""
-    idle_min: int | None = None
-    """The fewest idle connections the pool keeps (database semconv); None if unknown."""
-    hosts: tuple[HostLevels, ...] = ()
-    """For a pool that spans servers (httpx, aiohttp): used and idle per server.
-
-    When given, ``poolwatch.connections`` is exported per server with ``server.address``
-    and ``server.port``; ``used`` and ``idle`` above remain the pool's totals.
-    """
 
 
 class Tracker(Protocol):

@@ -116,8 +116,9 @@ from typing import Any
 
 from poolwatch import _catalogue as c
 from poolwatch._ledger import Ledger, capture_stack
+from poolwatch._models import HostLevels, Levels, Misconfiguration
 from poolwatch._naming import creation_site, target_name
-from poolwatch.adapters._base import Adapter, HostLevels, Levels, Misconfiguration, Tracker
+from poolwatch.adapters._base import Adapter, Tracker
 from poolwatch.adapters._patching import CALLER
 
 _LEDGER = "_poolwatch_ledger"

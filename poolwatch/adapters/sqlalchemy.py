@@ -35,8 +35,9 @@ from typing import Any
 
 from poolwatch import _catalogue as c
 from poolwatch._ledger import Ledger, capture_stack
+from poolwatch._models import Levels, Misconfiguration
 from poolwatch._naming import creation_site, target_name
-from poolwatch.adapters._base import Adapter, Levels, Misconfiguration, Tracker, pop_attribute
+from poolwatch.adapters._base import Adapter, Tracker, pop_attribute
 from poolwatch.adapters._patching import CALLER, around
 
 _LEDGER = "_poolwatch_ledger"

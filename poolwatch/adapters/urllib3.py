@@ -61,8 +61,9 @@ from typing import Any, NamedTuple
 
 from poolwatch import _catalogue as c
 from poolwatch._ledger import UNKNOWN_LIFETIME, Ledger, capture_stack
+from poolwatch._models import Levels, Misconfiguration
 from poolwatch._naming import creation_site, target_name
-from poolwatch.adapters._base import Adapter, Levels, Misconfiguration, Tracker, pop_attribute
+from poolwatch.adapters._base import Adapter, Tracker, pop_attribute
 from poolwatch.adapters._patching import CALLER
 
 _LEDGER = "_poolwatch_ledger"
