@@ -16,49 +16,16 @@ from poolwatch._config import ConfigError, Settings, psutil_importable, resolve
 from poolwatch._export import Bridge, Producer
 from poolwatch._imports import PostImportHooks, installed
 from poolwatch._janitor import Janitor
-from poolwatch._ledger import Ledger
 from poolwatch._models import PoolSnapshot
 from poolwatch._naming import check_pool_name
 from poolwatch._process import REFRESH_EVERY, ProcessView, ProcessWatcher
 from poolwatch._provider import OwnedProvider, build, child_resource
-from poolwatch._registry import Registry, Series, snapshot_of
+from poolwatch._registry import Registry, snapshot_of
 from poolwatch._safe import ErrorLog, logger
 from poolwatch.adapters import ADAPTERS, Adapter
 
 _lock = threading.RLock()
 _current: Instrumentation | None = None
-
-
-class _Tracker:
-    """The core as adapters see it."""
-
-    def __init__(self, registry: Registry, errors: ErrorLog) -> None:
-        self._registry = registry
-        self._errors = errors
-
-    def track(
-        self,
-        pool: Any,
-        adapter: Adapter,
-        *,
-        target: str,
-        site: str | None = None,
-        name: str | None = None,
-        attributes: Mapping[str, str | int] | None = None,
-        kind: str | None = None,
-    ) -> Ledger:
-        return self._registry.track(
-            pool, adapter, target=target, site=site, name=name, attributes=attributes, kind=kind
-        )
-
-    def series_of(self, pool: Any) -> Series | None:
-        return self._registry.series_of(pool)
-
-    def forget(self, pool: Any) -> None:
-        self._registry.forget(pool)
-
-    def report(self, where: str, error: BaseException) -> None:
-        self._errors.report(where, error)
 
 
 class Instrumentation:
@@ -72,7 +39,6 @@ class Instrumentation:
         self._owned = owned
         self._errors = ErrorLog()
         self._registry = Registry(settings, self._errors)
-        self._tracker = _Tracker(self._registry, self._errors)
         self._producer = Producer(self._registry, settings, self._errors)
         self._bridge = Bridge(self._producer, provider, self._errors)
         self._hooks = PostImportHooks()
@@ -103,7 +69,7 @@ class Instrumentation:
         self._bridge.attach()
         self._janitor.start()
         for library in self.settings.libraries:
-            adapter = ADAPTERS[library](self._tracker)
+            adapter = ADAPTERS[library](self._registry)
             if adapter.module in sys.modules:
                 self._activate(adapter, imported_before=True)
             elif installed(adapter.module):

@@ -331,17 +331,32 @@ class Registry:
         with self._lock:
             return [series.ledger for series in self._series.values()]
 
-    def series_of(self, pool: Any) -> Series | None:
-        """The series ``pool`` reports into, if tracked."""
+    # -- what adapters see of the core (adapters._base.Tracker) ---------------------------
+    def kind_of(self, pool: Any) -> str | None:
+        """The ``pool.kind`` of the series ``pool`` reports into; None if untracked."""
         with self._lock:
-            return self._of_pool.get(pool)
+            series = self._of_pool.get(pool)
+            return series.kind if series is not None else None
 
-    def forget(self, pool: Any) -> None:
-        """Take ``pool`` out of its series' levels; the series and its ledger stay."""
+    def replace(self, old: Any, new: Any) -> Ledger | None:
+        """``new`` takes ``old``'s place in its series; ``old`` leaves the series' levels."""
         with self._lock:
-            series = self._of_pool.pop(pool, None)
-            if series is not None:
-                series.pools.discard(pool)
+            series = self._of_pool.pop(old, None)
+            if series is None:
+                return None
+            series.pools.discard(old)
+            current = self._of_pool.get(new)
+            if current is not None and current is not series:
+                current.pools.discard(new)
+            series.pools.add(new)
+            series.gone_since = None
+            series.instances_created += 1
+            self._of_pool[new] = series
+            return series.ledger
+
+    def report(self, where: str, error: BaseException) -> None:
+        """Record a failure inside poolwatch: logged once per ``where``, never raised."""
+        self._errors.report(where, error)
 
     def untrack_adapter(self, adapter: Adapter) -> None:
         """Forget every series of ``adapter``."""

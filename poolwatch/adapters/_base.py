@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from poolwatch._ledger import Ledger
 from poolwatch._models import Levels, Misconfiguration
 from poolwatch.adapters._patching import around, disguise, function_of, rewrap
-
-if TYPE_CHECKING:
-    from poolwatch._registry import Series
 
 
 def pop_attribute(obj: Any, name: str, default: Any = None) -> Any:
@@ -64,11 +61,13 @@ class Tracker(Protocol):
         reports pools made by requests and botocore under their own kinds).
         """
 
-    def series_of(self, pool: Any) -> Series | None:
-        """The series ``pool`` reports into, if it is tracked."""
+    def kind_of(self, pool: Any) -> str | None:
+        """The ``pool.kind`` of the series ``pool`` reports into; None if it is not tracked."""
 
-    def forget(self, pool: Any) -> None:
-        """Stop counting ``pool`` in its series' levels (it was replaced); its ledger stays."""
+    def replace(self, old: Any, new: Any) -> Ledger | None:
+        """``new`` takes ``old``'s place in ``old``'s series (a pool replaced by another, as
+        ``Engine.dispose()`` does): ``old`` leaves the series' levels, and ``new`` reports
+        into the ledger returned. None if ``old`` is not tracked."""
 
     def report(self, where: str, error: BaseException) -> None:
         """Record a failure inside poolwatch; logged once per ``where``, never raised."""

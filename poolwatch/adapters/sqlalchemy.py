@@ -152,11 +152,9 @@ class SQLAlchemyAdapter(Adapter):
         connections: counted, they would inflate idle and max. Connections checked out of
         it still report their use when they come back.
         """
-        series = self.tracker.series_of(old)
-        if series is None:
-            return
-        self._track_pool(new, series.target, series.site, dict(series.attributes), series.name)
-        self.tracker.forget(old)
+        ledger = self.tracker.replace(old, new)
+        if ledger is not None:
+            self._attach(new, ledger)
 
     def _discover(self, pool: Any) -> Ledger | None:
         """A pool first seen at checkout: made without an engine, or before instrument()."""

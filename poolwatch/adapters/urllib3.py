@@ -286,7 +286,7 @@ class Urllib3Adapter(Adapter):
             candidates.extend((pool, maker) for pool in _pools_of(manager))
         candidates.extend((pool, None) for pool in found_pools)
         for pool, maker in candidates:
-            if self.tracker.series_of(pool) is None:
+            if self.tracker.kind_of(pool) is None:
                 try:
                     self._track_pool(pool, maker)
                 except Exception as error:
@@ -300,8 +300,7 @@ class Urllib3Adapter(Adapter):
             return False
         managers = _managers_of(obj, PoolManager)
         if isinstance(obj, HTTPConnectionPool):
-            series = self.tracker.series_of(obj)
-            kind = series.kind if series else self.kind
+            kind = self.tracker.kind_of(obj) or self.kind
             self._track_pool(obj, _Maker(kind, None, None, name))
             return True
         if not managers:
@@ -404,8 +403,7 @@ class Urllib3Adapter(Adapter):
     def misconfigurations(self, pool: Any) -> tuple[Misconfiguration, ...]:
         if not pool.block:
             return ()  # never waits: opens a connection past maxsize instead
-        series = self.tracker.series_of(pool)
-        if series is not None and series.kind == "requests":
+        if self.tracker.kind_of(pool) == "requests":
             # requests never passes urllib3 a pool_timeout: a blocked caller waits for ever
             return (
                 Misconfiguration(c.ANTIPATTERN_NO_POOL_TIMEOUT, "HTTPAdapter(pool_block=True)"),
