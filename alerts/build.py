@@ -6,7 +6,7 @@
 Three outputs from the same definitions: ``alerts/poolwatch.rules.yml`` for Prometheus,
 ``deploy/grafana/provisioning/alerting/poolwatch-alerts.yml``, the same alerts as
 Grafana-managed alert rules (Grafana's alerting provisioning format), and
-``poolwatch/_thresholds.py``, the thresholds ``poolwatch doctor`` and ``top`` share with
+``poolwatch/diagnostics/thresholds.py``, the thresholds ``poolwatch doctor`` and ``top`` share with
 the alerts.
 
 Every rule is built on the one poolwatch metric family, so it covers every pool kind.
@@ -29,7 +29,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 RULES = HERE / "poolwatch.rules.yml"
 GRAFANA_RULES = HERE.parent / "deploy/grafana/provisioning/alerting/poolwatch-alerts.yml"
-THRESHOLDS = HERE.parent / "poolwatch/_thresholds.py"
+THRESHOLDS = HERE.parent / "poolwatch/diagnostics/thresholds.py"
 SHARED = {  # the settings the package's commands use, and what they use them for
     "UTILIZATION_HIGH": "Utilization from which top shows a pool yellow, doctor reports it high.",
     "SATURATED": "Utilization from which top shows a pool red and doctor reports it saturated.",
@@ -351,7 +351,8 @@ _Dumper.add_representer(str, _str)
 
 
 def render_thresholds(**overrides: Any) -> str:
-    """``poolwatch/_thresholds.py``: the settings the package's commands share (SHARED)."""
+    """``poolwatch/diagnostics/thresholds.py``: the settings the package's commands share
+    (SHARED)."""
     s = _settings(overrides)
     lines = [
         '"""The alert thresholds poolwatch\'s own commands judge pools by (doctor, top).',

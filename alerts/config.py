@@ -1,12 +1,12 @@
 """The one place for poolwatch's alert thresholds, durations and selectors.
 
 Every value here is used by ``alerts/build.py`` to render ``alerts/poolwatch.rules.yml``,
-the Grafana-managed copies of the alerts, and ``poolwatch/_thresholds.py`` — the thresholds
-``poolwatch doctor`` and ``poolwatch top`` judge pools by, so that they say what the alerts
-would — and by ``dashboards/build.py`` (the overview's "pools above" stat). Change a value,
-run ``scripts/mixin`` (or ``python alerts/build.py && python dashboards/build.py``), and
-commit the results (tests check that every rendered file is current). Each value says why
-you might change it.
+the Grafana-managed copies of the alerts, and ``poolwatch/diagnostics/thresholds.py`` — the
+thresholds ``poolwatch doctor`` and ``poolwatch top`` judge pools by, so that they say what
+the alerts would — and by ``dashboards/build.py`` (the overview's "pools above" stat).
+Change a value, run ``scripts/mixin`` (or ``python alerts/build.py`` and then ``python
+dashboards/build.py``), and commit the results (tests check that every rendered file is
+current). Each value says why you might change it.
 """
 
 from __future__ import annotations

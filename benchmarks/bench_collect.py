@@ -202,7 +202,7 @@ def time_process_view(handle: poolwatch.Instrumentation, rounds: int = 5) -> flo
     """Median seconds of one process-view reading (psutil's scan of descriptors and TCP
     connections, and every pool's sockets), as poolwatch's thread takes it; None without
     psutil."""
-    from poolwatch._process import ProcessWatcher
+    from poolwatch.diagnostics.process import ProcessWatcher
 
     try:
         watcher = ProcessWatcher(handle._registry.pool_sockets, handle._errors)

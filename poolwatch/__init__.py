@@ -17,8 +17,8 @@ from poolwatch._api import (
 )
 from poolwatch._config import ConfigError
 from poolwatch._models import Antipattern, PoolSnapshot, Sizing
-from poolwatch._process import ProcessConnections, ProcessView
 from poolwatch._version import __version__
+from poolwatch.diagnostics.process import ProcessConnections, ProcessView
 
 __all__ = [
     "Antipattern",

@@ -18,11 +18,11 @@ from poolwatch._imports import PostImportHooks, installed
 from poolwatch._janitor import Janitor
 from poolwatch._models import PoolSnapshot
 from poolwatch._naming import check_pool_name
-from poolwatch._process import REFRESH_EVERY, ProcessView, ProcessWatcher
 from poolwatch._provider import OwnedProvider, build, child_resource
 from poolwatch._registry import Registry, snapshot_of
 from poolwatch._safe import ErrorLog, logger
 from poolwatch.adapters import ADAPTERS, Adapter
+from poolwatch.diagnostics.process import REFRESH_EVERY, ProcessView, ProcessWatcher
 
 _lock = threading.RLock()
 _current: Instrumentation | None = None

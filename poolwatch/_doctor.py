@@ -23,8 +23,10 @@ import sys
 import time
 from typing import TextIO
 
-from poolwatch import _advice, _antipatterns, _top
-from poolwatch._advice import Counts, ProcessCounts
+from poolwatch import _top
+from poolwatch.diagnostics import advice as _advice
+from poolwatch.diagnostics import antipatterns as _antipatterns
+from poolwatch.diagnostics.advice import Counts, ProcessCounts
 
 EXIT_FINDINGS = 3
 """Exit code when the doctor reports findings."""

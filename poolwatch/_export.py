@@ -47,10 +47,10 @@ from poolwatch import _catalogue as c
 from poolwatch._config import Settings
 from poolwatch._ledger import HistogramSnapshot, LedgerSnapshot
 from poolwatch._models import HostLevels, Levels
-from poolwatch._process import ProcessWatcher
 from poolwatch._registry import Registry, Series, SeriesReading
 from poolwatch._safe import ErrorLog
 from poolwatch._version import __version__
+from poolwatch.diagnostics.process import ProcessWatcher
 
 _TEMPORALITY_CLASS: dict[c.Instrument, str] = {
     "counter": "ObservableCounter",

@@ -26,13 +26,13 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from poolwatch import _catalogue as c
-from poolwatch._advice import Counts, sizing
-from poolwatch._antipatterns import Detector, Watch
 from poolwatch._config import Settings
 from poolwatch._ledger import LeakReport, Ledger, LedgerSnapshot, render_stack
 from poolwatch._models import Antipattern, Levels, PoolSnapshot, Sizing
 from poolwatch._safe import ErrorLog, logger
 from poolwatch.adapters._base import Adapter
+from poolwatch.diagnostics.advice import Counts, sizing
+from poolwatch.diagnostics.antipatterns import Detector, Watch
 
 _SITES_KEPT = 10
 """Creation sites remembered per allowed series, for naming a second site of a target."""

@@ -25,8 +25,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from poolwatch import _thresholds
-from poolwatch._advice import Counts, ProcessCounts
+from poolwatch.diagnostics import thresholds as _thresholds
+from poolwatch.diagnostics.advice import Counts, ProcessCounts
 
 WARN_AT = _thresholds.UTILIZATION_HIGH
 """Utilization from which a pool is yellow (PoolwatchPoolUtilizationHigh's threshold)."""

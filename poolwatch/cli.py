@@ -24,9 +24,10 @@ from collections.abc import Sequence
 from typing import TextIO
 
 import poolwatch
-from poolwatch import _advice, _top
+from poolwatch import _top
 from poolwatch._demo.workload import SCENARIOS
 from poolwatch._version import __version__
+from poolwatch.diagnostics import advice as _advice
 
 
 def _bar(used: int, limit: int | None, width: int = 10) -> str:

@@ -24,7 +24,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 import poolwatch
-from poolwatch import _antipatterns
+from poolwatch.diagnostics import antipatterns as _antipatterns
 from tests.conftest import Harness
 from tests.support.postgres import PostgresCluster
 from tests.support.upstream import AsyncioUpstream, ThreadedUpstream

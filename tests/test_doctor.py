@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 import poolwatch
 from poolwatch import _advice, _doctor, _top
-from poolwatch._advice import Counts
+from poolwatch.diagnostics.advice import Counts
 from tests.support.demo import until_serving
 from tests.support.terminal import on_terminal, read_until
 from tests.support.upstream import ThreadedUpstream, refusing_port
@@ -273,7 +273,7 @@ def test_antipatterns_of_the_process_are_findings_unless_already_said() -> None:
 
 
 def test_the_process_view_findings_need_both_readings() -> None:
-    from poolwatch._advice import ProcessCounts
+    from poolwatch.diagnostics.advice import ProcessCounts
 
     crowded = ProcessCounts(900, 1000, {("close_wait", "untracked"): 6})
     assert [f.problem for f in _doctor.process_findings(crowded, crowded)] == [

@@ -28,8 +28,8 @@ import requests
 import sqlalchemy as sa
 
 import poolwatch
-from poolwatch import _process
 from poolwatch._safe import ErrorLog
+from poolwatch.diagnostics import process as _process
 from tests.conftest import Harness
 from tests.support.postgres import PostgresCluster
 from tests.support.upstream import ThreadedUpstream

@@ -14,7 +14,7 @@ The findings read two observations of a pool an interval apart (the same counts
   connection for most checkouts), stale connections (dropped by the server while idle),
   leaks (checkouts held past the leak threshold), unbounded pools.
 
-The thresholds are the alerts' (``poolwatch/_thresholds.py``, generated from
+The thresholds are the alerts' (``poolwatch/diagnostics/thresholds.py``, generated from
 ``alerts/config.py``), so that the doctor reports what the alerts would fire on.
 """
 
@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from poolwatch import _thresholds
 from poolwatch._models import Sizing
+from poolwatch.diagnostics import thresholds as _thresholds
 
 
 @dataclass

@@ -37,9 +37,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from poolwatch import _catalogue as c
-from poolwatch._advice import SIZE_KNOB, STALE_DEFAULT, STALE_FIX, unbounded_advice
 from poolwatch._models import Antipattern, Misconfiguration
 from poolwatch._safe import logger
+from poolwatch.diagnostics.advice import SIZE_KNOB, STALE_DEFAULT, STALE_FIX, unbounded_advice
 
 if TYPE_CHECKING:
     from poolwatch._config import Settings
