@@ -12,6 +12,7 @@ from typing import Any
 from opentelemetry import metrics as otel_metrics
 from opentelemetry.sdk.metrics import MeterProvider
 
+from poolwatch._collect import Collector
 from poolwatch._config import ConfigError, Settings, psutil_importable, resolve
 from poolwatch._export import Bridge, Producer
 from poolwatch._imports import PostImportHooks, installed
@@ -19,7 +20,7 @@ from poolwatch._janitor import Janitor
 from poolwatch._models import PoolSnapshot
 from poolwatch._naming import check_pool_name
 from poolwatch._provider import OwnedProvider, build, child_resource
-from poolwatch._registry import Registry, snapshot_of
+from poolwatch._registry import Registry
 from poolwatch._safe import ErrorLog, logger
 from poolwatch.adapters import ADAPTERS, Adapter
 from poolwatch.diagnostics.process import REFRESH_EVERY, ProcessView, ProcessWatcher
@@ -39,7 +40,8 @@ class Instrumentation:
         self._owned = owned
         self._errors = ErrorLog()
         self._registry = Registry(settings, self._errors)
-        self._producer = Producer(self._registry, settings, self._errors)
+        self._collector = Collector(self._registry, settings, self._errors)
+        self._producer = Producer(self._collector, settings, self._errors)
         self._bridge = Bridge(self._producer, provider, self._errors)
         self._hooks = PostImportHooks()
         self._janitor = Janitor(self._registry.ledgers, self._errors)
@@ -121,8 +123,7 @@ class Instrumentation:
         A series whose pools are all gone is shown, with nothing open, for
         ``_registry.RETENTION`` seconds (its counters continue if a pool joins it again).
         """
-        readings = self._registry.read()
-        return sorted((snapshot_of(r) for r in readings), key=lambda s: (s.kind, s.name))
+        return self._collector.snapshots()
 
     def process_view(self) -> ProcessView | None:
         """The process's file descriptors and TCP connections, read now; see
@@ -153,6 +154,7 @@ class Instrumentation:
 
     def _after_fork_in_child(self) -> None:
         self._registry.reset_after_fork()
+        self._collector.reset_after_fork()
         self._producer.reset()
         if self._process is not None:
             self._process.reset()

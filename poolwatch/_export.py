@@ -44,13 +44,16 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from poolwatch import _catalogue as c
+from poolwatch._collect import Collection, Collector
 from poolwatch._config import Settings
 from poolwatch._ledger import HistogramSnapshot, LedgerSnapshot
 from poolwatch._models import HostLevels, Levels
-from poolwatch._registry import Registry, Series, SeriesReading
+from poolwatch._registry import Series, SeriesReading
 from poolwatch._safe import ErrorLog
 from poolwatch._version import __version__
 from poolwatch.diagnostics.process import ProcessWatcher
+
+Attributes = dict[str, str | int]
 
 _TEMPORALITY_CLASS: dict[c.Instrument, str] = {
     "counter": "ObservableCounter",
@@ -264,10 +267,13 @@ class _Collection:
         now_ns: int,
         delta: dict[c.Instrument, bool],
         state: _ReaderState,
+        cache: dict[tuple[int, str, str], Attributes],
     ) -> None:
         self.now_ns = now_ns
         self.delta = delta
         self.state = state
+        self.cache = cache
+        """Exported attributes by (series serial, metric, variant): a series' never change."""
         self.seen: dict[PointKey, int | HistogramSnapshot] = {}
         self.series: set[int] = set()
         """Serials of the series in this collection."""
@@ -281,8 +287,8 @@ class _Collection:
         extra: tuple[tuple[str, str | int], ...] = (),
     ) -> dict[str, str | int]:
         # Attributes of a series never change: built once, reused at every collection.
-        key = (spec.name, variant)
-        attributes = series.export_cache.get(key)
+        key = (series.serial, spec.name, variant)
+        attributes = self.cache.get(key)
         if attributes is None:
             if spec.name.startswith("db."):
                 attributes = {c.SEMCONV_POOL_NAME: series.name}
@@ -295,7 +301,7 @@ class _Collection:
             if spec.attributes:
                 attributes[spec.attributes[0]] = variant.split(" ", 1)[0]
             attributes.update(extra)
-            series.export_cache[key] = attributes
+            self.cache[key] = attributes
         return attributes
 
     def _previous(
@@ -324,7 +330,7 @@ class _Collection:
         host: HostLevels | None = None,
     ) -> None:
         """Add one sum point; ``host`` adds that server's attributes (variant names it)."""
-        attributes = series.export_cache.get((spec.name, variant))
+        attributes = self.cache.get((series.serial, spec.name, variant))
         if attributes is None:
             extra = _server(host) if host is not None else ()
             attributes = self._attributes(series, spec, variant, extra)
@@ -369,7 +375,7 @@ class _Collection:
         self, spec: c.MetricSpec, series: Series, value: HistogramSnapshot, variant: str = ""
     ) -> None:
         """Add one histogram point."""
-        attributes = series.export_cache.get((spec.name, variant))
+        attributes = self.cache.get((series.serial, spec.name, variant))
         if attributes is None:
             attributes = self._attributes(series, spec, variant)
         start = series.created_ns
@@ -417,19 +423,23 @@ class _Collection:
 
 
 class Producer:
-    """Builds poolwatch's metrics from the registry, per reader and temporality.
+    """Builds poolwatch's metrics from a collection round's readings, per reader and
+    temporality.
 
     Points that only matter once something happened — waits that timed out or failed,
     failed connects, closes of a given reason, lifetimes — appear from their first
     occurrence; the others are always present.
     """
 
-    def __init__(self, registry: Registry, settings: Settings, errors: ErrorLog) -> None:
-        self._registry = registry
+    def __init__(self, collector: Collector, settings: Settings, errors: ErrorLog) -> None:
+        self._collector = collector
         self._settings = settings
         self._errors = errors
         self._lock = threading.Lock()
         self._states: dict[int, _ReaderState] = {}
+        self._cache: dict[tuple[int, str, str], Attributes] = {}
+        """Exported attributes by (series serial, metric, variant), kept while the series is."""
+        self._cached_series: set[int] = set()
         self.scope = InstrumentationScope(c.SCOPE_NAME, __version__)
         self.process: ProcessWatcher | None = None
         """The process view, when on: its latest reading is exported with every collection."""
@@ -440,7 +450,7 @@ class Producer:
         self._lock = threading.Lock()
         self._states = {}
 
-    def _add(self, out: _Collection, reading: SeriesReading) -> None:
+    def _add(self, out: _Collection, reading: SeriesReading, collection: Collection) -> None:
         series, levels, ledger = reading.series, reading.levels, reading.ledger
         hosts = _by_host(levels.hosts) if levels.hosts else []
         self._add_levels(out, series, levels, hosts)
@@ -460,8 +470,8 @@ class Producer:
         out.number(c.LEAKS, series, ledger.leaks)
         out.number(c.LEAKS_ACTIVE, series, ledger.leaks_active)
         out.number(c.CHECKOUTS_REUSED, series, ledger.reused)
-        for antipattern in series.antipatterns:
-            out.number(c.ANTIPATTERNS_DETECTED, series, 1, antipattern)
+        for antipattern in collection.antipatterns(series.serial):
+            out.number(c.ANTIPATTERNS_DETECTED, series, 1, antipattern.name)
         if not self._settings.semconv:
             return
         family = series.adapter.family
@@ -561,15 +571,18 @@ class Producer:
 
     def produce(self, reader: MetricReader) -> list[Metric]:
         """The metrics for one collection by ``reader``, in the temporality it prefers."""
-        readings = self._registry.read()
+        collection = self._collector.collect()
         with self._lock:
             state = self._states.get(id(reader))
             if state is None:
                 state = self._states[id(reader)] = _ReaderState(reader)
-            out = _Collection(time.time_ns(), state.delta, state)
-            for reading in readings:
+            out = _Collection(time.time_ns(), state.delta, state, self._cache)
+            for reading in collection.readings:
                 out.series.add(reading.series.serial)
-                self._add(out, reading)
+                self._add(out, reading, collection)
+            if self._cached_series - out.series:  # series removed: their attributes go too
+                self._cache = {k: v for k, v in self._cache.items() if k[0] in out.series}
+            self._cached_series = out.series
             if self.process is not None:
                 self._add_process(out, self.process)
             state.previous = out.seen

@@ -267,20 +267,26 @@ class Ledger:
         """Checkouts nothing else referenced at the last sweep, by id: checkout time."""
 
     # -- hot path: every checkout and return -------------------------------------------
-    # The hot-path contract: ``waits.append(wait)`` and ``active[key] = now`` on checkout;
-    # ``start = active.pop(key, None)``, ``uses.append(now - start)`` on return, then
-    # ``settle(key, held)`` when ``held > leak_threshold``. An adapter whose hook is hot
-    # enough that a method call shows in its benchmark may inline exactly that, and so
-    # ``connects.append(duration)`` for a successful connect and
-    # ``closes[reason].append(lifetime)`` (``UNKNOWN_LIFETIME`` when unknown) for a close.
-    # One variation: an adapter may keep the checkout time on the library's own object
-    # instead of in ``active`` (aiohttp, httpx: a dict set and pop cost about a third of
-    # their hooks' time inside a request) if its ``Adapter.publish_checkouts`` puts what is
-    # out now into ``active`` at every collection, before the ledger is read.
-    def acquired(self, key: Hashable, start: float, end: float) -> None:
-        """A caller got connection ``key`` after waiting from ``start`` to ``end``."""
+    # THE HOT-PATH CONTRACT. ``acquired``, ``released``, ``connected(ok=True)`` and
+    # ``closed_connection`` below are its one definition. An adapter whose hook is hot
+    # enough that a method call shows in its benchmark (every adapter's checkout and return
+    # hooks: two method calls cost 0.25 µs of a ~1 µs budget, measured) inlines exactly
+    # their statements, and says so where it does. One variation is allowed: an adapter may
+    # keep a checkout's time on the library's own object instead of in ``active`` (aiohttp,
+    # httpx: a dict set and pop cost about a third of their hooks' time inside a request)
+    # if its ``Adapter.checkouts`` reads what is out from the pools at collection.
+    # tests/test_contract.py drives every adapter through a checkout and return, a failed
+    # checkout, a timeout and a late return, and checks that its ledger ends as this
+    # reference leaves one.
+    def acquired(
+        self, key: Hashable, start: float, end: float, borrower: FrameType | None = None
+    ) -> None:
+        """A caller got connection ``key`` after waiting from ``start`` to ``end``;
+        ``borrower``: its frame, whose stack is kept while ``capture`` is on."""
         self.waits.append(end - start)
         self.active[key] = end
+        if self.capture:  # this pool has leaked (or leak_stacks="always")
+            self.stacks[key] = capture_stack(borrower)
 
     def released(self, key: Hashable, now: float) -> None:
         """Connection ``key`` came back to the pool at ``now``."""
@@ -291,14 +297,13 @@ class Ledger:
         self.uses.append(held)
         if held > self.leak_threshold:
             self.settle(key, held)
+        elif self.stacks:
+            self.stacks.pop(key, None)
 
     def settle(self, key: Hashable, held: float) -> None:
         """After a return held past the leak threshold: count the leak, once."""
         with self._lock:
             self._changes += 1
-            # Out of ``active`` too: an adapter that publishes its checkouts at collection
-            # (``Adapter.publish_checkouts``) leaves it there until the next one, and the
-            # snapshot would count the leak again.
             self.active.pop(key, None)
             stack = self.stacks.pop(key, None)
             if key in self._leaked:
@@ -356,26 +361,31 @@ class Ledger:
             if self._auto_stacks:
                 self.capture = True
 
-    def orphans(self, extra_references: int = 0) -> list[Hashable]:
+    def orphans(
+        self, extra_references: int = 0, active: dict[Hashable, float] | None = None
+    ) -> list[Hashable]:
         """Checkouts that nothing but this ledger references any more (CPython reference
         counts), confirmed at two sweeps in a row: their borrower dropped them without
         returning them. ``extra_references``: references the library itself keeps to a
-        checked-out key. The caller settles each with :meth:`collected`.
+        checked-out key. ``active``: the checkouts out, when the adapter reads them from its
+        pools (``Adapter.checkouts``; held by one dict, as the ledger's own table is). The
+        caller settles each with :meth:`collected`.
 
         The second sweep rules out the instant in which a returned key is neither in
         ``active`` nor back in its pool: a key is an orphan only if it was out, with the
         same checkout time, and unreferenced at both.
         """
-        if not self.active and not self._suspects:
+        active = self.active if active is None else active
+        if not active and not self._suspects:
             return []
         getrefcount = sys.getrefcount
         confirmed: list[Hashable] = []
         suspects: dict[int, float] = {}
         previous = self._suspects
-        for key, start in list(self.active.items()):
+        for key, start in list(active.items()):
             own = _OWN_REFERENCES + extra_references
             own += (key in self.stacks) + (key in self._leaked)
-            if getrefcount(key) <= own and self.active.get(key) == start:
+            if getrefcount(key) <= own and active.get(key) == start:
                 if previous.get(id(key)) == start:
                     confirmed.append(key)
                 else:
@@ -391,11 +401,29 @@ class Ledger:
             self._changes += 1
             self._leaked.discard(key)
 
-    def take_reports(self) -> list[LeakReport]:
-        """Leaks found and leaked checkouts returned since the last call, for the log."""
-        if not self._reports:
+    def sweep(self, now: float, active: dict[Hashable, float] | None = None) -> list[LeakReport]:
+        """Count the checkouts out past the leak threshold at ``now`` as leaks, each once, and
+        hand over every leak report since the last sweep (found out now, or returned late)
+        for the log. ``active``: the checkouts out, when the adapter reads them from its
+        pools (``Adapter.checkouts``); else the ledger's own table.
+
+        The one step of a collection round that writes into the ledger on purpose: reading
+        it (:meth:`snapshot`) changes nothing anyone can see.
+        """
+        threshold = self.leak_threshold
+        active = self.active if active is None else active
+        found = [(k, s) for k, s in list(active.items()) if now - s > threshold]
+        if not found and not self._reports:
             return []
         with self._lock:
+            for key, start in found:
+                if key not in self._leaked and active.get(key) == start:
+                    self._changes += 1
+                    self._leaked.add(key)
+                    self.leaks += 1
+                    self._reports.append(LeakReport(now - start, self.stacks.get(key)))
+                    if self._auto_stacks:
+                        self.capture = True  # this pool leaks: name the next borrower
             reports, self._reports = self._reports, []
             return reports
 
@@ -431,11 +459,18 @@ class Ledger:
         closes = sum(len(pending) for pending in self.closes.values())
         return len(self.waits) + len(self.uses) + len(self.connects) + closes
 
-    def snapshot(self, now: float | None = None) -> LedgerSnapshot:
-        """Copy every counter; checkouts held past the threshold are counted as leaks."""
+    def snapshot(
+        self, now: float | None = None, active: dict[Hashable, float] | None = None
+    ) -> LedgerSnapshot:
+        """Copy every counter: what the pool's hooks recorded, as of now. ``active``: the
+        checkouts out, when the adapter reads them from its pools (``Adapter.checkouts``).
+
+        Pending values are folded into their histograms first (the ledger's own
+        bookkeeping); nothing a reader can see changes. Leaks are counted by :meth:`sweep`.
+        """
         now = time.perf_counter() if now is None else now
         threshold = self.leak_threshold
-        active = self.active.copy()
+        active = (self.active if active is None else active).copy()
         last = self._last
         # Nothing out, nothing pending, no rare event: unchanged. Most pools of a process
         # with many are idle between collections.
@@ -449,18 +484,9 @@ class Ledger:
             and self._last_changes == self._changes
         ):
             return last
+        leaks_active = sum(1 for start in active.values() if now - start > threshold)
         with self._lock:
             self._fold_pending()
-            leaks_active = 0
-            for key, start in active.items():
-                if now - start > threshold:
-                    leaks_active += 1
-                    if key not in self._leaked:
-                        self._leaked.add(key)
-                        self.leaks += 1
-                        self._reports.append(LeakReport(now - start, self.stacks.get(key)))
-                        if self._auto_stacks:
-                            self.capture = True  # this pool leaks: name the next borrower
             snapshot = LedgerSnapshot(
                 wait={
                     k: h.snapshot()
@@ -482,7 +508,8 @@ class Ledger:
                 checked_out=len(active),
                 reused=self._reuses(),
             )
-            self._last, self._last_changes = snapshot, self._changes
+            if not active:  # the cached snapshot stands only for a ledger with nothing out
+                self._last, self._last_changes = snapshot, self._changes
             return snapshot
 
     def _reuses(self) -> int:

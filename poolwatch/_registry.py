@@ -21,18 +21,14 @@ import itertools
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from poolwatch import _catalogue as c
 from poolwatch._config import Settings
-from poolwatch._ledger import LeakReport, Ledger, LedgerSnapshot, render_stack
-from poolwatch._models import Antipattern, Levels, PoolSnapshot, Sizing
+from poolwatch._ledger import LeakReport, Ledger, LedgerSnapshot
+from poolwatch._models import Levels
 from poolwatch._safe import ErrorLog, logger
 from poolwatch.adapters._base import Adapter
-from poolwatch.diagnostics.advice import Counts, sizing
-from poolwatch.diagnostics.antipatterns import Detector, Watch
 
 _SITES_KEPT = 10
 """Creation sites remembered per allowed series, for naming a second site of a target."""
@@ -45,11 +41,6 @@ RETENTION = 600.0
 twice Prometheus's staleness period (5 minutes) and ten times OpenTelemetry's default export
 interval (60 s), so that every reader exports its last values, and a client made per call
 at any sensible rate never loses its series between two calls."""
-
-SAMPLE_EVERY = 30.0
-"""Seconds between two samples of a series' counts kept for sizing advice."""
-SAMPLES_KEPT = 10
-"""Samples kept: sizing looks at up to the last five minutes."""
 
 
 class _PoolRef(weakref.ref):  # type: ignore[type-arg]
@@ -108,33 +99,19 @@ class WeakPools:
         return bool(self._refs)
 
 
-class Sample(NamedTuple):
-    """A series' counts at one moment, for rates over a window (sizing advice)."""
-
-    at: float
-    """``time.monotonic()``."""
-    checkouts: int
-    timeouts: int
-    hold_total: float
-    holds: int
-    wait_total: float
-
-
-_ZERO = Sample(0.0, 0, 0, 0.0, 0, 0.0)
-"""A series' counts at its creation (``at`` set when it is made)."""
-
-
 class Series:
-    """One exported pool identity and the live pool instances behind it."""
+    """One exported pool identity and the live pool instances behind it.
+
+    Written by the registry alone (which pools belong to it, since when none does); what
+    the exporter and the diagnostics keep about a series they keep themselves, by
+    ``serial``.
+    """
 
     __slots__ = (
         "adapter",
-        "antipatterns",
         "attributes",
         "created_ns",
-        "export_cache",
         "gone_since",
-        "history",
         "instances_created",
         "kind",
         "ledger",
@@ -143,7 +120,6 @@ class Series:
         "serial",
         "site",
         "target",
-        "watch",
     )
 
     def __init__(
@@ -172,26 +148,35 @@ class Series:
         """``time.monotonic()`` when a reading first found no pool of it alive; None while
         it has one."""
         self.created_ns = time.time_ns()
+        """When its counters started (the start time of its cumulative points)."""
         self.instances_created = 0
-        self.export_cache: dict[tuple[str, str], dict[str, str | int]] = {}
-        """Exported attributes by (metric, variant), built once by the producer."""
-        self.antipatterns: dict[str, Antipattern] = {}
-        """Anti-patterns found, by name, in the order found (``_antipatterns.py``)."""
-        self.watch = Watch()
-        self.history: deque[Sample] = deque([_ZERO._replace(at=time.monotonic())], SAMPLES_KEPT)
-        """Counts every ``SAMPLE_EVERY`` seconds, oldest first, from zero at creation."""
 
 
 _serials = itertools.count(1)
 
 
 class SeriesReading(NamedTuple):
-    """A series as read at one collection: its levels and a copy of its ledger."""
+    """A series as read at one moment: immutable, and reading it changed nothing."""
 
     series: Series
+    """Who: kind, name, attributes, serial, start time (read-only to whoever reads this)."""
     levels: Levels
+    """Summed over its live pools, read from them."""
     ledger: LedgerSnapshot
+    """A copy of what its pools' hooks recorded."""
     instances: int
+    """Live pools behind it."""
+    instances_created: int
+    """Pools that have joined it since it was made."""
+    pools: tuple[Any, ...]
+    """Its live pools, for the diagnostics' reads of their configuration (never written)."""
+
+
+class Upkeep(NamedTuple):
+    """What one series' upkeep found: leaks to log."""
+
+    series: Series
+    reports: list[LeakReport]
 
 
 def _sum_levels(readings: list[Levels]) -> Levels:
@@ -225,7 +210,9 @@ class Registry:
         self._of_pool: weakref.WeakKeyDictionary[Any, Series] = weakref.WeakKeyDictionary()
         self._first_site: dict[tuple[str, str], str | None] = {}
         self._overflow_kinds: set[str] = set()
-        self._detector = Detector(settings)
+        self._expiring: list[tuple[tuple[str, str], Series]] = []
+        """Series found expired at the last upkeep: removed at the next, after one last read."""
+        self._expired: list[Series] = []
         self.folded = 0
         """Pools folded into an overflow series because of the ``max_pools`` cap."""
 
@@ -365,14 +352,62 @@ class Registry:
                 del self._series[key]
 
     def read(self) -> list[SeriesReading]:
-        """Read every series; a series with no live pool left for ``RETENTION`` seconds is
-        read one last time, then removed."""
+        """Every series as it is now. Pure: nothing any reader or pool can see changes."""
         with self._lock:
+            everything = list(self._series.values())
+        now = time.perf_counter()
+        readings = []
+        for series in everything:
+            reading = self._read_series(series, now)
+            if reading is not None:
+                readings.append(reading)
+        return readings
+
+    def _read_series(self, series: Series, now: float) -> SeriesReading | None:
+        pools = series.pools.live()
+        adapter = series.adapter
+        try:
+            active = adapter.checkouts(pools)
+        except Exception as error:
+            self._errors.report(f"{series.kind} checkouts", error)
+            active = None
+        levels: list[Levels] = []
+        for pool in pools:
+            try:
+                levels.append(adapter.levels(pool))
+            except Exception as error:  # a pool in a state we did not foresee
+                self._errors.report(f"{series.kind} levels", error)
+        try:
+            snapshot = series.ledger.snapshot(now, active)
+        except Exception as error:
+            self._errors.report("ledger snapshot", error)
+            return None
+        return SeriesReading(
+            series,
+            _sum_levels(levels),
+            snapshot,
+            len(pools),
+            series.instances_created,
+            tuple(pools),
+        )
+
+    def upkeep(self) -> list[Upkeep]:
+        """The registry's own upkeep, before a reading: checkouts whose borrower dropped them
+        settled, checkouts out past the leak threshold counted as leaks (each once), and
+        series with no live pool for ``RETENTION`` seconds removed — after one last reading:
+        a series is found expired at one upkeep and removed at the next. Returns the leak
+        reports to log."""
+        with self._lock:
+            for key, series in self._expiring:
+                if self._series.get(key) is series and not series.pools:
+                    del self._series[key]
+                    self._expired.append(series)
+            self._expiring = []
             everything = list(self._series.items())
         now = time.perf_counter()
         now_monotonic = time.monotonic()
-        readings: list[SeriesReading] = []
-        expired: list[tuple[tuple[str, str], Series]] = []
+        found: list[Upkeep] = []
+        expiring: list[tuple[tuple[str, str], Series]] = []
         for key, series in everything:
             pools = series.pools.live()
             if pools:
@@ -380,49 +415,35 @@ class Registry:
             elif series.gone_since is None:
                 series.gone_since = now_monotonic
             elif now_monotonic - series.gone_since >= RETENTION:
-                expired.append((key, series))
-            reading = self._read_series(series, pools, now)
-            if reading is not None:
-                _sample(series, reading.ledger, now_monotonic)
-                readings.append(reading)
-        if expired:
-            with self._lock:
-                for key, series in expired:
-                    if self._series.get(key) is series and not series.pools:
-                        del self._series[key]
-        return readings
+                expiring.append((key, series))
+            try:
+                reports = self._upkeep_series(series, pools, now)
+            except Exception as error:
+                self._errors.report("ledger sweep", error)
+                continue
+            if reports:
+                found.append(Upkeep(series, reports))
+        with self._lock:
+            self._expiring = expiring
+        return found
 
-    def _read_series(self, series: Series, pools: list[Any], now: float) -> SeriesReading | None:
-        """One series: abandoned checkouts settled, levels, ledger, anti-patterns."""
+    def _upkeep_series(self, series: Series, pools: list[Any], now: float) -> list[LeakReport]:
+        ledger, adapter = series.ledger, series.adapter
         try:
-            series.adapter.publish_checkouts(series.ledger, pools)
+            active = adapter.checkouts(pools)
+            table = ledger.active if active is None else active
+            if table:
+                adapter.find_abandoned(ledger, table)
         except Exception as error:
-            self._errors.report(f"{series.kind} checkouts", error)
-        if series.ledger.active:  # first: what it settles leaves the levels, too
-            try:
-                series.adapter.find_abandoned(series.ledger)
-            except Exception as error:
-                self._errors.report(f"{series.kind} abandoned checkouts", error)
-        levels: list[Levels] = []
-        for pool in pools:
-            try:
-                levels.append(series.adapter.levels(pool))
-            except Exception as error:  # a pool in a state we did not foresee
-                self._errors.report(f"{series.kind} levels", error)
-        try:
-            snapshot = series.ledger.snapshot(now)
-            for report in series.ledger.take_reports():
-                _log_leak(series, report, self._settings)
-        except Exception as error:
-            self._errors.report("ledger snapshot", error)
-            return None
-        summed = _sum_levels(levels)
-        if series.name != OVERFLOW_NAME:  # pools from many places: no one pattern
-            try:
-                self._detector.check(series, summed, snapshot, pools)
-            except Exception as error:
-                self._errors.report("anti-patterns", error)
-        return SeriesReading(series, summed, snapshot, len(pools))
+            self._errors.report(f"{series.kind} abandoned checkouts", error)
+            active = None
+        return ledger.sweep(now, active)
+
+    def take_expired(self) -> list[Series]:
+        """Series removed by upkeep since the last call (their state elsewhere can go)."""
+        with self._lock:
+            expired, self._expired = self._expired, []
+            return expired
 
     def pool_sockets(self) -> set[int]:
         """File descriptors of every tracked pool's open connections (the process view)."""
@@ -444,112 +465,3 @@ class Registry:
             series.ledger.reset()
             series.created_ns = time.time_ns()
             series.instances_created = len(series.pools)
-            series.history.clear()
-            series.history.append(_ZERO._replace(at=time.monotonic()))
-
-
-def _sample(series: Series, ledger: LedgerSnapshot, now: float) -> None:
-    """Keep a sample of the series' counts every ``SAMPLE_EVERY`` seconds (``now``:
-    ``time.monotonic()``)."""
-    history = series.history
-    if now - history[-1].at >= SAMPLE_EVERY:
-        use = ledger.use
-        waited = ledger.wait[c.OUTCOME_ACQUIRED].total
-        history.append(
-            Sample(now, ledger.checkouts, ledger.timeouts, use.total, use.observations, waited)
-        )
-
-
-def _sizing(series: Series, levels: Levels, ledger: LedgerSnapshot) -> Sizing | None:
-    """Little's law over the window the history covers (from creation at first)."""
-    before = series.history[0]
-    seconds = time.monotonic() - before.at
-    use = ledger.use
-    now = Counts(
-        series.kind,
-        series.name,
-        used=levels.used,
-        max=levels.max,
-        checkouts=ledger.checkouts,
-        timeouts=ledger.timeouts,
-        hold_total=use.total,
-        holds=use.observations,
-        wait_total=ledger.wait[c.OUTCOME_ACQUIRED].total,
-    )
-    then = Counts(
-        series.kind,
-        series.name,
-        checkouts=before.checkouts,
-        timeouts=before.timeouts,
-        hold_total=before.hold_total,
-        holds=before.holds,
-        wait_total=before.wait_total,
-    )
-    return sizing(now, then, seconds)
-
-
-def _log_leak(series: Series, report: LeakReport, settings: Settings) -> None:
-    """One WARNING per leak, with the borrower's stack when captured; INFO on its return."""
-    pool = f"{series.name!r} ({series.kind})"
-    threshold = f"{settings.leak_threshold:g} s"
-    if report.returned and not report.counted:
-        logger.info(
-            "poolwatch: the leaked connection of pool %s came back after %.1f s",
-            pool,
-            report.held,
-        )
-        return
-    if report.collected:
-        when = "was garbage-collected without being returned, after"
-    elif report.returned:
-        when = "was held for"
-    else:
-        when = "has been checked out for"
-    if report.stack:
-        where = "checked out at:\n" + render_stack(report.stack)
-    elif settings.leak_stacks == "auto":
-        where = (
-            "the borrower's stack was not captured; it is from now on for this pool's "
-            "checkouts (leak_stacks='auto')"
-        )
-    else:
-        where = "the borrower's stack is not captured (leak_stacks='off')"
-    past = "" if report.collected else f", past the leak threshold of {threshold}"
-    logger.warning(
-        "poolwatch: a connection of pool %s %s %.1f s%s; %s",
-        pool,
-        when,
-        report.held,
-        past,
-        where.rstrip(),
-    )
-
-
-def snapshot_of(reading: SeriesReading) -> PoolSnapshot:
-    """The public view of one series reading."""
-    series, levels, ledger = reading.series, reading.levels, reading.ledger
-    return PoolSnapshot(
-        name=series.name,
-        kind=series.kind,
-        used=levels.used,
-        idle=levels.idle,
-        max=levels.max,
-        pending=levels.pending,
-        instances=reading.instances,
-        instances_created=series.instances_created,
-        checkouts=ledger.checkouts,
-        timeouts=ledger.timeouts,
-        connects=ledger.connect[c.CONNECT_OK].observations,
-        connect_errors=ledger.connect[c.CONNECT_ERROR].observations
-        if c.CONNECT_ERROR in ledger.connect
-        else 0,
-        closed=dict(ledger.closed),
-        leaks=ledger.leaks,
-        leaks_active=ledger.leaks_active,
-        wait_p99=ledger.wait[c.OUTCOME_ACQUIRED].quantile(0.99),
-        attributes=dict(series.attributes),
-        idle_max=levels.idle_max,
-        reused=ledger.reused,
-        antipatterns=tuple(series.antipatterns.values()),
-        sizing=_sizing(series, levels, ledger),
-    )

@@ -473,7 +473,9 @@ def test_semconv_mirrors_while_requests_are_in_flight(pw: Harness) -> None:
         async with aiohttp.ClientSession() as session:
             assert await _get(session, b.url) == b"ok\n"  # done: its connection is idle
             slow = asyncio.create_task(_get(session, a.url + "/?delay=0.5"))
-            await _until(lambda: _pool().used == 1)
+            # Handed its connection (a slot counts as used from the moment it is being
+            # opened, so used == 1 alone may come before the checkout).
+            await _until(lambda: _pool().used == 1 and _pool().checkouts == 2)
             got = pw.collect()
             mirrors = got.points("http.client.open_connections", pool__name=NAME)
             assert {

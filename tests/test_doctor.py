@@ -19,7 +19,8 @@ import pytest
 import sqlalchemy as sa
 
 import poolwatch
-from poolwatch import _advice, _doctor, _top
+from poolwatch import _doctor, _top
+from poolwatch.diagnostics import advice as _advice
 from poolwatch.diagnostics.advice import Counts
 from tests.support.demo import until_serving
 from tests.support.terminal import on_terminal, read_until

@@ -112,7 +112,8 @@ def test_a_series_made_again_is_new_to_a_delta_reader(
             engine = sa.create_engine(f"sqlite:///{tmp_path}/x.db")  # the old one is freed
             gc.collect()
             collect(reader)  # "orders" is seen gone ...
-            collect(reader)  # ... read one last time and removed
+            collect(reader)  # ... found expired, and read one last time ...
+            collect(reader)  # ... and removed
             # A new "orders" series, made right after the old one was freed: CPython often
             # gives it the freed object's address, so its id().
             poolwatch.track(engine, name="orders")

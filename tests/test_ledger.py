@@ -81,26 +81,36 @@ def test_leaks_are_counted_once_whether_seen_out_or_returned_late() -> None:
     ledger.acquired(returned_late, 0.0, 0.0)
     ledger.acquired(quick, 0.0, 0.0)
     ledger.released(quick, 0.5)
-    first = ledger.snapshot(now=2.0)  # both long checkouts are seen out past 1 s
+    # Reading counts what is out past the threshold, and counts no leak: sweeping does.
+    assert (ledger.snapshot(now=2.0).leaks, ledger.snapshot(now=2.0).leaks_active) == (0, 2)
+    assert [r.held for r in ledger.sweep(now=2.0)] == [2.0, 2.0]  # both seen out past 1 s
+    assert ledger.sweep(now=2.5) == []  # each once, however many sweeps see it
+    first = ledger.snapshot(now=2.5)
     assert (first.leaks, first.leaks_active) == (2, 2)
     ledger.released(returned_late, 3.0)  # already counted: not counted again
+    [back] = ledger.sweep(now=4.0)
+    assert (back.returned, back.counted) == (True, False)
     second = ledger.snapshot(now=4.0)
     assert (second.leaks, second.leaks_active) == (2, 1)
     late = object()
     ledger.acquired(late, 10.0, 10.0)
     ledger.released(late, 12.0)  # returned late between two collections
+    [report] = ledger.sweep(now=13.0)
+    assert (report.returned, report.counted, report.held) == (True, True, 2.0)
     assert ledger.snapshot(now=13.0).leaks == 3
 
 
-def test_a_published_checkout_returned_late_before_the_snapshot_is_one_leak() -> None:
-    """aiohttp and httpx publish their checkouts into ``active`` at collection; one that
-    comes back past the threshold before the snapshot reads them is counted once."""
+def test_a_checkout_read_from_the_pool_and_returned_late_is_one_leak() -> None:
+    """aiohttp and httpx read their checkouts from the pools at collection
+    (``Adapter.checkouts``); one seen out past the threshold, then returned, is one leak."""
     ledger = Ledger(leak_threshold=1.0)
     key = object()
-    ledger.active = {key: 0.0}  # as publish_checkouts leaves it
+    out = {key: 0.0}  # as Adapter.checkouts reads it
+    assert len(ledger.sweep(now=2.0, active=out)) == 1
     ledger.uses.append(3.0)  # the release hook's inlined Ledger.released, then:
     ledger.settle(key, 3.0)
-    snap = ledger.snapshot(now=3.5)
+    assert [(r.returned, r.counted) for r in ledger.sweep(now=3.5, active={})] == [(True, False)]
+    snap = ledger.snapshot(now=3.5, active={})
     assert (snap.leaks, snap.leaks_active, snap.checked_out) == (1, 0, 0)
 
 

@@ -8,7 +8,7 @@ pool's :class:`~poolwatch._ledger.Ledger`, and undoes everything it did.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, ClassVar, Literal, Protocol
 
 from poolwatch._ledger import Ledger
@@ -175,17 +175,19 @@ class Adapter(abc.ABC):
         """File descriptors of ``pool``'s open connections (the process view)."""
         return ()
 
-    def publish_checkouts(self, ledger: Ledger, pools: list[Any]) -> None:  # noqa: B027
-        """At collection, first: for an adapter whose hot path keeps each checkout's time
-        on the library's own object (a connection, a request) instead of in
-        ``ledger.active``, put what ``pools`` have out now into ``ledger.active`` (the live
-        pools of the ledger's series), so that the checkouts out and the leak scan read as
-        for any adapter. Optional: the default, for adapters that keep ``ledger.active`` on
-        the hot path, does nothing."""
+    def checkouts(self, pools: list[Any]) -> dict[Hashable, float] | None:
+        """The checkouts out of ``pools`` now (key: start), read from the library's own
+        objects, for an adapter whose hot path keeps each checkout's time there (a
+        connection, a request) instead of in ``Ledger.active``: a new dict, read at
+        collection, that the ledger's snapshot and sweep take in place of their own table.
+        None (the default): ``Ledger.active`` is the table."""
+        return None
 
-    def find_abandoned(self, ledger: Ledger) -> None:  # noqa: B027 (optional: most need none)
+    def find_abandoned(self, ledger: Ledger, active: dict[Hashable, float]) -> None:  # noqa: B027
         """At collection, before ``ledger`` is read: settle checkouts whose borrower dropped
-        them without returning them, where only a collection can see it (default: none)."""
+        them without returning them, where only a collection can see it (default: none).
+        ``active``: the checkouts out (``checkouts()``, or ``ledger.active``); a checkout
+        settled here leaves it."""
 
     @abc.abstractmethod
     def track(self, obj: Any, name: str | None) -> bool:

@@ -109,7 +109,7 @@ import gc
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Hashable
 from time import monotonic, perf_counter
 from types import CodeType, FrameType
 from typing import Any
@@ -130,7 +130,7 @@ _OUT = "_poolwatch_out"
 """On a connection: the ``perf_counter()`` time it was handed out, while it is out (the class
 default is None). Kept on the connection rather than in ``Ledger.active``: a dict set and
 pop per request cost about a third of the hooks' time inside a request (measured in situ,
-benchmarks/bench_http.py); ``publish_checkouts`` fills ``Ledger.active`` at collection."""
+benchmarks/bench_http.py); ``checkouts`` reads them from the connectors at collection."""
 _CONNECTING = "_poolwatch_connecting"
 """On a connector: connections being opened, by ``ConnectionKey`` (for per-host used)."""
 _SITE = "_poolwatch_site"
@@ -336,16 +336,16 @@ class AiohttpAdapter(Adapter):
         ledger.closed_connection(reason, monotonic() - born if born is not None else None)
 
     # -- levels ------------------------------------------------------------------------
-    def publish_checkouts(self, ledger: Ledger, pools: list[Any]) -> None:
+    def checkouts(self, pools: list[Any]) -> dict[Hashable, float]:
         # One C call per connector: the event loop's thread changes _acquired meanwhile.
         # A connection returned since the copy reads None (its hook cleared it first).
-        out: dict[Any, float] = {}
+        out: dict[Hashable, float] = {}
         for pool in pools:
             for proto in list(pool._acquired):
                 start = getattr(proto, _OUT, None)  # a placeholder slot has none
                 if start is not None:
                     out[proto] = start
-        ledger.active = out
+        return out
 
     def levels(self, pool: Any) -> Levels:
         # Copies first, each one C call: the event loop's thread changes these meanwhile.

@@ -92,7 +92,7 @@ import gc
 import sys
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from time import perf_counter
 from types import FrameType
 from typing import Any
@@ -113,8 +113,7 @@ _OUT = "_poolwatch_out"
 """On a request: the ``perf_counter()`` time it was given its connection, until its response
 is closed (the class default is None). Kept on the request rather than in
 ``Ledger.active``, as for aiohttp (docs/architecture.md, section 2): at collection,
-``publish_checkouts`` puts the pool's requests holding one into ``Ledger.active``, keyed by
-their ``PoolRequest``."""
+``checkouts`` reads the pool's requests holding one, keyed by their ``PoolRequest``."""
 _WAIT_FAILED = "_poolwatch_wait_failed"
 """On a request whose wait for a connection failed: that failure is counted (set on the
 failure path only; read there with a default, so it needs no class default)."""
@@ -474,7 +473,7 @@ class HTTPXAdapter(Adapter):
                 found.append(fd)
         return tuple(found)
 
-    def find_abandoned(self, ledger: Ledger) -> None:
+    def find_abandoned(self, ledger: Ledger, active: dict[Hashable, float]) -> None:
         """Requests whose response was collected without being closed.
 
         httpcore never takes such a request out of its pool (no finaliser closes the
@@ -482,24 +481,24 @@ class HTTPXAdapter(Adapter):
         requests is then the only reference left besides poolwatch's checkout table. Each
         counts as a leak as soon as two collections in a row see it so.
         """
-        orphans = ledger.orphans(extra_references=1)  # the pool's _requests list
+        orphans = ledger.orphans(1, active)  # 1: the pool's _requests list
         now = perf_counter()
         for key in orphans:
-            start = ledger.active.get(key)
+            start = active.pop(key, None)
             pool_request: Any = key
-            pool_request.request._poolwatch_out = None  # its use ends: not published again
+            pool_request.request._poolwatch_out = None  # its use ends: not read out again
             ledger.collected(key, now - start if start is not None else 0.0)
 
-    def publish_checkouts(self, ledger: Ledger, pools: list[Any]) -> None:
+    def checkouts(self, pools: list[Any]) -> dict[Hashable, float]:
         # One C call per pool: other threads and event loops change _requests meanwhile.
         # Queued requests have no connection yet, and read None.
-        out: dict[Any, float] = {}
+        out: dict[Hashable, float] = {}
         for pool in pools:
             for pool_request in list(pool._requests):
                 start = getattr(pool_request.request, _OUT, None)
                 if start is not None:
                     out[pool_request] = start
-        ledger.active = out
+        return out
 
 
 def _forget_attribute(obj: Any, attribute: str) -> None:

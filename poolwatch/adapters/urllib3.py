@@ -54,7 +54,7 @@ import gc
 import sys
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from time import perf_counter
 from types import CodeType, FrameType
 from typing import Any, NamedTuple
@@ -452,7 +452,7 @@ class Urllib3Adapter(Adapter):
             out.extend(conn for conn in list(queue.queue) if conn is not None)
         return [conn for conn in out if conn.sock is not None]
 
-    def find_abandoned(self, ledger: Ledger) -> None:
+    def find_abandoned(self, ledger: Ledger, active: dict[Hashable, float]) -> None:
         """Checked-out connections whose response the application dropped unreleased.
 
         Nothing returns them to their pool, and only poolwatch's checkout table still
@@ -462,12 +462,12 @@ class Urllib3Adapter(Adapter):
         calls ``close()``: counted then, as ``invalidated``); one still open is closed here,
         as the garbage collector would have, and counted as ``error``.
         """
-        orphans: list[Any] = ledger.orphans()
+        orphans: list[Any] = ledger.orphans(0, active)
         if not orphans:
             return
         now = perf_counter()
         for conn in orphans:
-            start = ledger.active.get(conn)
+            start = active.get(conn)
             ledger.collected(conn, now - start if start is not None else 0.0)
             mark: _Mark | None = getattr(conn, _MARK, None)
             born = mark.born if mark is not None else None

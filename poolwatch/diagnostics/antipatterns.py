@@ -2,8 +2,9 @@
 
 Each is reported once per pool series — a WARNING naming the pool, what was seen and what
 to do; in ``PoolSnapshot.antipatterns``; and as ``poolwatch.antipatterns`` with the
-anti-pattern's name, value 1 — and never on the application's thread: detection runs at
-collection (a scrape, an export, ``pools()``) on what the registry has just read.
+anti-pattern's name, value 1 — and never on the application's thread: detection looks at
+the readings of a collection round (``_collect.Collector``), once per round whatever the
+number of readers, and keeps what it found itself, by series.
 
 ======================  ===================================================================
 anti-pattern            detected when
@@ -34,18 +35,13 @@ healthy workload that must produce none.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from poolwatch import _catalogue as c
+from poolwatch._config import Settings
+from poolwatch._ledger import LedgerSnapshot
 from poolwatch._models import Antipattern, Misconfiguration
+from poolwatch._registry import SeriesReading
 from poolwatch._safe import logger
 from poolwatch.diagnostics.advice import SIZE_KNOB, STALE_DEFAULT, STALE_FIX, unbounded_advice
-
-if TYPE_CHECKING:
-    from poolwatch._config import Settings
-    from poolwatch._ledger import LedgerSnapshot
-    from poolwatch._models import Levels
-    from poolwatch._registry import Series
 
 PER_REQUEST_INSTANCES = 10
 """Pool instances created at one place before ``client_per_request`` is considered."""
@@ -60,7 +56,7 @@ STALE_CLOSES = 3
 STALE_SHARE = 0.05
 """Stale closes per checkout from which keep-alive outlives the server's idle timeout."""
 STALE_COLLECTIONS = 3
-"""Collections at which stale closes grew: recurring, not one burst."""
+"""Collection rounds at which stale closes grew: recurring, not one burst."""
 POOLS_CHECKED = 3
 """Pool instances of a series whose configuration is read (they share a creation site)."""
 
@@ -126,45 +122,63 @@ def advice_for(antipattern: str, kind: str) -> str:
 
 
 class Watch:
-    """What detection remembers about one series between collections."""
+    """What detection remembers about one series between rounds."""
 
-    __slots__ = ("checked_instances", "last", "stale_rounds", "stale_seen")
+    __slots__ = ("checked_instances", "found", "last", "stale_rounds", "stale_seen")
 
     def __init__(self) -> None:
+        self.found: dict[str, Antipattern] = {}
+        """Anti-patterns found, by name, in the order found."""
         self.checked_instances = 0
         """``instances_created`` when the configuration was last read."""
         self.last: LedgerSnapshot | None = None
         """The ledger snapshot last checked (an idle series hands out the same one)."""
         self.stale_seen = 0
         self.stale_rounds = 0
-        """Collections at which stale closes had grown."""
+        """Rounds at which stale closes had grown."""
 
 
 class Detector:
-    """Checks every series the registry reads; see the module docstring."""
+    """Looks at every series of a collection round; see the module docstring."""
 
     def __init__(self, settings: Settings) -> None:
         self._max_age = settings.connection_max_age
+        self._watches: dict[int, Watch] = {}
 
-    def check(
-        self, series: Series, levels: Levels, ledger: LedgerSnapshot, pools: list[Any]
-    ) -> None:
+    def found(self, serial: int) -> tuple[Antipattern, ...]:
+        """The anti-patterns found in the series ``serial``, in the order found."""
+        watch = self._watches.get(serial)
+        return tuple(watch.found.values()) if watch is not None else ()
+
+    def forget(self, serial: int) -> None:
+        """A series was removed."""
+        self._watches.pop(serial, None)
+
+    def check(self, reading: SeriesReading) -> None:
         """Look at one series as just read; report what is new."""
-        found = series.antipatterns
-        watch = series.watch
+        series, levels, ledger, pools = (
+            reading.series,
+            reading.levels,
+            reading.ledger,
+            reading.pools,
+        )
+        watch = self._watches.get(series.serial)
+        if watch is None:
+            watch = self._watches[series.serial] = Watch()
+        found = watch.found
         if (
             ledger is watch.last  # an idle series hands out the same snapshot: nothing new
-            and watch.checked_instances == series.instances_created
+            and watch.checked_instances == reading.instances_created
             and not levels.pending
             and self._max_age is None
         ):
             return
         new: list[Antipattern] = []
         if pools and (
-            watch.checked_instances != series.instances_created
+            watch.checked_instances != reading.instances_created
             or (levels.pending and c.ANTIPATTERN_NO_POOL_TIMEOUT not in found)
         ):
-            watch.checked_instances = series.instances_created
+            watch.checked_instances = reading.instances_created
             for pool in pools[:POOLS_CHECKED]:
                 for misconfiguration in series.adapter.misconfigurations(pool):
                     if misconfiguration.antipattern not in found and all(
@@ -173,7 +187,7 @@ class Detector:
                         new.append(_configured(series.kind, misconfiguration))
         if ledger is not watch.last:
             watch.last = ledger
-            new.extend(_observed(series, ledger, watch))
+            new.extend(_observed(reading, watch))
         if self._max_age is not None and pools and c.ANTIPATTERN_CONNECTION_TOO_OLD not in found:
             ages = [series.adapter.oldest_connection(pool) for pool in pools]
             oldest = max((age for age in ages if age is not None), default=None)
@@ -209,12 +223,13 @@ def _configured(kind: str, found: Misconfiguration) -> Antipattern:
     return Antipattern(found.antipattern, problem, advice_for(found.antipattern, kind))
 
 
-def _observed(series: Series, ledger: LedgerSnapshot, watch: Watch) -> list[Antipattern]:
-    found = series.antipatterns
+def _observed(reading: SeriesReading, watch: Watch) -> list[Antipattern]:
+    series, ledger = reading.series, reading.ledger
+    found = watch.found
     kind = series.kind
     checkouts = ledger.checkouts
     out: list[Antipattern] = []
-    instances = series.instances_created
+    instances = reading.instances_created
     if (
         c.ANTIPATTERN_CLIENT_PER_REQUEST not in found
         and instances >= PER_REQUEST_INSTANCES
