@@ -8,7 +8,8 @@ pool's :class:`~poolwatch._ledger.Ledger`, and undoes everything it did.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Hashable, Mapping
+import functools
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, ClassVar, Literal, Protocol
 
 from poolwatch._ledger import Ledger
@@ -36,6 +37,11 @@ class _NotOwn:
     def __repr__(self) -> str:
         return "<not its own>"
 
+
+HookFactory = Callable[[Any, Any], Any]
+"""Makes one hook: called with the adapter and the original function, returns its
+replacement (a hand-written hook with the original's parameters for ``_hook``, a
+``(*args, **kwargs)`` one for ``_wrap``)."""
 
 NOT_OWN = _NotOwn()
 """In :attr:`Adapter._patches`: the owner held no attribute of its own by that name."""
@@ -124,6 +130,17 @@ class Adapter(abc.ABC):
         current = _class_attribute(owner, attribute)
         original = function_of(current)
         self._patch(owner, attribute, rewrap(current, around(original, make(original))))
+
+    def _hook_all(self, table: Iterable[tuple[type, str, HookFactory]]) -> None:
+        """:meth:`_hook` each row of ``table``: (owner, attribute, factory), the factory
+        called with this adapter and the original function."""
+        for owner, attribute, factory in table:
+            self._hook(owner, attribute, functools.partial(factory, self))
+
+    def _wrap_all(self, table: Iterable[tuple[type, str, HookFactory]]) -> None:
+        """:meth:`_wrap` each row of ``table``, as :meth:`_hook_all` does."""
+        for owner, attribute, factory in table:
+            self._wrap(owner, attribute, functools.partial(factory, self))
 
     def _unpatch(self) -> None:
         """Undo every :meth:`_patch`, last first: what an owner held is put back, and what

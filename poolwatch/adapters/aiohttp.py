@@ -80,24 +80,10 @@ Where it hooks, and why there:
   ``ServerDisconnectedError``, the connection closes as ``error``, and aiohttp retries an
   idempotent request once on a new connection: one checkout more than requests.
 
-Patching versus ``TraceConfig``. aiohttp's trace callbacks (connection queued / create /
-reuse) were the other option, and they lose on both counts. Completeness: there is no
-release callback (no use time, no leaks), no close callback (no close reasons), the
-reuse callback fires after ``_get`` so the wait of a reused connection cannot be timed
-from the ``connect()`` call, nothing sees a connector used without a session, and a
-``TraceConfig`` only reaches sessions created after it is added (changing the frozen
-list of an existing session is private surgery too). Cost: a session with any trace
-config builds ``Trace`` objects and awaits every request signal of every request, not
-only the connection ones. Measured on this machine (Python 3.11, aiohttp 3.14, loopback
-keep-alive connection reused in a loop of ``connector.connect()`` + ``release()``, rounds
-interleaved, medians): aiohttp alone takes about 3.7 µs; the patched hot path
-(``connect`` wrapper and ``_release`` hook, ledger updates included) adds 0.8 µs
-(0.77-0.86 over five runs; the two bare wrapper frames are 0.25 µs of it). One
-``TraceConfig`` with empty connection callbacks adds 1.9 µs to the same loop (a ``Trace``
-per request and the reuse signal), and 6.1 µs once the request signals every traced
-request awaits (start, headers sent, end) are counted — before any bookkeeping. Levels
-never come from events: they are read from the connector, so they cannot drift and
-include connections opened before ``instrument()``.
+Why patching rather than aiohttp's ``TraceConfig``, with the measurements: see
+docs/architecture.md ("httpx and aiohttp adapters"). Levels never come from events: they
+are read from the connector, so they cannot drift and include connections opened before
+``instrument()``.
 """
 
 from __future__ import annotations
@@ -194,18 +180,23 @@ class AiohttpAdapter(Adapter):
         self._patch(base, _LEDGER, None)  # class default: "untracked"
         self._patch(base, _CONNECTING, None)
         self._patch(base, _SITE, None)
-        self._wrap(base, "__init__", lambda original: _connector_init_hook(self, original))
-        self._hook(base, "connect", lambda original: _connect_hook(self, original))
-        self._hook(base, "_release", lambda original: _release_hook(self, original))
-        for cls in (connector.TCPConnector, connector.UnixConnector):
-            self._hook(cls, "_create_connection", lambda original: _create_hook(self, original))
         handler = client_proto.ResponseHandler
         self._patch(handler, _MARK, None)
         self._patch(handler, _OUT, None)
-        self._hook(handler, "close", lambda original: _close_hook(self, original))
-        self._hook(handler, "abort", lambda original: _close_hook(self, original))
+        self._hook_all(
+            [
+                (base, "connect", _connect_hook),
+                (base, "_release", _release_hook),
+                (connector.TCPConnector, "_create_connection", _create_hook),
+                (connector.UnixConnector, "_create_connection", _create_hook),
+                (handler, "close", _close_hook),
+                (handler, "abort", _close_hook),
+            ]
+        )
         session = client.ClientSession
-        self._wrap(session, "__init__", lambda original: _session_init_hook(self, original))
+        self._wrap_all(
+            [(base, "__init__", _connector_init_hook), (session, "__init__", _session_init_hook)]
+        )
         if imported_before:
             self._track_existing(session, base)
 
