@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from types import ModuleType, TracebackType
 from typing import Any
@@ -163,14 +165,24 @@ class Instrumentation:
         return self._process.refresh() if self._process is not None else None
 
     def uninstrument(self) -> None:
-        """Undo ``instrument()``; see :func:`poolwatch.uninstrument`."""
+        """Undo ``instrument()``; see :func:`poolwatch.uninstrument`.
+
+        Waits at most ``shutdown_timeout`` seconds in all (for poolwatch's thread, and for
+        the last export of a provider poolwatch built). A provider the application gave,
+        or its global one, is the application's: it is left running and never waited for.
+        """
         global _current
         with _lock:
             if self._stopped:
                 return
             self._stopped = True
-            self._janitor.stop()
+            deadline = time.monotonic() + self.settings.shutdown_timeout
+            self._janitor.stop(self.settings.shutdown_timeout)
             self._hooks.close()
+            # The last export first, while the pools are still hooked and can be read: the
+            # provider's periodic readers collect once more as they shut down. A reader
+            # still busy at the deadline collects without poolwatch (detached below).
+            self._stop_owned(deadline)
             self._bridge.detach()
             for adapter in self._active.values():
                 try:
@@ -179,10 +191,36 @@ class Instrumentation:
                     self._errors.report(f"{adapter.name} uninstrument", error)
                 self._registry.untrack_adapter(adapter)
             self._active.clear()
-            if self._owned is not None:
-                self._owned.shutdown()
             if _current is self:
                 _current = None
+
+    def _stop_owned(self, deadline: float) -> None:
+        """Shut the provider poolwatch built down, giving up on it at ``deadline``."""
+        owned = self._owned
+        if owned is None:
+            return
+        left = max(deadline - time.monotonic(), 0.0)
+        finished, error = owned.shutdown(left)
+        if error is not None:
+            self._errors.report("shutdown", error)
+        if not finished:
+            logger.warning(
+                "poolwatch: the exporters did not finish within shutdown_timeout (%g s); their "
+                "last export is abandoned",
+                self.settings.shutdown_timeout,
+            )
+
+    def _stop_at_exit(self) -> None:
+        """At interpreter exit: the janitor and the last export, within ``shutdown_timeout``.
+
+        The hooks stay: the application's own exit handlers may still use its pools. No
+        lock is taken: a daemon thread may hold it for ever at exit.
+        """
+        if self._stopped:
+            return
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        self._janitor.stop(self.settings.shutdown_timeout)
+        self._stop_owned(deadline)
 
     def _after_fork_in_child(self) -> None:
         self._registry.reset_after_fork()
@@ -323,6 +361,18 @@ def process_view() -> ProcessView | None:
     (``process_view`` setting; it needs psutil: ``pip install 'poolwatch[process]'``)."""
     current = _current
     return current.process_view() if current is not None else None
+
+
+def _at_exit() -> None:
+    current = _current
+    if current is not None:
+        try:
+            current._stop_at_exit()
+        except Exception as error:  # never let exit fail because of poolwatch
+            current._errors.report("exit", error)
+
+
+atexit.register(_at_exit)
 
 
 def _after_fork_in_child() -> None:

@@ -22,6 +22,16 @@ LEAK_STACKS = ("auto", "always", "off")
 DEFAULT_MAX_POOLS = 200
 DEFAULT_PROMETHEUS_HOST = "127.0.0.1"
 PROCESS_VIEW = ("auto", "on", "off")
+DEFAULT_SHUTDOWN_TIMEOUT = 2.0
+"""Seconds ``uninstrument()`` and interpreter exit wait for poolwatch's own exporters.
+
+A healthy collector takes milliseconds to take the last export (tens over a slow TLS
+link); 2 s also fits the SDK's first retry after its 1 s back-off, and is a fifth of the
+shortest grace a process manager commonly gives before SIGKILL (``docker stop``: 10 s;
+Kubernetes and gunicorn: 30 s), which the application needs for its own draining.
+"""
+MAX_SHUTDOWN_TIMEOUT = 600.0
+"""Longer than any process manager's default grace period; beyond it, waits overflow."""
 
 _T = TypeVar("_T")
 _DEFAULT_LEAK: float | None = DEFAULT_LEAK_THRESHOLD
@@ -66,6 +76,9 @@ class Settings:
     process_view: str = "auto"
     """File descriptors and TCP connections of the process (psutil): ``auto`` — when psutil
     is installed; ``on`` — psutil is required; ``off``."""
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    """Seconds ``uninstrument()`` and interpreter exit wait for the last export of a provider
+    poolwatch built (and its Prometheus endpoint, and its thread) before giving up on it."""
 
 
 def _env_name(setting: str) -> str:
@@ -170,6 +183,18 @@ def _check_leak(value: Any) -> float | None:
 
 def _check_age(value: Any) -> float | None:
     return _check_leak(value)
+
+
+def _shutdown_from_env(text: str) -> float:
+    return float(text)
+
+
+def _check_shutdown(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(value)
+    if not 0 <= value <= MAX_SHUTDOWN_TIMEOUT:  # NaN fails both comparisons
+        raise ValueError(value)
+    return float(value)
 
 
 def _check_process_view(value: Any) -> str:
@@ -319,5 +344,12 @@ def resolve(
             str,
             _check_process_view,
             "'auto', 'on' (needs psutil: pip install 'poolwatch[process]') or 'off'",
+        ),
+        shutdown_timeout=env.get(
+            "shutdown_timeout",
+            DEFAULT_SHUTDOWN_TIMEOUT,
+            _shutdown_from_env,
+            _check_shutdown,
+            f"a number of seconds from 0 to {MAX_SHUTDOWN_TIMEOUT:g}",
         ),
     )

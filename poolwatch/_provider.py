@@ -11,6 +11,11 @@ Chosen in this order by ``instrument()``:
    provider is not made global: poolwatch never takes that decision from the application.
 
 The Prometheus endpoint binds to 127.0.0.1 unless ``prometheus_host`` says otherwise.
+
+The provider is made with ``shutdown_on_exit=False``: the SDK's own exit handler waits for
+its readers' last export as long as the exporter retries (10 s and more against a collector
+that is down), so poolwatch stops it itself, within ``shutdown_timeout``
+(:meth:`OwnedProvider.shutdown`), at ``uninstrument()`` and at exit.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from __future__ import annotations
 import os
 import platform
 import socket
+import threading
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +51,7 @@ class OwnedProvider:
     provider: MeterProvider
     prometheus_address: tuple[str, int] | None = None
     _server: Any = field(default=None, repr=False)
+    _stopped: bool = field(default=False, repr=False)
 
     def abandon_in_child(self) -> None:
         """In a forked child: let go of the parent's provider without stopping anything.
@@ -56,13 +64,66 @@ class OwnedProvider:
             self._server.socket.close()
             self._server = None
 
-    def shutdown(self) -> None:
-        """Stop the endpoint and the provider's readers."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        self.provider.shutdown()
+    def shutdown(self, timeout: float) -> tuple[bool, BaseException | None]:
+        """Stop the endpoint and the provider's readers, their last export included, waiting
+        at most ``timeout`` seconds.
+
+        Returns whether it all finished in time, and the error it raised, if any. What has
+        not finished goes on in a daemon thread: a reader's last export to a collector that
+        is down or never answers is left to its own timeout and retries, which end with the
+        process if they have not ended before.
+        """
+        if self._stopped:  # uninstrument() first, then exit: once is enough
+            return True, None
+        self._stopped = True
+        server, self._server = self._server, None
+        provider = self.provider
+        deadline = time.monotonic() + timeout
+        gave_up: list[bool] = []
+
+        def stop() -> None:
+            try:
+                if server is not None:
+                    server.shutdown()  # its serving loop notices within 0.5 s
+                    server.server_close()
+            finally:
+                provider.shutdown(timeout_millis=max(deadline - time.monotonic(), 0.0) * 1000)
+                # The SDK returns at its deadline whether its readers finished or not.
+                gave_up.append(time.monotonic() >= deadline)
+
+        finished, error = bounded(stop, timeout, "poolwatch-shutdown")
+        return finished and gave_up == [False], error
+
+
+def bounded(
+    task: Callable[[], object], timeout: float, name: str
+) -> tuple[bool, BaseException | None]:
+    """Run ``task`` on a daemon thread and wait for it at most ``timeout`` seconds.
+
+    Returns whether it finished in time, and what it raised (never raised here). Where no
+    thread can be started (an interpreter that is finalizing), ``task`` runs here instead,
+    relying on its own deadlines.
+    """
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            task()
+        except BaseException as error:  # handed to the caller, never raised in the thread
+            outcome.append(error)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:  # "can't create new thread at interpreter shutdown"
+        run()
+    else:
+        thread.join(timeout)
+    if not outcome:
+        return False, None
+    return True, outcome[0]
 
 
 def child_resource(parent: Resource) -> Resource:
@@ -203,7 +264,10 @@ def build(
         for reader in readers:
             reader.shutdown()
         raise
-    owned = OwnedProvider(MeterProvider(metric_readers=readers, resource=resource or _resource()))
+    provider = MeterProvider(
+        metric_readers=readers, resource=resource or _resource(), shutdown_on_exit=False
+    )
+    owned = OwnedProvider(provider)
     if server is not None:
         owned._server = server
         host, port = server.server_address[:2]

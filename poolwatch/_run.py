@@ -27,6 +27,7 @@ _FLAGS = {  # option -> environment variable
     "leak_stacks": "POOLWATCH_LEAK_STACKS",
     "connection_max_age": "POOLWATCH_CONNECTION_MAX_AGE",
     "process_view": "POOLWATCH_PROCESS_VIEW",
+    "shutdown_timeout": "POOLWATCH_SHUTDOWN_TIMEOUT",
     "max_pools": "POOLWATCH_MAX_POOLS",
     "pool_names": "POOLWATCH_POOL_NAMES",
     "prometheus_port": "POOLWATCH_PROMETHEUS_PORT",
@@ -52,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--process-view", help="file descriptors and TCP connections (psutil): auto, on, off"
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        help="seconds exit waits for poolwatch's last export (default 2)",
     )
     parser.add_argument("--max-pools", help="pool series before the overflow series")
     parser.add_argument("--pool-names", help="target=name,target=name")

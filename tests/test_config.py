@@ -124,7 +124,7 @@ def test_leak_detection_can_be_disabled() -> None:
             "poolwatch.instrument() got unknown setting(s) 'pool_size': expected one of "
             "buckets, connection_max_age, leak_stacks, leak_threshold, libraries, "
             "lifetime_buckets, max_pools, meter_provider, pool_names, process_view, "
-            "prometheus_host, prometheus_port, semconv",
+            "prometheus_host, prometheus_port, semconv, shutdown_timeout",
         ),
         (
             {},
