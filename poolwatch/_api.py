@@ -14,12 +14,12 @@ from typing import Any
 from opentelemetry import metrics as otel_metrics
 from opentelemetry.sdk.metrics import MeterProvider
 
-from poolwatch._config import ConfigError, Settings, psutil_importable, resolve
+from poolwatch._config import ConfigError, Settings, psutil_importable, resolve, shown
 from poolwatch._export import Bridge, Producer
 from poolwatch._imports import PostImportHooks, installed
 from poolwatch._janitor import Janitor
 from poolwatch._ledger import Ledger
-from poolwatch._naming import check_pool_name
+from poolwatch._naming import MAX_NAME, check_pool_name
 from poolwatch._process import REFRESH_EVERY, ProcessView, ProcessWatcher
 from poolwatch._provider import OwnedProvider, build, child_resource
 from poolwatch._registry import PoolSnapshot, Registry, Series, snapshot_of
@@ -137,8 +137,8 @@ class Instrumentation:
                 check_pool_name(name)
             except ValueError:
                 raise ConfigError(
-                    f"poolwatch.track() got name {name!r}: expected 1-200 printable characters "
-                    "without credentials or a query string"
+                    f"poolwatch.track() got name {shown(name)}: expected 1-{MAX_NAME} printable "
+                    "ASCII characters without credentials or a query string"
                 ) from None
         with _lock:
             for adapter in self._active.values():

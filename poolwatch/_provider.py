@@ -38,7 +38,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 
-from poolwatch._config import ConfigError, Settings
+from poolwatch._config import ConfigError, Settings, shown
 
 DEFAULT_PROMETHEUS_PORT = 9464
 _EXPORTERS = ("otlp", "prometheus", "console", "none")
@@ -152,8 +152,8 @@ def _exporters(settings: Settings, environ: Mapping[str, str]) -> list[str]:
         bad = [name for name in chosen if name not in _EXPORTERS]
         if bad:
             raise ConfigError(
-                f"poolwatch: environment variable OTEL_METRICS_EXPORTER got {raw!r}: expected a "
-                f"comma-separated list of {', '.join(_EXPORTERS)}"
+                f"poolwatch: environment variable OTEL_METRICS_EXPORTER got {shown(raw)}: "
+                f"expected a comma-separated list of {', '.join(_EXPORTERS)}"
             )
         if settings.prometheus_port is not None and "prometheus" not in chosen:
             chosen.append("prometheus")
@@ -169,7 +169,8 @@ def _exporters(settings: Settings, environ: Mapping[str, str]) -> list[str]:
     return chosen
 
 
-def _otlp_reader(environ: Mapping[str, str]) -> MetricReader:
+def _otlp_exporter(environ: Mapping[str, str]) -> Any:
+    """The OTLP metric exporter class the environment's protocol asks for."""
     protocol = (
         environ.get(
             "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
@@ -188,35 +189,65 @@ def _otlp_reader(environ: Mapping[str, str]) -> MetricReader:
         else:
             raise ConfigError(
                 f"poolwatch: OTEL_EXPORTER_OTLP_METRICS_PROTOCOL/OTEL_EXPORTER_OTLP_PROTOCOL got "
-                f"{protocol!r}: expected 'grpc' or 'http/protobuf'"
+                f"{shown(protocol)}: expected 'grpc' or 'http/protobuf'"
             )
     except ImportError:
         raise ConfigError(
             f"poolwatch: OTLP export ({protocol}) needs the OTLP exporter: "
             "pip install 'poolwatch[otlp]'"
         ) from None
-    return PeriodicExportingMetricReader(OTLPMetricExporter())
+    return OTLPMetricExporter
 
 
-def _prometheus(settings: Settings, environ: Mapping[str, str]) -> tuple[MetricReader, Any]:
+def _otlp_reader(environ: Mapping[str, str]) -> MetricReader:
+    return PeriodicExportingMetricReader(_otlp_exporter(environ)())
+
+
+def _prometheus_port(settings: Settings, environ: Mapping[str, str]) -> int:
+    """The endpoint's port: the setting, else ``OTEL_EXPORTER_PROMETHEUS_PORT``, else 9464."""
+    if settings.prometheus_port is not None:
+        return settings.prometheus_port
+    env_port = environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", str(DEFAULT_PROMETHEUS_PORT))
     try:
-        from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from prometheus_client import CollectorRegistry, start_http_server
+        port = int(env_port)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ConfigError(
+            f"poolwatch: environment variable OTEL_EXPORTER_PROMETHEUS_PORT got "
+            f"{shown(env_port)}: expected a TCP port 0-65535"
+        )
+    return port
+
+
+def _prometheus_modules() -> None:
+    try:
+        import opentelemetry.exporter.prometheus  # noqa: F401
+        import prometheus_client  # noqa: F401
     except ImportError:
         raise ConfigError(
             "poolwatch: a Prometheus endpoint needs the Prometheus exporter: "
             "pip install 'poolwatch[prometheus]'"
         ) from None
-    port = settings.prometheus_port
-    if port is None:
-        env_port = environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", str(DEFAULT_PROMETHEUS_PORT))
-        try:
-            port = int(env_port)
-        except ValueError:
-            raise ConfigError(
-                f"poolwatch: environment variable OTEL_EXPORTER_PROMETHEUS_PORT got {env_port!r}: "
-                "expected a TCP port 0-65535"
-            ) from None
+
+
+def check(settings: Settings, environ: Mapping[str, str]) -> None:
+    """Raise the ConfigError :func:`build` would, without building anything (``poolwatch
+    run`` checks before the program starts; a port in use is found only by binding)."""
+    for name in _exporters(settings, environ):
+        if name == "otlp":
+            _otlp_exporter(environ)
+        elif name == "prometheus":
+            _prometheus_modules()
+            _prometheus_port(settings, environ)
+
+
+def _prometheus(settings: Settings, environ: Mapping[str, str]) -> tuple[MetricReader, Any]:
+    _prometheus_modules()
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    port = _prometheus_port(settings, environ)
     registry = CollectorRegistry(auto_describe=True)
     reader = PrometheusMetricReader(registry=registry)
     try:

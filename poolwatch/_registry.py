@@ -270,9 +270,12 @@ class Registry:
         return Ledger(s.buckets, s.lifetime_buckets, s.leak_threshold, s.leak_stacks)
 
     def _name_for(self, kind: str, target: str, site: str | None, name: str | None) -> str:
+        from poolwatch._naming import derived_name  # here: this method is all naming here
+
         if name is not None:
             return name
-        chosen = self._settings.pool_names.get(target)
+        plain = derived_name(target)  # printable, capped: the name as shown and exported
+        chosen = self._settings.pool_names.get(plain)
         if chosen is not None:
             return chosen
         first = self._first_site.get((kind, target))
@@ -281,8 +284,8 @@ class Registry:
             # folds them into the overflow series anyway; past this, names stay the target.
             first = self._first_site[(kind, target)] = site
         if site is None or first is None or site == first:
-            return target
-        derived = f"{target} ({site})"
+            return plain
+        derived = derived_name(target, site)
         return self._settings.pool_names.get(derived, derived)
 
     def track(
