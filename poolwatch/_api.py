@@ -7,8 +7,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping
-from types import ModuleType, TracebackType
+from collections.abc import Callable, Mapping
+from types import FrameType, ModuleType, TracebackType
 from typing import Any
 
 from opentelemetry import metrics as otel_metrics
@@ -33,9 +33,12 @@ _current: Instrumentation | None = None
 class _Tracker:
     """The core as adapters see it."""
 
-    def __init__(self, registry: Registry, errors: ErrorLog) -> None:
+    def __init__(
+        self, registry: Registry, errors: ErrorLog, ready: Callable[[], None] | None = None
+    ) -> None:
         self._registry = registry
         self._errors = errors
+        self._ready = ready
 
     def track(
         self,
@@ -48,6 +51,8 @@ class _Tracker:
         attributes: Mapping[str, str | int] | None = None,
         kind: str | None = None,
     ) -> Ledger:
+        if self._ready is not None:
+            self._ready()  # a forked child's first pool completes its set-up (see Fork)
         return self._registry.track(
             pool, adapter, target=target, site=site, name=name, attributes=attributes, kind=kind
         )
@@ -73,7 +78,7 @@ class Instrumentation:
         self._owned = owned
         self._errors = ErrorLog()
         self._registry = Registry(settings, self._errors)
-        self._tracker = _Tracker(self._registry, self._errors)
+        self._tracker = _Tracker(self._registry, self._errors, self._ensure_set_up)
         self._producer = Producer(self._registry, settings, self._errors)
         self._bridge = Bridge(self._producer, provider, self._errors)
         self._hooks = PostImportHooks()
@@ -84,6 +89,8 @@ class Instrumentation:
             self._janitor.every(REFRESH_EVERY, self._process.refresh)
         self._active: dict[str, Adapter] = {}
         self._stopped = False
+        self._child_pending = False
+        """A child forked to exec: its set-up is left until something asks for it."""
 
     @property
     def prometheus_address(self) -> tuple[str, int] | None:
@@ -132,6 +139,7 @@ class Instrumentation:
 
     def track(self, obj: Any, name: str | None = None) -> None:
         """Track ``obj``'s pools, under ``name`` if given; see :func:`poolwatch.track`."""
+        self._ensure_set_up()
         if name is not None:
             try:
                 check_pool_name(name)
@@ -156,12 +164,14 @@ class Instrumentation:
         A series whose pools are all gone is shown until a reader has exported it one last
         time (with no reader attached, until this call has shown it once).
         """
+        self._ensure_set_up()
         readings = self._registry.read(drop_gone=not list(self._bridge.readers))
         return sorted((snapshot_of(r) for r in readings), key=lambda s: (s.kind, s.name))
 
     def process_view(self) -> ProcessView | None:
         """The process's file descriptors and TCP connections, read now; see
         :func:`poolwatch.process_view`."""
+        self._ensure_set_up()
         return self._process.refresh() if self._process is not None else None
 
     def uninstrument(self) -> None:
@@ -199,6 +209,10 @@ class Instrumentation:
         owned = self._owned
         if owned is None:
             return
+        if self._child_pending:  # the parent's, in a child forked to exec: not ours to stop
+            owned.abandon_in_child()
+            self._owned = None
+            return
         left = max(deadline - time.monotonic(), 0.0)
         finished, error = owned.shutdown(left)
         if error is not None:
@@ -222,7 +236,27 @@ class Instrumentation:
         self._janitor.stop(self.settings.shutdown_timeout)
         self._stop_owned(deadline)
 
-    def _after_fork_in_child(self) -> None:
+    def _after_fork_in_child(self, *, exec_follows: bool) -> None:
+        """In a forked child: start from zero, with a thread and a provider of its own.
+
+        A child forked by ``subprocess`` to run a ``preexec_fn`` execs a new program right
+        after it: it gets nothing now, and its set-up waits for a first pool, ``pools()``,
+        ``track()`` or ``process_view()`` — that is, for ever (docs/architecture.md, Fork).
+        """
+        if exec_follows:
+            self._child_pending = True
+            return
+        self._set_up_child()
+
+    def _ensure_set_up(self) -> None:
+        """Complete a forked child's set-up, if it was left for later."""
+        if self._child_pending:
+            with _lock:
+                if self._child_pending:
+                    self._set_up_child()
+
+    def _set_up_child(self) -> None:
+        self._child_pending = False
         self._registry.reset_after_fork()
         self._producer.reset()
         if self._process is not None:
@@ -322,6 +356,7 @@ def instrument(**settings: Any) -> Instrumentation:
                     "poolwatch: instrument() called again with other settings; they are "
                     "ignored: call uninstrument() first to change them"
                 )
+            _current._ensure_set_up()
             return _current
         provider, owned = _provider_for(settings, resolved, os.environ)
         handle = Instrumentation(resolved, provider, owned)
@@ -380,7 +415,21 @@ def _after_fork_in_child() -> None:
     _lock = threading.RLock()
     current = _current
     if current is not None:
-        current._after_fork_in_child()
+        current._after_fork_in_child(exec_follows=_forked_to_exec(sys._getframe(1)))
+
+
+def _forked_to_exec(frame: FrameType | None) -> bool:
+    """Whether the fork under way is ``subprocess``'s for a ``preexec_fn``.
+
+    Fork handlers run in such a child only because a ``preexec_fn`` was given (without one,
+    ``subprocess`` forks or spawns in C and runs none); the child then runs that function
+    and execs. ``frame`` is the Python frame that forked: ``Popen._execute_child``.
+    """
+    return (
+        frame is not None
+        and frame.f_code.co_name == "_execute_child"
+        and frame.f_globals.get("__name__") == "subprocess"
+    )
 
 
 if hasattr(os, "register_at_fork"):

@@ -126,6 +126,19 @@ def bounded(
     return True, outcome[0]
 
 
+class _Reader(PeriodicExportingMetricReader):
+    """The SDK's periodic reader, except in a forked child, where it stays stopped.
+
+    The SDK restarts a periodic reader's thread in every forked child. poolwatch gives a
+    forked child a provider of its own (or, to a child forked to exec, none), so the
+    parent's reader would only collect an empty provider there — and in a child forked by
+    ``subprocess`` for a ``preexec_fn``, it started a thread just before ``exec``.
+    """
+
+    def _at_fork_reinit(self) -> None:
+        return None
+
+
 def child_resource(parent: Resource) -> Resource:
     """The parent's resource, naming the forked child: its own instance id and pid."""
     return parent.merge(
@@ -200,7 +213,7 @@ def _otlp_exporter(environ: Mapping[str, str]) -> Any:
 
 
 def _otlp_reader(environ: Mapping[str, str]) -> MetricReader:
-    return PeriodicExportingMetricReader(_otlp_exporter(environ)())
+    return _Reader(_otlp_exporter(environ)())
 
 
 def _prometheus_port(settings: Settings, environ: Mapping[str, str]) -> int:
@@ -284,7 +297,7 @@ def build(
             if name == "otlp":
                 readers.append(_otlp_reader(environ))
             elif name == "console":
-                readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+                readers.append(_Reader(ConsoleMetricExporter()))
             elif name == "prometheus" and server is None:
                 reader, server = _prometheus(settings, environ)
                 readers.append(reader)

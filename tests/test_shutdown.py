@@ -8,7 +8,6 @@ never answers (each attempt waits for its timeout). Exit is timed in a real subp
 
 from __future__ import annotations
 
-import http.server
 import os
 import socket
 import subprocess
@@ -18,17 +17,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
-    ExportMetricsServiceRequest,
-)
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, PeriodicExportingMetricReader
 
 import poolwatch
 from poolwatch._config import DEFAULT_SHUTDOWN_TIMEOUT, resolve
+from tests.support.otlp import Receiver, receiver
 
 APP = textwrap.dedent(
     """
@@ -163,60 +159,21 @@ def test_uninstrument_waits_at_most_the_shutdown_timeout(
     assert ABANDONED in str(run["stderr"])
 
 
-class _Collector(http.server.BaseHTTPRequestHandler):
-    """A loopback OTLP/HTTP endpoint that keeps the bodies it receives."""
-
-    received: ClassVar[list[bytes]] = []
-
-    def do_POST(self) -> None:
-        _Collector.received.append(self.rfile.read(int(self.headers["Content-Length"])))
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: object) -> None:
-        return None
-
-
 @pytest.fixture
-def collector_port() -> Iterator[int]:
-    _Collector.received = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield int(server.server_address[1])
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def _checkouts_exported(bodies: list[bytes]) -> list[int]:
-    """poolwatch.wait.duration counts of the sqlite pool, one per export that carried it."""
-    counts = []
-    for body in bodies:
-        request = ExportMetricsServiceRequest()
-        request.ParseFromString(body)
-        for rm in request.resource_metrics:
-            for scope in rm.scope_metrics:
-                for metric in scope.metrics:
-                    if metric.name != "poolwatch.wait.duration":
-                        continue
-                    for point in metric.histogram.data_points:
-                        names = {a.value.string_value for a in point.attributes}
-                        if "sqlite://:memory:" in names:
-                            counts.append(point.count)
-    return counts
+def collector() -> Iterator[tuple[Receiver, int]]:
+    with receiver() as (kept, port):
+        yield kept, port
 
 
 @pytest.mark.parametrize("how", ["exit", "uninstrument"])
 def test_a_healthy_collector_gets_the_last_export(
-    how: str, collector_port: int, tmp_path: Path
+    how: str, collector: tuple[Receiver, int], tmp_path: Path
 ) -> None:
     """With a 60 s interval nothing is exported while the program runs: only the last
     export, at uninstrument() or at exit, carries its 20 checkouts."""
-    run = _run_app(tmp_path, collector_port, how, pause=0, OTEL_METRIC_EXPORT_INTERVAL="60000")
-    assert _checkouts_exported(_Collector.received) == [20]
+    kept, port = collector
+    run = _run_app(tmp_path, port, how, pause=0, OTEL_METRIC_EXPORT_INTERVAL="60000")
+    assert [waits.get("sqlite://:memory:") for _, waits in kept.exports()] == [20]
     assert ABANDONED not in str(run["stderr"])
 
 
