@@ -139,6 +139,22 @@ class _Reader(PeriodicExportingMetricReader):
         return None
 
 
+class _Provider(MeterProvider):
+    """The SDK's MeterProvider, except that a forked child does not detect its resource again.
+
+    The SDK's fork handler runs the process-dependent resource detectors, on a thread pool,
+    in every forked child: about 2 ms of CPU time a spawn with a ``preexec_fn``, measured
+    (benchmarks/bench_spawn.py), spent on a provider the child never uses — poolwatch gives
+    a forked child one of its own, named by :func:`child_resource`, when it needs one. The
+    locks are made new as the SDK does.
+    """
+
+    def _handle_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._meter_lock = threading.Lock()
+        MeterProvider._all_metric_readers_lock = threading.Lock()
+
+
 def child_resource(parent: Resource) -> Resource:
     """The parent's resource, naming the forked child: its own instance id and pid."""
     return parent.merge(
@@ -308,7 +324,7 @@ def build(
         for reader in readers:
             reader.shutdown()
         raise
-    provider = MeterProvider(
+    provider = _Provider(
         metric_readers=readers, resource=resource or _resource(), shutdown_on_exit=False
     )
     owned = OwnedProvider(provider)
