@@ -415,7 +415,11 @@ def _after_fork_in_child() -> None:
     _lock = threading.RLock()
     current = _current
     if current is not None:
-        current._after_fork_in_child(exec_follows=_forked_to_exec(sys._getframe(1)))
+        try:
+            forker: FrameType | None = sys._getframe(1)
+        except ValueError:  # forked from C with no Python frame: set up as a worker
+            forker = None
+        current._after_fork_in_child(exec_follows=_forked_to_exec(forker))
 
 
 def _forked_to_exec(frame: FrameType | None) -> bool:
