@@ -161,11 +161,11 @@ class Instrumentation:
     def pools(self) -> list[PoolSnapshot]:
         """A snapshot of every pool series, sorted by kind and name.
 
-        A series whose pools are all gone is shown until a reader has exported it one last
-        time (with no reader attached, until this call has shown it once).
+        A series whose pools are all gone is shown, with nothing open, for
+        ``_registry.RETENTION`` seconds (its counters continue if a pool joins it again).
         """
         self._ensure_set_up()
-        readings = self._registry.read(drop_gone=not list(self._bridge.readers))
+        readings = self._registry.read()
         return sorted((snapshot_of(r) for r in readings), key=lambda s: (s.kind, s.name))
 
     def process_view(self) -> ProcessView | None:

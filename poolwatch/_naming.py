@@ -119,30 +119,55 @@ def target_name(scheme: str, host: str | None, port: int | None, path: str | Non
     return f"{scheme}://{netloc}{path}"
 
 
-def _skipped(filename: str) -> bool:
+_CWD = os.getcwd()
+"""The working directory when poolwatch was imported: creation sites are shown relative to it.
+Kept rather than asked again: ``os.getcwd`` and ``os.path.abspath`` are system calls, and a
+site may be looked up on an event loop's thread (an aiohttp connector made in a coroutine),
+where a blocking call is a fault (aiohttp's own tests fail on one)."""
+
+_SITES_KEPT = 4096
+_sites: dict[str, str | None] = {}
+"""By a code object's file name: its path as a site shows it, or None for a file skipped."""
+
+
+def _absolute(filename: str) -> str:
+    """``filename`` made absolute by string operations only (no system call)."""
+    if not os.path.isabs(filename):
+        filename = os.path.join(_CWD, filename)
+    return os.path.normpath(filename)
+
+
+def _shown(filename: str) -> str | None:
+    """How a site in ``filename`` shows its path; None when the file is not user code."""
     if filename.startswith("<"):
-        return True
-    path = os.path.normcase(os.path.abspath(filename))
-    return path.startswith(_SKIP_DIRS)
+        return None
+    path = _absolute(filename)
+    if os.path.normcase(path).startswith(_SKIP_DIRS):
+        return None
+    if path.startswith(_CWD.rstrip(os.sep) + os.sep):
+        rel = path[len(_CWD.rstrip(os.sep)) + 1 :]
+    else:  # outside the working directory: its last two parts are stable across hosts
+        rel = "/".join(path.replace(os.sep, "/").split("/")[-2:])
+    return rel.replace(os.sep, "/")
 
 
 def creation_site(frame: FrameType | None = None) -> str | None:
     """The first frame outside poolwatch, the standard library and installed packages.
 
-    Returned as ``path:line`` with the path relative to the working directory when it
-    lies below it, so that the name is stable across hosts and restarts.
+    Returned as ``path:line`` with the path relative to the working directory (as it was
+    when poolwatch was imported) when it lies below it, so that the name is stable across
+    hosts and restarts. No system call: it may run on an event loop.
     """
     f: FrameType | None = frame if frame is not None else sys._getframe(1)
     while f is not None:
         filename = f.f_code.co_filename
-        if not _skipped(filename):
-            path = os.path.abspath(filename)
-            try:
-                rel = os.path.relpath(path)
-            except ValueError:  # another drive on Windows
-                rel = path
-            if rel.startswith(".."):
-                rel = "/".join(path.replace(os.sep, "/").split("/")[-2:])
-            return f"{rel.replace(os.sep, '/')}:{f.f_lineno}"
+        try:
+            shown = _sites[filename]
+        except KeyError:
+            shown = _shown(filename)
+            if len(_sites) < _SITES_KEPT:
+                _sites[filename] = shown
+        if shown is not None:
+            return f"{shown}:{f.f_lineno}"
         f = f.f_back
     return None
