@@ -217,7 +217,7 @@ class Instrumentation:
         finished, error = owned.shutdown(left)
         if error is not None:
             self._errors.report("shutdown", error)
-        if not finished:
+        if not finished and self.settings.shutdown_timeout > 0:  # 0: not waiting was asked
             logger.warning(
                 "poolwatch: the exporters did not finish within shutdown_timeout (%g s); their "
                 "last export is abandoned",

@@ -159,6 +159,14 @@ def test_uninstrument_waits_at_most_the_shutdown_timeout(
     assert ABANDONED in str(run["stderr"])
 
 
+def test_a_timeout_of_zero_waits_for_nothing_and_says_nothing(
+    closed_port: int, tmp_path: Path
+) -> None:
+    run = _run_app(tmp_path, closed_port, "exit", pause=0.6, POOLWATCH_SHUTDOWN_TIMEOUT="0")
+    assert run["exit"] < MARGIN, run
+    assert "shutdown_timeout" not in str(run["stderr"])
+
+
 @pytest.fixture
 def collector() -> Iterator[tuple[Receiver, int]]:
     with receiver() as (kept, port):
