@@ -65,13 +65,13 @@ def test_leak_detection_can_be_disabled() -> None:
         (
             {"max_pools": 0},
             {},
-            "poolwatch setting 'max_pools' (argument) got 0: expected an int from 1 to 10000",
+            "poolwatch setting 'max_pools' (argument) got 0: expected an int from 1 to 20000",
         ),
         (
             {},
             {"POOLWATCH_MAX_POOLS": "many"},
             "poolwatch setting 'max_pools' (environment variable POOLWATCH_MAX_POOLS) got "
-            "'many': expected an int from 1 to 10000",
+            "'many': expected an int from 1 to 20000",
         ),
         (
             {"libraries": ["sqlalchemy", "psycopg2"]},
@@ -242,9 +242,9 @@ LEAK_ALLOWED = "a number of seconds > 0, or None/'off' to disable leak detection
             "positive finite seconds, e.g. '0.001,0.01,0.1,1'",
         ),
         (
-            {"max_pools": 10_001},
+            {"max_pools": 20_001},
             {},
-            "poolwatch setting 'max_pools' (argument) got 10001: expected an int from 1 to 10000",
+            "poolwatch setting 'max_pools' (argument) got 20001: expected an int from 1 to 20000",
         ),
         (  # the target carries the credential: redacted, and rejected (it could never match)
             {},
@@ -318,7 +318,7 @@ def test_any_bad_value_is_a_config_error_without_credentials(
 def test_bounds_up_to_the_cap_are_accepted() -> None:
     bounds = tuple(i / 1000 for i in range(1, 161))
     assert resolve({"buckets": bounds}, {}, ADAPTERS).buckets == bounds
-    assert resolve({"max_pools": 10_000}, {}, ADAPTERS).max_pools == 10_000
+    assert resolve({"max_pools": 20_000}, {}, ADAPTERS).max_pools == 20_000
 
 
 def test_a_misspelt_variable_is_reported(caplog: pytest.LogCaptureFixture) -> None:
