@@ -21,7 +21,7 @@ import itertools
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from poolwatch._config import Settings
@@ -213,6 +213,9 @@ class Registry:
         self._expiring: list[tuple[tuple[str, str], Series]] = []
         """Series found expired at the last upkeep: removed at the next, after one last read."""
         self._expired: list[Series] = []
+        self.on_track: Callable[[], None] | None = None
+        """Called before a pool is tracked (a forked child's first pool completes its
+        set-up: ``_api``, see Fork in docs/architecture.md)."""
         self.folded = 0
         """Pools folded into an overflow series because of the ``max_pools`` cap."""
 
@@ -227,9 +230,12 @@ class Registry:
         )
 
     def _name_for(self, kind: str, target: str, site: str | None, name: str | None) -> str:
+        from poolwatch._naming import derived_name  # here: this method is all naming here
+
         if name is not None:
             return name
-        chosen = self._settings.pool_names.get(target)
+        plain = derived_name(target)  # printable, capped: the name as shown and exported
+        chosen = self._settings.pool_names.get(plain)
         if chosen is not None:
             return chosen
         first = self._first_site.get((kind, target))
@@ -238,8 +244,8 @@ class Registry:
             # folds them into the overflow series anyway; past this, names stay the target.
             first = self._first_site[(kind, target)] = site
         if site is None or first is None or site == first:
-            return target
-        derived = f"{target} ({site})"
+            return plain
+        derived = derived_name(target, site)
         return self._settings.pool_names.get(derived, derived)
 
     def track(
@@ -254,6 +260,8 @@ class Registry:
         kind: str | None = None,
     ) -> Ledger:
         """Add ``pool`` to its series (creating it, or folding past the cap)."""
+        if self.on_track is not None:
+            self.on_track()
         kind = kind or adapter.kind
         with self._lock:
             series_name = self._name_for(kind, target, site, name)
