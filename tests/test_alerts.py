@@ -151,7 +151,7 @@ def test_the_antipattern_runbook_explains_every_antipattern() -> None:
 
 
 def test_doctor_and_top_judge_by_the_alerts_thresholds() -> None:
-    from poolwatch import _top
+    from poolwatch.cli import top as _top
     from poolwatch.diagnostics import advice as _advice
     from poolwatch.diagnostics import thresholds as _thresholds
 

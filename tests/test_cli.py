@@ -16,7 +16,8 @@ import pytest
 
 from poolwatch._demo.workload import SCENARIOS, StopSignals
 from poolwatch._models import PoolSnapshot
-from poolwatch.cli import COLUMNS, EXIT_CODES, main, render
+from poolwatch.cli import EXIT_CODES, main
+from poolwatch.cli.table import COLUMNS, render
 from tests.support.postgres import PostgresCluster
 
 # SQLite keeps the side-by-side demos fast; the PostgreSQL default has its own test.

@@ -19,7 +19,8 @@ import pytest
 import sqlalchemy as sa
 
 import poolwatch
-from poolwatch import _doctor, _top
+from poolwatch.cli import doctor as _doctor
+from poolwatch.cli import top as _top
 from poolwatch.diagnostics import advice as _advice
 from poolwatch.diagnostics.advice import Counts
 from tests.support.demo import until_serving

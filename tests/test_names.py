@@ -10,8 +10,8 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 import poolwatch
-from poolwatch import _top
 from poolwatch._naming import MAX_NAME
+from poolwatch.cli import top as _top
 from tests.conftest import Harness
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import subprocess
+import sys
 import types
+
+import pytest
 
 import poolwatch
 
@@ -25,12 +29,40 @@ def test_exported_names_are_pinned() -> None:
         "track",
         "uninstrument",
     ]
+    for name in poolwatch.__all__:  # the functions load on first use: use them all
+        getattr(poolwatch, name)
     public = {
         name
         for name, value in vars(poolwatch).items()
         if not name.startswith("_") and not isinstance(value, types.ModuleType)
     }
     assert public == set(poolwatch.__all__) - {"__version__"}
+    assert set(dir(poolwatch)) >= set(poolwatch.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'instrumentt'"):
+        poolwatch.instrumentt  # type: ignore[attr-defined]  # noqa: B018
+
+
+def test_the_command_line_loads_no_opentelemetry_sdk() -> None:
+    """``poolwatch top --help`` (and ``doctor``'s) imports neither OpenTelemetry's SDK nor
+    the demo: the command reads a process's metrics over HTTP and needs neither."""
+    code = (
+        "import sys\n"
+        "from poolwatch.cli import main\n"
+        "for command in ('top', 'doctor', 'run'):\n"
+        "    try:\n"
+        "        main([command, '--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "prefixes = ('opentelemetry', 'poolwatch._')\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(prefixes))\n"
+        "print(' '.join(loaded), file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    loaded = done.stderr.split()
+    assert [m for m in loaded if m.startswith("opentelemetry")] == []
+    assert "poolwatch._api" not in loaded and "poolwatch._demo.workload" not in loaded
 
 
 def test_signatures_are_pinned() -> None:

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 
 import poolwatch
-from poolwatch import _top
+from poolwatch.cli import top as _top
 from tests.support.demo import until_serving
 from tests.support.terminal import on_terminal, read_until
 from tests.support.upstream import refusing_port

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from poolwatch import _top
+from poolwatch.cli import top as _top
 
 POOLS = {
     "orders-db": "sqlalchemy",

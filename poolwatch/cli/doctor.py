@@ -23,7 +23,7 @@ import sys
 import time
 from typing import TextIO
 
-from poolwatch import _top
+from poolwatch.cli import top as _top
 from poolwatch.diagnostics import advice as _advice
 from poolwatch.diagnostics import antipatterns as _antipatterns
 from poolwatch.diagnostics.advice import Counts, ProcessCounts

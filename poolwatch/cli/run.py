@@ -16,11 +16,9 @@ import shutil
 import sys
 from collections.abc import Mapping
 
-from poolwatch import _provider
 from poolwatch._config import ConfigError, resolve
-from poolwatch.adapters import ADAPTERS
 
-BOOTSTRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bootstrap")
+BOOTSTRAP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_bootstrap")
 
 _FLAGS = {  # option -> environment variable
     "libraries": "POOLWATCH_LIBRARIES",
@@ -94,6 +92,10 @@ def run(args: argparse.Namespace) -> int:  # returns only when it cannot start t
             file=sys.stderr,
         )
         return 2
+    # Here, not at import: `poolwatch run --help` loads neither the SDK nor the adapters.
+    from poolwatch import _provider
+    from poolwatch.adapters import ADAPTERS
+
     env = environment(args, os.environ)
     try:
         _provider.check(resolve({}, env, tuple(ADAPTERS)), env)

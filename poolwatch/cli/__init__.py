@@ -6,8 +6,9 @@ machine; SQLite otherwise), a loopback HTTP server and moto's DynamoDB (poolwatc
 instrumented by poolwatch, with the Prometheus endpoint served on 127.0.0.1 and the live
 pool table printed every second. ``--scenario`` makes alerts' conditions really happen
 (each scenario says which). ``poolwatch upstream`` serves the demo's HTTP server on its
-own (the compose stack runs it in a container). ``top``, ``doctor`` and ``run`` are in
-``_top``, ``_doctor`` and ``_run``.
+own (the compose stack runs it in a container). Each command lives in a module of its own
+(``demo``, ``top``, ``doctor``, ``run``; the demo's pool table in ``table``), imported when
+that command runs: ``poolwatch top --help`` loads neither the demo nor OpenTelemetry's SDK.
 
 Every command prints a failure as one line on stderr; its exit codes are in its --help
 (``EXIT_CODES``). Bad usage exits with 2 everywhere.
@@ -16,75 +17,15 @@ Every command prints a failure as one line on stderr; its exit codes are in its 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import textwrap
-import threading
 from collections.abc import Sequence
 from typing import TextIO
 
-import poolwatch
-from poolwatch import _top
-from poolwatch._demo.workload import SCENARIOS
+from poolwatch._demo.scenarios import SCENARIOS
 from poolwatch._version import __version__
+from poolwatch.cli import top as _top
 from poolwatch.diagnostics import advice as _advice
-
-
-def _bar(used: int, limit: int | None, width: int = 10) -> str:
-    if not limit:
-        return " " * width
-    filled = min(width, round(width * used / limit))
-    return "#" * filled + "." * (width - filled)
-
-
-COLUMNS = (
-    "POOL",
-    "KIND",
-    "USED/MAX",
-    "UTIL",
-    "IDLE",
-    "PEND",
-    "CHECKOUTS",
-    "CONNECTS",
-    "TIMEOUTS",
-    "DISCARDS",
-    "STALE",
-    "LEAKS",
-    "WAIT P99",
-)
-"""The pool table's columns: DISCARDS are pool_full closes, STALE stale closes, LEAKS
-checkouts held past the leak threshold (in total)."""
-
-_NAME = 32
-
-
-def render(snapshots: Sequence[poolwatch.PoolSnapshot]) -> str:
-    """The pool table the demo prints: one line per pool series."""
-    layout = "{:<32} {:<10} {:>8} {:<10} {:>4} {:>4} {:>9} {:>8} {:>8} {:>8} {:>5} {:>5} {:>8}"
-    lines = [layout.format(*COLUMNS)]
-    for s in snapshots:
-        limit = "-" if s.max is None else str(s.max)
-        p99 = "-" if s.wait_p99 is None else f"{s.wait_p99 * 1000:.1f}ms"
-        name = s.name if len(s.name) <= _NAME else "…" + s.name[-(_NAME - 1) :]
-        lines.append(
-            layout.format(
-                name,
-                s.kind,
-                f"{s.used}/{limit}",
-                _bar(s.used, s.max),
-                s.idle,
-                s.pending,
-                s.checkouts,
-                s.connects,
-                s.timeouts,
-                s.closed.get("pool_full", 0),
-                s.closed.get("stale", 0),
-                s.leaks,
-                p99,
-            )
-        )
-    return "\n".join(lines)
-
 
 EXIT_CODES = {
     "demo": "0 done, or stopped by Ctrl-C, SIGTERM or SIGHUP (at any moment, start-up "
@@ -104,79 +45,9 @@ EXIT_INTERRUPTED = 130
 """doctor interrupted by Ctrl-C (128 + SIGINT, as shells report it)."""
 
 
-def demo(args: argparse.Namespace, out: TextIO) -> int:
-    """Run the embedded demo until ``--duration`` passes, Ctrl-C, SIGTERM or SIGHUP."""
-    from poolwatch._demo.workload import Demo, Options
-
-    try:
-        import sqlalchemy  # noqa: F401  (the one pool the demo cannot do without)
-    except ImportError:
-        print("poolwatch demo: needs SQLAlchemy: pip install 'poolwatch[demo]'", file=sys.stderr)
-        return 1
-    options = Options(
-        scenario=args.scenario,
-        duration=args.duration,
-        workers=args.workers,
-        port=args.port,
-        url=args.url,
-        http_url=args.http_url,
-        database=args.database,
-    )
-    try:
-        return Demo(options, out).run()
-    except KeyboardInterrupt:  # before the demo's own signal handling was in place
-        return 0
-    except Exception as error:  # one line, never a traceback or a password
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        for secret in _secrets_of(args.url):
-            message = message.replace(secret, "***")
-        print(f"poolwatch demo: {message}", file=sys.stderr)
-        return 1
-
-
-def _secrets_of(url: str | None) -> list[str]:
-    """The password in a database URL, to keep it out of error messages."""
-    if not url:
-        return []
-    from urllib.parse import urlsplit
-
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return []
-    return [password] if password else []
-
-
-def upstream(args: argparse.Namespace, out: TextIO) -> int:
-    """Serve the demo's HTTP upstream until Ctrl-C or SIGTERM (the compose stack's)."""
-    import signal
-
-    from poolwatch._demo.upstream import ThreadedUpstream
-
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    server = ThreadedUpstream(host=args.host, port=args.port)
-    try:
-        server.start()
-    except OSError as error:
-        reason = error.strerror or str(error)
-        print(
-            f"poolwatch upstream: cannot listen on {args.host}:{args.port}: {reason}",
-            file=sys.stderr,
-        )
-        return 1
-    try:
-        print(f"demo upstream on http://{args.host}:{server.port}/", file=out, flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            stopped.wait()
-    finally:
-        server.stop()
-    return 0
-
-
-def top(args: argparse.Namespace, out: TextIO) -> int:
+def _top_command(args: argparse.Namespace, out: TextIO) -> int:
     """The live pool view of a process serving poolwatch metrics."""
-    from poolwatch import _top
+    from poolwatch.cli import top as _top
 
     try:
         import prometheus_client  # noqa: F401  (its text-format parser)
@@ -198,10 +69,11 @@ def top(args: argparse.Namespace, out: TextIO) -> int:
         return 0
 
 
-def doctor(args: argparse.Namespace, out: TextIO) -> int:
+def _doctor_command(args: argparse.Namespace, out: TextIO) -> int:
     """Findings and advice for every pool of a process serving poolwatch metrics, or of
     the pools an application's modules configure (``--import``)."""
-    from poolwatch import _doctor, _top
+    from poolwatch.cli import doctor as _doctor
+    from poolwatch.cli import top as _top
 
     if args.imports:
         try:
@@ -342,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="poolwatch run [options] -- COMMAND [ARG ...]",
     )
-    from poolwatch import _run
+    from poolwatch.cli import run as _run
 
     _run.add_arguments(start)
     serve = commands.add_parser(
@@ -385,15 +257,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``poolwatch`` command."""
     args = _parser().parse_args(argv)
     if args.command == "demo":
+        from poolwatch.cli.demo import demo
+
         return demo(args, sys.stdout)
     if args.command == "upstream":
+        from poolwatch.cli.demo import upstream
+
         return upstream(args, sys.stdout)
     if args.command == "top":
-        return top(args, sys.stdout)
+        return _top_command(args, sys.stdout)
     if args.command == "doctor":
-        return doctor(args, sys.stdout)
+        return _doctor_command(args, sys.stdout)
     if args.command == "run":
-        from poolwatch import _run
+        from poolwatch.cli import run as _run
 
         return _run.run(args)
     return 2  # pragma: no cover - argparse rejects unknown commands first
