@@ -41,9 +41,11 @@ the same choices of operations and pause moments; thread scheduling still differ
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import random
+import sys
 import threading
 import time
 from collections import Counter
@@ -181,6 +183,8 @@ class Checker:
 
     def __init__(self) -> None:
         self.violations: list[str] = []
+        self.kinds: Counter[str] = Counter()
+        """Every violation, by kind."""
         self.collections = 0
         self._cumulative: dict[PointKey, tuple[int, Any]] = {}
         """Last cumulative point per series: start time, value (a histogram's: counts)."""
@@ -199,8 +203,9 @@ class Checker:
         self._delta_previous = set()
         self.delta_totals.clear()
 
-    def _violation(self, text: str) -> None:
-        if len(self.violations) < 50:  # the first ones tell the story
+    def _violation(self, text: str, kind: str) -> None:
+        self.kinds[kind] += 1
+        if len(self.violations) < 12:  # the first ones tell the story; kinds count all
             self.violations.append(text)
 
     @staticmethod
@@ -225,11 +230,15 @@ class Checker:
         name = _describe(key)
         if before[0] != start:
             self._violation(
-                f"cumulative: the start time of {name} changed ({before[0]} -> {start})"
+                f"cumulative: the start time of {name} changed ({before[0]} -> {start})",
+                "cumulative start time changed",
             )
         counter = key[0] in collection.monotonic or key in collection.histogram
         if counter and any(now < then for now, then in zip(value, before[1], strict=True)):
-            self._violation(f"cumulative: {name} went down: {before[1]} -> {value}")
+            self._violation(
+                f"cumulative: {name} went down: {before[1][:2]} -> {value[:2]}",
+                "cumulative value went down",
+            )
 
     def delta(self, collection: Collection) -> None:
         seen: set[PointKey] = set()
@@ -247,11 +256,12 @@ class Checker:
             name = _describe(key)
             if any(v < 0 for v in value):
                 self.negative_deltas += 1
-                self._violation(f"delta: {name} is negative: {value}")
+                self._violation(f"delta: {name} is negative: {value[:2]}", "negative delta")
             if key in self._delta_previous and start != self._delta_end[key]:
                 self._violation(
                     f"delta: {name} starts at {start}, not where its previous point ended "
-                    f"({self._delta_end[key]})"
+                    f"({self._delta_end[key]})",
+                    "delta start not the previous end",
                 )
             self._delta_end[key] = end
             total = self.delta_totals.get(key)
@@ -342,12 +352,18 @@ class Readers:
         collection = self.collect()
         with self._lock:
             for mismatch in self.checker.totals_match(collection):
-                self.checker._violation(f"delta totals: {mismatch}")
+                self.checker._violation(
+                    f"delta totals: {mismatch}", "deltas summed differ from cumulative"
+                )
         return collection
 
     def assert_clean(self) -> None:
         """No violation in any collection, and no internal error of poolwatch's."""
-        problems = list(self.checker.violations)
+        kinds = self.checker.kinds
+        problems = [f"{n} x {kind}" for kind, n in kinds.most_common()]
+        if kinds:
+            problems.append("the first ones:")
+            problems.extend(self.checker.violations)
         errors = self.handle.errors if self.handle is not None else {}
         if errors:
             problems.append(f"poolwatch's internal errors (handle.errors): {errors}")
@@ -685,6 +701,18 @@ def figures(collection: Collection, pool: str) -> dict[str, int | None]:
     return found
 
 
+REUSED_RACE = (
+    "new: checkouts.reused is over-counted when a collection falls between a checkout and "
+    "the connect that opens its connection (urllib3 and httpx open it after the checkout), "
+    "and the exported count is kept from going down; test_reused_is_not_counted_before_"
+    "the_connect in tests/test_truth_urllib3.py and test_truth_httpx.py reproduces it"
+)
+TOLERATE_REUSED_RACE = True
+"""While the bug above stands, the randomized runs of urllib3, requests, boto3 and httpx
+accept an exported ``reused`` above the truth (never below), and show it; set False with
+the fix, and those runs compare it exactly again."""
+
+
 @dataclass
 class Comparison:
     """Exported figures next to their truths; :meth:`check` fails with every mismatch."""
@@ -693,6 +721,21 @@ class Comparison:
     rng: Seeded
     exported: Mapping[str, int | None]
     rows: list[tuple[str, int | None, dict[str, int | None]]] = field(default_factory=list)
+    tolerated: dict[str, tuple[str, Callable[[int | None, int | None], bool]]] = field(
+        default_factory=dict
+    )
+    """Figures with a known bug: a mismatch it explains is shown, and does not fail."""
+
+    def reused(self, truth: int) -> None:
+        """``reused`` against the truth, with :data:`TOLERATE_REUSED_RACE`."""
+        if TOLERATE_REUSED_RACE:
+            self.tolerated["reused"] = (
+                REUSED_RACE,
+                lambda exported, truth: (
+                    exported is not None and truth is not None and exported > truth
+                ),
+            )
+        self.expect("reused", workload=truth)
 
     def expect(self, figure: str, **truths: int | None) -> None:
         """``figure`` must equal every truth given (by source: ``workload=``, ``library=``,
@@ -716,7 +759,12 @@ class Comparison:
         for figure, exported, truths in self.rows:
             if any(value != exported for value in truths.values()):
                 told = ", ".join(f"{source} {value}" for source, value in truths.items())
-                wrong.append(f"{figure:<18} exported {exported!s:<6} truth: {told}")
+                line = f"{figure:<18} exported {exported!s:<6} truth: {told}"
+                known = self.tolerated.get(figure)
+                if known is not None and all(known[1](exported, v) for v in truths.values()):
+                    print(f"{self.label}: tolerated ({known[0]}): {line}")
+                    continue
+                wrong.append(line)
         return wrong
 
     def check(self) -> None:
@@ -780,6 +828,98 @@ def settle(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
             return False
         time.sleep(0.005)
     return True
+
+
+# -- urllib3's own account (urllib3, requests, botocore) --------------------------------------
+class LibraryLog(logging.Handler):
+    """urllib3's own account of its closes, from its log: discards ("Connection pool is
+    full, discarding connection") and connections found dropped at checkout ("Resetting
+    dropped connection"). The connection concerned is read from the frame of urllib3's
+    function that logs it, so that connections the workload marked (:meth:`mark`: the
+    server ended it after answering, the workload closed its response early) are told
+    from the others: ``resets_of(kind)``, ``discards_of(kind)``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.discards = 0
+        self.resets = 0
+        self.placeholders_discarded = 0
+        self._of: Counter[tuple[str, str]] = Counter()
+        self._marked: dict[Any, str] = {}
+        self._counts = threading.Lock()
+
+    def mark(self, conn: Any, kind: str) -> None:
+        """``conn`` is closed for ``kind``'s reason, and still the pool's."""
+        with self._counts:
+            self._marked[conn] = kind
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Connection pool is full"):
+            what, function = "discards", "_put_conn"
+        elif message.startswith("Resetting dropped connection"):
+            what, function = "resets", "_get_conn"
+        else:
+            return
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None and frame.f_code.co_name != function:
+            frame = frame.f_back
+        conn = frame.f_locals.get("conn") if frame is not None else None
+        with self._counts:
+            if conn is None:
+                # _put_conn(None) logs the warning too (the placeholder urllib3 puts back
+                # for a connection it threw away): no connection is discarded.
+                self.placeholders_discarded += what == "discards"
+                return
+            setattr(self, what, getattr(self, what) + 1)
+            kind = self._marked.pop(conn, None)
+            if kind is not None:
+                self._of[(what, kind)] += 1
+
+    def resets_of(self, kind: str) -> int:
+        with self._counts:
+            return self._of[("resets", kind)]
+
+    def discards_of(self, kind: str) -> int:
+        with self._counts:
+            return self._of[("discards", kind)]
+
+    def let_go(self, kind: str) -> int:
+        return self.resets_of(kind) + self.discards_of(kind)
+
+    def waiting(self, kind: str) -> int:
+        """Marked connections the pool has not let go of yet."""
+        with self._counts:
+            return sum(1 for k in self._marked.values() if k == kind)
+
+    def in_queue(self, pool: Any, kind: str) -> int:
+        """Marked connections in ``pool``'s queue now."""
+        with self._counts:
+            marked = {id(c) for c, k in self._marked.items() if k == kind}
+        return sum(1 for conn in list(pool.pool.queue) if conn is not None and id(conn) in marked)
+
+
+@contextmanager
+def library_log() -> Iterator[LibraryLog]:
+    """:class:`LibraryLog` on urllib3's pool logger (at DEBUG) while in use."""
+    handler = LibraryLog()
+    logger = logging.getLogger("urllib3.connectionpool")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def idle_in_queue(pool: Any) -> int:
+    """A urllib3 pool's connected connections in its queue (not its None placeholders)."""
+    queue = pool.pool
+    if queue is None:
+        return 0
+    return sum(1 for conn in list(queue.queue) if conn is not None and conn.sock is not None)
 
 
 # -- instrument/uninstrument cycles ----------------------------------------------------------
