@@ -347,9 +347,15 @@ class Readers:
             self.last = cumulative
             return cumulative
 
-    def collect_settled(self) -> Collection:
-        """Collect at a quiescent moment: also the deltas summed against the cumulative."""
+    def collect_settled(self, rounds: int = 3) -> Collection:
+        """Collect at a quiescent moment, then the deltas summed against the cumulative.
+
+        A collection may itself change what the next one sees (a checkout whose borrower
+        dropped it is counted once two sweeps in a row confirm it), so both readers
+        collect ``rounds`` times and the last round is compared."""
         collection = self.collect()
+        for _ in range(rounds - 1):
+            collection = self.collect()
         with self._lock:
             for mismatch in self.checker.totals_match(collection):
                 self.checker._violation(
