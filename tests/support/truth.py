@@ -719,6 +719,32 @@ accept an exported ``reused`` above the truth (never below), and show it; set Fa
 the fix, and those runs compare it exactly again."""
 
 
+UNCOUNTED_SECOND_WAIT = (
+    "issue 18 item 4: a request that httpcore handed a connection which then turned out "
+    "unavailable (ConnectionNotAvailable: two queued requests assigned the same idle "
+    "connection, or an HTTP/1.1 connection taken for HTTP/2) waits again; a PoolTimeout "
+    "then is not counted, and the request counts as a checkout and a use instead"
+)
+
+
+TOLERATE_SECOND_WAIT = True
+"""While item 4 stands, httpx's randomized runs accept, at a pause, checkouts counted for
+requests that are queued again (handed a connection that turned out unavailable, they
+wait again: poolwatch counted their checkout at the first wait) — at most as many as are
+queued; shown, not failed. Set False with the fix."""
+
+
+def requeued(got: dict[str, int | None], checkouts: int, queued: int, label: str) -> None:
+    """Under :data:`TOLERATE_SECOND_WAIT`: checkouts exported beyond the workload's, up to
+    the requests queued now, are taken back out of the figures (in place)."""
+    extra = (got.get("checkouts") or 0) - checkouts
+    if not TOLERATE_SECOND_WAIT or not 0 < extra <= queued:
+        return
+    print(f"{label}: tolerated ({UNCOUNTED_SECOND_WAIT}): {extra} requests queued again")
+    got["checkouts"] = checkouts
+    got["reused"] = (got.get("reused") or 0) - extra
+
+
 @dataclass
 class Comparison:
     """Exported figures next to their truths; :meth:`check` fails with every mismatch."""
