@@ -740,9 +740,19 @@ def requeued(got: dict[str, int | None], checkouts: int, queued: int, label: str
     extra = (got.get("checkouts") or 0) - checkouts
     if not TOLERATE_SECOND_WAIT or not 0 < extra <= queued:
         return
-    print(f"{label}: tolerated ({UNCOUNTED_SECOND_WAIT}): {extra} requests queued again")
+    print(f"{label}: tolerated (issue 18 item 4): {extra} requests queued again")
     got["checkouts"] = checkouts
     got["reused"] = (got.get("reused") or 0) - extra
+
+
+REUSED_AFTER_FAILED_CONNECTS = (
+    "issue 18 item 5: checkouts.reused subtracts failed connects, which SQLAlchemy and "
+    "aiohttp count as failed checkouts, not as checkouts that opened a connection"
+)
+TOLERATE_REUSED_AFTER_FAILED_CONNECTS = True
+"""While item 5 stands, aiohttp's randomized runs (whose connect timeouts fail connects at
+random) accept ``reused`` below the truth by at most the failed connects, and show it;
+SQLAlchemy's outage run is a strict xfail instead. Set False with the fix."""
 
 
 @dataclass
@@ -758,13 +768,22 @@ class Comparison:
     )
     """Figures with a known bug: a mismatch it explains is shown, and does not fail."""
 
-    def reused(self, truth: int) -> None:
-        """``reused`` against the truth, with :data:`TOLERATE_REUSED_RACE`."""
-        if TOLERATE_REUSED_RACE:
+    def reused(self, truth: int, failed_connects: int = 0) -> None:
+        """``reused`` against the truth, with :data:`TOLERATE_REUSED_RACE` (above it) and,
+        for pools whose failed connects fail the checkout (SQLAlchemy, aiohttp),
+        :data:`TOLERATE_REUSED_AFTER_FAILED_CONNECTS` (below it by at most those)."""
+        low = truth - failed_connects if TOLERATE_REUSED_AFTER_FAILED_CONNECTS else truth
+        high = None if TOLERATE_REUSED_RACE else truth
+        if (low, high) != (truth, truth):
+            reasons = []
+            if high is None:
+                reasons.append("new: the reused race")
+            if low < truth:
+                reasons.append("issue 18 item 5")
             self.tolerated["reused"] = (
-                REUSED_RACE,
-                lambda exported, truth: (
-                    exported is not None and truth is not None and exported > truth
+                " or ".join(reasons),
+                lambda exported, _: (
+                    exported is not None and exported >= low and (high is None or exported <= high)
                 ),
             )
         self.expect("reused", workload=truth)
