@@ -562,7 +562,7 @@ def test_a_client_per_call_keeps_one_monotonic_series(
                 _client_per_call(server.url)
                 calls += 1
                 if calls % 10 == 0:
-                    gc.collect()  # as the application's collector would, sooner or later
+                    gc.collect(1)  # young garbage, as the app's own collector would
                     readers.collect()
         readers.assert_clean()
         got = figures(readers.collect_settled(), "httpx")
@@ -615,7 +615,7 @@ def _cycle(rng: Seeded, readers: Readers, stop: threading.Event) -> tuple[int, l
     try:
         with Racing(readers):
             while cycles < CYCLES and not expired():
-                handle = readers.instrument()
+                handle = readers.instrument(libraries=["httpx"])
                 time.sleep(rng.random() * 0.02)
                 poolwatch.uninstrument()
                 if handle.errors:
@@ -688,14 +688,15 @@ def test_instrument_cycles_under_load_reach_no_task(rng: Seeded, readers: Reader
     stop = threading.Event()
 
     async def load(url: str) -> None:
-        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=2)) as client:
+        # One connection for eight tasks: at any moment most of them wait for it.
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) as client:
 
             async def task(index: int) -> None:
                 r = random.Random(rng.seed_value * 1000 + index)
                 while not stop.is_set():
                     try:
                         timeout = _timeout(0.005 if r.random() < 0.3 else 5.0, read=2.0)
-                        response = await client.get(f"{url}/?delay=0.005", timeout=timeout)
+                        response = await client.get(f"{url}/?delay=0.01", timeout=timeout)
                         response.raise_for_status()
                         tally.add("requests")
                     except httpx.PoolTimeout:

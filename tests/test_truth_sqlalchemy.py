@@ -832,7 +832,7 @@ def test_an_engine_per_call_keeps_one_monotonic_series(
             _engine_per_call(url)
             calls += 1
             if calls % 10 == 0:
-                gc.collect()  # as the application's collector would, sooner or later
+                gc.collect(1)  # young garbage, as the app's own collector would
                 readers.collect()
     got = readers.collect_settled()
     name = f"sqlite:///{tmp_path}/truth.db"
@@ -900,7 +900,7 @@ def test_instrument_cycles_under_load_reach_no_worker(
     try:
         with Racing(readers):
             while cycles < CYCLES and not expired():
-                handle = readers.instrument()
+                handle = readers.instrument(libraries=["sqlalchemy"])
                 time.sleep(rng.random() * 0.02)
                 poolwatch.uninstrument()
                 if handle.errors:

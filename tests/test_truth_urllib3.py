@@ -450,7 +450,7 @@ def test_a_pool_manager_per_call_keeps_one_monotonic_series(
                 _manager_per_call(server.url)
                 calls += 1
                 if calls % 10 == 0:
-                    gc.collect()  # as the application's collector would, sooner or later
+                    gc.collect(1)  # young garbage, as the app's own collector would
                     readers.collect()
         readers.assert_clean()
         got = figures(readers.collect_settled(), server.origin)
@@ -514,7 +514,7 @@ def test_instrument_cycles_under_load_reach_no_worker(rng: Seeded, readers: Read
         try:
             with Racing(readers):
                 while cycles < CYCLES and not expired():
-                    handle = readers.instrument()
+                    handle = readers.instrument(libraries=["urllib3"])
                     time.sleep(rng.random() * 0.02)
                     poolwatch.uninstrument()
                     if handle.errors:
