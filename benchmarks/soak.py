@@ -35,14 +35,17 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import tracemalloc
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,6 +284,37 @@ def boto3_workloads(soak: Soak, endpoint: str) -> list[Callable[[], None]]:
     ]
 
 
+class Warnings(logging.Handler):
+    """poolwatch's WARNINGs, counted by what they say (anti-pattern and pool) instead of
+    printed; an anti-pattern is reported once per pool series."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.counts: Counter[str] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = re.match(r"poolwatch: pool (.+?) \((\w+)\): (\w+):", record.getMessage())
+        key = f"{found[3]} {found[1]}" if found else record.getMessage()[:80]
+        self.counts[key] += 1
+
+
+@contextlib.contextmanager
+def quiet_logs() -> Iterator[Warnings]:
+    """poolwatch's WARNINGs counted, moto's (werkzeug's) request log silenced."""
+    handler = Warnings()
+    ours, werkzeug = logging.getLogger("poolwatch"), logging.getLogger("werkzeug")
+    ours.addHandler(handler)
+    ours.propagate = False
+    level = werkzeug.level
+    werkzeug.setLevel(logging.ERROR)
+    try:
+        yield handler
+    finally:
+        ours.removeHandler(handler)
+        ours.propagate = True
+        werkzeug.setLevel(level)
+
+
 # -- measuring ---------------------------------------------------------------------------------
 def rss() -> int:
     """Resident memory of this process, in bytes (``/proc/self/statm``)."""
@@ -338,11 +372,16 @@ def compare_series(soak: Soak, final: Collection) -> tuple[list[str], bool]:
             lines.append(
                 f"{name:<40} {what:<10} exported {exported:>8}  workload {truth:>8}  {mark}"
             )
+    names = {name for _, name in final.series()}
     for key in sorted(k for k in counted if k.endswith(".calls")):
-        name = key.rsplit(".", 1)[0]
-        exported = figures(final, name)["checkouts"]
+        target = key.rsplit(".", 1)[0]
+        # A per-call series is named by its target, with its creation site when another
+        # place made a pool for the same target first (the shared pool, named later).
+        found = sorted(n for n in names if n == target or n.startswith(f"{target} ("))
+        exported = sum(figures(final, name)["checkouts"] or 0 for name in found)
+        shown = found[0] if len(found) == 1 else target
         lines.append(
-            f"{name:<40} {'per call':<10} exported {exported:>8}  calls    {counted[key]:>8}"
+            f"{shown:<40} {'per call':<10} exported {exported:>8}  calls    {counted[key]:>8}"
         )
     return lines, ok
 
@@ -356,6 +395,8 @@ class Run:
     """Python's allocations at the end of the warm-up (with tracemalloc)."""
     collections: int = 0
     stuck: list[str] = field(default_factory=list)
+    warnings: Counter[str] = field(default_factory=Counter)
+    """poolwatch's WARNINGs by anti-pattern and pool."""
     final: Collection | None = None
     """Both readers' last collection, the workloads stopped, their pools still alive."""
 
@@ -366,6 +407,7 @@ def run(soak: Soak, readers: Readers, *, boto3: bool, traced: bool) -> Run:
     threads: list[threading.Thread] = []
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
+        logs = stack.enter_context(quiet_logs())
         directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         server = stack.enter_context(CountingUpstream())
         async_server = stack.enter_context(CountingAsyncUpstream())
@@ -410,6 +452,7 @@ def run(soak: Soak, readers: Readers, *, boto3: bool, traced: bool) -> Run:
         measured.collections = racing.collections
         gc.collect()
         measured.final = readers.collect_settled()
+        measured.warnings = logs.counts
     measured.stuck = [t.name for t in threads if t.is_alive()]
     return measured
 
@@ -448,11 +491,13 @@ def report(soak: Soak, readers: Readers, handle: poolwatch.Instrumentation, meas
     for violation in checker.violations[:5]:
         print(f"  {violation}")
     print(f"handle.errors: {handle.errors or 'none'}")
+    repeated = {k: n for k, n in measured.warnings.items() if n > 1}
+    print(f"poolwatch WARNINGs: {sum(measured.warnings.values())}, repeated: {repeated or 'none'}")
     print(f"workload exceptions not expected: {soak.errors or 'none'}")
     print(f"threads still running: {measured.stuck or 'none'}")
     print("\nseries at the end:")
     print("\n".join(lines))
-    return not (kinds or handle.errors or soak.errors or measured.stuck) and series_ok
+    return not (kinds or handle.errors or soak.errors or measured.stuck or repeated) and series_ok
 
 
 def main() -> int:
