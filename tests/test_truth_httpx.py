@@ -500,12 +500,20 @@ def test_reused_is_not_counted_before_the_connect(rng: Seeded, readers: Readers)
 def test_a_timeout_after_connection_not_available_is_counted(rng: Seeded, readers: Readers) -> None:
     """An HTTP/2-enabled client and an HTTPS server speaking HTTP/1.1 only: while the first
     connection is being set up, httpcore assigns every queued request to it (it could turn
-    out HTTP/2); it turns out HTTP/1.1, the others get ConnectionNotAvailable and wait
-    again — until their pool timeout, while the first response takes 0.5 s."""
+    out HTTP/2). The server's TLS handshake waits until all four requests are in the pool;
+    the connection turns out HTTP/1.1, the three others get ConnectionNotAvailable and wait
+    again, for 0.1 s, while the first response takes 2 s: three pool timeouts."""
     readers.instrument()
     outcomes: list[str] = []
     lock = threading.Lock()
-    with CountingUpstream(tls=True, delay=0.5, handshake_delay=0.2) as server:
+    handshake = threading.Event()
+    with CountingUpstream(tls=True, delay=2.0) as server:
+        assert server.ssl_context is not None
+
+        def hold_the_handshake(*_: object) -> None:
+            handshake.wait(10)
+
+        server.ssl_context.sni_callback = hold_the_handshake
         trust = ssl.create_default_context(cafile=server.ca_file)
         limits = httpx.Limits(max_connections=1)
         timeout = httpx.Timeout(10.0, pool=0.1)
@@ -524,15 +532,18 @@ def test_a_timeout_after_connection_not_available_is_counted(rng: Seeded, reader
             threads = [threading.Thread(target=call) for _ in range(4)]
             for t in threads:
                 t.start()
-            for t in threads:
-                t.join(30)
+            try:
+                assert settle(lambda: len(pool_of(client)._requests) == 4), "not all queued"
+            finally:
+                handshake.set()
+                for t in threads:
+                    t.join(30)
             got = figures(readers.collect_settled(), "truth")
-    timeouts = outcomes.count("timeout")
-    assert timeouts >= 1, f"no pool timeout happened: {outcomes}"
+    assert sorted(outcomes) == ["ok", "timeout", "timeout", "timeout"], outcomes
     cmp = Comparison(f"outcomes {sorted(outcomes)}", rng, got)
-    cmp.expect("timeouts", workload=timeouts)
-    cmp.expect("wait_timeouts", workload=timeouts)
-    cmp.expect("checkouts", workload=outcomes.count("ok"), server=server.requests)
+    cmp.expect("timeouts", workload=3)
+    cmp.expect("wait_timeouts", workload=3)
+    cmp.expect("checkouts", workload=1, server=server.requests)
     cmp.check()
     readers.assert_clean()
 
