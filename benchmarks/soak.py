@@ -428,16 +428,18 @@ def run(soak: Soak, readers: Readers, *, boto3: bool, traced: bool) -> Run:
             while time.monotonic() < deadline:
                 time.sleep(min(SAMPLE_EVERY, max(0.0, deadline - time.monotonic())))
                 gc.collect()
-                now = time.monotonic()
+                at = time.monotonic() - started
+                if measured.baseline is None and at >= WARM_UP and traced:
+                    # First: the snapshot itself takes resident memory (~90 MiB here),
+                    # which every later sample, the first one read from included, holds.
+                    measured.baseline = tracemalloc.take_snapshot()
                 sample = Sample(
-                    now - started,
+                    at,
                     rss(),
                     tracemalloc.get_traced_memory()[0] if traced else None,
                     racing.collections,
                 )
                 measured.samples.append(sample)
-                if measured.baseline is None and sample.at >= WARM_UP and traced:
-                    measured.baseline = tracemalloc.take_snapshot()
                 shown = f", traced {mib(sample.traced)}" if sample.traced is not None else ""
                 print(
                     f"  {sample.at:5.0f} s  RSS {mib(sample.rss)}{shown}, "
