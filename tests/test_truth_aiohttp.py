@@ -44,6 +44,9 @@ from tests.support.truth import (
     settle,
 )
 
+# Bounds: every loop stops at a count or a time, whichever comes first (the CI budget of
+# the whole ground-truth suite is about 150 s on a two-core machine; the soak,
+# benchmarks/soak.py, runs the same workloads for minutes).
 OPERATIONS = 500
 """Operations of one randomized run, over all its tasks (and at most ``SECONDS``)."""
 SECONDS = 6.0
@@ -57,9 +60,9 @@ HELD_BODY = 4 << 20
 """Bytes of a held response's body: more than aiohttp buffers unread (its connection stays
 out until the body is read)."""
 PER_CALL_SESSIONS = 600
-PER_CALL_SECONDS = 8.0
+PER_CALL_SECONDS = 5.0
 CYCLES = 40
-CYCLE_SECONDS = 6.0
+CYCLE_SECONDS = 4.0
 
 
 class Injected(Exception):
@@ -373,11 +376,13 @@ def test_a_session_under_tasks(rng: Seeded, readers: Readers, dropping: bool) ->
                 gate.resume()
         await gate.join()
         compare_now("the end", 0)
-        idle = library_levels(pool)[1]
+        # Every connection the connector holds is closed: idle ones, and those the server
+        # closed while idle that aiohttp has not looked at yet.
+        kept = sum(len(queue) for queue in list(pool._conns.values()))
         before = figures(readers.collect(), "truth").get("closed.disposed") or 0
         await session.close()
         cmp = Comparison("after close()", rng, figures(readers.collect_settled(), "truth"))
-        cmp.expect("closed.disposed", library=before + idle)
+        cmp.expect("closed.disposed", library=before + kept)
         cmp.check()
 
     idle_timeout = IDLE_TIMEOUT if dropping else None
@@ -413,7 +418,8 @@ def test_a_session_per_call_keeps_one_monotonic_series(
             await _session_per_call(url)
             calls += 1
             if calls % 10 == 0:
-                gc.collect(1)  # young garbage, as the app's own collector would
+                # every pool made so far freed, as the app's own collector would
+                gc.collect(1 if calls % 20 else 2)
                 readers.collect()
 
     with CountingAsyncUpstream() as server:

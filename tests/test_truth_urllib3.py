@@ -49,6 +49,9 @@ from tests.support.truth import (
     settle,
 )
 
+# Bounds: every loop stops at a count or a time, whichever comes first (the CI budget of
+# the whole ground-truth suite is about 150 s on a two-core machine; the soak,
+# benchmarks/soak.py, runs the same workloads for minutes).
 OPERATIONS = 500
 """Operations of one randomized run, over all its workers (and at most ``SECONDS``)."""
 SECONDS = 6.0
@@ -63,9 +66,9 @@ IDLE_TIMEOUT = 0.05
 """Seconds after which the dropping server closes an idle keep-alive connection."""
 PER_CALL_MANAGERS = 600
 """PoolManagers made, used once and dropped (at most ``PER_CALL_SECONDS``)."""
-PER_CALL_SECONDS = 8.0
+PER_CALL_SECONDS = 5.0
 CYCLES = 40
-CYCLE_SECONDS = 6.0
+CYCLE_SECONDS = 4.0
 
 
 class Injected(Exception):
@@ -417,7 +420,7 @@ def test_connections_out_before_instrument_are_used(rng: Seeded, readers: Reader
             response.release_conn()
         got = figures(readers.collect_settled(), "truth")
         cmp = Comparison("both released", rng, got)
-        cmp.expect("used", workload=0, library=3 - pool.pool.qsize() - 2)
+        cmp.expect("used", workload=0, library=3 - pool.pool.qsize())
         cmp.expect("idle", library=2, server=server.open_connections)
         cmp.check()
         pool.close()
@@ -450,7 +453,8 @@ def test_a_pool_manager_per_call_keeps_one_monotonic_series(
                 _manager_per_call(server.url)
                 calls += 1
                 if calls % 10 == 0:
-                    gc.collect(1)  # young garbage, as the app's own collector would
+                    # every pool made so far freed, as the app's own collector would
+                    gc.collect(1 if calls % 20 else 2)
                     readers.collect()
         readers.assert_clean()
         got = figures(readers.collect_settled(), server.origin)
