@@ -7,7 +7,8 @@ Each randomized run drives two engines on one database from worker threads (or t
 checkout used and returned, a checkout held across operations (and across pauses),
 released later; an exception raised inside a checkout; a statement the database rejects;
 an invalidation; on PostgreSQL, the server terminating a held connection's backend; with
-an outage, connects refused by a closed port.
+an outage, connects that fail for real (SQLite cannot open a database file in a directory
+that does not exist).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def readers(rng: Seeded) -> Iterator[Readers]:
 # -- the workload ----------------------------------------------------------------------------
 @dataclass
 class Outage:
-    """Connects are refused while ``down``: the creator connects to a closed port."""
+    """Connects fail while ``down``: the dialect's connect is given an address it cannot
+    open (a ``do_connect`` listener, SQLAlchemy's own hook for it)."""
 
     down: bool = False
     enabled: bool = False
