@@ -18,7 +18,6 @@ import gc
 import logging
 import random
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +35,7 @@ from tests.support.truth import (
     Tally,
     TaskGate,
     class_attributes,
+    cycle,
     deadline_after,
     figures,
     pause_moments,
@@ -477,19 +477,16 @@ def test_instrument_cycles_under_load_reach_no_task(rng: Seeded, readers: Reader
     with CountingAsyncUpstream() as server:
         loop = threading.Thread(target=lambda: asyncio.run(load(server.url)), daemon=True)
         loop.start()
-        expired = deadline_after(CYCLE_SECONDS)
-        cycles = 0
-        errors: list[dict[str, int]] = []
         try:
-            with Racing(readers):
-                while cycles < CYCLES and not expired():
-                    handle = readers.instrument(libraries=["aiohttp"])
-                    time.sleep(rng.random() * 0.02)
-                    poolwatch.uninstrument()
-                    if handle.errors:
-                        errors.append(handle.errors)
-                    cycles += 1
-                    time.sleep(rng.random() * 0.005)
+            cycles, errors = cycle(
+                rng,
+                readers,
+                "aiohttp",
+                lambda: tally["requests"] + tally["timeouts"],
+                cycles=CYCLES,
+                seconds=CYCLE_SECONDS,
+                inside=10,
+            )
         finally:
             stop.set()
             loop.join(30)

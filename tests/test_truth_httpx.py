@@ -27,7 +27,6 @@ import random
 import ssl
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +36,9 @@ import httpx
 import pytest
 
 import poolwatch
+from tests.support.threads import blocked_in
 from tests.support.truth import (
+    HOOKS_REMOVED_WHILE_RUNNING,
     REUSED_RACE,
     UNCOUNTED_SECOND_WAIT,
     Comparison,
@@ -50,9 +51,11 @@ from tests.support.truth import (
     TaskGate,
     ThreadGate,
     class_attributes,
+    cycle,
     deadline_after,
     drive_threads,
     figures,
+    hooks_removed_while_running,
     pause_moments,
     poolwatch_frames,
     requeued,
@@ -615,6 +618,19 @@ def _httpx_classes() -> list[type]:
     ]
 
 
+def _no_internal_errors(rng: Seeded, errors: list[dict[str, int]], tally: Tally) -> None:
+    """No internal error in any cycle but item 2's (while it is tolerated: the hook that
+    failed reports it before the caller sees it)."""
+    if tally["item 2"]:
+        print(f"tolerated ({HOOKS_REMOVED_WHILE_RUNNING}): {tally['item 2']} callers")
+        errors = [
+            {k: n for k, n in cycle_errors.items() if k not in ("httpx request", "httpx wait")}
+            for cycle_errors in errors
+        ]
+    left = [cycle_errors for cycle_errors in errors if cycle_errors]
+    assert not left, f"{rng.replay}: poolwatch's internal errors by cycle: {left}"
+
+
 def _not_poolwatchs(error: BaseException) -> bool:
     """httpcore's own failures under contention (encode/httpcore#1110: a connection closed
     under a request it was handed — a closed socket, or a read that waits for ever):
@@ -622,31 +638,6 @@ def _not_poolwatchs(error: BaseException) -> bool:
     return isinstance(error, (httpx.ReadError, httpx.ReadTimeout)) and not poolwatch_frames(error)
 
 
-def _cycle(rng: Seeded, readers: Readers, stop: threading.Event) -> tuple[int, list[Any]]:
-    """instrument()/uninstrument() until CYCLES or CYCLE_SECONDS; internal errors by cycle."""
-    expired = deadline_after(CYCLE_SECONDS)
-    cycles = 0
-    errors: list[dict[str, int]] = []
-    try:
-        with Racing(readers):
-            while cycles < CYCLES and not expired():
-                handle = readers.instrument(libraries=["httpx"])
-                time.sleep(rng.random() * 0.02)
-                poolwatch.uninstrument()
-                if handle.errors:
-                    errors.append(handle.errors)
-                cycles += 1
-                time.sleep(rng.random() * 0.005)
-    finally:
-        stop.set()
-    return cycles, errors
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 18 item 2: a request waiting for a connection while uninstrument() runs "
-    "gets AttributeError: 'Request' object has no attribute '_poolwatch_out'",
-)
 def test_instrument_cycles_under_load_reach_no_thread(rng: Seeded, readers: Readers) -> None:
     """Threads make requests on a pool of 2 (callers wait, some time out) while the
     controller instruments and uninstruments: every exception a thread sees is one the
@@ -671,6 +662,9 @@ def test_instrument_cycles_under_load_reach_no_thread(rng: Seeded, readers: Read
                     if _not_poolwatchs(error):
                         tally.add("httpcore failures")
                         continue
+                    if hooks_removed_while_running(error):
+                        tally.add("item 2")
+                        continue
                     where = ", ".join(poolwatch_frames(error)) or "not poolwatch's"
                     tally.unexpected_error(f"thread ({where})", error)
 
@@ -678,7 +672,15 @@ def test_instrument_cycles_under_load_reach_no_thread(rng: Seeded, readers: Read
         for t in threads:
             t.start()
         try:
-            cycles, errors = _cycle(rng, readers, stop)
+            cycles, errors = cycle(
+                rng,
+                readers,
+                "httpx",
+                lambda: tally["requests"] + tally["timeouts"],
+                cycles=CYCLES,
+                seconds=CYCLE_SECONDS,
+                inside=8,
+            )
         finally:
             stop.set()
             for t in threads:
@@ -686,16 +688,10 @@ def test_instrument_cycles_under_load_reach_no_thread(rng: Seeded, readers: Read
         client.close()
     assert cycles >= 5 and tally["requests"] > 0, (cycles, tally.counts)
     tally.assert_expected(rng)
-    assert not errors, f"{rng.replay}: poolwatch's internal errors by cycle: {errors}"
+    _no_internal_errors(rng, errors, tally)
     assert class_attributes(_httpx_classes()) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 18 item 2: an async request waiting for a connection while "
-    "uninstrument() runs gets AttributeError: 'Request' object has no attribute "
-    "'_poolwatch_out'",
-)
 def test_instrument_cycles_under_load_reach_no_task(rng: Seeded, readers: Readers) -> None:
     """The same with tasks of an AsyncClient on an event loop in another thread."""
     before = class_attributes(_httpx_classes())
@@ -720,6 +716,9 @@ def test_instrument_cycles_under_load_reach_no_task(rng: Seeded, readers: Reader
                         if _not_poolwatchs(error):
                             tally.add("httpcore failures")
                             continue
+                        if hooks_removed_while_running(error):
+                            tally.add("item 2")
+                            continue
                         where = ", ".join(poolwatch_frames(error)) or "not poolwatch's"
                         tally.unexpected_error(f"task ({where})", error)
 
@@ -729,11 +728,79 @@ def test_instrument_cycles_under_load_reach_no_task(rng: Seeded, readers: Reader
         loop = threading.Thread(target=lambda: asyncio.run(load(server.url)), daemon=True)
         loop.start()
         try:
-            cycles, errors = _cycle(rng, readers, stop)
+            cycles, errors = cycle(
+                rng,
+                readers,
+                "httpx",
+                lambda: tally["requests"] + tally["timeouts"],
+                cycles=CYCLES,
+                seconds=CYCLE_SECONDS,
+                inside=8,
+            )
         finally:
             stop.set()
             loop.join(30)
     assert cycles >= 5 and tally["requests"] > 0, (cycles, tally.counts)
     tally.assert_expected(rng)
-    assert not errors, f"{rng.replay}: poolwatch's internal errors by cycle: {errors}"
+    _no_internal_errors(rng, errors, tally)
+    assert class_attributes(_httpx_classes()) == before
+
+
+@pytest.mark.xfail(strict=True, reason=HOOKS_REMOVED_WHILE_RUNNING)
+def test_a_request_waiting_as_uninstrument_runs_is_unharmed(readers: Readers) -> None:
+    """A request queued behind the pool's only connection (held) while uninstrument()
+    runs: it gets the connection once it is released, and its response, nothing else."""
+    before = class_attributes(_httpx_classes())
+    with CountingUpstream() as server, httpx.Client(limits=httpx.Limits(max_connections=1)) as c:
+        handle = readers.instrument(libraries=["httpx"])
+        held = c.send(c.build_request("GET", server.url), stream=True)
+        outcome: list[object] = []
+
+        def queued() -> None:
+            try:
+                outcome.append(c.get(server.url).status_code)
+            except Exception as error:
+                outcome.append(error)
+
+        waiting = threading.Thread(target=queued)
+        waiting.start()
+        assert settle(lambda: blocked_in([waiting], "wait_for_connection") == 1)
+        poolwatch.uninstrument()
+        held.read()
+        held.close()
+        waiting.join(10)
+    assert outcome == [200], outcome
+    assert handle.errors == {}
+    assert class_attributes(_httpx_classes()) == before
+
+
+@pytest.mark.xfail(strict=True, reason=HOOKS_REMOVED_WHILE_RUNNING)
+def test_a_request_waiting_as_uninstrument_runs_is_unharmed_task(readers: Readers) -> None:
+    """The same for an AsyncClient's task."""
+    before = class_attributes(_httpx_classes())
+
+    async def main(url: str) -> tuple[object, dict[str, int]]:
+        limits = httpx.Limits(max_connections=1)
+        async with httpx.AsyncClient(limits=limits) as client:
+            handle = readers.instrument(libraries=["httpx"])
+            held = await client.send(client.build_request("GET", url), stream=True)
+            queued = asyncio.create_task(client.get(url))
+            pool = pool_of(client)
+            for _ in range(1000):  # bounded: until it waits in the pool
+                await asyncio.sleep(0.005)
+                if library_levels(pool)[2] == 1:
+                    break
+            poolwatch.uninstrument()
+            await held.aread()
+            await held.aclose()
+            try:
+                outcome: object = (await queued).status_code
+            except Exception as error:
+                outcome = error
+            return outcome, handle.errors
+
+    with CountingAsyncUpstream() as server:
+        outcome, errors = asyncio.run(main(server.url))
+    assert outcome == 200, outcome
+    assert errors == {}
     assert class_attributes(_httpx_classes()) == before

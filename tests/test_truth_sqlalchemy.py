@@ -44,6 +44,7 @@ from tests.support.truth import (
     TaskGate,
     ThreadGate,
     class_attributes,
+    cycle,
     deadline_after,
     drive_threads,
     figures,
@@ -900,19 +901,16 @@ def test_instrument_cycles_under_load_reach_no_worker(
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(WORKERS)]
     for t in threads:
         t.start()
-    expired = deadline_after(CYCLE_SECONDS)
-    cycles = 0
-    errors: list[dict[str, int]] = []
     try:
-        with Racing(readers):
-            while cycles < CYCLES and not expired():
-                handle = readers.instrument(libraries=["sqlalchemy"])
-                time.sleep(rng.random() * 0.02)
-                poolwatch.uninstrument()
-                if handle.errors:
-                    errors.append(handle.errors)
-                cycles += 1
-                time.sleep(rng.random() * 0.005)
+        cycles, errors = cycle(
+            rng,
+            readers,
+            "sqlalchemy",
+            lambda: tally["checkouts"] + tally["timeouts"],
+            cycles=CYCLES,
+            seconds=CYCLE_SECONDS,
+            inside=2 * WORKERS,
+        )
     finally:
         stop.set()
         for t in threads:

@@ -768,6 +768,29 @@ Pinned by tests/test_truth_sqlalchemy.py::test_reused_after_an_outage (and its o
 a strict xfail too). Set False with the fix."""
 
 
+HOOKS_REMOVED_WHILE_RUNNING = (
+    "issue 18 item 2: an httpx request waiting for a connection while uninstrument() runs "
+    "gets AttributeError: 'Request' object has no attribute '_poolwatch_out' (or "
+    "'_poolwatch_ledger')"
+)
+TOLERATE_HOOKS_REMOVED_WHILE_RUNNING = True
+"""While item 2 stands, httpx's instrument/uninstrument cycles accept exactly that
+AttributeError, raised in poolwatch's httpx hooks, and the internal errors it leaves in
+``handle.errors``; shown, not failed. Pinned by tests/test_truth_httpx.py::
+test_a_request_waiting_as_uninstrument_runs_is_unharmed (and ``..._task``). Set False with
+the fix."""
+
+
+def hooks_removed_while_running(error: BaseException) -> bool:
+    """Under :data:`TOLERATE_HOOKS_REMOVED_WHILE_RUNNING`: whether ``error`` is item 2's."""
+    return (
+        TOLERATE_HOOKS_REMOVED_WHILE_RUNNING
+        and isinstance(error, AttributeError)
+        and "'_poolwatch_" in str(error)
+        and any("adapters/httpx.py" in frame for frame in poolwatch_frames(error))
+    )
+
+
 @dataclass
 class Comparison:
     """Exported figures next to their truths; :meth:`check` fails with every mismatch."""
@@ -990,6 +1013,43 @@ def idle_in_queue(pool: Any) -> int:
 def class_attributes(classes: Iterable[type]) -> dict[tuple[str, str], dict[str, Any]]:
     """Every class's own attributes, to compare before instrument() and after uninstrument()."""
     return {(cls.__module__, cls.__qualname__): dict(vars(cls)) for cls in classes}
+
+
+def cycle(
+    rng: Seeded,
+    readers: Readers,
+    library: str,
+    progress: Callable[[], int],
+    *,
+    cycles: int,
+    seconds: float,
+    inside: int,
+) -> tuple[int, list[dict[str, int]]]:
+    """``instrument(libraries=[library])`` and ``uninstrument()``, ``cycles`` times at most
+    (and at most ``seconds``), while a workload runs; a collector races them. After each
+    ``instrument()``, until the workload has finished ``inside`` more operations
+    (``progress()`` counts them; bounded by 5 s): by then the callers waiting in the pool
+    entered its wait through poolwatch's hooks, and ``uninstrument()`` removes the hooks
+    they are inside of; after it, as long again, for them to leave those hooks. Returns the
+    cycles made and poolwatch's internal errors by cycle."""
+    expired = deadline_after(seconds)
+    made = 0
+    errors: list[dict[str, int]] = []
+    with Racing(readers):
+        while made < cycles and not expired():
+            handle = readers.instrument(libraries=[library])
+            until = progress() + inside
+            settle(lambda until=until: progress() >= until, 5.0)
+            time.sleep(rng.random() * 0.005)
+            poolwatch.uninstrument()
+            if handle.errors:
+                errors.append(handle.errors)
+            made += 1
+            # Uninstrumented until those callers have left the removed hooks (instrumented
+            # again at once, the attributes the hooks read would be back for them).
+            until = progress() + inside
+            settle(lambda until=until: progress() >= until, 5.0)
+    return made, errors
 
 
 def poolwatch_frames(error: BaseException) -> list[str]:
