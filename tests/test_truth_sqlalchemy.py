@@ -72,7 +72,7 @@ PER_CALL_ENGINES = 400
 PER_CALL_SECONDS = 5.0
 CYCLES = 40
 """instrument()/uninstrument() cycles while workers check out (at most ``CYCLE_SECONDS``)."""
-CYCLE_SECONDS = 4.0
+CYCLE_SECONDS = 5.0
 
 
 class Injected(Exception):
@@ -915,7 +915,7 @@ def test_instrument_cycles_under_load_reach_no_worker(
         stop.set()
         for t in threads:
             t.join(30)
-    assert cycles >= 5 and tally["checkouts"] > 0, (cycles, tally.counts)
+    assert cycles >= 2 and tally["checkouts"] > 0, (cycles, tally.counts)
     tally.assert_expected(rng)
     assert not errors, f"{rng.replay}: poolwatch's internal errors by cycle: {errors}"
     assert class_attributes(_sqlalchemy_classes()) == before
