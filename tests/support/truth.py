@@ -32,7 +32,11 @@ What this module offers the tests:
 * :class:`Comparison` and :func:`figures` — the exported figures of one series next to each
   truth, mismatches printed as a table;
 * :class:`CountingUpstream` / :class:`CountingAsyncUpstream` — the loopback servers with a
-  count of the connections they hold open.
+  count of the connections they hold open;
+* :func:`drive_threads` — worker threads run and paused at random operation counts;
+* :class:`LibraryLog` — urllib3's own account of its closes, from its log;
+* :func:`cycle` — ``instrument()``/``uninstrument()`` cycles with the workload running
+  inside the hooks as they are removed.
 
 Replay a failure: ``POOLWATCH_TRUTH_SEED=<seed> python -m pytest <test id>``. A replay makes
 the same choices of operations and pause moments; thread scheduling still differs. Every
@@ -60,7 +64,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
@@ -89,7 +93,6 @@ from opentelemetry.sdk.metrics.export import (
 )
 
 import poolwatch
-from tests.support.threads import blocked_in
 from tests.support.upstream import AsyncioUpstream, ThreadedUpstream
 
 SEED_VARIABLE = "POOLWATCH_TRUTH_SEED"
@@ -587,31 +590,6 @@ def drive_threads(
         raise
     gate.join()
     return made
-
-
-def threads_blocked(threads: Sequence[threading.Thread], function: str) -> int:
-    """Threads blocked in a ``threading.Condition`` wait under ``function`` (their stacks)."""
-    return blocked_in(threads, function)
-
-
-def awaiting(task: asyncio.Task[Any], functions: Iterable[str]) -> bool:
-    """Whether ``task`` is suspended inside a coroutine running one of ``functions`` (its
-    chain of awaited coroutines walked from the task, as the interpreter holds it)."""
-    names = set(functions)
-    awaited: Any = task.get_coro()
-    for _ in range(64):
-        frame: FrameType | None = getattr(awaited, "cr_frame", None) or getattr(
-            awaited, "gi_frame", None
-        )
-        if frame is not None and frame.f_code.co_name in names:
-            return True
-        following = getattr(awaited, "cr_await", None)
-        if following is None:
-            following = getattr(awaited, "gi_yieldfrom", None)
-        if following is None:
-            return False
-        awaited = following
-    return False
 
 
 class TaskGate:
