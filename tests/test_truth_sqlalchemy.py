@@ -649,7 +649,7 @@ class AsyncWorkload:
             await conn.execute(sa.text("SELECT 1"))
             return
         if roll < 0.5:
-            with contextlib.suppress(exc.OperationalError):
+            with contextlib.suppress(exc.OperationalError, exc.ProgrammingError):
                 await conn.execute(sa.text("SELECT * FROM truth_no_such_table"))
         elif roll < 0.6:
             await conn.invalidate()
@@ -660,13 +660,27 @@ class AsyncWorkload:
         await self._return(conn)
 
 
-def test_async_engine_under_tasks_on_sqlite(rng: Seeded, readers: Readers, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "database", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def test_async_engine_under_tasks(
+    rng: Seeded,
+    readers: Readers,
+    tmp_path: Path,
+    database: str,
+    request: pytest.FixtureRequest,
+) -> None:
+    """An AsyncEngine (aiosqlite, or asyncpg on the real PostgreSQL) shared by tasks."""
     size, overflow = 2, 1
+    if database == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path}/truth.db"
+    else:
+        url = request.getfixturevalue("postgres").url("asyncpg")
     readers.instrument()
 
     async def main() -> None:
         engine = create_async_engine(
-            f"sqlite+aiosqlite:///{tmp_path}/truth.db",
+            url,
             poolclass=pool.AsyncAdaptedQueuePool,
             pool_size=size,
             max_overflow=overflow,
