@@ -282,9 +282,14 @@ class Ledger:
         self, key: Hashable, start: float, end: float, borrower: FrameType | None = None
     ) -> None:
         """A caller got connection ``key`` after waiting from ``start`` to ``end``;
-        ``borrower``: its frame, whose stack is kept while ``capture`` is on."""
-        self.waits.append(end - start)
+        ``borrower``: its frame, whose stack is kept while ``capture`` is on.
+
+        Out first, counted second: a collection between the two sees a checkout out and
+        not yet counted, never one counted and not out — the reuse count (checkouts less
+        those that connect, or are out and connecting) is then at worst too low for an
+        instant, never too high, and it never goes down once exported."""
         self.active[key] = end
+        self.waits.append(end - start)
         if self.capture:  # this pool has leaked (or leak_stacks="always")
             self.stacks[key] = capture_stack(borrower)
 
@@ -460,13 +465,20 @@ class Ledger:
         return len(self.waits) + len(self.uses) + len(self.connects) + closes
 
     def snapshot(
-        self, now: float | None = None, active: dict[Hashable, float] | None = None
+        self,
+        now: float | None = None,
+        active: dict[Hashable, float] | None = None,
+        unconnected: int = 0,
     ) -> LedgerSnapshot:
         """Copy every counter: what the pool's hooks recorded, as of now. ``active``: the
-        checkouts out, when the adapter reads them from its pools (``Adapter.checkouts``).
+        checkouts out, when the adapter reads them from its pools (``Adapter.checkouts``);
+        ``unconnected``: how many of them have a connect still to be counted
+        (``Adapter.unconnected``).
 
-        Pending values are folded into their histograms first (the ledger's own
-        bookkeeping); nothing a reader can see changes. Leaks are counted by :meth:`sweep`.
+        The ledger's own bookkeeping happens here, and nothing a reader can see changes
+        but by growing: pending values are folded into their histograms, and the reuse
+        count's highest value is kept (it never goes down). Leaks are counted by
+        :meth:`sweep`.
         """
         now = time.perf_counter() if now is None else now
         threshold = self.leak_threshold
@@ -506,13 +518,13 @@ class Ledger:
                 leaks=self.leaks,
                 leaks_active=leaks_active,
                 checked_out=len(active),
-                reused=self._reuses(),
+                reused=self._reuses(unconnected),
             )
             if not active:  # the cached snapshot stands only for a ledger with nothing out
                 self._last, self._last_changes = snapshot, self._changes
             return snapshot
 
-    def _reuses(self) -> int:
+    def _reuses(self, unconnected: int) -> int:
         """Checkouts that opened no connection (the caller holds the lock).
 
         Every pool poolwatch knows opens a connection for the checkout that needs one, so
@@ -520,13 +532,19 @@ class Ledger:
         connect happens inside the checkout (SQLAlchemy, aiohttp), a failed connect failed
         its checkout, which is not among the successful ones: only successful connects are
         subtracted. Where it follows the checkout (urllib3, httpx), a failed connect was
-        made for a successful checkout, and is subtracted too. A connect can be counted an
-        instant before its checkout is; the exported count never goes down.
+        made for a successful checkout, and is subtracted too — and a checkout out now
+        whose connect has not been counted yet (``unconnected``: it is connecting, or about
+        to) is not a reuse either, though nothing says so yet: left in, it read as one
+        until its connect was counted, and the count, which never goes down, kept it.
+        Everything is counted before it can be mistaken: a connect before its checkout
+        (SQLAlchemy, aiohttp), a connect before its connection shows as connected (urllib3,
+        httpx); a count caught between two such steps is only ever too low, and the
+        exported count, which never goes down, waits for the next collection.
         """
         opened = sum(self.connect[c.CONNECT_OK].counts)
         if not self.connects_in_checkout:
             opened += sum(self.connect[c.CONNECT_ERROR].counts)
-        reused = sum(self.wait[c.OUTCOME_ACQUIRED].counts) - opened
+        reused = sum(self.wait[c.OUTCOME_ACQUIRED].counts) - opened - unconnected
         self._reused = max(self._reused, reused)
         return self._reused
 

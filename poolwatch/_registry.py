@@ -386,7 +386,13 @@ class Registry:
             except Exception as error:  # a pool in a state we did not foresee
                 self._errors.report(f"{series.kind} levels", error)
         try:
-            snapshot = series.ledger.snapshot(now, active)
+            table = series.ledger.active if active is None else active
+            unconnected = adapter.unconnected(table) if table else 0
+        except Exception as error:
+            self._errors.report(f"{series.kind} checkouts", error)
+            unconnected = 0
+        try:
+            snapshot = series.ledger.snapshot(now, active, unconnected)
         except Exception as error:
             self._errors.report("ledger snapshot", error)
             return None

@@ -587,10 +587,12 @@ def test_refused_connect_is_a_connect_error(pw: Harness) -> None:
         with pytest.raises(httpx.ConnectError):
             client.get("/")
         snap = _pool(f"http://127.0.0.1:{port}")
-        assert (snap.used, snap.checkouts, snap.connects, snap.connect_errors) == (0, 1, 0, 1)
+        # No connection ever accepted the request: a failed checkout, not a checkout.
+        assert (snap.used, snap.checkouts, snap.connects, snap.connect_errors) == (0, 0, 0, 1)
         assert sum(snap.closed.values()) == 0
         got = pw.collect()
         assert got.count("poolwatch.connect.duration", pool__name=snap.name, outcome="error") == 1
+        assert got.count("poolwatch.wait.duration", pool__name=snap.name, outcome="error") == 1
 
 
 HANDSHAKE = 0.2
@@ -705,7 +707,7 @@ def test_a_failed_tls_handshake_through_a_tunnel_is_a_connect_error(pw: Harness)
         with pytest.raises(httpx.ConnectError):
             client.get(upstream.url)
         snap = _pool(f"httpx via {proxy.url}")
-        assert (snap.checkouts, snap.connects, snap.connect_errors) == (1, 0, 1)
+        assert (snap.checkouts, snap.connects, snap.connect_errors) == (0, 0, 1)  # see above
         assert proxy.tunnels == 1
         # httpcore keeps the failed tunnel in its pool, ACTIVE: it holds one of the
         # pool's max_connections until the client closes, and used says so.
@@ -876,9 +878,11 @@ def test_a_timeout_after_the_connection_became_unavailable_is_counted(pw: Harnes
             held[0].close()
     assert outcomes == ["timeout"]
     assert server.connections == 1
-    # It was given the connecting connection (a checkout), found it unavailable, waited
-    # again and timed out: one timeout, as the caller saw; its use ended when it failed.
-    assert (snap.timeouts, snap.checkouts, snap.used) == (1, 2, 1)
+    # It was given the connecting connection, found it unavailable, waited again and timed
+    # out: one timeout, as the caller saw, and no checkout (what it was given, it could not
+    # use: that checkout is taken back). The first request holds the one connection.
+    assert (snap.timeouts, snap.checkouts, snap.used) == (1, 1, 1)
     assert got.value("poolwatch.timeouts", pool__name="httpx") == 1
     assert got.count("poolwatch.wait.duration", pool__name="httpx", outcome="timeout") == 1
-    assert got.count("poolwatch.use.duration", pool__name="httpx") == 1
+    assert got.count("poolwatch.wait.duration", pool__name="httpx", outcome="acquired") == 1
+    assert got.count("poolwatch.use.duration", pool__name="httpx") == 0

@@ -238,12 +238,6 @@ def _client_per_call(endpoint: str) -> None:
     client.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 18 items 1 and 3: the series of a boto3 client made per call is dropped "
-    "once no client is alive and created anew: counters restart, client_per_request is "
-    "reported again, a delta reader's previous values (keyed by id(series)) meet new series",
-)
 def test_a_client_per_call_keeps_one_monotonic_series(
     rng: Seeded, readers: Readers, moto_endpoint: str, caplog: pytest.LogCaptureFixture
 ) -> None:

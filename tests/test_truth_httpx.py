@@ -38,9 +38,6 @@ import pytest
 import poolwatch
 from tests.support.threads import blocked_in
 from tests.support.truth import (
-    HOOKS_REMOVED_WHILE_RUNNING,
-    REUSED_RACE,
-    UNCOUNTED_SECOND_WAIT,
     Comparison,
     CountingAsyncUpstream,
     CountingUpstream,
@@ -55,10 +52,8 @@ from tests.support.truth import (
     deadline_after,
     drive_threads,
     figures,
-    hooks_removed_while_running,
     pause_moments,
     poolwatch_frames,
-    requeued,
     seeded,
     settle,
 )
@@ -264,7 +259,6 @@ def compare(
         settle(lambda: server.open_connections == used_lib + idle_lib)
         server_view["server"] = server.open_connections - used_lib
     got = figures(readers.collect_settled(), name)
-    requeued(got, t["checkouts"], queued, label)
     cmp = Comparison(f"{label}: httpx", rng, got)
     cmp.expect("used", workload=t["held"], library=used_lib)
     cmp.expect("idle", library=idle_lib, **server_view)
@@ -457,7 +451,7 @@ def test_an_async_client_under_tasks(rng: Seeded, readers: Readers) -> None:
     readers.assert_clean()
 
 
-# -- known bugs, reproduced ------------------------------------------------------------------
+# -- issue 18's bugs, and the reuse race, each reproduced (fixed) -----------------------------
 def inside(thread: threading.Thread, function: str) -> bool:
     frame = sys._current_frames().get(thread.ident or 0)
     while frame is not None:
@@ -467,7 +461,6 @@ def inside(thread: threading.Thread, function: str) -> bool:
     return False
 
 
-@pytest.mark.xfail(strict=True, reason=REUSED_RACE)
 def test_reused_is_not_counted_before_the_connect(rng: Seeded, readers: Readers) -> None:
     """One request on a new client: httpcore hands the request its (new) connection before
     connecting it; a collection in between must not count it as reusing a connection. The
@@ -502,7 +495,6 @@ def test_reused_is_not_counted_before_the_connect(rng: Seeded, readers: Readers)
     readers.assert_clean()
 
 
-@pytest.mark.xfail(strict=True, reason=UNCOUNTED_SECOND_WAIT)
 def test_a_timeout_after_connection_not_available_is_counted(rng: Seeded, readers: Readers) -> None:
     """An HTTP/2-enabled client and an HTTPS server speaking HTTP/1.1 only: while the first
     connection is being set up, httpcore assigns every queued request to it (it could turn
@@ -563,12 +555,6 @@ def _client_per_call(url: str) -> None:
         client.get("/").raise_for_status()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 18 items 1 and 3: the series of a client made per call is dropped once "
-    "no client is alive and created anew: counters restart, client_per_request is reported "
-    "again, a delta reader's previous values (keyed by id(series)) meet new series",
-)
 def test_a_client_per_call_keeps_one_monotonic_series(
     rng: Seeded, readers: Readers, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -622,14 +608,7 @@ def _httpx_classes() -> list[type]:
 
 
 def _no_internal_errors(rng: Seeded, errors: list[dict[str, int]], tally: Tally) -> None:
-    """No internal error in any cycle but item 2's (while it is tolerated: the hook that
-    failed reports it before the caller sees it)."""
-    if tally["item 2"]:
-        print(f"tolerated ({HOOKS_REMOVED_WHILE_RUNNING}): {tally['item 2']} callers")
-        errors = [
-            {k: n for k, n in cycle_errors.items() if k not in ("httpx request", "httpx wait")}
-            for cycle_errors in errors
-        ]
+    """No internal error in any cycle."""
     left = [cycle_errors for cycle_errors in errors if cycle_errors]
     assert not left, f"{rng.replay}: poolwatch's internal errors by cycle: {left}"
 
@@ -664,9 +643,6 @@ def test_instrument_cycles_under_load_reach_no_thread(rng: Seeded, readers: Read
                 except Exception as error:
                     if _not_poolwatchs(error):
                         tally.add("httpcore failures")
-                        continue
-                    if hooks_removed_while_running(error):
-                        tally.add("item 2")
                         continue
                     where = ", ".join(poolwatch_frames(error)) or "not poolwatch's"
                     tally.unexpected_error(f"thread ({where})", error)
@@ -719,9 +695,6 @@ def test_instrument_cycles_under_load_reach_no_task(rng: Seeded, readers: Reader
                         if _not_poolwatchs(error):
                             tally.add("httpcore failures")
                             continue
-                        if hooks_removed_while_running(error):
-                            tally.add("item 2")
-                            continue
                         where = ", ".join(poolwatch_frames(error)) or "not poolwatch's"
                         tally.unexpected_error(f"task ({where})", error)
 
@@ -749,7 +722,6 @@ def test_instrument_cycles_under_load_reach_no_task(rng: Seeded, readers: Reader
     assert class_attributes(_httpx_classes()) == before
 
 
-@pytest.mark.xfail(strict=True, reason=HOOKS_REMOVED_WHILE_RUNNING)
 def test_a_request_waiting_as_uninstrument_runs_is_unharmed(readers: Readers) -> None:
     """A request queued behind the pool's only connection (held) while uninstrument()
     runs: it gets the connection once it is released, and its response, nothing else."""
@@ -777,7 +749,6 @@ def test_a_request_waiting_as_uninstrument_runs_is_unharmed(readers: Readers) ->
     assert class_attributes(_httpx_classes()) == before
 
 
-@pytest.mark.xfail(strict=True, reason=HOOKS_REMOVED_WHILE_RUNNING)
 def test_a_request_waiting_as_uninstrument_runs_is_unharmed_task(readers: Readers) -> None:
     """The same for an AsyncClient's task."""
     before = class_attributes(_httpx_classes())

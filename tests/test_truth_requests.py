@@ -206,13 +206,6 @@ def _get_once(url: str) -> None:
     requests.get(url, timeout=5).raise_for_status()  # a new Session, so a new pool, per call
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 18 items 1 and 3: with a collection every 10 calls, the series of "
-    "requests.get() is dropped and created anew, its counters restart (wait.duration's "
-    "count is 10 at every collection), client_per_request is reported again and again, "
-    "and a delta reader's previous values (keyed by id(series)) meet new series",
-)
 def test_requests_get_per_call_keeps_one_monotonic_series(
     rng: Seeded, readers: Readers, caplog: pytest.LogCaptureFixture
 ) -> None:

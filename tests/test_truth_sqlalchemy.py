@@ -542,11 +542,6 @@ def _sqlite_refused(url: str) -> Any:
     return sqlite3.connect(url, uri=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 18 item 5: checkouts.reused subtracts failed connects, which SQLAlchemy "
-    "counts as failed checkouts, not as checkouts that opened a connection",
-)
 def test_queue_pools_through_connect_outages_on_sqlite(
     rng: Seeded, readers: Readers, tmp_path: Path
 ) -> None:
@@ -562,11 +557,6 @@ def test_queue_pools_through_connect_outages_on_sqlite(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 18 item 5: after 1,000 failed connects and 500 checkouts, "
-    "checkouts.reused is 0, not 499",
-)
 def test_reused_after_an_outage(rng: Seeded, readers: Readers, tmp_path: Path) -> None:
     """The issue's own figures: an outage of 1,000 failed connects, then 500 checkouts."""
     readers.instrument()
@@ -833,12 +823,6 @@ def _engine_per_call(url: str) -> None:
     engine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 18 items 1 and 3: the series is dropped once none of its pools is alive, "
-    "so counters restart with each engine (and a delta reader's previous values, keyed "
-    "by id(series), are subtracted from a new series)",
-)
 def test_an_engine_per_call_keeps_one_monotonic_series(
     rng: Seeded, readers: Readers, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

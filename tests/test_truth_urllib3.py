@@ -29,7 +29,6 @@ from urllib3 import connection, connectionpool, exceptions, poolmanager
 import poolwatch
 from tests.support.threads import blocked_in
 from tests.support.truth import (
-    REUSED_RACE,
     Comparison,
     CountingUpstream,
     LibraryLog,
@@ -388,7 +387,6 @@ def inside(thread: threading.Thread, function: str) -> bool:
     return False
 
 
-@pytest.mark.xfail(strict=True, reason=REUSED_RACE)
 def test_reused_is_not_counted_before_the_connect(rng: Seeded, readers: Readers) -> None:
     """One request on a new pool: its checkout comes before its connect, and a collection
     in between must not count it as reusing a connection. The server's TLS handshake waits
@@ -424,11 +422,6 @@ def test_reused_is_not_counted_before_the_connect(rng: Seeded, readers: Readers)
 
 
 # -- connections out before instrument() ---------------------------------------------------
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 18 item 6: urllib3's used is poolwatch's own checkout table, so "
-    "connections checked out before instrument() are not counted",
-)
 def test_connections_out_before_instrument_are_used(rng: Seeded, readers: Readers) -> None:
     with CountingUpstream() as server:
         pool = urllib3.HTTPConnectionPool("127.0.0.1", server.port, maxsize=3, block=True)
@@ -459,12 +452,6 @@ def _manager_per_call(url: str) -> None:
     manager.clear()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 18 items 1 and 3: the series is dropped once none of its pools is alive, "
-    "so counters restart with each manager, client_per_request is reported again and "
-    "again, and a delta reader's previous values (keyed by id(series)) meet new series",
-)
 def test_a_pool_manager_per_call_keeps_one_monotonic_series(
     rng: Seeded, readers: Readers, caplog: pytest.LogCaptureFixture
 ) -> None:

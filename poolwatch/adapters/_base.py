@@ -108,6 +108,13 @@ class Adapter(abc.ABC):
         inherited, or poolwatch added it). ``benchmarks/bench_http.py`` reads it to switch
         the hooks off and on."""
 
+    def report(self, where: str, error: BaseException) -> None:
+        """A failure inside poolwatch (logged once per ``where``, counted, never raised) —
+        unless ``uninstrument()`` has begun: a hook still running then meets the marks and
+        class defaults it reads gone, which is expected, not a fault."""
+        if not self.stopped:
+            self.tracker.report(where, error)
+
     def _patch(self, owner: Any, attribute: str, replacement: Any) -> None:
         """Set ``owner.attribute`` (on a class or module) to ``replacement``, for
         :meth:`_unpatch` to undo."""
@@ -199,6 +206,13 @@ class Adapter(abc.ABC):
         collection, that the ledger's snapshot and sweep take in place of their own table.
         None (the default): ``Ledger.active`` is the table."""
         return None
+
+    def unconnected(self, active: Mapping[Hashable, float]) -> int:
+        """Of the checkouts out (``active``), how many have a connection whose connect is
+        still to be counted: where the library connects after the checkout (urllib3,
+        httpx), such a checkout is not a reuse, though the ledger cannot tell yet. The
+        default, 0, is right where the connect is part of the checkout."""
+        return 0
 
     def find_abandoned(self, ledger: Ledger, active: dict[Hashable, float]) -> None:  # noqa: B027
         """At collection, before ``ledger`` is read: settle checkouts whose borrower dropped

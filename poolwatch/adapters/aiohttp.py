@@ -205,7 +205,7 @@ class AiohttpAdapter(Adapter):
             try:
                 self._unmark(connector)
             except Exception as error:
-                self.tracker.report("aiohttp uninstrument", error)
+                self.report("aiohttp uninstrument", error)
         for connector in list(self._sited):
             _forget(connector, _SITE)
         self._tracked = weakref.WeakSet()
@@ -262,7 +262,7 @@ class AiohttpAdapter(Adapter):
         try:
             return self._track_connector(connector, _TARGET, getattr(connector, _SITE))
         except Exception as error:
-            self.tracker.report("aiohttp discover", error)
+            self.report("aiohttp discover", error)
             return None
 
     def _track_existing(self, session_cls: type, connector_cls: type) -> None:
@@ -280,13 +280,13 @@ class AiohttpAdapter(Adapter):
                 if connector is not None and session._connector_owner and not connector.closed:
                     self._track_session(session, None)
             except Exception as error:
-                self.tracker.report("aiohttp existing session", error)
+                self.report("aiohttp existing session", error)
         for connector in connectors:
             try:
                 if not connector.closed and getattr(connector, _LEDGER) is None:
                     self._track_connector(connector, _TARGET, None)
             except Exception as error:
-                self.tracker.report("aiohttp existing connector", error)
+                self.report("aiohttp existing connector", error)
 
     def track(self, obj: Any, name: str | None) -> bool:
         try:
@@ -467,7 +467,7 @@ def _release_reason(connector: Any, proto: Any, should_close: bool) -> str:
 def _connect_hook(
     adapter: AiohttpAdapter, original: Callable[..., Coroutine[Any, Any, Any]]
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
-    report = adapter.tracker.report
+    report = adapter.report
     timeout_error = asyncio.TimeoutError
     cancelled = asyncio.CancelledError
 
@@ -509,9 +509,9 @@ def _connect_hook(
                 # Ledger.acquired, inlined (the hot-path contract in _ledger.py), the
                 # checkout time kept on the connection (_OUT).
                 now = perf_counter()
-                ledger.waits.append(now - start)
                 proto = conn._protocol
                 proto._poolwatch_out = now
+                ledger.waits.append(now - start)
                 if ledger.capture:  # this pool has leaked (or leak_stacks="always")
                     ledger.stacks[proto] = capture_stack(sys._getframe(1))
             except Exception as error:
@@ -522,7 +522,7 @@ def _connect_hook(
 
 
 def _release_hook(adapter: AiohttpAdapter, original: Callable[..., None]) -> Callable[..., None]:
-    report = adapter.tracker.report
+    report = adapter.report
 
     def _release(self: Any, key: Any, protocol: Any, *, should_close: bool = False) -> None:
         try:
@@ -561,7 +561,7 @@ def _returned(connector: Any, protocol: Any, should_close: bool, caller: FrameTy
 def _create_hook(
     adapter: AiohttpAdapter, original: Callable[..., Coroutine[Any, Any, Any]]
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
-    report = adapter.tracker.report
+    report = adapter.report
 
     async def _create_connection(self: Any, req: Any, traces: Any, timeout: Any) -> Any:
         key = req.connection_key
@@ -618,7 +618,7 @@ def _close_hook(adapter: AiohttpAdapter, original: Callable[[Any], None]) -> Cal
             if self._poolwatch_mark is not None:  # a pool's connection, not yet counted
                 adapter._closing(self, sys._getframe(1))
         except Exception as error:
-            adapter.tracker.report("aiohttp close", error)
+            adapter.report("aiohttp close", error)
         original(self)
 
     return close
@@ -638,7 +638,7 @@ def _connector_init_hook(
             self._poolwatch_site = creation_site(sys._getframe(CALLER))
             adapter._sited.add(self)
         except Exception as error:
-            adapter.tracker.report("aiohttp connector", error)
+            adapter.report("aiohttp connector", error)
 
     return connector_init
 
@@ -662,6 +662,6 @@ def _session_init_hook(
                 site = getattr(connector, _SITE) or creation_site(sys._getframe(CALLER))
                 adapter._track_session(self, site)
         except Exception as error:
-            adapter.tracker.report("aiohttp session", error)
+            adapter.report("aiohttp session", error)
 
     return session_init

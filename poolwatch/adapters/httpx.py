@@ -42,13 +42,20 @@ Hooks, and why there:
   could wait (the pool closing an expired connection, an unsupported scheme) is a wait
   with outcome ``error``, timed from the call.
 * ``PoolRequest.wait_for_connection`` (and the async one) — the queue wait alone; when it
-  returns, the request holds its connection: the checkout. A request the pool gave a
-  connection before it asked (one was free: the usual case) waited for none, and its wait
-  is recorded as 0 without reading the clock; only a request still queued is timed.
+  returns, the request is out with its connection. A request the pool gave a connection
+  before it asked (one was free: the usual case) waited for none, and its wait is
+  recorded as 0 without reading the clock; only a request still queued is timed.
   ``PoolTimeout`` from the wait is a wait with outcome ``timeout`` and one
   ``poolwatch.timeouts``; any other failure while waiting (a cancelled waiter) a wait with
-  outcome ``error``. A request whose connection became unavailable (an HTTP/2 connection
-  closing) waits again: still one checkout.
+  outcome ``error``.
+* ``HTTP11Connection._send_request_headers`` / ``HTTP2Connection._send_request_headers``
+  (and async) — the connection accepts the request: the checkout is counted here, with
+  its wait. Not at the pool's hand-over: httpcore may give two queued requests the same
+  idle connection, or take an HTTP/1.1 connection for HTTP/2, and the request that finds
+  it unavailable (``ConnectionNotAvailable``) waits again; it checks out the connection it
+  is given next, and its wait covers both. A request whose connection never accepts it
+  (its connect failed) is a wait with outcome ``error``, not a checkout — as for
+  SQLAlchemy and aiohttp, whose connects are part of the checkout.
 * ``PoolByteStream.close`` / ``aclose`` — the response is closed: end of use.
 * ``HTTPConnection._connect`` (and async) — connect time: TCP, then TLS for ``https``
   (with ``retries``, the failed attempts and their back-off are part of it). Through a
@@ -100,7 +107,7 @@ from poolwatch import _catalogue as c
 from poolwatch._ledger import Ledger, capture_stack
 from poolwatch._models import HostLevels, Levels, Misconfiguration
 from poolwatch._naming import creation_site, target_name
-from poolwatch.adapters._base import Adapter, Tracker
+from poolwatch.adapters._base import Adapter, HookFactory, Tracker
 from poolwatch.adapters._patching import CALLER
 
 _LEDGER = "_poolwatch_ledger"
@@ -116,6 +123,9 @@ is closed (the class default is None). Kept on the request rather than in
 _WAIT_FAILED = "_poolwatch_wait_failed"
 """On a request whose wait for a connection failed: that failure is counted (set on the
 failure path only; read there with a default, so it needs no class default)."""
+_WAITED = "_poolwatch_waited"
+"""On a request given a connection that has not accepted it yet: how long it waited for one
+(None, the class default, once its checkout is counted). See ``_accepted``."""
 _TUNNEL = "_poolwatch_tunnel"
 """On a request whose tunnel through a proxy is being set up: when its connect began."""
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -194,6 +204,9 @@ class HTTPXAdapter(Adapter):
     name = "httpx"
     kind = "httpx"
     module = "httpx"
+    connects_in_checkout = True
+    """A checkout is counted when the connection accepts the request (``_accepted``): after
+    its connect, which is counted first, as for SQLAlchemy and aiohttp."""
     """Hooked when httpx is imported: it imports httpcore first, so hooking at httpcore's
     import would meet a half-initialised httpx. A pool used through httpcore alone is hooked
     once httpx is imported too (httpcore has no users that do not also install httpx)."""
@@ -220,6 +233,7 @@ class HTTPXAdapter(Adapter):
 
         sync_protocols: list[type[Any]] = [sh11.HTTP11Connection]
         async_protocols: list[type[Any]] = [ah11.AsyncHTTP11Connection]
+        accept2: list[tuple[type[Any], str, HookFactory]] = []
         try:  # HTTP/2 needs the optional h2 package
             from httpcore._async import http2 as ah2
             from httpcore._sync import http2 as sh2
@@ -228,6 +242,10 @@ class HTTPXAdapter(Adapter):
         else:
             sync_protocols.append(sh2.HTTP2Connection)
             async_protocols.append(ah2.AsyncHTTP2Connection)
+            accept2 = [
+                (sh2.HTTP2Connection, "_send_request_headers", _accept2_hook),
+                (ah2.AsyncHTTP2Connection, "_send_request_headers", _aaccept2_hook),
+            ]
         self._protocols = (*sync_protocols, *async_protocols)
 
         self.pool_timeout = httpcore.PoolTimeout
@@ -235,6 +253,7 @@ class HTTPXAdapter(Adapter):
             self._patch(owner, _LEDGER, None)
         self._patch(httpcore.Request, _TUNNEL, None)
         self._patch(httpcore.Request, _OUT, None)
+        self._patch(httpcore.Request, _WAITED, None)
         for protocol in self._protocols:
             self._patch(protocol, _MARK, None)
         # What is hooked: each sync function and its async twin (both thin shells over the
@@ -251,6 +270,9 @@ class HTTPXAdapter(Adapter):
                 (aconn.AsyncHTTPConnection, "_connect", _aconnect_hook),
                 *((cls, "close", _conn_close_hook) for cls in sync_protocols),
                 *((cls, "aclose", _conn_aclose_hook) for cls in async_protocols),
+                (sh11.HTTP11Connection, "_send_request_headers", _accept11_hook),
+                (ah11.AsyncHTTP11Connection, "_send_request_headers", _aaccept11_hook),
+                *accept2,
             ]
         )
         import httpx
@@ -282,7 +304,7 @@ class HTTPXAdapter(Adapter):
             try:
                 self._track_client(client, None, None)
             except Exception as error:
-                self.tracker.report("httpx existing client", error)
+                self.report("httpx existing client", error)
         for pool in pools:
             if pool not in self._tracked:
                 self._discover(pool)
@@ -294,7 +316,7 @@ class HTTPXAdapter(Adapter):
                     _forget_attribute(protocol, _MARK)
                 _forget_attribute(pool, _LEDGER)
             except Exception as error:
-                self.tracker.report("httpx uninstrument", error)
+                self.report("httpx uninstrument", error)
         self._tracked = weakref.WeakSet()
 
     # -- tracking ----------------------------------------------------------------------
@@ -343,12 +365,12 @@ class HTTPXAdapter(Adapter):
         try:
             return self._track_pool(pool, "httpcore", None, None)
         except Exception as error:
-            self.tracker.report("httpx discover", error)
+            self.report("httpx discover", error)
             try:
                 setattr(pool, _LEDGER, _UNTRACKED)  # do not try again on every request
                 self._tracked.add(pool)
             except Exception as again:
-                self.tracker.report("httpx discover", again)
+                self.report("httpx discover", again)
             return _UNTRACKED
 
     def track(self, obj: Any, name: str | None) -> bool:
@@ -528,18 +550,22 @@ def _failed(adapter: HTTPXAdapter, ledger: Ledger, request: Any, start: float) -
     try:
         _tunnel_done(ledger, request, ok=False)  # its tunnel failed after the TCP connect
         begun = request._poolwatch_out
-        if begun is not None:  # it had its connection: the use ends here, its wait was counted
+        if begun is not None:
             request._poolwatch_out = None
-            ledger.uses.append(perf_counter() - begun)
             for key in [k for k in list(ledger.stacks) if getattr(k, "request", None) is request]:
                 ledger.stacks.pop(key, None)
+        if begun is not None and request._poolwatch_waited is None:
+            # Its connection accepted it (a checkout, counted): its use ends here.
+            ledger.uses.append(perf_counter() - begun)
         elif not getattr(request, _WAIT_FAILED, False):
-            # It failed before it could wait (the pool closing an expired connection, an
-            # unsupported scheme). Failures while it waited were counted by the wait hook
-            # (_wait_failed).
+            # It never had a connection that accepted it: it failed before it could wait
+            # (the pool closing an expired connection, an unsupported scheme), or after it
+            # was given one that could not take it (its connect failed). Failures while it
+            # waited were counted by the wait hook (_wait_failed).
+            request._poolwatch_waited = None
             ledger.failed(start, perf_counter(), timeout=False)
     except Exception as error:
-        adapter.tracker.report("httpx request", error)
+        adapter.report("httpx request", error)
 
 
 def _ledger_of(adapter: HTTPXAdapter, pool: Any) -> Any:
@@ -587,39 +613,92 @@ def _ahandle_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callab
 
 def _wait_failed(adapter: HTTPXAdapter, pool_request: Any, start: float, exc: Any) -> None:
     """The wait for a connection failed: ``PoolTimeout`` (outcome ``timeout``), or anything
-    else — a cancelled waiter, an interrupt (outcome ``error``).
-
-    Counted whether or not the request held a connection before: a request whose connection
-    became unavailable (``ConnectionNotAvailable``) waits again, and a timeout of that second
-    wait is a timeout its caller sees like any other. The checkout of its first wait stays
-    counted, and its use ends when the request fails (``_failed``).
-    """
+    else — a cancelled waiter, an interrupt (outcome ``error``)."""
     end = perf_counter()
     try:
         request = pool_request.request
         ledger = request._poolwatch_ledger
         if ledger is not None:
+            # A request waiting again (the connection it was given could not take it) waited
+            # for that one too.
+            start -= request._poolwatch_waited or 0.0
             ledger.failed(start, end, timeout=isinstance(exc, adapter.pool_timeout))
             setattr(request, _WAIT_FAILED, True)  # counted: not again by _failed
     except Exception as error:
-        adapter.tracker.report("httpx wait", error)
+        adapter.report("httpx wait", error)
 
 
 def _acquired(adapter: HTTPXAdapter, pool_request: Any, waited: float, now: float) -> None:
-    """``pool_request`` was given its connection at ``now`` after waiting ``waited``."""
+    """``pool_request`` was given its connection at ``now`` after waiting ``waited``: it is
+    out from now on, and its checkout is counted when that connection accepts it."""
     try:
         request = pool_request.request
-        ledger = request._poolwatch_ledger
-        # A request whose connection became unavailable waits again: still one checkout.
-        if ledger is not None and request._poolwatch_out is None:
-            # Ledger.acquired, inlined (the hot-path contract in _ledger.py), the checkout
-            # time kept on the request (_OUT).
-            ledger.waits.append(waited)
+        if request._poolwatch_ledger is None:
+            return
+        if request._poolwatch_out is None:
             request._poolwatch_out = now
+            request._poolwatch_waited = waited
+            ledger = request._poolwatch_ledger
             if ledger.capture:  # this pool has leaked (or leak_stacks="always")
                 ledger.stacks[pool_request] = capture_stack(sys._getframe(2))
+        else:  # given another after the first turned out unavailable: it waited for both
+            request._poolwatch_waited = (request._poolwatch_waited or 0.0) + waited
     except Exception as error:  # AttributeError: uninstrument() ran meanwhile
-        adapter.tracker.report("httpx wait", error)
+        adapter.report("httpx wait", error)
+
+
+def _accepted(adapter: HTTPXAdapter, request: Any) -> None:
+    """A connection accepts ``request`` (it sends its headers): the checkout is counted now.
+
+    Not when the pool gives the request its connection: httpcore may give two queued
+    requests the same idle connection, or take an HTTP/1.1 connection for HTTP/2, and the
+    request that finds it unavailable (``ConnectionNotAvailable``) waits again — often, under
+    contention. Counted at the pool's hand-over, such a request made a checkout it never
+    had, and one that could not be taken back once exported. Here, past that check, a
+    checkout is one the request really had. (Through a forwarding proxy the connection sends
+    a rewritten request: that checkout is counted when its response is closed.)
+    """
+    try:
+        waited = request._poolwatch_waited
+        if waited is not None:
+            request._poolwatch_waited = None
+            # Ledger.acquired, inlined (the hot-path contract in _ledger.py): the request was
+            # marked out (_OUT) when it was given its connection.
+            request._poolwatch_ledger.waits.append(waited)
+    except Exception as error:  # AttributeError: uninstrument() ran meanwhile
+        adapter.report("httpx accept", error)
+
+
+def _accept11_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
+    def _send_request_headers(self: Any, request: Any) -> None:
+        _accepted(adapter, request)
+        original(self, request)
+
+    return _send_request_headers
+
+
+def _aaccept11_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
+    async def _send_request_headers(self: Any, request: Any) -> None:
+        _accepted(adapter, request)
+        await original(self, request)
+
+    return _send_request_headers
+
+
+def _accept2_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
+    def _send_request_headers(self: Any, request: Any, stream_id: int) -> None:
+        _accepted(adapter, request)
+        original(self, request, stream_id)
+
+    return _send_request_headers
+
+
+def _aaccept2_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
+    async def _send_request_headers(self: Any, request: Any, stream_id: int) -> None:
+        _accepted(adapter, request)
+        await original(self, request, stream_id)
+
+    return _send_request_headers
 
 
 def _wait_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -673,6 +752,10 @@ def _released(adapter: HTTPXAdapter, stream: Any) -> None:
         start = request._poolwatch_out
         if start is not None:
             request._poolwatch_out = None
+            waited = request._poolwatch_waited
+            if waited is not None:  # accepted on a rewritten request (forwarding proxy)
+                request._poolwatch_waited = None
+                ledger.waits.append(waited)
             held = perf_counter() - start
             ledger.uses.append(held)
             if held > ledger.leak_threshold:
@@ -680,7 +763,7 @@ def _released(adapter: HTTPXAdapter, stream: Any) -> None:
             elif ledger.stacks:
                 ledger.stacks.pop(pool_request, None)
     except Exception as error:  # AttributeError: uninstrument() ran meanwhile
-        adapter.tracker.report("httpx release", error)
+        adapter.report("httpx release", error)
 
 
 def _release_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -716,7 +799,7 @@ def _connected(
         if ledger is not None:
             ledger.connected(perf_counter() - start, ok=ok)
     except Exception as error:
-        adapter.tracker.report("httpx connect", error)
+        adapter.report("httpx connect", error)
 
 
 def _connect_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -760,7 +843,7 @@ def _born_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[
                 # Born in a tunnel's handle_request: the tunnel is up, its connect ends.
                 _tunnel_done(ledger, caller.f_locals.get("request"), ok=True)
         except Exception as error:
-            adapter.tracker.report("httpx connection", error)
+            adapter.report("httpx connection", error)
 
     return __init__
 
@@ -773,7 +856,7 @@ def _connection_closing(adapter: HTTPXAdapter, connection: Any, caller: FrameTyp
             connection._poolwatch_connection = None  # counted once, whoever closes it again
             adapter._closing(connection, mark, caller)
     except Exception as error:  # AttributeError: uninstrument() ran meanwhile
-        adapter.tracker.report("httpx close", error)
+        adapter.report("httpx close", error)
 
 
 def _conn_close_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
@@ -800,6 +883,6 @@ def _client_init_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Ca
         try:
             adapter._track_client(self, creation_site(sys._getframe(CALLER)), None)
         except Exception as error:
-            adapter.tracker.report("httpx client", error)
+            adapter.report("httpx client", error)
 
     return __init__

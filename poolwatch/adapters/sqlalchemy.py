@@ -163,7 +163,7 @@ class SQLAlchemyAdapter(Adapter):
         try:
             return self._track_pool(pool, self._pool_target(pool), None, {})
         except Exception as error:
-            self.tracker.report("sqlalchemy discover", error)
+            self.report("sqlalchemy discover", error)
             return None
 
     def _track_existing(self, engine_cls: type) -> None:
@@ -172,7 +172,7 @@ class SQLAlchemyAdapter(Adapter):
                 try:
                     self._track_engine(obj, None)
                 except Exception as error:
-                    self.tracker.report("sqlalchemy existing engine", error)
+                    self.report("sqlalchemy existing engine", error)
 
     def track(self, obj: Any, name: str | None) -> bool:
         from sqlalchemy.engine.base import Engine
@@ -315,7 +315,7 @@ def _driver_socket(dbapi_connection: Any) -> int | None:
 def _checkout_hook(
     adapter: SQLAlchemyAdapter, original: Callable[..., Any], timeout_error: type[BaseException]
 ) -> Callable[..., Any]:
-    report = adapter.tracker.report
+    report = adapter.report
 
     def failed(ledger: Ledger | None, start: float, *, timeout: bool) -> None:
         if ledger is not None:
@@ -347,8 +347,8 @@ def _checkout_hook(
                 # Ledger.acquired, inlined (the hot-path contract in _ledger.py): two atomic
                 # C operations and no method call — measured in benchmarks/.
                 now = perf_counter()
-                ledger.waits.append(now - start)
                 ledger.active[fairy._connection_record] = now
+                ledger.waits.append(now - start)
                 if ledger.capture:  # this pool has leaked (or leak_stacks="always")
                     ledger.stacks[fairy._connection_record] = capture_stack(sys._getframe(1))
             except Exception as error:
@@ -359,7 +359,7 @@ def _checkout_hook(
 
 
 def _checkin_hook(adapter: SQLAlchemyAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
-    report = adapter.tracker.report
+    report = adapter.report
 
     def checkin(self: Any, _fairy_was_created: bool = True) -> None:
         try:
@@ -402,7 +402,7 @@ def _invalidate_hook(
             if not soft and self.dbapi_connection is not None:
                 setattr(self, _REASON, adapter._invalidate_reason(self, e))
         except Exception as error:
-            adapter.tracker.report("sqlalchemy invalidate", error)
+            adapter.report("sqlalchemy invalidate", error)
         original(self, e, soft)
 
     return invalidate
@@ -413,7 +413,7 @@ def _close_hook(adapter: SQLAlchemyAdapter, original: Callable[..., Any]) -> Cal
         try:
             adapter._closing(self, sys._getframe(1))
         except Exception as error:
-            adapter.tracker.report("sqlalchemy close", error)
+            adapter.report("sqlalchemy close", error)
         original(self, terminate=terminate)
 
     return close
@@ -429,7 +429,7 @@ def _engine_init_hook(
         try:
             adapter._track_engine(self, creation_site(sys._getframe(CALLER)))
         except Exception as error:
-            adapter.tracker.report("sqlalchemy engine", error)
+            adapter.report("sqlalchemy engine", error)
 
     return engine_init
 
@@ -444,7 +444,7 @@ def _dispose_hook(adapter: SQLAlchemyAdapter, original: Callable[..., Any]) -> C
             if self.pool is not old:
                 adapter._track_replacement(old, self.pool)
         except Exception as error:
-            adapter.tracker.report("sqlalchemy dispose", error)
+            adapter.report("sqlalchemy dispose", error)
 
     return dispose
 

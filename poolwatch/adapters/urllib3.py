@@ -54,7 +54,7 @@ import gc
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from time import perf_counter
 from types import CodeType, FrameType
 from typing import Any, NamedTuple
@@ -260,7 +260,7 @@ class Urllib3Adapter(Adapter):
         try:
             return self._track_pool(pool, None)
         except Exception as error:
-            self.tracker.report("urllib3 discover", error)
+            self.report("urllib3 discover", error)
             return None
 
     def _track_existing(self, managers: type, pools: type) -> None:
@@ -290,7 +290,7 @@ class Urllib3Adapter(Adapter):
                 try:
                     self._track_pool(pool, maker)
                 except Exception as error:
-                    self.tracker.report("urllib3 existing pool", error)
+                    self.report("urllib3 existing pool", error)
 
     def track(self, obj: Any, name: str | None) -> bool:
         try:
@@ -452,6 +452,12 @@ class Urllib3Adapter(Adapter):
             out.extend(conn for conn in list(queue.queue) if conn is not None)
         return [conn for conn in out if conn.sock is not None]
 
+    def unconnected(self, active: Mapping[Hashable, float]) -> int:
+        # A connection is born (its mark's ``born`` set) just after its connect is counted,
+        # and loses it when it closes: one out without it is connecting, or will.
+        marks = (getattr(conn, _MARK, None) for conn in list(active))
+        return sum(1 for mark in marks if mark is not None and mark.born is None)
+
     def find_abandoned(self, ledger: Ledger, active: dict[Hashable, float]) -> None:
         """Checked-out connections whose response the application dropped unreleased.
 
@@ -553,7 +559,7 @@ def _existing_maker(obj: Any) -> tuple[Any, _Maker] | None:
 def _get_conn_hook(
     adapter: Urllib3Adapter, original: Callable[..., Any], empty: type[BaseException]
 ) -> Callable[..., Any]:
-    report = adapter.tracker.report
+    report = adapter.report
 
     def failed(ledger: Ledger | None, start: float, *, timeout: bool) -> None:
         if ledger is not None:
@@ -581,8 +587,8 @@ def _get_conn_hook(
         if ledger is not None:
             try:
                 now = perf_counter()
-                ledger.waits.append(now - start)
                 ledger.active[conn] = now
+                ledger.waits.append(now - start)
                 if ledger.capture:  # this pool has leaked (or leak_stacks="always")
                     ledger.stacks[conn] = capture_stack(sys._getframe(1))
             except Exception as error:
@@ -593,7 +599,7 @@ def _get_conn_hook(
 
 
 def _put_conn_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Callable[..., Any]:
-    report = adapter.tracker.report
+    report = adapter.report
 
     def _put_conn(self: Any, conn: Any) -> None:
         try:
@@ -622,14 +628,14 @@ def _new_conn_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Cal
             if ledger is not None:
                 adapter._adopt(self, conn, ledger)
         except Exception as error:
-            adapter.tracker.report("urllib3 new connection", error)
+            adapter.report("urllib3 new connection", error)
         return conn
 
     return _new_conn
 
 
 def _connect_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Callable[..., Any]:
-    report = adapter.tracker.report
+    report = adapter.report
 
     def connect(self: Any) -> None:
         try:
@@ -668,7 +674,7 @@ def _close_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Callab
             if mark is not None and mark.ledger is not None:
                 closing(self, mark, mark.ledger, sys._getframe(1))
         except Exception as error:
-            adapter.tracker.report("urllib3 close", error)
+            adapter.report("urllib3 close", error)
         original(self)
 
     return close
@@ -685,7 +691,7 @@ def _pool_init_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Ca
                 maker = _Maker(adapter.kind, creation_site(sys._getframe(CALLER)))
             adapter._track_pool(self, maker)
         except Exception as error:
-            adapter.tracker.report("urllib3 pool", error)
+            adapter.report("urllib3 pool", error)
 
     return __init__
 
@@ -699,7 +705,7 @@ def _manager_init_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) ->
             if not hasattr(self, _CONTEXT):
                 setattr(self, _CONTEXT, _maker_of(sys._getframe(CALLER)))
         except Exception as error:
-            adapter.tracker.report("urllib3 pool manager", error)
+            adapter.report("urllib3 pool manager", error)
 
     return __init__
 

@@ -42,12 +42,10 @@ Replay a failure: ``POOLWATCH_TRUTH_SEED=<seed> python -m pytest <test id>``. A 
 the same choices of operations and pause moments; thread scheduling still differs. Every
 comparison prints the exported figures it checked (pytest shows them with a failure).
 
-Known bugs. Each bug of issue 18 the suite finds, and each new one, has a test of its own
-that reproduces it deterministically, marked ``xfail(strict=True)``: the fix turns it into
-an unexpected pass, which fails until the mark is removed. Where such a bug also shows, at
-random, in a randomized run, that run tolerates exactly its pattern while it stands (the
-``TOLERATE_*`` constants below, each naming its bug and its pinning test; a tolerated
-mismatch is printed, never silent). The fix sets the constant to False.
+Each bug of issue 18 the suite found, and the one it found besides (the reuse count read
+between a checkout and its connect), has a test of its own that reproduces it
+deterministically (written, and seen failing, before the fix); the randomized runs compare
+every figure exactly, with no tolerance.
 
 Run the whole suite: ``python -m pytest tests/test_truth_*.py``; the longer soak of the same
 workloads: ``python benchmarks/soak.py --minutes 5`` (docs/performance.md).
@@ -696,79 +694,6 @@ def figures(collection: Collection, pool: str) -> dict[str, int | None]:
     return found
 
 
-REUSED_RACE = (
-    "new: checkouts.reused is over-counted when a collection falls between a checkout and "
-    "the connect that opens its connection (urllib3 and httpx open it after the checkout), "
-    "and the exported count is kept from going down; test_reused_is_not_counted_before_"
-    "the_connect in tests/test_truth_urllib3.py and test_truth_httpx.py reproduces it"
-)
-TOLERATE_REUSED_RACE = True
-"""While the bug above stands, the randomized runs of urllib3, requests, boto3 and httpx
-accept an exported ``reused`` above the truth (never below), and show it; set False with
-the fix, and those runs compare it exactly again."""
-
-
-UNCOUNTED_SECOND_WAIT = (
-    "issue 18 item 4: a request that httpcore handed a connection which then turned out "
-    "unavailable (ConnectionNotAvailable: two queued requests assigned the same idle "
-    "connection, or an HTTP/1.1 connection taken for HTTP/2) waits again; a PoolTimeout "
-    "then is not counted, and the request counts as a checkout and a use instead"
-)
-
-
-TOLERATE_SECOND_WAIT = True
-"""While item 4 stands, httpx's randomized runs accept, at a pause, checkouts counted for
-requests that are queued again (handed a connection that turned out unavailable, they
-wait again: poolwatch counted their checkout at the first wait) — at most as many as are
-queued; shown, not failed. Pinned by tests/test_truth_httpx.py::
-test_a_timeout_after_connection_not_available_is_counted. Set False with the fix."""
-
-
-def requeued(got: dict[str, int | None], checkouts: int, queued: int, label: str) -> None:
-    """Under :data:`TOLERATE_SECOND_WAIT`: checkouts exported beyond the workload's, up to
-    the requests queued now, are taken back out of the figures (in place)."""
-    extra = (got.get("checkouts") or 0) - checkouts
-    if not TOLERATE_SECOND_WAIT or not 0 < extra <= queued:
-        return
-    print(f"{label}: tolerated (issue 18 item 4): {extra} requests queued again")
-    got["checkouts"] = checkouts
-    got["reused"] = (got.get("reused") or 0) - extra
-
-
-REUSED_AFTER_FAILED_CONNECTS = (
-    "issue 18 item 5: checkouts.reused subtracts failed connects, which SQLAlchemy and "
-    "aiohttp count as failed checkouts, not as checkouts that opened a connection"
-)
-TOLERATE_REUSED_AFTER_FAILED_CONNECTS = True
-"""While item 5 stands, aiohttp's randomized runs (whose connect timeouts fail connects at
-random) accept ``reused`` below the truth by at most the failed connects, and show it.
-Pinned by tests/test_truth_sqlalchemy.py::test_reused_after_an_outage (and its outage run,
-a strict xfail too). Set False with the fix."""
-
-
-HOOKS_REMOVED_WHILE_RUNNING = (
-    "issue 18 item 2: an httpx request waiting for a connection while uninstrument() runs "
-    "gets AttributeError: 'Request' object has no attribute '_poolwatch_out' (or "
-    "'_poolwatch_ledger')"
-)
-TOLERATE_HOOKS_REMOVED_WHILE_RUNNING = True
-"""While item 2 stands, httpx's instrument/uninstrument cycles accept exactly that
-AttributeError, raised in poolwatch's httpx hooks, and the internal errors it leaves in
-``handle.errors``; shown, not failed. Pinned by tests/test_truth_httpx.py::
-test_a_request_waiting_as_uninstrument_runs_is_unharmed (and ``..._task``). Set False with
-the fix."""
-
-
-def hooks_removed_while_running(error: BaseException) -> bool:
-    """Under :data:`TOLERATE_HOOKS_REMOVED_WHILE_RUNNING`: whether ``error`` is item 2's."""
-    return (
-        TOLERATE_HOOKS_REMOVED_WHILE_RUNNING
-        and isinstance(error, AttributeError)
-        and "'_poolwatch_" in str(error)
-        and any("adapters/httpx.py" in frame for frame in poolwatch_frames(error))
-    )
-
-
 @dataclass
 class Comparison:
     """Exported figures next to their truths; :meth:`check` fails with every mismatch."""
@@ -777,29 +702,9 @@ class Comparison:
     rng: Seeded
     exported: Mapping[str, int | None]
     rows: list[tuple[str, int | None, dict[str, int | None]]] = field(default_factory=list)
-    tolerated: dict[str, tuple[str, Callable[[int | None, int | None], bool]]] = field(
-        default_factory=dict
-    )
-    """Figures with a known bug: a mismatch it explains is shown, and does not fail."""
 
-    def reused(self, truth: int, failed_connects: int = 0) -> None:
-        """``reused`` against the truth, with :data:`TOLERATE_REUSED_RACE` (above it) and,
-        for pools whose failed connects fail the checkout (SQLAlchemy, aiohttp),
-        :data:`TOLERATE_REUSED_AFTER_FAILED_CONNECTS` (below it by at most those)."""
-        low = truth - failed_connects if TOLERATE_REUSED_AFTER_FAILED_CONNECTS else truth
-        high = None if TOLERATE_REUSED_RACE else truth
-        if (low, high) != (truth, truth):
-            reasons = []
-            if high is None:
-                reasons.append("new: the reused race")
-            if low < truth:
-                reasons.append("issue 18 item 5")
-            self.tolerated["reused"] = (
-                " or ".join(reasons),
-                lambda exported, _: (
-                    exported is not None and exported >= low and (high is None or exported <= high)
-                ),
-            )
+    def reused(self, truth: int) -> None:
+        """``reused``: checkouts that opened no connection."""
         self.expect("reused", workload=truth)
 
     def expect(self, figure: str, **truths: int | None) -> None:
@@ -824,12 +729,7 @@ class Comparison:
         for figure, exported, truths in self.rows:
             if any(value != exported for value in truths.values()):
                 told = ", ".join(f"{source} {value}" for source, value in truths.items())
-                line = f"{figure:<18} exported {exported!s:<6} truth: {told}"
-                known = self.tolerated.get(figure)
-                if known is not None and all(known[1](exported, v) for v in truths.values()):
-                    print(f"{self.label}: tolerated ({known[0]}): {line}")
-                    continue
-                wrong.append(line)
+                wrong.append(f"{figure:<18} exported {exported!s:<6} truth: {told}")
         return wrong
 
     def check(self) -> None:
