@@ -68,6 +68,7 @@ class SQLAlchemyAdapter(Adapter):
     kind = "sqlalchemy"
     module = "sqlalchemy"
     family = "database"
+    requires = ("sqlalchemy >= 2.0.0, < 2.2",)
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)
