@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 WORK = ROOT / ".compat"
 KNOWN_BARE = SCRIPTS / "compat_known_bare.txt"
+DESELECTED = "[deselected]"
 ENDS = ("oldest", "newest")
 TEST_TIMEOUT = 120
 """pytest-timeout, seconds a test (the suites' own slowest take a few seconds)."""
@@ -49,8 +50,8 @@ JOBS = 3
 """Suites run at once (each is two pytest processes). Most of the suites' time is spent
 waiting (servers, timeouts, sleeps): one at a time, the CPU was busy 30% of the run."""
 RUN_TIMEOUT = 600
-RERUN_AT_MOST = 10
-"""Differences run again alone, at most (more are not a matter of timing)."""
+RERUN_AT_MOST = 60
+"""Unsettled tests of a suite run again alone, at most (more are not a matter of timing)."""
 """Seconds one pytest run may take in all before it is killed (the slowest takes ~100 s)."""
 
 
@@ -388,6 +389,7 @@ def pytest_run(
     tree: Path,
     prefix: list[str] | None,
     only: list[str] | None = None,
+    deselect: tuple[str, ...] = (),
 ) -> Run:
     """One pytest run of ``suite`` (or of the tests ``only`` names) in ``mode``."""
     label = mode if only is None else f"{mode}-rerun"
@@ -419,6 +421,7 @@ def pytest_run(
         "pytest",
         *(sorted({t.split("::")[0] for t in only}) if only else suite.paths),
         *suite.args,
+        *(f"--deselect={test}" for test in deselect),
         "-p",
         "compat_plugin",
         "-p",
@@ -470,10 +473,17 @@ def pytest_run(
 
 @dataclass(frozen=True)
 class Known:
+    """A line of compat_known_bare.txt."""
+
     suite: str
     end: str
     test: str
     reason: str
+
+    @property
+    def deselected(self) -> bool:
+        """Not run at all (the reason says why: its time, not the environment)."""
+        return self.reason.startswith(DESELECTED)
 
     def matches(self, suite: str, end: str, nodeid: str) -> bool:
         return (
@@ -507,12 +517,27 @@ def regressions(bare: Run, inst: Run) -> list[str]:
     return sorted(t for t, o in b.items() if o == "passed" and i.get(t) != "passed")
 
 
+def unsettled(
+    env: Environment, suite: Suite, bare: Run, inst: Run, known: list[Known]
+) -> list[str]:
+    """Tests to run again alone: passing bare and not instrumented, or failing bare and not
+    listed (the suites' collection errors excepted: they are not a matter of timing)."""
+    b = bare.outcomes
+    found = set(regressions(bare, inst))
+    found.update(
+        t
+        for t, o in b.items()
+        if o == "failed" and not any(k.matches(suite.name, env.end, t) for k in known)
+    )
+    return sorted(t for t in found if not t.endswith("::<collection>"))
+
+
 def judge(
     env: Environment,
     suite: Suite,
     bare: Run,
     inst: Run,
-    rerun: Run | None,
+    reruns: tuple[Run, Run] | None,
     known: list[Known],
     lines: list[str],
 ) -> list[str]:
@@ -534,16 +559,24 @@ def judge(
                 f"{run_.mode}: {suite.distribution} imported from {origin}, not the installed build"
             )
     b, i = bare.outcomes, inst.outcomes
-    again = rerun.outcomes if rerun is not None else {}
-    for test in regressions(bare, inst):
-        outcome = i.get(test, "did not run")
-        if again.get(test) == "passed":
-            log(
-                f"  note: passes bare, {outcome} instrumented beside the other runs, passed "
-                f"instrumented when run again alone (timing): {test}"
-            )
-        else:
-            problems.append(f"passes bare, {outcome} instrumented: {test}")
+    if reruns is not None:
+        again_b, again_i = reruns[0].outcomes, reruns[1].outcomes
+        log(
+            f"  run again alone ({len(again_b)} tests): bare {reruns[0].summary}; "
+            f"instrumented {reruns[1].summary}"
+        )
+        for test in sorted(set(again_b) | set(again_i)):
+            before = (b.get(test, "did not run"), i.get(test, "did not run"))
+            after = (again_b.get(test, "did not run"), again_i.get(test, "did not run"))
+            if before != after:
+                log(
+                    f"  timing: bare {before[0]} -> {after[0]}, instrumented {before[1]} -> "
+                    f"{after[1]} when run again alone: {test}"
+                )
+        b = {**b, **again_b}
+        i = {**i, **again_i}
+    for test in sorted(t for t, o in b.items() if o == "passed" and i.get(t) != "passed"):
+        problems.append(f"passes bare, {i.get(test, 'did not run')} instrumented: {test}")
     listed, unlisted = [], []
     for test, outcome in sorted(b.items()):
         if outcome != "failed":
@@ -561,7 +594,8 @@ def judge(
     stale = [
         k
         for k in known
-        if k.suite == suite.name
+        if not k.deselected
+        and k.suite == suite.name
         and k.end in ("*", env.end)
         and not any(k.matches(suite.name, env.end, t) and o == "failed" for t, o in b.items())
     ]
@@ -593,47 +627,91 @@ def judge(
     return problems
 
 
-def check_suite(
+@dataclass
+class Checked:
+    """One suite's two runs, waiting to be judged."""
+
+    env: Environment
+    suite: Suite
+    lines: list[str]
+    started: float
+    trees: dict[str, Path] = field(default_factory=dict)
+    runs: list[Run] = field(default_factory=list)
+    reruns: tuple[Run, Run] | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def run_suite(
     env: Environment,
     suite: Suite,
     known: list[Known],
     prefix: list[str] | None,
-    options: argparse.Namespace,
-) -> tuple[list[str], list[str], str]:
-    """Run one suite bare and instrumented; return its report lines, its problems and its
-    timing line."""
-    started = time.monotonic()
-    lines = [f"==> {env.end}: {suite.name} {env.versions[suite.distribution]}"]
+    serial: bool,
+) -> Checked:
+    """Run ``suite`` bare and instrumented, side by side unless ``serial``."""
+    checked = Checked(env, suite, [], time.monotonic())
     try:
-        trees = {mode: env.unpack(suite, mode) for mode in ("bare", "instrumented")}
+        checked.trees = {mode: env.unpack(suite, mode) for mode in ("bare", "instrumented")}
     except SetupError as error:
-        return [*lines, f"  FAIL {error}"], [str(error)], f"{env.end} {suite.name}: set-up failed"
-    if prefix is None or options.serial:
-        runs = [pytest_run(env, suite, mode, trees[mode], prefix) for mode in trees]
+        checked.problems.append(str(error))
+        return checked
+    deselect = tuple(
+        k.test for k in known if k.deselected and k.suite == suite.name and k.end in ("*", env.end)
+    )
+    for test in deselect:
+        checked.lines.append(f"  deselected: {test}")
+    trees = checked.trees
+    if prefix is None or serial:
+        checked.runs = [pytest_run(env, suite, m, trees[m], prefix, None, deselect) for m in trees]
     else:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(pytest_run, env, suite, m, trees[m], prefix) for m in trees]
-            runs = [f.result() for f in futures]
-    bare, inst = runs
-    # A test that passes bare and not instrumented is run again, instrumented and alone:
-    # some of the suites' tests are timing-sensitive (a 10 ms cancel scope) and six pytest
-    # processes share two cores here. A difference that does not repeat is printed as such;
-    # one that does is a failure. Many differences are not timing: they are not run again.
-    rerun = None
-    differing = [t for t in regressions(bare, inst) if not t.endswith("::<collection>")]
-    if 0 < len(differing) <= RERUN_AT_MOST:
-        rerun = pytest_run(env, suite, "instrumented", trees["instrumented"], prefix, differing)
-        runs.append(rerun)
-    if options.verbose:
-        for run_ in runs:
+            futures = [
+                pool.submit(pytest_run, env, suite, m, trees[m], prefix, None, deselect)
+                for m in trees
+            ]
+            checked.runs = [f.result() for f in futures]
+    return checked
+
+
+def run_again(checked: Checked, known: list[Known], prefix: list[str] | None) -> None:
+    """Run the suite's unsettled tests again, bare then instrumented, with nothing else
+    running: some of the suites' tests are timing-sensitive (httpcore cancels a request
+    after 10 ms; urllib3 2.0's socket-level tests wait 10 ms for a server thread), and six
+    pytest processes share two cores during the main runs. Many unsettled tests are not a
+    matter of timing: past ``RERUN_AT_MOST`` they are not run again."""
+    if len(checked.runs) != 2:
+        return
+    bare, inst = checked.runs
+    tests = unsettled(checked.env, checked.suite, bare, inst, known)
+    if not tests or len(tests) > RERUN_AT_MOST:
+        return
+    env, suite, trees = checked.env, checked.suite, checked.trees
+    checked.reruns = (
+        pytest_run(env, suite, "bare", trees["bare"], prefix, tests),
+        pytest_run(env, suite, "instrumented", trees["instrumented"], prefix, tests),
+    )
+
+
+def report(checked: Checked, known: list[Known], verbose: bool) -> tuple[list[str], str]:
+    """Judge one suite: its report lines and its timing line; its problems in ``checked``."""
+    env, suite = checked.env, checked.suite
+    version = env.versions.get(suite.distribution, "?")
+    lines = [f"==> {env.end}: {suite.name} {version}", *checked.lines]
+    if len(checked.runs) != 2:
+        lines.extend(f"  FAIL {p}" for p in checked.problems)
+        return lines, f"{env.end} {suite.name}: set-up failed"
+    bare, inst = checked.runs
+    if verbose:
+        for run_ in [*checked.runs, *(checked.reruns or ())]:
             tail = run_.log.read_text(errors="replace").splitlines()[-15:]
             lines.append(f"  --- {run_.log}\n    " + "\n    ".join(tail))
-    problems = judge(env, suite, bare, inst, rerun, known, lines)
+    checked.problems = judge(env, suite, bare, inst, checked.reruns, known, lines)
+    again = sum(r.seconds for r in checked.reruns or ())
     timing = (
-        f"{env.end} {suite.name}: {time.monotonic() - started:.0f} s (bare "
-        f"{bare.seconds:.0f} s, instrumented {inst.seconds:.0f} s)"
+        f"{env.end} {suite.name}: bare {bare.seconds:.0f} s, instrumented "
+        f"{inst.seconds:.0f} s" + (f", run again {again:.0f} s" if checked.reruns else "")
     )
-    return lines, problems, timing
+    return lines, timing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -703,25 +781,28 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
     timings.append(f"source distributions: {time.monotonic() - step:.0f} s")
     log(f"==> {elapsed()} suites, {options.jobs} at a time")
-    failures: dict[str, list[str]] = {}
-    jobs = [(env, suite) for env in envs for suite in suites]
+    checked: list[Checked] = []
     with concurrent.futures.ThreadPoolExecutor(max(1, options.jobs)) as pool:
-        futures = {
-            pool.submit(check_suite, env, suite, known, prefix, options): (env, suite)
-            for env, suite in jobs
-        }
+        futures = [
+            pool.submit(run_suite, env, suite, known, prefix, options.serial)
+            for env in envs
+            for suite in suites
+        ]
         for future in concurrent.futures.as_completed(futures):
-            env, suite = futures[future]
-            try:
-                lines, problems, timing = future.result()
-            except Exception as error:  # a fault of this script: that suite fails, others run
-                problems = [f"{type(error).__name__}: {error}"]
-                lines = [f"==> {env.end}: {suite.name}", f"  FAIL {problems[0]}"]
-                timing = f"{env.end} {suite.name}: failed"
-            log(f"{elapsed()} " + "\n".join(lines))
-            timings.append(timing)
-            if problems:
-                failures[f"{env.end} {suite.name}"] = problems
+            done = future.result()
+            checked.append(done)
+            log(f"  {elapsed()} ran {done.env.end} {done.suite.name}")
+    step = time.monotonic()
+    for done in checked:
+        run_again(done, known, prefix)
+    timings.append(f"tests run again alone: {time.monotonic() - step:.0f} s")
+    failures: dict[str, list[str]] = {}
+    for done in sorted(checked, key=lambda c: (ENDS.index(c.env.end), SUITES.index(c.suite))):
+        lines, timing = report(done, known, options.verbose)
+        log("\n".join(lines))
+        timings.append(timing)
+        if done.problems:
+            failures[f"{done.env.end} {done.suite.name}"] = done.problems
     log(f"\n==> compat run: {time.monotonic() - started:.0f} s")
     for line in timings:
         log(f"  {line}")

@@ -146,12 +146,12 @@ def test_a_malformed_requirement_says_what_is_wrong(text: str, error: str) -> No
 # -- the ranges (a contract: README's status table shows them) -------------------------------
 
 SUPPORTED = {
-    "aiohttp": (("aiohttp >= 3.9.0, < 4",), ()),
-    "httpx": (("httpx >= 0.25.1, < 1", "httpcore >= 1.0.0, < 2"), ()),
+    "aiohttp": (("aiohttp >= 3.12.11, < 4",), ()),
+    "httpx": (("httpx >= 0.25.2, < 1", "httpcore >= 1.0.3, < 2"), ()),
     "sqlalchemy": (("sqlalchemy >= 2.0.0, < 2.2",), ()),
     "urllib3": (
-        ("urllib3 >= 2.0.2, < 3",),
-        ("requests >= 2.30.0, < 3", "botocore >= 1.31.62, < 2"),
+        ("urllib3 >= 2.0.7, < 3",),
+        ("requests >= 2.31.0, < 3", "botocore >= 1.31.62, < 2"),
     ),
 }
 
@@ -246,7 +246,7 @@ def test_a_second_library_of_an_adapter_outside_its_range_keeps_the_adapter_off(
         handle = harness.instrument(libraries=["httpx"])
     assert handle.libraries == ()
     assert [r.getMessage() for r in caplog.records] == [
-        "poolwatch: httpcore 0.18.0 (supported: >= 1.0.0, < 2) is outside the versions "
+        "poolwatch: httpcore 0.18.0 (supported: >= 1.0.3, < 2) is outside the versions "
         "poolwatch supports: its pools are not hooked (the application runs on unchanged)"
     ]
 
@@ -261,7 +261,7 @@ def test_a_library_hooked_through_urllib3_outside_its_tested_range_is_still_hook
         handle = harness.instrument(libraries=["urllib3"])
     assert handle.libraries == ("urllib3",)
     assert [r.getMessage() for r in caplog.records] == [
-        "poolwatch: requests 2.25.1 (supported: >= 2.30.0, < 3) is outside the versions "
+        "poolwatch: requests 2.25.1 (supported: >= 2.31.0, < 3) is outside the versions "
         "poolwatch is tested with; its pools are still hooked through urllib3, but may be "
         "reported as pool.kind urllib3"
     ]

@@ -157,7 +157,7 @@ class AiohttpAdapter(Adapter):
     kind = "aiohttp"
     module = "aiohttp"
     family = "http"
-    requires = ("aiohttp >= 3.9.0, < 4",)
+    requires = ("aiohttp >= 3.12.11, < 4",)
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)

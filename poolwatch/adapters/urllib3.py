@@ -173,8 +173,8 @@ class Urllib3Adapter(Adapter):
     kind = "urllib3"
     module = "urllib3"
     family = "http"
-    requires = ("urllib3 >= 2.0.2, < 3",)
-    tested_with = ("requests >= 2.30.0, < 3", "botocore >= 1.31.62, < 2")
+    requires = ("urllib3 >= 2.0.7, < 3",)
+    tested_with = ("requests >= 2.31.0, < 3", "botocore >= 1.31.62, < 2")
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)
