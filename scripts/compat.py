@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,8 +203,8 @@ class SetupError(Exception):
     """The environment could not be prepared (exit 2)."""
 
 
-def run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(command, text=True, capture_output=True, check=False, **kwargs)  # type: ignore[call-overload]
+def run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(command, text=True, capture_output=True, check=False)
     if done.returncode != 0:
         raise SetupError(
             f"{' '.join(command)} exited {done.returncode}:\n{done.stdout[-3000:]}"
@@ -227,7 +228,7 @@ class Environment:
     def pip(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run([str(self.python), "-m", "pip", "--disable-pip-version-check", *args])
 
-    def ranges(self) -> dict[str, str]:
+    def ranges(self) -> dict[str, list[str]]:
         """Each declared range, by distribution, as the checkout's poolwatch declares it."""
         program = (
             "import json\n"
@@ -240,7 +241,8 @@ class Environment:
             "        out[r.distribution] = [r.specifier, r.lowest()]\n"
             "print(json.dumps(out))\n"
         )
-        return json.loads(run([str(self.python), "-c", program]).stdout)
+        ranges: dict[str, list[str]] = json.loads(run([str(self.python), "-c", program]).stdout)
+        return ranges
 
     def prepare(self, fresh: bool) -> None:
         if fresh and self.venv.exists():
@@ -317,12 +319,12 @@ class Environment:
             if sys.version_info >= (3, 12):
                 archive.extractall(where, filter="data")
             else:
-                archive.extractall(where)  # noqa: S202 (a registry's sdist of a pinned version)
+                archive.extractall(where)  # a registry's sdist of a pinned version
         tree = where / top
         for path in suite.paths:
             if not (tree / path).exists():
                 raise SetupError(f"{sdist.name} has no {path}: its tests are not shipped")
-        kept = {}
+        kept: dict[str, Path] = {}
         for keep in suite.keep:
             kept[keep] = where / f"keep-{len(kept)}"
             shutil.copytree(tree / keep, kept[keep])
@@ -387,6 +389,7 @@ def pytest_run(
     suite: Suite,
     mode: str,
     tree: Path,
+    *,
     prefix: list[str] | None,
     only: list[str] | None = None,
     deselect: tuple[str, ...] = (),
@@ -532,22 +535,94 @@ def unsettled(
     return sorted(t for t in found if not t.endswith("::<collection>"))
 
 
-def judge(
+def merged(
+    bare: Run, inst: Run, reruns: tuple[Run, Run] | None, log: Callable[[str], None]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Each test's outcome bare and instrumented, from its run again alone where it was."""
+    b, i = bare.outcomes, inst.outcomes
+    if reruns is None:
+        return b, i
+    again_b, again_i = reruns[0].outcomes, reruns[1].outcomes
+    log(
+        f"  run again alone ({len(again_b)} tests): bare {reruns[0].summary}; "
+        f"instrumented {reruns[1].summary}"
+    )
+    for test in sorted(set(again_b) | set(again_i)):
+        before = (b.get(test, "did not run"), i.get(test, "did not run"))
+        after = (again_b.get(test, "did not run"), again_i.get(test, "did not run"))
+        if before != after:
+            log(
+                f"  timing: bare {before[0]} -> {after[0]}, instrumented {before[1]} -> "
+                f"{after[1]} when run again alone: {test}"
+            )
+    return {**b, **again_b}, {**i, **again_i}
+
+
+def bare_failures(
     env: Environment,
     suite: Suite,
-    bare: Run,
-    inst: Run,
-    reruns: tuple[Run, Run] | None,
+    b: dict[str, str],
     known: list[Known],
-    lines: list[str],
+    log: Callable[[str], None],
 ) -> list[str]:
+    """Print the known-bare failures and stale entries; return unlisted bare failures."""
+    problems = []
+    for test, outcome in sorted(b.items()):
+        if outcome != "failed":
+            continue
+        entry = next((k for k in known if k.matches(suite.name, env.end, test)), None)
+        if entry is None:
+            problems.append(f"fails bare and is not in {KNOWN_BARE.name}: {test}")
+        else:
+            log(f"  known-bare failure: {test} -- {entry.reason}")
+    for entry in known:
+        if (
+            not entry.deselected
+            and entry.suite == suite.name
+            and entry.end in ("*", env.end)
+            and not any(
+                entry.matches(suite.name, env.end, t) and o == "failed" for t, o in b.items()
+            )
+        ):
+            log(f"  note: listed as known-bare but did not fail bare here: {entry.test}")
+    return problems
+
+
+def watch_problems(suite: Suite, inst: Run, log: Callable[[str], None]) -> list[str]:
+    """What the instrumented run's poolwatch record says is wrong."""
+    if inst.result is None:
+        return []
+    watch = inst.result.get("poolwatch")
+    if not isinstance(watch, dict):
+        return ["the instrumented run has no poolwatch record"]
+    log(
+        f"  poolwatch: hooked {watch['hooked']}, {watch['collections']} collections, "
+        f"{watch['points']} points, {watch['pool_names']} pool names, kinds "
+        f"{watch['kinds']}, imported before instrument(): {watch['imported_before']}"
+    )
+    problems = []
+    if suite.adapter not in watch["hooked"]:
+        problems.append(
+            f"poolwatch did not hook {suite.adapter}: the instrumented run proves nothing"
+        )
+    if watch["errors"]:
+        problems.append(f"poolwatch counted internal errors: {watch['errors']}")
+    if watch["collect_errors"]:
+        problems.append(f"collections raised: {watch['collect_errors']}")
+    if suite.distribution in watch["imported_before"]:
+        problems.append(f"{suite.distribution} was imported before instrument()")
+    return problems
+
+
+def judge(checked: Checked, known: list[Known], lines: list[str]) -> list[str]:
     """Add the comparison of one suite to ``lines``; return the problems found (empty: it
     passes)."""
-    problems = []
+    env, suite = checked.env, checked.suite
+    bare, inst = checked.runs
     log = lines.append
-    version = env.versions[suite.distribution]
     log(f"  bare:         {bare.summary}  [{bare.seconds:.0f} s]")
     log(f"  instrumented: {inst.summary}  [{inst.seconds:.0f} s]")
+    problems = []
     for run_ in (bare, inst):
         if run_.result is None:
             problems.append(f"the {run_.mode} run left no result ({run_.summary}); see {run_.log}")
@@ -558,72 +633,17 @@ def judge(
             problems.append(
                 f"{run_.mode}: {suite.distribution} imported from {origin}, not the installed build"
             )
-    b, i = bare.outcomes, inst.outcomes
-    if reruns is not None:
-        again_b, again_i = reruns[0].outcomes, reruns[1].outcomes
-        log(
-            f"  run again alone ({len(again_b)} tests): bare {reruns[0].summary}; "
-            f"instrumented {reruns[1].summary}"
-        )
-        for test in sorted(set(again_b) | set(again_i)):
-            before = (b.get(test, "did not run"), i.get(test, "did not run"))
-            after = (again_b.get(test, "did not run"), again_i.get(test, "did not run"))
-            if before != after:
-                log(
-                    f"  timing: bare {before[0]} -> {after[0]}, instrumented {before[1]} -> "
-                    f"{after[1]} when run again alone: {test}"
-                )
-        b = {**b, **again_b}
-        i = {**i, **again_i}
+    b, i = merged(bare, inst, checked.reruns, log)
     for test in sorted(t for t, o in b.items() if o == "passed" and i.get(t) != "passed"):
         problems.append(f"passes bare, {i.get(test, 'did not run')} instrumented: {test}")
-    listed, unlisted = [], []
-    for test, outcome in sorted(b.items()):
-        if outcome != "failed":
-            continue
-        entry = next((k for k in known if k.matches(suite.name, env.end, test)), None)
-        (listed if entry else unlisted).append((test, entry))
-    for test, entry in listed:
-        assert entry is not None
-        log(f"  known-bare failure: {test} -- {entry.reason}")
-    for test, _ in unlisted:
-        problems.append(f"fails bare and is not in {KNOWN_BARE.name}: {test}")
-    better = sorted(t for t, o in i.items() if o == "passed" and b.get(t) == "failed")
-    for test in better:
+    problems.extend(bare_failures(env, suite, b, known, log))
+    for test in sorted(t for t, o in i.items() if o == "passed" and b.get(t) == "failed"):
         log(f"  note: fails bare, passes instrumented: {test}")
-    stale = [
-        k
-        for k in known
-        if not k.deselected
-        and k.suite == suite.name
-        and k.end in ("*", env.end)
-        and not any(k.matches(suite.name, env.end, t) and o == "failed" for t, o in b.items())
-    ]
-    for entry in stale:
-        log(f"  note: listed as known-bare but did not fail bare here: {entry.test}")
-    watch = inst.result.get("poolwatch") if inst.result else None
-    if isinstance(watch, dict):
-        log(
-            f"  poolwatch: hooked {watch['hooked']}, {watch['collections']} collections, "
-            f"{watch['points']} points, {watch['pool_names']} pool names, kinds "
-            f"{watch['kinds']}, imported before instrument(): {watch['imported_before']}"
-        )
-        if suite.adapter not in watch["hooked"]:
-            problems.append(
-                f"poolwatch did not hook {suite.adapter}: the instrumented run proves nothing"
-            )
-        if watch["errors"]:
-            problems.append(f"poolwatch counted internal errors: {watch['errors']}")
-        if watch["collect_errors"]:
-            problems.append(f"collections raised: {watch['collect_errors']}")
-        if suite.distribution in watch["imported_before"]:
-            problems.append(f"{suite.distribution} was imported before instrument()")
-    elif inst.result is not None:
-        problems.append("the instrumented run has no poolwatch record")
+    problems.extend(watch_problems(suite, inst, log))
     for problem in problems:
         log(f"  FAIL {problem}")
     status = "ok" if not problems else f"{len(problems)} problem(s)"
-    log(f"  => {suite.name} {version} ({env.end}): {status}")
+    log(f"  => {suite.name} {env.versions[suite.distribution]} ({env.end}): {status}")
     return problems
 
 
@@ -662,11 +682,13 @@ def run_suite(
         checked.lines.append(f"  deselected: {test}")
     trees = checked.trees
     if prefix is None or serial:
-        checked.runs = [pytest_run(env, suite, m, trees[m], prefix, None, deselect) for m in trees]
+        checked.runs = [
+            pytest_run(env, suite, m, trees[m], prefix=prefix, deselect=deselect) for m in trees
+        ]
     else:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             futures = [
-                pool.submit(pytest_run, env, suite, m, trees[m], prefix, None, deselect)
+                pool.submit(pytest_run, env, suite, m, trees[m], prefix=prefix, deselect=deselect)
                 for m in trees
             ]
             checked.runs = [f.result() for f in futures]
@@ -687,8 +709,8 @@ def run_again(checked: Checked, known: list[Known], prefix: list[str] | None) ->
         return
     env, suite, trees = checked.env, checked.suite, checked.trees
     checked.reruns = (
-        pytest_run(env, suite, "bare", trees["bare"], prefix, tests),
-        pytest_run(env, suite, "instrumented", trees["instrumented"], prefix, tests),
+        pytest_run(env, suite, "bare", trees["bare"], prefix=prefix, only=tests),
+        pytest_run(env, suite, "instrumented", trees["instrumented"], prefix=prefix, only=tests),
     )
 
 
@@ -705,7 +727,7 @@ def report(checked: Checked, known: list[Known], verbose: bool) -> tuple[list[st
         for run_ in [*checked.runs, *(checked.reruns or ())]:
             tail = run_.log.read_text(errors="replace").splitlines()[-15:]
             lines.append(f"  --- {run_.log}\n    " + "\n    ".join(tail))
-    checked.problems = judge(env, suite, bare, inst, checked.reruns, known, lines)
+    checked.problems = judge(checked, known, lines)
     again = sum(r.seconds for r in checked.reruns or ())
     timing = (
         f"{env.end} {suite.name}: bare {bare.seconds:.0f} s, instrumented "
@@ -714,7 +736,7 @@ def report(checked: Checked, known: list[Known], verbose: bool) -> tuple[list[st
     return lines, timing
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -731,7 +753,30 @@ def main(argv: list[str] | None = None) -> int:
         "--fresh", action="store_true", help="recreate the environments (a first run creates them)"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="print each run's log tail")
-    options = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def set_up(envs: list[Environment], suites: list[Suite], fresh: bool) -> list[str]:
+    """Prepare the environments, then download the source distributions; the timings."""
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(len(envs)) as pool:
+        for future in [pool.submit(e.prepare, fresh) for e in envs]:
+            future.result()
+    for env in envs:
+        versions = sorted({s.distribution for s in SUITES})
+        log(f"  {env.end}: " + ", ".join(f"{d} {env.versions[d]}" for d in versions))
+    timings = [f"environments: {time.monotonic() - started:.0f} s"]
+    step = time.monotonic()
+    wanted = {(env, s.distribution) for env in envs for s in suites}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for download in [pool.submit(env.sdist, d) for env, d in wanted]:
+            download.result()
+    timings.append(f"source distributions: {time.monotonic() - step:.0f} s")
+    return timings
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse(argv)
     ends = ENDS if options.end == "both" else (options.end,)
     suites = [s for s in SUITES if not options.suite or s.name in options.suite]
     started = time.monotonic()
@@ -739,11 +784,6 @@ def main(argv: list[str] | None = None) -> int:
     def elapsed() -> str:
         return f"[{time.monotonic() - started:4.0f}s]"
 
-    try:
-        known = known_bare()
-    except SetupError as error:
-        log(f"error: {error}")
-        return 2
     prefix = isolation()
     if prefix is None:
         log(
@@ -752,34 +792,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         options.jobs = 1
     envs = [Environment(end) for end in ends]
-    timings = []
-    log(f"==> {elapsed()} environments: {', '.join(str(e.venv) for e in envs)}")
-    with concurrent.futures.ThreadPoolExecutor(len(envs)) as pool:
-        prepared = {e.end: pool.submit(e.prepare, options.fresh) for e in envs}
-        for env in envs:
-            try:
-                prepared[env.end].result()
-            except SetupError as error:
-                log(f"error: {error}")
-                return 2
-    for env in envs:
-        log(
-            f"  {env.end}: "
-            + ", ".join(f"{d} {env.versions[d]}" for d in sorted({s.distribution for s in SUITES}))
-        )
-    timings.append(f"environments: {time.monotonic() - started:.0f} s")
-    step = time.monotonic()
-    log(f"==> {elapsed()} source distributions")
-    wanted = {(env, s.distribution) for env in envs for s in suites}
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        downloads = [pool.submit(env.sdist, d) for env, d in wanted]
-        for download in downloads:
-            try:
-                download.result()
-            except SetupError as error:
-                log(f"error: {error}")
-                return 2
-    timings.append(f"source distributions: {time.monotonic() - step:.0f} s")
+    log(f"==> {elapsed()} environments and source distributions")
+    try:
+        known = known_bare()
+        timings = set_up(envs, suites, options.fresh)
+    except SetupError as error:
+        log(f"error: {error}")
+        return 2
     log(f"==> {elapsed()} suites, {options.jobs} at a time")
     checked: list[Checked] = []
     with concurrent.futures.ThreadPoolExecutor(max(1, options.jobs)) as pool:
@@ -789,9 +808,8 @@ def main(argv: list[str] | None = None) -> int:
             for suite in suites
         ]
         for future in concurrent.futures.as_completed(futures):
-            done = future.result()
-            checked.append(done)
-            log(f"  {elapsed()} ran {done.env.end} {done.suite.name}")
+            checked.append(future.result())
+            log(f"  {elapsed()} ran {checked[-1].env.end} {checked[-1].suite.name}")
     step = time.monotonic()
     for done in checked:
         run_again(done, known, prefix)
@@ -807,10 +825,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in timings:
         log(f"  {line}")
     if failures:
-        log(
-            f"\ncompat: {sum(map(len, failures.values()))} problem(s) in "
-            f"{', '.join(failures)}; logs in {WORK / 'logs'}"
-        )
+        count = sum(map(len, failures.values()))
+        log(f"\ncompat: {count} problem(s) in {', '.join(failures)}; logs in {WORK / 'logs'}")
         return 1
     log(
         f"\ncompat: every suite passes instrumented as it does bare ({len(suites)} suites, "

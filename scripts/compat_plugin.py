@@ -75,8 +75,8 @@ def _guarded_connect_ex(self: socket.socket, address: Any) -> int:
 
 
 if os.environ.get("POOLWATCH_COMPAT_GUARD") == "1":
-    socket.socket.connect = _guarded_connect  # type: ignore[method-assign]
-    socket.socket.connect_ex = _guarded_connect_ex  # type: ignore[method-assign]
+    socket.socket.connect = _guarded_connect  # type: ignore[method-assign,assignment]
+    socket.socket.connect_ex = _guarded_connect_ex  # type: ignore[method-assign,assignment]
 
 
 # -- poolwatch, instrumented mode ------------------------------------------------------------
@@ -145,8 +145,9 @@ class _Watch:
                     for metric in scope.metrics:
                         for point in metric.data.data_points:
                             self.points += 1
-                            kind = point.attributes.get("pool.kind")
-                            name = point.attributes.get("pool.name")
+                            attributes = point.attributes or {}
+                            kind = attributes.get("pool.kind")
+                            name = attributes.get("pool.name")
                             if isinstance(kind, str):
                                 self.kinds.add(kind)
                             if isinstance(name, str) and len(self.names) < 10_000:

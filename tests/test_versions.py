@@ -147,11 +147,11 @@ def test_a_malformed_requirement_says_what_is_wrong(text: str, error: str) -> No
 
 SUPPORTED = {
     "aiohttp": (("aiohttp >= 3.12.11, < 4",), ()),
-    "httpx": (("httpx >= 0.25.2, < 1", "httpcore >= 1.0.3, < 2"), ()),
+    "httpx": (("httpx >= 0.26.0, < 1", "httpcore >= 1.0.3, < 2"), ()),
     "sqlalchemy": (("sqlalchemy >= 2.0.0, < 2.2",), ()),
     "urllib3": (
         ("urllib3 >= 2.0.7, < 3",),
-        ("requests >= 2.31.0, < 3", "botocore >= 1.31.62, < 2"),
+        ("requests >= 2.31.0, < 3", "botocore >= 1.31.63, < 2"),
     ),
 }
 
