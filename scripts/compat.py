@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,17 @@ ENDS = ("oldest", "newest")
 TEST_TIMEOUT = 120
 """pytest-timeout, seconds a test (the suites' own slowest take a few seconds)."""
 JOBS = 3
+LONGEST_FIRST = (
+    "sqlalchemy",
+    "requests",
+    "urllib3",
+    "sqlalchemy-asyncio",
+    "httpx",
+    "aiohttp",
+    "httpcore",
+    "botocore",
+)
+"""Suites in the order they are started: the slowest first (measured here)."""
 """Suites run at once (each is two pytest processes). Most of the suites' time is spent
 waiting (servers, timeouts, sleeps): one at a time, the CPU was busy 30% of the run."""
 RUN_TIMEOUT = 600
@@ -224,6 +236,9 @@ class Environment:
         self.venv = WORK / end
         self.python = self.venv / "bin" / "python"
         self.versions: dict[str, str] = {}
+        self.ready: concurrent.futures.Future[None] | None = None
+        """Set by main(): the environment being prepared; suites wait for it."""
+        self._downloading = threading.Lock()
 
     def pip(self, *args: str) -> subprocess.CompletedProcess[str]:
         return run([str(self.python), "-m", "pip", "--disable-pip-version-check", *args])
@@ -281,6 +296,10 @@ class Environment:
     def sdist(self, distribution: str) -> Path:
         """The source distribution of ``distribution`` at the installed version, downloaded
         from the package index into ``.compat/sdists`` unless it is there already."""
+        with self._downloading:  # two suites may share a distribution
+            return self._sdist(distribution)
+
+    def _sdist(self, distribution: str) -> Path:
         version = self.versions[distribution]
         sdists = WORK / "sdists"
         sdists.mkdir(parents=True, exist_ok=True)
@@ -434,6 +453,7 @@ def pytest_run(
         "-rN",
         "--color=no",
         "--durations=10",
+        "--tb=native",  # pytest's own traceback formatting crashed on urllib3 2.0's SSL tests
     ]
     started = time.monotonic()
     returncode: int | None
@@ -668,9 +688,13 @@ def run_suite(
     prefix: list[str] | None,
     serial: bool,
 ) -> Checked:
-    """Run ``suite`` bare and instrumented, side by side unless ``serial``."""
+    """Run ``suite`` bare and instrumented, side by side unless ``serial``, once its
+    environment is ready (its source distribution is downloaded here: downloads overlap
+    other suites' runs, which mostly wait)."""
     checked = Checked(env, suite, [], time.monotonic())
     try:
+        if env.ready is not None:
+            env.ready.result()
         checked.trees = {mode: env.unpack(suite, mode) for mode in ("bare", "instrumented")}
     except SetupError as error:
         checked.problems.append(str(error))
@@ -756,25 +780,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def set_up(envs: list[Environment], suites: list[Suite], fresh: bool) -> list[str]:
-    """Prepare the environments, then download the source distributions; the timings."""
-    started = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(len(envs)) as pool:
-        for future in [pool.submit(e.prepare, fresh) for e in envs]:
-            future.result()
-    for env in envs:
-        versions = sorted({s.distribution for s in SUITES})
-        log(f"  {env.end}: " + ", ".join(f"{d} {env.versions[d]}" for d in versions))
-    timings = [f"environments: {time.monotonic() - started:.0f} s"]
-    step = time.monotonic()
-    wanted = {(env, s.distribution) for env in envs for s in suites}
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        for download in [pool.submit(env.sdist, d) for env, d in wanted]:
-            download.result()
-    timings.append(f"source distributions: {time.monotonic() - step:.0f} s")
-    return timings
-
-
 def main(argv: list[str] | None = None) -> int:
     options = parse(argv)
     ends = ENDS if options.end == "both" else (options.end,)
@@ -792,24 +797,46 @@ def main(argv: list[str] | None = None) -> int:
         )
         options.jobs = 1
     envs = [Environment(end) for end in ends]
-    log(f"==> {elapsed()} environments and source distributions")
     try:
         known = known_bare()
-        timings = set_up(envs, suites, options.fresh)
     except SetupError as error:
         log(f"error: {error}")
         return 2
-    log(f"==> {elapsed()} suites, {options.jobs} at a time")
+    log(f"==> {elapsed()} environments, then suites ({options.jobs} at a time)")
+    # Longest first, so that the last suite to start is a short one.
+    order = sorted(suites, key=lambda s: LONGEST_FIRST.index(s.name))
     checked: list[Checked] = []
-    with concurrent.futures.ThreadPoolExecutor(max(1, options.jobs)) as pool:
+    with (
+        concurrent.futures.ThreadPoolExecutor(len(envs)) as setting_up,
+        concurrent.futures.ThreadPoolExecutor(max(1, options.jobs)) as pool,
+    ):
+        for env in envs:
+            env.ready = setting_up.submit(env.prepare, options.fresh)
         futures = [
             pool.submit(run_suite, env, suite, known, prefix, options.serial)
+            for suite in order
             for env in envs
-            for suite in suites
         ]
+        for env in envs:
+            ready = env.ready
+            assert ready is not None
+            try:
+                ready.result()
+            except SetupError as error:
+                log(f"error: {error}")
+                for future in futures:
+                    future.cancel()
+                return 2
+            log(
+                f"  {elapsed()} {env.end}: "
+                + ", ".join(
+                    f"{d} {env.versions[d]}" for d in sorted({s.distribution for s in SUITES})
+                )
+            )
         for future in concurrent.futures.as_completed(futures):
             checked.append(future.result())
             log(f"  {elapsed()} ran {checked[-1].env.end} {checked[-1].suite.name}")
+    timings = [f"suites: {time.monotonic() - started:.0f} s from the start"]
     step = time.monotonic()
     for done in checked:
         run_again(done, known, prefix)

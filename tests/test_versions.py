@@ -151,7 +151,7 @@ SUPPORTED = {
     "sqlalchemy": (("sqlalchemy >= 2.0.0, < 2.2",), ()),
     "urllib3": (
         ("urllib3 >= 2.0.7, < 3",),
-        ("requests >= 2.31.0, < 3", "botocore >= 1.31.63, < 2"),
+        ("requests >= 2.30.0, < 3", "botocore >= 1.31.63, < 2"),
     ),
 }
 
@@ -261,7 +261,7 @@ def test_a_library_hooked_through_urllib3_outside_its_tested_range_is_still_hook
         handle = harness.instrument(libraries=["urllib3"])
     assert handle.libraries == ("urllib3",)
     assert [r.getMessage() for r in caplog.records] == [
-        "poolwatch: requests 2.25.1 (supported: >= 2.31.0, < 3) is outside the versions "
+        "poolwatch: requests 2.25.1 (supported: >= 2.30.0, < 3) is outside the versions "
         "poolwatch is tested with; its pools are still hooked through urllib3, but may be "
         "reported as pool.kind urllib3"
     ]
