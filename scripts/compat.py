@@ -647,6 +647,11 @@ def judge(checked: Checked, known: list[Known], lines: list[str]) -> list[str]:
         if run_.result is None:
             problems.append(f"the {run_.mode} run left no result ({run_.summary}); see {run_.log}")
             continue
+        if run_.returncode not in (0, 1):  # 2 interrupted, 3 pytest's internal error, ...
+            problems.append(
+                f"the {run_.mode} run did not finish (pytest exit {run_.returncode}); "
+                f"see {run_.log}"
+            )
         modules = run_.result.get("modules", {})
         origin = modules.get(suite.distribution) if isinstance(modules, dict) else None
         if origin is not None and str(env.venv) not in str(origin):

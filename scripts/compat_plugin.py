@@ -201,8 +201,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     with open(only) as names:
         wanted = set(names.read().splitlines())
-    keep = [item for item in items if item.nodeid in wanted]
-    config.hook.pytest_deselected(items=[item for item in items if item.nodeid not in wanted])
+    keep = [item for item in items if _test_id(item.nodeid) in wanted]
+    config.hook.pytest_deselected(
+        items=[item for item in items if _test_id(item.nodeid) not in wanted]
+    )
     items[:] = keep
 
 
@@ -210,6 +212,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 _phases: dict[str, dict[str, str]] = {}
 _started = time.monotonic()
+_TREE = os.getcwd()
+
+
+def _test_id(nodeid: str) -> str:
+    """The node id with this copy's directory written ``<tree>``: the bare and the
+    instrumented runs use copies in different places, and some parameter ids hold a path
+    (requests' ``test_unzipped_paths_unchanged``)."""
+    return nodeid.replace(_TREE, "<tree>")
 
 
 def _phase_outcome(report: pytest.TestReport) -> str:
@@ -221,12 +231,12 @@ def _phase_outcome(report: pytest.TestReport) -> str:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    _phases.setdefault(report.nodeid, {})[report.when] = _phase_outcome(report)
+    _phases.setdefault(_test_id(report.nodeid), {})[report.when] = _phase_outcome(report)
 
 
 def pytest_collectreport(report: pytest.CollectReport) -> None:
     if report.failed:
-        _phases[f"{report.nodeid}::<collection>"] = {"collect": "failed"}
+        _phases[f"{_test_id(report.nodeid)}::<collection>"] = {"collect": "failed"}
 
 
 def _outcomes() -> dict[str, str]:
