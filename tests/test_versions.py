@@ -150,7 +150,7 @@ SUPPORTED = {
     "httpx": (("httpx >= 0.26.0, < 1", "httpcore >= 1.0.3, < 2"), ()),
     "sqlalchemy": (("sqlalchemy >= 2.0.0, < 2.2",), ()),
     "urllib3": (
-        ("urllib3 >= 2.0.7, < 3",),
+        ("urllib3 >= 2.0.2, < 3",),
         ("requests >= 2.30.0, < 3", "botocore >= 1.31.63, < 2"),
     ),
 }
