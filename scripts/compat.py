@@ -366,6 +366,8 @@ class Environment:
             content = edited.read_text()
             if text in content:
                 edited.write_text(content.replace(text, replacement))
+                with open(tree / "compat-edits.txt", "a") as applied:
+                    applied.write(f"{name}: {text.strip()!r} -> {replacement.strip()!r}\n")
         return tree
 
 
@@ -722,9 +724,9 @@ def run_suite(
     )
     for test in deselect:
         checked.lines.append(f"  deselected: {test}")
-    for name, text, replacement in suite.edits:
-        if replacement in (checked.trees["bare"] / name).read_text():
-            checked.lines.append(f"  edited {name}: {text.strip()!r} -> {replacement.strip()!r}")
+    applied = checked.trees["bare"] / "compat-edits.txt"
+    for edit in applied.read_text().splitlines() if applied.exists() else ():
+        checked.lines.append(f"  edited {edit}")
     trees = checked.trees
     if prefix is None or serial:
         checked.runs = [
