@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
-from collections.abc import Mapping
-from types import ModuleType, TracebackType
+import time
+from collections.abc import Callable, Mapping
+from types import FrameType, ModuleType, TracebackType
 from typing import Any
 
 from opentelemetry import metrics as otel_metrics
 from opentelemetry.sdk.metrics import MeterProvider
 
 from poolwatch import _versions
-from poolwatch._config import ConfigError, Settings, psutil_importable, resolve
+from poolwatch._config import ConfigError, Settings, psutil_importable, resolve, shown
 from poolwatch._export import Bridge, Producer
 from poolwatch._imports import PostImportHooks, installed
 from poolwatch._janitor import Janitor
 from poolwatch._ledger import Ledger
-from poolwatch._naming import check_pool_name
+from poolwatch._naming import MAX_NAME, check_pool_name
 from poolwatch._process import REFRESH_EVERY, ProcessView, ProcessWatcher
 from poolwatch._provider import OwnedProvider, build, child_resource
 from poolwatch._registry import PoolSnapshot, Registry, Series, snapshot_of
@@ -32,9 +34,12 @@ _current: Instrumentation | None = None
 class _Tracker:
     """The core as adapters see it."""
 
-    def __init__(self, registry: Registry, errors: ErrorLog) -> None:
+    def __init__(
+        self, registry: Registry, errors: ErrorLog, ready: Callable[[], None] | None = None
+    ) -> None:
         self._registry = registry
         self._errors = errors
+        self._ready = ready
 
     def track(
         self,
@@ -47,6 +52,8 @@ class _Tracker:
         attributes: Mapping[str, str | int] | None = None,
         kind: str | None = None,
     ) -> Ledger:
+        if self._ready is not None:
+            self._ready()  # a forked child's first pool completes its set-up (see Fork)
         return self._registry.track(
             pool, adapter, target=target, site=site, name=name, attributes=attributes, kind=kind
         )
@@ -72,7 +79,7 @@ class Instrumentation:
         self._owned = owned
         self._errors = ErrorLog()
         self._registry = Registry(settings, self._errors)
-        self._tracker = _Tracker(self._registry, self._errors)
+        self._tracker = _Tracker(self._registry, self._errors, self._ensure_set_up)
         self._producer = Producer(self._registry, settings, self._errors)
         self._bridge = Bridge(self._producer, provider, self._errors)
         self._hooks = PostImportHooks()
@@ -83,6 +90,8 @@ class Instrumentation:
             self._janitor.every(REFRESH_EVERY, self._process.refresh)
         self._active: dict[str, Adapter] = {}
         self._stopped = False
+        self._child_pending = False
+        """A child forked to exec: its set-up is left until something asks for it."""
 
     @property
     def prometheus_address(self) -> tuple[str, int] | None:
@@ -133,13 +142,14 @@ class Instrumentation:
 
     def track(self, obj: Any, name: str | None = None) -> None:
         """Track ``obj``'s pools, under ``name`` if given; see :func:`poolwatch.track`."""
+        self._ensure_set_up()
         if name is not None:
             try:
                 check_pool_name(name)
             except ValueError:
                 raise ConfigError(
-                    f"poolwatch.track() got name {name!r}: expected 1-200 printable characters "
-                    "without credentials or a query string"
+                    f"poolwatch.track() got name {shown(name)}: expected 1-{MAX_NAME} printable "
+                    "ASCII characters without credentials or a query string"
                 ) from None
         with _lock:
             for adapter in self._active.values():
@@ -154,26 +164,38 @@ class Instrumentation:
     def pools(self) -> list[PoolSnapshot]:
         """A snapshot of every pool series, sorted by kind and name.
 
-        A series whose pools are all gone is shown until a reader has exported it one last
-        time (with no reader attached, until this call has shown it once).
+        A series whose pools are all gone is shown, with nothing open, for
+        ``_registry.RETENTION`` seconds (its counters continue if a pool joins it again).
         """
-        readings = self._registry.read(drop_gone=not list(self._bridge.readers))
+        self._ensure_set_up()
+        readings = self._registry.read()
         return sorted((snapshot_of(r) for r in readings), key=lambda s: (s.kind, s.name))
 
     def process_view(self) -> ProcessView | None:
         """The process's file descriptors and TCP connections, read now; see
         :func:`poolwatch.process_view`."""
+        self._ensure_set_up()
         return self._process.refresh() if self._process is not None else None
 
     def uninstrument(self) -> None:
-        """Undo ``instrument()``; see :func:`poolwatch.uninstrument`."""
+        """Undo ``instrument()``; see :func:`poolwatch.uninstrument`.
+
+        Waits at most ``shutdown_timeout`` seconds in all (for poolwatch's thread, and for
+        the last export of a provider poolwatch built). A provider the application gave,
+        or its global one, is the application's: it is left running and never waited for.
+        """
         global _current
         with _lock:
             if self._stopped:
                 return
             self._stopped = True
-            self._janitor.stop()
+            deadline = time.monotonic() + self.settings.shutdown_timeout
+            self._janitor.stop(self.settings.shutdown_timeout)
             self._hooks.close()
+            # The last export first, while the pools are still hooked and can be read: the
+            # provider's periodic readers collect once more as they shut down. A reader
+            # still busy at the deadline collects without poolwatch (detached below).
+            self._stop_owned(deadline)
             self._bridge.detach()
             for adapter in self._active.values():
                 try:
@@ -182,12 +204,62 @@ class Instrumentation:
                     self._errors.report(f"{adapter.name} uninstrument", error)
                 self._registry.untrack_adapter(adapter)
             self._active.clear()
-            if self._owned is not None:
-                self._owned.shutdown()
             if _current is self:
                 _current = None
 
-    def _after_fork_in_child(self) -> None:
+    def _stop_owned(self, deadline: float) -> None:
+        """Shut the provider poolwatch built down, giving up on it at ``deadline``."""
+        owned = self._owned
+        if owned is None:
+            return
+        if self._child_pending:  # the parent's, in a child forked to exec: not ours to stop
+            owned.abandon_in_child()
+            self._owned = None
+            return
+        left = max(deadline - time.monotonic(), 0.0)
+        finished, error = owned.shutdown(left)
+        if error is not None:
+            self._errors.report("shutdown", error)
+        if not finished and self.settings.shutdown_timeout > 0:  # 0: not waiting was asked
+            logger.warning(
+                "poolwatch: the exporters did not finish within shutdown_timeout (%g s); their "
+                "last export is abandoned",
+                self.settings.shutdown_timeout,
+            )
+
+    def _stop_at_exit(self) -> None:
+        """At interpreter exit: the janitor and the last export, within ``shutdown_timeout``.
+
+        The hooks stay: the application's own exit handlers may still use its pools. No
+        lock is taken: a daemon thread may hold it for ever at exit.
+        """
+        if self._stopped:
+            return
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        self._janitor.stop(self.settings.shutdown_timeout)
+        self._stop_owned(deadline)
+
+    def _after_fork_in_child(self, *, exec_follows: bool) -> None:
+        """In a forked child: start from zero, with a thread and a provider of its own.
+
+        A child forked by ``subprocess`` to run a ``preexec_fn`` execs a new program right
+        after it: it gets nothing now, and its set-up waits for a first pool, ``pools()``,
+        ``track()`` or ``process_view()`` — that is, for ever (docs/architecture.md, Fork).
+        """
+        if exec_follows:
+            self._child_pending = True
+            return
+        self._set_up_child()
+
+    def _ensure_set_up(self) -> None:
+        """Complete a forked child's set-up, if it was left for later."""
+        if self._child_pending:
+            with _lock:
+                if self._child_pending:
+                    self._set_up_child()
+
+    def _set_up_child(self) -> None:
+        self._child_pending = False
         self._registry.reset_after_fork()
         self._producer.reset()
         if self._process is not None:
@@ -314,6 +386,7 @@ def instrument(**settings: Any) -> Instrumentation:
                     "poolwatch: instrument() called again with other settings; they are "
                     "ignored: call uninstrument() first to change them"
                 )
+            _current._ensure_set_up()
             return _current
         provider, owned = _provider_for(settings, resolved, os.environ)
         handle = Instrumentation(resolved, provider, owned)
@@ -355,12 +428,42 @@ def process_view() -> ProcessView | None:
     return current.process_view() if current is not None else None
 
 
+def _at_exit() -> None:
+    current = _current
+    if current is not None:
+        try:
+            current._stop_at_exit()
+        except Exception as error:  # never let exit fail because of poolwatch
+            current._errors.report("exit", error)
+
+
+atexit.register(_at_exit)
+
+
 def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.RLock()
     current = _current
     if current is not None:
-        current._after_fork_in_child()
+        try:
+            forker: FrameType | None = sys._getframe(1)
+        except ValueError:  # forked from C with no Python frame: set up as a worker
+            forker = None
+        current._after_fork_in_child(exec_follows=_forked_to_exec(forker))
+
+
+def _forked_to_exec(frame: FrameType | None) -> bool:
+    """Whether the fork under way is ``subprocess``'s for a ``preexec_fn``.
+
+    Fork handlers run in such a child only because a ``preexec_fn`` was given (without one,
+    ``subprocess`` forks or spawns in C and runs none); the child then runs that function
+    and execs. ``frame`` is the Python frame that forked: ``Popen._execute_child``.
+    """
+    return (
+        frame is not None
+        and frame.f_code.co_name == "_execute_child"
+        and frame.f_globals.get("__name__") == "subprocess"
+    )
 
 
 if hasattr(os, "register_at_fork"):

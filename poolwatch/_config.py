@@ -2,12 +2,16 @@
 
 An argument wins over its environment variable, which wins over the default. A bad value
 raises :class:`ConfigError` at ``instrument()`` naming the setting, where it came from,
-the value, and what is allowed — never later, on the application's hot path.
+the value, and what is allowed — never later, on the application's hot path. Whatever the
+value is, only a ConfigError comes out (an iterable that raises, a number too large for a
+float), and the value is shown without credentials and at most ``SHOWN`` characters long.
 """
 
 from __future__ import annotations
 
+import difflib
 import itertools
+import logging
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -15,15 +19,43 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from poolwatch import _catalogue
-from poolwatch._naming import check_pool_name
+from poolwatch._naming import MAX_NAME, carries_credentials, check_pool_name, redacted
 
 DEFAULT_LEAK_THRESHOLD = 30.0
 LEAK_STACKS = ("auto", "always", "off")
 DEFAULT_MAX_POOLS = 200
 DEFAULT_PROMETHEUS_HOST = "127.0.0.1"
 PROCESS_VIEW = ("auto", "on", "off")
+DEFAULT_SHUTDOWN_TIMEOUT = 2.0
+"""Seconds ``uninstrument()`` and interpreter exit wait for poolwatch's own exporters.
+
+A healthy collector takes milliseconds to take the last export (tens over a slow TLS
+link); 2 s also fits the SDK's first retry after its 1 s back-off, and is a fifth of the
+shortest grace a process manager commonly gives before SIGKILL (``docker stop``: 10 s;
+Kubernetes and gunicorn: 30 s), which the application needs for its own draining.
+"""
+MAX_SHUTDOWN_TIMEOUT = 600.0
+"""Longer than any process manager's default grace period; beyond it, waits overflow."""
+
+MAX_BUCKETS = 160
+"""Most bounds a histogram may have: the default size of OpenTelemetry's exponential
+histograms (``max_size``), ten times the SDK's explicit default (15 bounds) and
+Prometheus's (14). Each bound is one Prometheus series per histogram point, about four
+points a pool: 160 bounds are some 640 series a pool. 200,000 bounds once took 1.3 s to
+instrument, 3.1 s a collection and 346 MB."""
+MAX_MAX_POOLS = 20_000
+"""Largest ``max_pools``: the cap is what bounds a process's series, so it has one itself.
+The benchmarks measure up to 10,000 series and set this much; 20,000 series are about
+250 MB of ledgers and two million Prometheus series at the default buckets."""
+MAX_LIBRARIES = 64
+"""Most entries the ``libraries`` setting is read for (an endless iterable stops here)."""
+SHOWN = 200
+"""Most characters of a rejected value a ConfigError shows."""
+_NOT_SETTINGS = ("POOLWATCH_DEMO_",)
+"""``POOLWATCH_*`` variables that belong to something else (the demo stack's)."""
 
 _T = TypeVar("_T")
+_logger = logging.getLogger("poolwatch")
 _DEFAULT_LEAK: float | None = DEFAULT_LEAK_THRESHOLD
 
 
@@ -66,15 +98,38 @@ class Settings:
     process_view: str = "auto"
     """File descriptors and TCP connections of the process (psutil): ``auto`` — when psutil
     is installed; ``on`` — psutil is required; ``off``."""
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    """Seconds ``uninstrument()`` and interpreter exit wait for the last export of a provider
+    poolwatch built (and its Prometheus endpoint, and its thread) before giving up on it."""
 
 
 def _env_name(setting: str) -> str:
     return "POOLWATCH_" + setting.upper()
 
 
-def _fail(setting: str, source: str, value: object, allowed: str) -> ConfigError:
+class Rejected(ValueError):
+    """A value is not allowed, for the reason given (said in the ConfigError)."""
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for an error message: without credentials (:func:`redacted`), on one
+    line, at most ``SHOWN`` characters; a value whose ``repr`` fails by its type."""
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__} object>"
+    text = redacted(text)
+    if len(text) > SHOWN:
+        text = f"{text[: SHOWN - 30]}… ({len(text)} characters)"
+    return text
+
+
+def _fail(
+    setting: str, source: str, value: object, allowed: str, reason: str | None = None
+) -> ConfigError:
+    why = f" ({reason})" if reason else ""
     return ConfigError(
-        f"poolwatch setting {setting!r} ({source}) got {value!r}: expected {allowed}"
+        f"poolwatch setting {setting!r} ({source}) got {shown(value)}{why}: expected {allowed}"
     )
 
 
@@ -116,14 +171,18 @@ class _Resolver:
             )
             try:
                 value = from_env(raw)
-            except (ValueError, TypeError):
-                raise _fail(setting, source, raw, allowed) from None
+            except Exception as error:
+                raise _fail(setting, source, raw, allowed, _reason(error)) from None
         else:
             return default
         try:
             return check(value)
-        except (ValueError, TypeError):
-            raise _fail(setting, source, raw, allowed) from None
+        except Exception as error:  # whatever the value does: an iterable that raises, …
+            raise _fail(setting, source, raw, allowed, _reason(error)) from None
+
+
+def _reason(error: Exception) -> str | None:
+    return str(error) if isinstance(error, Rejected) else None
 
 
 def _check_bool(value: Any) -> bool:
@@ -138,6 +197,12 @@ def _check_positive_int(value: Any) -> int:
     return value
 
 
+def _check_max_pools(value: Any) -> int:
+    if _check_positive_int(value) > MAX_MAX_POOLS:
+        raise ValueError(value)
+    return int(value)
+
+
 def _check_port(value: Any) -> int | None:
     if value is None:
         return None
@@ -147,8 +212,8 @@ def _check_port(value: Any) -> int | None:
 
 
 def _check_host(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9.:\-\[\]]+", value):
-        raise ValueError(value)
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9.:\-\[\]]{1,253}", value):
+        raise ValueError(value)  # 253: the longest DNS name
     return value
 
 
@@ -170,6 +235,18 @@ def _check_leak(value: Any) -> float | None:
 
 def _check_age(value: Any) -> float | None:
     return _check_leak(value)
+
+
+def _shutdown_from_env(text: str) -> float:
+    return float(text)
+
+
+def _check_shutdown(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(value)
+    if not 0 <= value <= MAX_SHUTDOWN_TIMEOUT:  # NaN fails both comparisons
+        raise ValueError(value)
+    return float(value)
 
 
 def _check_process_view(value: Any) -> str:
@@ -203,8 +280,11 @@ def _check_leak_stacks(value: Any) -> str:
 def _check_buckets(value: Any) -> tuple[float, ...]:
     if isinstance(value, (str, bytes)):
         raise TypeError(value)
-    bounds = tuple(float(v) for v in value if not isinstance(v, bool))
-    if len(bounds) != len(value) or not bounds:
+    items = list(itertools.islice(value, MAX_BUCKETS + 1))  # an endless iterable stops here
+    if len(items) > MAX_BUCKETS:
+        raise Rejected(f"more than {MAX_BUCKETS} bounds")
+    bounds = tuple(float(v) for v in items if not isinstance(v, bool))
+    if len(bounds) != len(items) or not bounds:
         raise ValueError(value)
     if any(not math.isfinite(b) or b <= 0 for b in bounds):
         raise ValueError(value)
@@ -232,10 +312,32 @@ def _check_names(value: Any) -> dict[str, str]:
         raise TypeError(value)
     names: dict[str, str] = {}
     for target, name in value.items():
-        if not isinstance(target, str) or not target:
+        if not isinstance(target, str) or not 1 <= len(target) <= MAX_NAME:
             raise ValueError(target)
+        if carries_credentials(target):  # a derived name never does: it could never match
+            raise Rejected("a derived name never carries credentials or a query string")
+        if isinstance(name, str) and carries_credentials(name):
+            raise Rejected("a name must not carry credentials or a query string")
         names[target] = check_pool_name(name)
     return names
+
+
+def _warn_unknown_variables(environ: Mapping[str, str]) -> None:
+    """A ``POOLWATCH_*`` variable close to a setting's name is likely a typo: say so once."""
+    known = [_env_name(f) for f in Settings.__dataclass_fields__]
+    for variable in sorted(environ):
+        if not variable.startswith("POOLWATCH_") or variable in known:
+            continue
+        if variable.startswith(_NOT_SETTINGS):
+            continue
+        close = difflib.get_close_matches(variable, known, n=1, cutoff=0.8)
+        if close:
+            _logger.warning(
+                "poolwatch: environment variable %s is not a poolwatch setting and is ignored; "
+                "did you mean %s?",
+                shown(variable)[1:-1],
+                close[0],
+            )
 
 
 def resolve(
@@ -243,18 +345,22 @@ def resolve(
 ) -> Settings:
     """Resolve settings; ``adapters`` are the library names this poolwatch can hook."""
     known = {f for f in Settings.__dataclass_fields__} | {"meter_provider"}
-    unknown = sorted(set(arguments) - known)
+    unknown = sorted(set(arguments) - known, key=str)
     if unknown:
         raise ConfigError(
-            f"poolwatch.instrument() got unknown setting(s) {', '.join(map(repr, unknown))}: "
+            f"poolwatch.instrument() got unknown setting(s) {', '.join(map(shown, unknown))}: "
             f"expected one of {', '.join(sorted(known))}"
         )
+    _warn_unknown_variables(environ)
     env = _Resolver(arguments, environ)
 
     def check_libraries(value: Any) -> tuple[str, ...]:
         if isinstance(value, str):
             raise TypeError(value)
-        chosen = tuple(dict.fromkeys(value))
+        items = list(itertools.islice(value, MAX_LIBRARIES + 1))
+        if len(items) > MAX_LIBRARIES:
+            raise ValueError(value)
+        chosen = tuple(dict.fromkeys(items))
         if any(lib not in adapters for lib in chosen):
             raise ValueError(value)
         return chosen
@@ -273,28 +379,35 @@ def resolve(
         leak_stacks=env.get(
             "leak_stacks", "auto", str, _check_leak_stacks, "'auto', 'always' or 'off'"
         ),
-        max_pools=env.get("max_pools", DEFAULT_MAX_POOLS, int, _check_positive_int, "an int >= 1"),
+        max_pools=env.get(
+            "max_pools",
+            DEFAULT_MAX_POOLS,
+            int,
+            _check_max_pools,
+            f"an int from 1 to {MAX_MAX_POOLS}",
+        ),
         pool_names=env.get(
             "pool_names",
             {},
             _names_from_env,
             _check_names,
             "a mapping of derived pool name to chosen name (env: 'target=name,target=name'); "
-            "names are 1-200 printable characters without credentials or query strings",
+            f"names are 1-{MAX_NAME} printable characters without credentials or query strings",
         ),
         buckets=env.get(
             "buckets",
             _catalogue.DURATION_BUCKETS,
             _buckets_from_env,
             _check_buckets,
-            "strictly increasing positive finite seconds, e.g. '0.001,0.01,0.1,1'",
+            f"at most {MAX_BUCKETS} strictly increasing positive finite seconds, "
+            "e.g. '0.001,0.01,0.1,1'",
         ),
         lifetime_buckets=env.get(
             "lifetime_buckets",
             _catalogue.LIFETIME_BUCKETS,
             _buckets_from_env,
             _check_buckets,
-            "strictly increasing positive finite seconds, e.g. '1,60,3600'",
+            f"at most {MAX_BUCKETS} strictly increasing positive finite seconds, e.g. '1,60,3600'",
         ),
         prometheus_port=env.get(
             "prometheus_port", None, int, _check_port, "a TCP port 0-65535 (0 picks a free port)"
@@ -319,5 +432,12 @@ def resolve(
             str,
             _check_process_view,
             "'auto', 'on' (needs psutil: pip install 'poolwatch[process]') or 'off'",
+        ),
+        shutdown_timeout=env.get(
+            "shutdown_timeout",
+            DEFAULT_SHUTDOWN_TIMEOUT,
+            _shutdown_from_env,
+            _check_shutdown,
+            f"a number of seconds from 0 to {MAX_SHUTDOWN_TIMEOUT:g}",
         ),
     )

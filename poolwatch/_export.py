@@ -77,7 +77,9 @@ def temporalities(reader: MetricReader) -> dict[c.Instrument, AggregationTempora
 
 
 PointKey = tuple[str, str, int]
-"""(metric name, variant such as "used" or "timeout", id of the series) — one time series."""
+"""(metric name, variant such as "used" or "timeout", the series' serial number) — one time
+series. The serial, not the series' ``id()``: a series made after another is freed may get
+its ``id()``, and its first delta would then be taken against the dead series' values."""
 
 
 # -- data points --------------------------------------------------------------------------
@@ -227,6 +229,8 @@ class _ReaderState:
     def __init__(self, reader: MetricReader) -> None:
         self.last_ns = 0
         self.previous: dict[PointKey, int | HistogramSnapshot] = {}
+        self.series: set[int] = set()
+        """Serials of the series its previous collection had."""
         self.delta = {  # a reader's preferences are fixed when it is made
             kind: temporality == AggregationTemporality.DELTA
             for kind, temporality in temporalities(reader).items()
@@ -265,6 +269,8 @@ class _Collection:
         self.delta = delta
         self.state = state
         self.seen: dict[PointKey, int | HistogramSnapshot] = {}
+        self.series: set[int] = set()
+        """Serials of the series in this collection."""
         self.points: defaultdict[str, list[Any]] = defaultdict(list)
 
     def _attributes(
@@ -301,10 +307,12 @@ class _Collection:
         """
         if not self.delta[spec.instrument]:
             return series.created_ns, None
-        key = (spec.name, variant, id(series))
+        key = (spec.name, variant, series.serial)
         self.seen[key] = value
-        if key in self.state.previous:
-            return max(series.created_ns, self.state.last_ns), self.state.previous[key]
+        if series.serial in self.state.series:
+            # Seen at the previous collection: this interval starts where that one ended. A
+            # point new since then (the first timeout, say) was zero at its start.
+            return max(series.created_ns, self.state.last_ns), self.state.previous.get(key)
         return series.created_ns, None
 
     def number(
@@ -560,10 +568,12 @@ class Producer:
                 state = self._states[id(reader)] = _ReaderState(reader)
             out = _Collection(time.time_ns(), state.delta, state)
             for reading in readings:
+                out.series.add(reading.series.serial)
                 self._add(out, reading)
             if self.process is not None:
                 self._add_process(out, self.process)
             state.previous = out.seen
+            state.series = out.series
             state.last_ns = out.now_ns
             return out.metrics()
 

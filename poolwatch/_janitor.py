@@ -47,12 +47,13 @@ class Janitor:
         self._thread = threading.Thread(target=self._run, name="poolwatch-janitor", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop the thread and wait for it."""
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread and wait for it, at most ``timeout`` seconds (a round under way —
+        a fold, a scan of the process's sockets — ends on its own; the thread is a daemon)."""
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
-            thread.join(5)
+            thread.join(max(timeout, 0.0))
 
     @property
     def alive(self) -> bool:

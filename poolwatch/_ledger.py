@@ -206,6 +206,7 @@ class Ledger:
         "closes",
         "connect",
         "connects",
+        "connects_in_checkout",
         "leak_threshold",
         "leaks",
         "lifetime",
@@ -224,8 +225,12 @@ class Ledger:
         lifetime_bounds: tuple[float, ...] = c.LIFETIME_BUCKETS,
         leak_threshold: float | None = None,
         leak_stacks: str = "auto",
+        connects_in_checkout: bool = False,
     ) -> None:
         self._lock = threading.RLock()
+        self.connects_in_checkout = connects_in_checkout
+        """Whether its pools open a connection inside the checkout (a failed connect fails
+        the checkout) rather than after it (``Adapter.connects_in_checkout``)."""
         self.capture = leak_stacks == "always"
         """Whether checkouts record the borrower's stack (hot path: one attribute read)."""
         self._auto_stacks = leak_stacks == "auto"
@@ -484,17 +489,28 @@ class Ledger:
         """Checkouts that opened no connection (the caller holds the lock).
 
         Every pool poolwatch knows opens a connection for the checkout that needs one, so
-        checkouts minus connects (and failed connects) reused one. A connect can be counted
-        an instant before its checkout is; the exported count never goes down.
+        successful checkouts minus the connects made for them reused one. Where the
+        connect happens inside the checkout (SQLAlchemy, aiohttp), a failed connect failed
+        its checkout, which is not among the successful ones: only successful connects are
+        subtracted. Where it follows the checkout (urllib3, httpx), a failed connect was
+        made for a successful checkout, and is subtracted too. A connect can be counted an
+        instant before its checkout is; the exported count never goes down.
         """
-        opened = sum(sum(h.counts) for h in self.connect.values())
+        opened = sum(self.connect[c.CONNECT_OK].counts)
+        if not self.connects_in_checkout:
+            opened += sum(self.connect[c.CONNECT_ERROR].counts)
         reused = sum(self.wait[c.OUTCOME_ACQUIRED].counts) - opened
         self._reused = max(self._reused, reused)
         return self._reused
 
     def reset(self) -> None:
         """Start from zero (a forked child); also replaces a lock a dead thread may hold."""
-        fresh = Ledger(self.use.bounds, self.lifetime_bounds, None)
+        fresh = Ledger(
+            self.use.bounds,
+            self.lifetime_bounds,
+            None,
+            connects_in_checkout=self.connects_in_checkout,
+        )
         fresh.leak_threshold = self.leak_threshold
         fresh.capture, fresh._auto_stacks = self.capture, self._auto_stacks
         for name in Ledger.__slots__:

@@ -11,6 +11,11 @@ Chosen in this order by ``instrument()``:
    provider is not made global: poolwatch never takes that decision from the application.
 
 The Prometheus endpoint binds to 127.0.0.1 unless ``prometheus_host`` says otherwise.
+
+The provider is made with ``shutdown_on_exit=False``: the SDK's own exit handler waits for
+its readers' last export as long as the exporter retries (10 s and more against a collector
+that is down), so poolwatch stops it itself, within ``shutdown_timeout``
+(:meth:`OwnedProvider.shutdown`), at ``uninstrument()`` and at exit.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ from __future__ import annotations
 import os
 import platform
 import socket
+import threading
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +38,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.resources import Resource
 
-from poolwatch._config import ConfigError, Settings
+from poolwatch._config import ConfigError, Settings, shown
 
 DEFAULT_PROMETHEUS_PORT = 9464
 _EXPORTERS = ("otlp", "prometheus", "console", "none")
@@ -44,6 +51,7 @@ class OwnedProvider:
     provider: MeterProvider
     prometheus_address: tuple[str, int] | None = None
     _server: Any = field(default=None, repr=False)
+    _stopped: bool = field(default=False, repr=False)
 
     def abandon_in_child(self) -> None:
         """In a forked child: let go of the parent's provider without stopping anything.
@@ -56,13 +64,95 @@ class OwnedProvider:
             self._server.socket.close()
             self._server = None
 
-    def shutdown(self) -> None:
-        """Stop the endpoint and the provider's readers."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        self.provider.shutdown()
+    def shutdown(self, timeout: float) -> tuple[bool, BaseException | None]:
+        """Stop the endpoint and the provider's readers, their last export included, waiting
+        at most ``timeout`` seconds.
+
+        Returns whether it all finished in time, and the error it raised, if any. What has
+        not finished goes on in a daemon thread: a reader's last export to a collector that
+        is down or never answers is left to its own timeout and retries, which end with the
+        process if they have not ended before.
+        """
+        if self._stopped:  # uninstrument() first, then exit: once is enough
+            return True, None
+        self._stopped = True
+        server, self._server = self._server, None
+        provider = self.provider
+        deadline = time.monotonic() + timeout
+        gave_up: list[bool] = []
+
+        def stop() -> None:
+            try:
+                if server is not None:
+                    server.shutdown()  # its serving loop notices within 0.5 s
+                    server.server_close()
+            finally:
+                provider.shutdown(timeout_millis=max(deadline - time.monotonic(), 0.0) * 1000)
+                # The SDK returns at its deadline whether its readers finished or not.
+                gave_up.append(time.monotonic() >= deadline)
+
+        finished, error = bounded(stop, timeout, "poolwatch-shutdown")
+        return finished and gave_up == [False], error
+
+
+def bounded(
+    task: Callable[[], object], timeout: float, name: str
+) -> tuple[bool, BaseException | None]:
+    """Run ``task`` on a daemon thread and wait for it at most ``timeout`` seconds.
+
+    Returns whether it finished in time, and what it raised (never raised here). Where no
+    thread can be started (an interpreter that is finalizing), ``task`` runs here instead,
+    relying on its own deadlines.
+    """
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            task()
+        except BaseException as error:  # handed to the caller, never raised in the thread
+            outcome.append(error)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:  # "can't create new thread at interpreter shutdown"
+        run()
+    else:
+        thread.join(timeout)
+    if not outcome:
+        return False, None
+    return True, outcome[0]
+
+
+class _Reader(PeriodicExportingMetricReader):
+    """The SDK's periodic reader, except in a forked child, where it stays stopped.
+
+    The SDK restarts a periodic reader's thread in every forked child. poolwatch gives a
+    forked child a provider of its own (or, to a child forked to exec, none), so the
+    parent's reader would only collect an empty provider there — and in a child forked by
+    ``subprocess`` for a ``preexec_fn``, it started a thread just before ``exec``.
+    """
+
+    def _at_fork_reinit(self) -> None:
+        return None
+
+
+class _Provider(MeterProvider):
+    """The SDK's MeterProvider, except that a forked child does not detect its resource again.
+
+    The SDK's fork handler runs the process-dependent resource detectors, on a thread pool,
+    in every forked child: about 2 ms of CPU time a spawn with a ``preexec_fn``, measured
+    (benchmarks/bench_spawn.py), spent on a provider the child never uses — poolwatch gives
+    a forked child one of its own, named by :func:`child_resource`, when it needs one. The
+    locks are made new as the SDK does.
+    """
+
+    def _handle_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._meter_lock = threading.Lock()
+        MeterProvider._all_metric_readers_lock = threading.Lock()
 
 
 def child_resource(parent: Resource) -> Resource:
@@ -91,8 +181,8 @@ def _exporters(settings: Settings, environ: Mapping[str, str]) -> list[str]:
         bad = [name for name in chosen if name not in _EXPORTERS]
         if bad:
             raise ConfigError(
-                f"poolwatch: environment variable OTEL_METRICS_EXPORTER got {raw!r}: expected a "
-                f"comma-separated list of {', '.join(_EXPORTERS)}"
+                f"poolwatch: environment variable OTEL_METRICS_EXPORTER got {shown(raw)}: "
+                f"expected a comma-separated list of {', '.join(_EXPORTERS)}"
             )
         if settings.prometheus_port is not None and "prometheus" not in chosen:
             chosen.append("prometheus")
@@ -108,7 +198,8 @@ def _exporters(settings: Settings, environ: Mapping[str, str]) -> list[str]:
     return chosen
 
 
-def _otlp_reader(environ: Mapping[str, str]) -> MetricReader:
+def _otlp_exporter(environ: Mapping[str, str]) -> Any:
+    """The OTLP metric exporter class the environment's protocol asks for."""
     protocol = (
         environ.get(
             "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
@@ -127,35 +218,65 @@ def _otlp_reader(environ: Mapping[str, str]) -> MetricReader:
         else:
             raise ConfigError(
                 f"poolwatch: OTEL_EXPORTER_OTLP_METRICS_PROTOCOL/OTEL_EXPORTER_OTLP_PROTOCOL got "
-                f"{protocol!r}: expected 'grpc' or 'http/protobuf'"
+                f"{shown(protocol)}: expected 'grpc' or 'http/protobuf'"
             )
     except ImportError:
         raise ConfigError(
             f"poolwatch: OTLP export ({protocol}) needs the OTLP exporter: "
             "pip install 'poolwatch[otlp]'"
         ) from None
-    return PeriodicExportingMetricReader(OTLPMetricExporter())
+    return OTLPMetricExporter
 
 
-def _prometheus(settings: Settings, environ: Mapping[str, str]) -> tuple[MetricReader, Any]:
+def _otlp_reader(environ: Mapping[str, str]) -> MetricReader:
+    return _Reader(_otlp_exporter(environ)())
+
+
+def _prometheus_port(settings: Settings, environ: Mapping[str, str]) -> int:
+    """The endpoint's port: the setting, else ``OTEL_EXPORTER_PROMETHEUS_PORT``, else 9464."""
+    if settings.prometheus_port is not None:
+        return settings.prometheus_port
+    env_port = environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", str(DEFAULT_PROMETHEUS_PORT))
     try:
-        from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from prometheus_client import CollectorRegistry, start_http_server
+        port = int(env_port)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ConfigError(
+            f"poolwatch: environment variable OTEL_EXPORTER_PROMETHEUS_PORT got "
+            f"{shown(env_port)}: expected a TCP port 0-65535"
+        )
+    return port
+
+
+def _prometheus_modules() -> None:
+    try:
+        import opentelemetry.exporter.prometheus  # noqa: F401
+        import prometheus_client  # noqa: F401
     except ImportError:
         raise ConfigError(
             "poolwatch: a Prometheus endpoint needs the Prometheus exporter: "
             "pip install 'poolwatch[prometheus]'"
         ) from None
-    port = settings.prometheus_port
-    if port is None:
-        env_port = environ.get("OTEL_EXPORTER_PROMETHEUS_PORT", str(DEFAULT_PROMETHEUS_PORT))
-        try:
-            port = int(env_port)
-        except ValueError:
-            raise ConfigError(
-                f"poolwatch: environment variable OTEL_EXPORTER_PROMETHEUS_PORT got {env_port!r}: "
-                "expected a TCP port 0-65535"
-            ) from None
+
+
+def check(settings: Settings, environ: Mapping[str, str]) -> None:
+    """Raise the ConfigError :func:`build` would, without building anything (``poolwatch
+    run`` checks before the program starts; a port in use is found only by binding)."""
+    for name in _exporters(settings, environ):
+        if name == "otlp":
+            _otlp_exporter(environ)
+        elif name == "prometheus":
+            _prometheus_modules()
+            _prometheus_port(settings, environ)
+
+
+def _prometheus(settings: Settings, environ: Mapping[str, str]) -> tuple[MetricReader, Any]:
+    _prometheus_modules()
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    port = _prometheus_port(settings, environ)
     registry = CollectorRegistry(auto_describe=True)
     reader = PrometheusMetricReader(registry=registry)
     try:
@@ -192,7 +313,7 @@ def build(
             if name == "otlp":
                 readers.append(_otlp_reader(environ))
             elif name == "console":
-                readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+                readers.append(_Reader(ConsoleMetricExporter()))
             elif name == "prometheus" and server is None:
                 reader, server = _prometheus(settings, environ)
                 readers.append(reader)
@@ -203,7 +324,10 @@ def build(
         for reader in readers:
             reader.shutdown()
         raise
-    owned = OwnedProvider(MeterProvider(metric_readers=readers, resource=resource or _resource()))
+    provider = _Provider(
+        metric_readers=readers, resource=resource or _resource(), shutdown_on_exit=False
+    )
+    owned = OwnedProvider(provider)
     if server is not None:
         owned._server = server
         host, port = server.server_address[:2]

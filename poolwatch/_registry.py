@@ -7,11 +7,17 @@ thousands of series. A series owns the ledger its pools report into; counters th
 stay monotonic when individual pools come and go.
 
 Pools are held by weak reference only: poolwatch never keeps a pool, client or engine
-alive. A series whose pools are all gone is exported one last time, then removed.
+alive. A series outlives its pools: one whose pools are all gone is still exported (nothing
+open, its counters as they were) for ``RETENTION`` seconds, and a pool that joins it
+meanwhile continues its counters — a client made per call, gone between two collections and
+made again at the next call, is one series whose counters only grow. Only a series idle that
+long is removed; if its pools come back after that, it starts again from zero with a new
+start time, which every reader takes for what it is (a new series, not a reset of the old).
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import weakref
@@ -33,6 +39,12 @@ _SITES_KEPT = 10
 
 OVERFLOW_NAME = "_overflow"
 """The ``pool.name`` of the series pools fold into once ``max_pools`` series exist."""
+
+RETENTION = 600.0
+"""Seconds a series with no live pool left is kept (and exported) before it is removed:
+twice Prometheus's staleness period (5 minutes) and ten times OpenTelemetry's default export
+interval (60 s), so that every reader exports its last values, and a client made per call
+at any sensible rate never loses its series between two calls."""
 
 SAMPLE_EVERY = 30.0
 """Seconds between two samples of a series' counts kept for sizing advice."""
@@ -121,12 +133,14 @@ class Series:
         "attributes",
         "created_ns",
         "export_cache",
+        "gone_since",
         "history",
         "instances_created",
         "kind",
         "ledger",
         "name",
         "pools",
+        "serial",
         "site",
         "target",
         "watch",
@@ -151,6 +165,12 @@ class Series:
         self.attributes = dict(attributes)
         self.ledger = ledger
         self.pools = WeakPools()
+        self.serial = next(_serials)
+        """Unique for the process's life: what readers key their previous values by (an
+        ``id()`` is reused by a series made after this one is freed)."""
+        self.gone_since: float | None = None
+        """``time.monotonic()`` when a reading first found no pool of it alive; None while
+        it has one."""
         self.created_ns = time.time_ns()
         self.instances_created = 0
         self.export_cache: dict[tuple[str, str], dict[str, str | int]] = {}
@@ -160,6 +180,9 @@ class Series:
         self.watch = Watch()
         self.history: deque[Sample] = deque([_ZERO._replace(at=time.monotonic())], SAMPLES_KEPT)
         """Counts every ``SAMPLE_EVERY`` seconds, oldest first, from zero at creation."""
+
+
+_serials = itertools.count(1)
 
 
 class SeriesReading(NamedTuple):
@@ -265,14 +288,23 @@ class Registry:
         self.folded = 0
         """Pools folded into an overflow series because of the ``max_pools`` cap."""
 
-    def _new_ledger(self) -> Ledger:
+    def _new_ledger(self, adapter: Adapter) -> Ledger:
         s = self._settings
-        return Ledger(s.buckets, s.lifetime_buckets, s.leak_threshold, s.leak_stacks)
+        return Ledger(
+            s.buckets,
+            s.lifetime_buckets,
+            s.leak_threshold,
+            s.leak_stacks,
+            connects_in_checkout=adapter.connects_in_checkout,
+        )
 
     def _name_for(self, kind: str, target: str, site: str | None, name: str | None) -> str:
+        from poolwatch._naming import derived_name  # here: this method is all naming here
+
         if name is not None:
             return name
-        chosen = self._settings.pool_names.get(target)
+        plain = derived_name(target)  # printable, capped: the name as shown and exported
+        chosen = self._settings.pool_names.get(plain)
         if chosen is not None:
             return chosen
         first = self._first_site.get((kind, target))
@@ -281,8 +313,8 @@ class Registry:
             # folds them into the overflow series anyway; past this, names stay the target.
             first = self._first_site[(kind, target)] = site
         if site is None or first is None or site == first:
-            return target
-        derived = f"{target} ({site})"
+            return plain
+        derived = derived_name(target, site)
         return self._settings.pool_names.get(derived, derived)
 
     def track(
@@ -333,7 +365,7 @@ class Registry:
                             target=OVERFLOW_NAME,
                             site=None,
                             attributes={},
-                            ledger=self._new_ledger(),
+                            ledger=self._new_ledger(adapter),
                             kind=kind,
                         )
                         self._series[key] = series
@@ -344,13 +376,14 @@ class Registry:
                         target=target,
                         site=site,
                         attributes=attributes or {},
-                        ledger=self._new_ledger(),
+                        ledger=self._new_ledger(adapter),
                         kind=kind,
                     )
                     self._series[key] = series
             elif series.name == OVERFLOW_NAME:
                 self.folded += 1
             series.pools.add(pool)
+            series.gone_since = None
             series.instances_created += 1
             self._of_pool[pool] = series
             return series.ledger
@@ -378,29 +411,30 @@ class Registry:
             for key in [k for k, s in self._series.items() if s.adapter is adapter]:
                 del self._series[key]
 
-    def read(self, *, drop_gone: bool = True) -> list[SeriesReading]:
-        """Read every series; series with no live pool left are read once more, then dropped.
-
-        ``drop_gone=False`` reads without dropping (``pools()`` while readers are attached:
-        the last counts of a gone series belong to the exporter's next collection).
-        """
+    def read(self) -> list[SeriesReading]:
+        """Read every series; a series with no live pool left for ``RETENTION`` seconds is
+        read one last time, then removed."""
         with self._lock:
             everything = list(self._series.items())
         now = time.perf_counter()
         now_monotonic = time.monotonic()
         readings: list[SeriesReading] = []
-        gone: list[tuple[tuple[str, str], Series]] = []
+        expired: list[tuple[tuple[str, str], Series]] = []
         for key, series in everything:
             pools = series.pools.live()
-            if not pools and drop_gone:
-                gone.append((key, series))
+            if pools:
+                series.gone_since = None
+            elif series.gone_since is None:
+                series.gone_since = now_monotonic
+            elif now_monotonic - series.gone_since >= RETENTION:
+                expired.append((key, series))
             reading = self._read_series(series, pools, now)
             if reading is not None:
                 _sample(series, reading.ledger, now_monotonic)
                 readings.append(reading)
-        if gone:
+        if expired:
             with self._lock:
-                for key, series in gone:
+                for key, series in expired:
                     if self._series.get(key) is series and not series.pools:
                         del self._series[key]
         return readings

@@ -1,7 +1,8 @@
 """``poolwatch run -- COMMAND``: instrument a Python program without changing its code.
 
-The options become ``POOLWATCH_*`` (and ``OTEL_*``) variables, checked here first so that
-a bad value stops with one clear line instead of a silently uninstrumented program; the
+The options become ``POOLWATCH_*`` (and ``OTEL_*``) variables, checked here first — every
+setting, and the exporters the environment asks for — so that a bad value stops with one
+clear line and exit status 2 instead of a silently uninstrumented program; the
 bootstrap directory (``_bootstrap/sitecustomize.py``) goes first on ``PYTHONPATH``; then
 the command replaces this process. Python processes it starts inherit both, as with
 ``opentelemetry-instrument``.
@@ -15,6 +16,7 @@ import shutil
 import sys
 from collections.abc import Mapping
 
+from poolwatch import _provider
 from poolwatch._config import ConfigError, resolve
 from poolwatch.adapters import ADAPTERS
 
@@ -27,6 +29,7 @@ _FLAGS = {  # option -> environment variable
     "leak_stacks": "POOLWATCH_LEAK_STACKS",
     "connection_max_age": "POOLWATCH_CONNECTION_MAX_AGE",
     "process_view": "POOLWATCH_PROCESS_VIEW",
+    "shutdown_timeout": "POOLWATCH_SHUTDOWN_TIMEOUT",
     "max_pools": "POOLWATCH_MAX_POOLS",
     "pool_names": "POOLWATCH_POOL_NAMES",
     "prometheus_port": "POOLWATCH_PROMETHEUS_PORT",
@@ -52,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--process-view", help="file descriptors and TCP connections (psutil): auto, on, off"
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        help="seconds exit waits for poolwatch's last export (default 2)",
     )
     parser.add_argument("--max-pools", help="pool series before the overflow series")
     parser.add_argument("--pool-names", help="target=name,target=name")
@@ -89,7 +96,7 @@ def run(args: argparse.Namespace) -> int:  # returns only when it cannot start t
         return 2
     env = environment(args, os.environ)
     try:
-        resolve({}, env, tuple(ADAPTERS))
+        _provider.check(resolve({}, env, tuple(ADAPTERS)), env)
     except ConfigError as error:
         message = str(error)
         for option, variable in _FLAGS.items():  # name the option the user typed

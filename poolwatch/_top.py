@@ -27,6 +27,7 @@ from typing import TextIO
 
 from poolwatch import _thresholds
 from poolwatch._advice import Counts, ProcessCounts
+from poolwatch._naming import printable
 
 WARN_AT = _thresholds.UTILIZATION_HIGH
 """Utilization from which a pool is yellow (PoolwatchPoolUtilizationHigh's threshold)."""
@@ -289,13 +290,14 @@ def render(table: Sequence[Row], *, colour: bool) -> str:
         limit = "-" if r.max is None else str(r.max)
         percent = "-" if r.utilization is None else f"{r.utilization * 100:.0f}"
         p99 = "-" if r.wait_p99 is None else f"{r.wait_p99 * 1000:.1f}ms"
-        name = r.name if len(r.name) <= 36 else "…" + r.name[-35:]
+        name, kind = printable(r.name), printable(r.kind)  # one line per pool, always
+        name = name if len(name) <= 36 else "…" + name[-35:]
         util = f"{_bar(r.utilization)} {percent:>4}"
         if colour and r.utilization is not None and r.utilization >= WARN_AT:
             tint = _RED if r.utilization >= CRITICAL_AT else _YELLOW
             util = tint + util + _RESET
         lines.append(
-            f"{name:<36} {r.kind:<10} {f'{r.used}/{limit}':>9} {util} {r.idle:>4} "
+            f"{name:<36} {kind:<10} {f'{r.used}/{limit}':>9} {util} {r.idle:>4} "
             f"{r.pending:>4} {p99:>9} {_rate(r.timeouts_per_s):>6} "
             f"{_rate(r.discards_per_s):>6} {r.leaks_active:>5}"
         )

@@ -423,7 +423,7 @@ def test_closing_the_session_disposes_idle_tls_connections(pw: Harness) -> None:
             await _gather(*(_get(session, up.url + "/?delay=0.1") for _ in range(3)))
             snap = _pool()
             assert (snap.idle, snap.connects, up.connections) == (3, 3, 3)
-        # A closed session lets go of its connector: the series is exported once more.
+        # A closed session lets go of its connector: the series stays, nothing open.
         got = pw.collect()
         assert got.value("poolwatch.connections", pool__name=NAME, state="idle") == 0
         assert got.value("poolwatch.connections", pool__name=NAME, state="used") == 0
@@ -431,7 +431,8 @@ def test_closing_the_session_disposes_idle_tls_connections(pw: Harness) -> None:
         assert got.count("poolwatch.connection.lifetime", pool__name=NAME, reason="disposed") == 3
         assert got.count("poolwatch.connect.duration", pool__name=NAME, outcome="ok") == 3
         assert len(got.points("poolwatch.connections.closed")) == 1
-        assert pw.collect().names() == set()
+        again = pw.collect()  # kept for RETENTION, its counters as they were
+        assert again.value("poolwatch.connections.closed", pool__name=NAME, reason="disposed") == 3
 
     with AsyncioUpstream(tls=True) as up:
         assert up.url.startswith("https://")
@@ -674,3 +675,54 @@ def test_uninstrument_restores_aiohttp(harness: Harness) -> None:
         run(scenario(up))
     assert poolwatch.pools() == []
     assert harness.collect().names() == set()
+
+
+def test_a_connector_made_on_the_event_loop_makes_no_blocking_call(pw: Harness) -> None:
+    """Its creation site is found without a system call: aiohttp's own tests run under
+    blockbuster, which fails a blocking call (``os.getcwd``, ``os.path.abspath``) on the
+    event loop's thread."""
+    from blockbuster import BlockBuster
+
+    async def scenario(up: AsyncioUpstream) -> int:
+        async with aiohttp.ClientSession() as first:  # the target's first site: plain name
+            assert await _get(first, up.url) == b"ok\n"
+        second_line = sys._getframe().f_lineno + 1
+        connector = aiohttp.TCPConnector(limit=3)
+        async with aiohttp.ClientSession(connector=connector) as second:
+            assert await _get(second, up.url) == b"ok\n"
+        return second_line
+
+    buster = BlockBuster()
+    with AsyncioUpstream() as up:
+        buster.activate()
+        try:
+            line = run(scenario(up))
+        finally:
+            buster.deactivate()
+    names = sorted(s.name for s in poolwatch.pools() if s.kind == "aiohttp")
+    assert names == [NAME, f"{NAME} (tests/test_aiohttp.py:{line})"]
+
+
+def test_connections_kept_under_keys_without_a_host_are_read(pw: Harness) -> None:
+    """A connector subclass (aiohttp's own tests do this) may key its connections by
+    something other than a ``ConnectionKey``: its levels are still read, no server named."""
+
+    async def scenario(up: AsyncioUpstream) -> tuple[int, int, tuple[Any, ...]]:
+        async with aiohttp.ClientSession() as session:
+            assert await _get(session, up.url) == b"ok\n"
+            connector = session.connector
+            assert connector is not None
+            [(key, idle)] = list(connector._conns.items())
+            del connector._conns[key]
+            connector._conns[("plain", "tuple")] = idle  # type: ignore[index]
+            snap = _pool()
+            return (snap.used, snap.idle, tuple(h[:2] for h in _hosts(pw)))
+
+    with AsyncioUpstream() as up:
+        used, idle, hosts = run(scenario(up))
+    assert (used, idle, hosts) == (0, 1, (("", 0),))
+
+
+def _hosts(pw: Harness) -> list[tuple[Any, ...]]:
+    points = pw.collect().points("poolwatch.connections", pool__name=NAME, state="idle")
+    return [(p.attributes["server.address"], p.attributes["server.port"]) for p in points]

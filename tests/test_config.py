@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
 
 import poolwatch
 from poolwatch import _catalogue
@@ -61,13 +65,13 @@ def test_leak_detection_can_be_disabled() -> None:
         (
             {"max_pools": 0},
             {},
-            "poolwatch setting 'max_pools' (argument) got 0: expected an int >= 1",
+            "poolwatch setting 'max_pools' (argument) got 0: expected an int from 1 to 20000",
         ),
         (
             {},
             {"POOLWATCH_MAX_POOLS": "many"},
             "poolwatch setting 'max_pools' (environment variable POOLWATCH_MAX_POOLS) got "
-            "'many': expected an int >= 1",
+            "'many': expected an int from 1 to 20000",
         ),
         (
             {"libraries": ["sqlalchemy", "psycopg2"]},
@@ -101,8 +105,8 @@ def test_leak_detection_can_be_disabled() -> None:
         (
             {"buckets": [0.1, 0.01]},
             {},
-            "poolwatch setting 'buckets' (argument) got [0.1, 0.01]: expected strictly "
-            "increasing positive finite seconds, e.g. '0.001,0.01,0.1,1'",
+            "poolwatch setting 'buckets' (argument) got [0.1, 0.01]: expected at most 160 "
+            "strictly increasing positive finite seconds, e.g. '0.001,0.01,0.1,1'",
         ),
         (
             {"prometheus_port": 70000},
@@ -114,9 +118,10 @@ def test_leak_detection_can_be_disabled() -> None:
             {"pool_names": {"postgresql://db/orders": "postgresql://bob:secret@db/orders"}},
             {},
             "poolwatch setting 'pool_names' (argument) got {'postgresql://db/orders': "
-            "'postgresql://bob:secret@db/orders'}: expected a mapping of derived pool name to "
-            "chosen name (env: 'target=name,target=name'); names are 1-200 printable "
-            "characters without credentials or query strings",
+            "'postgresql://***@db/orders'} (a name must not carry credentials or a query "
+            "string): expected a mapping of derived pool name to chosen name (env: "
+            "'target=name,target=name'); names are 1-200 printable characters without "
+            "credentials or query strings",
         ),
         (
             {"pool_size": 5},
@@ -124,7 +129,7 @@ def test_leak_detection_can_be_disabled() -> None:
             "poolwatch.instrument() got unknown setting(s) 'pool_size': expected one of "
             "buckets, connection_max_age, leak_stacks, leak_threshold, libraries, "
             "lifetime_buckets, max_pools, meter_provider, pool_names, process_view, "
-            "prometheus_host, prometheus_port, semconv",
+            "prometheus_host, prometheus_port, semconv, shutdown_timeout",
         ),
         (
             {},
@@ -172,3 +177,187 @@ def test_bad_exporter_environment_is_named(monkeypatch: pytest.MonkeyPatch) -> N
         "poolwatch: environment variable OTEL_METRICS_EXPORTER got 'otlp,statsd': expected a "
         "comma-separated list of otlp, prometheus, console, none"
     )
+
+
+class _Raising:
+    """An iterable that fails while it is read, as a broken generator would."""
+
+    def __iter__(self) -> Iterator[float]:
+        yield 0.1
+        raise RuntimeError("the source went away")
+
+    def __repr__(self) -> str:
+        return "_Raising()"
+
+
+class _Unprintable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+LEAK_ALLOWED = "a number of seconds > 0, or None/'off' to disable leak detection"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "environ", "message"),
+    [
+        (  # math.isfinite() overflows on it: an OverflowError escaped before
+            {"leak_threshold": 10**400},
+            {},
+            f"poolwatch setting 'leak_threshold' (argument) got {'1' + '0' * 169}… (401 "
+            f"characters): expected {LEAK_ALLOWED}",
+        ),
+        (
+            {"connection_max_age": 10**400},
+            {},
+            f"poolwatch setting 'connection_max_age' (argument) got {'1' + '0' * 169}… (401 "
+            "characters): expected a number of seconds > 0, or None/'off' not to report old "
+            "connections",
+        ),
+        (  # a RuntimeError escaped before
+            {"buckets": _Raising()},
+            {},
+            "poolwatch setting 'buckets' (argument) got _Raising(): expected at most 160 "
+            "strictly increasing positive finite seconds, e.g. '0.001,0.01,0.1,1'",
+        ),
+        (
+            {"libraries": _Raising()},
+            {},
+            "poolwatch setting 'libraries' (argument) got _Raising(): expected a list drawn "
+            "from sqlalchemy",
+        ),
+        (
+            {"leak_threshold": _Unprintable()},
+            {},
+            f"poolwatch setting 'leak_threshold' (argument) got <_Unprintable object>: "
+            f"expected {LEAK_ALLOWED}",
+        ),
+        (
+            {"buckets": [i / 1000 for i in range(1, 162)]},
+            {},
+            "poolwatch setting 'buckets' (argument) got [0.001, 0.002, 0.003, 0.004, 0.005, "
+            "0.006, 0.007, 0.008, 0.009, 0.01, 0.011, 0.012, 0.013, 0.014, 0.015, 0.016, 0.017, "
+            "0.018, 0.019, 0.02, 0.021, 0.022, 0.023, 0.024, 0.0… (1110 characters) (more "
+            "than 160 bounds): expected at most 160 strictly increasing "
+            "positive finite seconds, e.g. '0.001,0.01,0.1,1'",
+        ),
+        (
+            {"max_pools": 20_001},
+            {},
+            "poolwatch setting 'max_pools' (argument) got 20001: expected an int from 1 to 20000",
+        ),
+        (  # the target carries the credential: redacted, and rejected (it could never match)
+            {},
+            {"POOLWATCH_POOL_NAMES": "postgresql://bob:secret@db/orders=orders"},
+            "poolwatch setting 'pool_names' (environment variable POOLWATCH_POOL_NAMES) got "
+            "'postgresql://***@db/orders=orders' (a derived name never carries credentials or "
+            "a query string): expected a mapping of derived pool name to chosen name (env: "
+            "'target=name,target=name'); names are 1-200 printable characters without "
+            "credentials or query strings",
+        ),
+        (  # a password without a scheme before it is a credential too
+            {"pool_names": {"postgresql://db/orders": "bob:secret@db"}},
+            {},
+            "poolwatch setting 'pool_names' (argument) got {'postgresql://db/orders': "
+            "'***@db'} (a name must not carry credentials or a query string): expected a "
+            "mapping of derived pool name to chosen name (env: 'target=name,target=name'); "
+            "names are 1-200 printable characters without credentials or query strings",
+        ),
+        (
+            {"pool_names": {"https://api/v1": "https://api/v1?token=abc"}},
+            {},
+            "poolwatch setting 'pool_names' (argument) got {'https://api/v1': "
+            "'https://api/v1?***'} (a name must not carry credentials or a query string): "
+            "expected a mapping of derived pool name to chosen name (env: "
+            "'target=name,target=name'); names are 1-200 printable characters without "
+            "credentials or query strings",
+        ),
+        (
+            {"postgresql://bob:secret@db/orders": "orders"},
+            {},
+            "poolwatch.instrument() got unknown setting(s) 'postgresql://***@db/orders': "
+            "expected one of buckets, connection_max_age, leak_stacks, leak_threshold, "
+            "libraries, lifetime_buckets, max_pools, meter_provider, pool_names, process_view, "
+            "prometheus_host, prometheus_port, semconv, shutdown_timeout",
+        ),
+        (
+            {"prometheus_host": "a" * 254},
+            {},
+            f"poolwatch setting 'prometheus_host' (argument) got '{'a' * 169}… (256 "
+            "characters): expected an IP address or host name to bind to",
+        ),
+        (
+            {"shutdown_timeout": float("nan")},
+            {},
+            "poolwatch setting 'shutdown_timeout' (argument) got nan: expected a number of "
+            "seconds from 0 to 600",
+        ),
+        (
+            {},
+            {"POOLWATCH_SHUTDOWN_TIMEOUT": "601"},
+            "poolwatch setting 'shutdown_timeout' (environment variable "
+            "POOLWATCH_SHUTDOWN_TIMEOUT) got '601': expected a number of seconds from 0 to 600",
+        ),
+        (
+            {"shutdown_timeout": True},
+            {},
+            "poolwatch setting 'shutdown_timeout' (argument) got True: expected a number of "
+            "seconds from 0 to 600",
+        ),
+    ],
+)
+def test_any_bad_value_is_a_config_error_without_credentials(
+    arguments: dict[str, object], environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(poolwatch.ConfigError) as caught:
+        resolve(arguments, environ, ADAPTERS)
+    assert str(caught.value) == message
+    assert "secret" not in message and "bob" not in message and "abc" not in message
+
+
+def test_bounds_up_to_the_cap_are_accepted() -> None:
+    bounds = tuple(i / 1000 for i in range(1, 161))
+    assert resolve({"buckets": bounds}, {}, ADAPTERS).buckets == bounds
+    assert resolve({"max_pools": 20_000}, {}, ADAPTERS).max_pools == 20_000
+
+
+def test_a_misspelt_variable_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    env = {
+        "POOLWATCH_LEAK_TRESHOLD": "5",  # misspelt
+        "POOLWATCH_DEMO_SCENARIO": "leak",  # the demo stack's own
+        "POOLWATCH_SOMETHING_ELSE": "1",  # not close to any setting: another tool's
+    }
+    with caplog.at_level("WARNING", logger="poolwatch"):
+        settings = resolve({}, env, ADAPTERS)
+    assert settings.leak_threshold == DEFAULT_LEAK_THRESHOLD
+    assert [r.getMessage() for r in caplog.records] == [
+        "poolwatch: environment variable POOLWATCH_LEAK_TRESHOLD is not a poolwatch setting and "
+        "is ignored; did you mean POOLWATCH_LEAK_THRESHOLD?"
+    ]
+
+
+def test_track_names_are_checked_without_echoing_credentials(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    poolwatch.instrument(process_view="off", meter_provider=MeterProvider())
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/t.db")
+    with pytest.raises(poolwatch.ConfigError) as caught:
+        poolwatch.track(engine, name="bob:secret@db")
+    assert str(caught.value) == (
+        "poolwatch.track() got name '***@db': expected 1-200 printable ASCII characters "
+        "without credentials or a query string"
+    )
+
+
+def test_a_prometheus_port_out_of_range_in_the_environment_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "prometheus")
+    monkeypatch.setenv("OTEL_EXPORTER_PROMETHEUS_PORT", "70000")  # OverflowError from bind()
+    with pytest.raises(poolwatch.ConfigError) as caught:
+        poolwatch.instrument(process_view="off")
+    assert str(caught.value) == (
+        "poolwatch: environment variable OTEL_EXPORTER_PROMETHEUS_PORT got '70000': expected a "
+        "TCP port 0-65535"
+    )
+    assert poolwatch.pools() == []

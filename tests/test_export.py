@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import http.server
 import os
 import subprocess
@@ -80,6 +81,44 @@ def test_delta_readers_get_deltas(tmp_path: Path) -> None:
     # levels stay cumulative (up-down counters): the current number of connections
     assert second.value("poolwatch.connections", state="used") == 1
     assert second.metrics["poolwatch.connections"].data.is_monotonic is False
+
+
+def test_a_series_made_again_is_new_to_a_delta_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A series removed (its pools gone past RETENTION) and made again starts from zero with
+    a new start time; its first delta is its own checkouts, never a difference taken
+    against the removed series' last values (which another series' ``id()`` may recall)."""
+    from poolwatch import _registry
+
+    delta = AggregationTemporality.DELTA
+    reader = InMemoryMetricReader(
+        preferred_temporality={Histogram: delta, ObservableCounter: delta, Counter: delta}
+    )
+    provider = MeterProvider(metric_readers=[reader])
+    monkeypatch.setattr(_registry, "RETENTION", 0.0)
+    poolwatch.instrument(meter_provider=provider, process_view="off")
+    counts: list[tuple[int, int]] = []
+    try:
+        engine = sa.create_engine(f"sqlite:///{tmp_path}/x.db")
+        poolwatch.track(engine, name="orders")
+        for round_ in range(20):
+            for _ in range(round_ % 3 + 1):
+                engine.connect().close()
+            got = collect(reader)
+            point = got.histogram("poolwatch.wait.duration", outcome="acquired")
+            counts.append((point.count, got.value("poolwatch.checkouts.reused")))
+            engine.dispose()
+            engine = sa.create_engine(f"sqlite:///{tmp_path}/x.db")  # the old one is freed
+            gc.collect()
+            collect(reader)  # "orders" is seen gone ...
+            collect(reader)  # ... read one last time and removed
+            # A new "orders" series, made right after the old one was freed: CPython often
+            # gives it the freed object's address, so its id().
+            poolwatch.track(engine, name="orders")
+    finally:
+        poolwatch.uninstrument()
+    assert counts == [(n % 3 + 1, n % 3) for n in range(20)]
 
 
 def test_cumulative_points_keep_their_start_time(pw: object, tmp_path: Path) -> None:

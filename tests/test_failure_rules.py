@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 import tracemalloc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 
 import poolwatch
+from poolwatch import _registry
 from poolwatch._export import Producer
 from poolwatch._ledger import DRAIN_AT, Ledger
 from poolwatch.adapters.sqlalchemy import SQLAlchemyAdapter
@@ -165,20 +167,26 @@ def test_a_forked_child_records_its_own_pools(pw: Harness, tmp_path: Path) -> No
     assert [s.checkouts for s in poolwatch.pools()] == [5]
 
 
-def test_pools_are_tracked_weakly(pw: Harness, tmp_path: Path) -> None:
+def test_pools_are_tracked_weakly(
+    pw: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     engine = sa.create_engine(f"sqlite:///{tmp_path}/x.db")
     engine.connect().close()
     assert len(poolwatch.pools()) == 1
+    ref = weakref.ref(engine)
     del engine
     gc.collect()
-    assert [s.instances for s in poolwatch.pools()] == [0]
-    assert [s.instances for s in poolwatch.pools()] == [0]  # pools() leaves the last export
-    assert pw.collect().value("poolwatch.leaks") == 0  # the exporter's last read of it
-    assert poolwatch.pools() == []
+    assert ref() is None  # poolwatch kept nothing of it alive
+    # Its series outlives it (RETENTION), nothing open, its counters as they were.
+    assert [(s.instances, s.used, s.idle, s.checkouts) for s in poolwatch.pools()] == [(0, 0, 0, 1)]
+    assert pw.collect().value("poolwatch.connections", state="idle") == 0
+    monkeypatch.setattr(_registry, "RETENTION", 0.0)
+    assert [s.checkouts for s in poolwatch.pools()] == [1]  # read one last time ...
+    assert poolwatch.pools() == []  # ... then removed
     assert pw.collect().names() == set()
 
 
-def test_without_a_reader_pools_shows_a_gone_pool_once(
+def test_without_a_reader_a_gone_pool_is_removed_after_retention(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("OTEL_METRICS_EXPORTER", "none")
@@ -188,10 +196,15 @@ def test_without_a_reader_pools_shows_a_gone_pool_once(
     del engine
     gc.collect()
     assert [s.instances for s in poolwatch.pools()] == [0]
-    assert poolwatch.pools() == []  # nothing else would ever drop it
+    assert [s.instances for s in poolwatch.pools()] == [0]
+    monkeypatch.setattr(_registry, "RETENTION", 0.0)
+    assert [s.instances for s in poolwatch.pools()] == [0]
+    assert poolwatch.pools() == []
 
 
 def test_ten_thousand_engines_created_and_dropped_leave_no_growth(pw: Harness) -> None:
+    """Made at one place, they are one series with many instances: nothing grows."""
+
     def churn(count: int) -> None:
         for _ in range(count):
             engine = sa.create_engine("sqlite://")
@@ -216,8 +229,9 @@ def test_ten_thousand_engines_created_and_dropped_leave_no_growth(pw: Harness) -
     )
     assert growth < 64 * 1024, f"poolwatch memory grew by {growth} bytes"
     gc.collect()
-    pw.collect()  # the last engine's series is exported one last time
-    assert poolwatch.pools() == []
+    [snap] = poolwatch.pools()
+    # Two pool instances an engine: its own, and the one dispose() puts in its place.
+    assert (snap.instances, snap.instances_created, snap.checkouts) == (0, 21_000, 10_500)
 
 
 def test_series_past_the_cap_fold_into_an_overflow_series(

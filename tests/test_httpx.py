@@ -843,3 +843,42 @@ def test_hooked_without_h2_installed() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "{} [('httpx', 1)]"
+
+
+def test_a_timeout_after_the_connection_became_unavailable_is_counted(pw: Harness) -> None:
+    """httpcore hands requests an HTTP/2 connection still connecting; when the server speaks
+    HTTP/1.1 the second request finds it unavailable (``ConnectionNotAvailable``) and waits
+    again. A pool timeout of that second wait is a timeout its caller sees like any other."""
+    limits = httpx.Limits(max_connections=1)
+    timeout = httpx.Timeout(10.0, pool=0.3)
+    outcomes: list[str] = []
+    with ThreadedUpstream(tls=True, handshake_delay=0.3) as server:  # HTTP/1.1 only
+        trust = ssl.create_default_context(cafile=server.ca_file)
+        with httpx.Client(http2=True, verify=trust, limits=limits, timeout=timeout) as client:
+            held: list[httpx.Response] = []
+            first = threading.Thread(target=lambda: held.append(_held(client, server.url)))
+            first.start()
+            pool = client._transport._pool
+            _wait_until(lambda: len(pool._connections) == 1)  # connecting: the handshake waits
+
+            def second() -> None:
+                try:
+                    client.get(server.url)
+                    outcomes.append("ok")
+                except httpx.PoolTimeout:
+                    outcomes.append("timeout")
+
+            waiter = threading.Thread(target=second)
+            waiter.start()
+            _join([first, waiter])
+            snap = _pool("httpx")
+            got = pw.collect()
+            held[0].close()
+    assert outcomes == ["timeout"]
+    assert server.connections == 1
+    # It was given the connecting connection (a checkout), found it unavailable, waited
+    # again and timed out: one timeout, as the caller saw; its use ended when it failed.
+    assert (snap.timeouts, snap.checkouts, snap.used) == (1, 2, 1)
+    assert got.value("poolwatch.timeouts", pool__name="httpx") == 1
+    assert got.count("poolwatch.wait.duration", pool__name="httpx", outcome="timeout") == 1
+    assert got.count("poolwatch.use.duration", pool__name="httpx") == 1

@@ -108,6 +108,27 @@ def test_the_programs_own_sitecustomize_still_runs(tmp_path: Path) -> None:
             "'sometimes': expected 'auto', 'on' (needs psutil: pip install 'poolwatch[process]') "
             "or 'off'\n",
         ),
+        (  # ran the program uninstrumented, with exit status 0, before
+            ["--exporter", "kafka", "--", "python", "app.py"],
+            2,
+            "poolwatch run: poolwatch: option --exporter got 'kafka': expected a "
+            "comma-separated list of otlp, prometheus, console, none\n",
+        ),
+        (
+            ["--shutdown-timeout", "forever", "--", "python", "app.py"],
+            2,
+            "poolwatch run: poolwatch setting 'shutdown_timeout' (option --shutdown-timeout) got "
+            "'forever': expected a number of seconds from 0 to 600\n",
+        ),
+        (
+            ["--pool-names", "postgresql://bob:secret@db/orders=orders", "--", "python", "app.py"],
+            2,
+            "poolwatch run: poolwatch setting 'pool_names' (option --pool-names) got "
+            "'postgresql://***@db/orders=orders' (a derived name never carries credentials or a "
+            "query string): expected a mapping of derived pool name to chosen name (env: "
+            "'target=name,target=name'); names are 1-200 printable characters without "
+            "credentials or query strings\n",
+        ),
         ([], 2, "poolwatch run: no command given: poolwatch run [options] -- python app.py\n"),
         (["--", "no-such-program"], 127, "poolwatch run: command not found: no-such-program\n"),
     ],
@@ -115,6 +136,22 @@ def test_the_programs_own_sitecustomize_still_runs(tmp_path: Path) -> None:
 def test_run_fails_in_one_line(tmp_path: Path, args: list[str], code: int, message: str) -> None:
     result = _run(tmp_path, *args)
     assert (result.returncode, result.stdout, result.stderr) == (code, "", message)
+
+
+def test_run_checks_the_exporters_the_environment_asks_for(tmp_path: Path) -> None:
+    result = _run(
+        tmp_path,
+        "--",
+        "python",
+        "app.py",
+        env={"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        2,
+        "",
+        "poolwatch run: poolwatch: OTEL_EXPORTER_OTLP_METRICS_PROTOCOL/OTEL_EXPORTER_OTLP_PROTOCOL "
+        "got 'http/json': expected 'grpc' or 'http/protobuf'\n",
+    )
 
 
 def test_opentelemetry_instrument_starts_poolwatch(tmp_path: Path) -> None:

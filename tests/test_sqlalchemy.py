@@ -362,3 +362,93 @@ def test_dispose_without_closing_leaves_the_old_pool_out_of_the_levels(
     snap = _only()
     assert (snap.idle, snap.checkouts, snap.connects) == (1, 2, 2)
     assert old.checkedin() == 1  # the parent's connection, untouched
+
+
+def test_a_singleton_thread_pool_is_read_by_the_process_view_and_detection(
+    harness: Harness,
+) -> None:
+    """SingletonThreadPool keeps a ``threading.local`` in ``_conn``: not a connection record
+    (AssertionPool's ``_conn`` is one)."""
+    handle = harness.instrument(connection_max_age=0.001, process_view="on")
+    engine = sa.create_engine("sqlite://")  # SQLite in memory: a SingletonThreadPool
+    assert isinstance(engine.pool, pool.SingletonThreadPool)
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+        time.sleep(0.01)
+        handle.process_view()
+        [snap] = poolwatch.pools()
+    assert (snap.used, snap.idle) == (1, 0)
+    time.sleep(0.01)
+    handle.process_view()
+    [snap] = poolwatch.pools()
+    assert (snap.used, snap.idle) == (0, 1)
+    assert [a.name for a in snap.antipatterns] == ["connection_too_old"]
+    assert handle.errors == {}
+
+
+def test_an_engine_whose_url_is_not_a_url_is_named_by_its_pool(pw: Harness) -> None:
+    import sqlite3
+
+    dialect = sa.create_engine("sqlite://").dialect
+    engine = sa.engine.base.Engine(
+        pool.StaticPool(lambda: sqlite3.connect(":memory:")), dialect, "not a URL object"
+    )
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    names = sorted(s.name for s in poolwatch.pools())
+    assert names == ["sqlite://(StaticPool)", "sqlite://:memory:"]
+    assert pw.handle is not None and pw.handle.errors == {}
+
+
+def test_checkouts_after_failed_connects_count_as_reused(pw: Harness, tmp_path: Path) -> None:
+    """A failed connect fails its checkout (it is not a checkout that opened nothing)."""
+    import sqlite3
+
+    failures = 3
+
+    def flaky() -> sqlite3.Connection:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise sqlite3.OperationalError("the database is restarting")
+        return sqlite3.connect(tmp_path / "flaky.db")
+
+    engine = sa.create_engine("sqlite://", creator=flaky, poolclass=pool.QueuePool, pool_size=1)
+    poolwatch.track(engine, name="flaky")
+    for _ in range(3):
+        with pytest.raises(exc.OperationalError, match="restarting"):
+            engine.connect()
+    for _ in range(5):
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    [snap] = [s for s in poolwatch.pools() if s.name == "flaky"]
+    assert (snap.checkouts, snap.connects, snap.connect_errors, snap.reused) == (5, 1, 3, 4)
+    assert pw.collect().value("poolwatch.checkouts.reused", pool__name="flaky") == 4
+
+
+def test_track_takes_a_sync_engine_when_greenlet_is_not_installed() -> None:
+    # greenlet is installed here; None in sys.modules makes its import fail, as it fails on
+    # a machine without it (SQLAlchemy 2.1's extras do not bring it).
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["greenlet"] = None
+        import poolwatch
+        poolwatch.instrument(process_view="off")
+        import sqlalchemy as sa
+        try:
+            import sqlalchemy.ext.asyncio  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("sqlalchemy.ext.asyncio imported without greenlet")
+        engine = sa.create_engine("sqlite://")
+        poolwatch.track(engine, name="sync-only")
+        print([p.name for p in poolwatch.pools()])
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert result.stdout.strip() == "['sync-only']"

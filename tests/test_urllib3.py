@@ -21,6 +21,7 @@ import urllib3
 from urllib3 import connection, connectionpool, exceptions, poolmanager
 
 import poolwatch
+from poolwatch import _registry
 from poolwatch.adapters.urllib3 import pool_target
 from tests.conftest import Harness
 from tests.support.proxy import ConnectProxy
@@ -375,7 +376,9 @@ def test_a_request_failing_midway_ends_the_use_and_closes_as_error(pw: Harness) 
         pool.close()
 
 
-def test_a_pool_evicted_from_the_manager_stays_visible_while_in_use(pw: Harness) -> None:
+def test_a_pool_evicted_from_the_manager_stays_visible_while_in_use(
+    pw: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with ThreadedUpstream() as first, AsyncioUpstream() as second:
         manager = urllib3.PoolManager(num_pools=1)
         held = manager.request("GET", first.url, preload_content=False)
@@ -388,12 +391,14 @@ def test_a_pool_evicted_from_the_manager_stays_visible_while_in_use(pw: Harness)
         del held
         gc.collect()
         gone = [s for s in poolwatch.pools() if s.name == first.origin]
-        # Shown with its final counts until exported once more, then dropped.
-        assert [(s.instances, s.closed["disposed"]) for s in gone] == [(0, 1)]
+        # Shown with its final counts, nothing open, until RETENTION has passed.
+        assert [(s.instances, s.used, s.closed["disposed"]) for s in gone] == [(0, 0, 1)]
         closed = pw.collect().value(
             "poolwatch.connections.closed", pool__name=first.origin, reason="disposed"
         )
         assert closed == 1
+        monkeypatch.setattr(_registry, "RETENTION", 0.0)
+        assert [s.name for s in poolwatch.pools() if s.name == first.origin] == [first.origin]
         assert [s.name for s in poolwatch.pools() if s.name == first.origin] == []
         manager.clear()
 
@@ -501,16 +506,21 @@ def test_requests_through_a_tunnelling_proxy(pw: Harness) -> None:
     assert {r: n for r, n in _pool(name, kind="requests").closed.items() if n} == {"disposed": 1}
 
 
-def test_requests_session_pools_are_kind_requests(pw: Harness, upstream: ThreadedUpstream) -> None:
+def test_requests_session_pools_are_kind_requests(
+    pw: Harness, upstream: ThreadedUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with requests.Session() as session:
         for _ in range(3):
             assert session.get(upstream.url).text == "ok\n"
         snap = _pool(upstream.origin, kind="requests")
         assert (snap.checkouts, snap.connects, snap.idle, snap.max) == (3, 1, 1, 10)
     gc.collect()
-    # The session closed its pool: shown with its final counts until exported, then dropped.
+    # The session closed its pool: shown with its final counts until RETENTION has passed.
     assert [(s.instances, s.closed["disposed"]) for s in poolwatch.pools()] == [(0, 1)]
     assert pw.collect().value("poolwatch.connections.closed", reason="disposed") == 1
+    assert [(s.instances, s.checkouts) for s in poolwatch.pools()] == [(0, 3)]
+    monkeypatch.setattr(_registry, "RETENTION", 0.0)
+    assert [s.checkouts for s in poolwatch.pools()] == [3]  # read once more, then removed
     assert poolwatch.pools() == []
 
 
@@ -588,3 +598,48 @@ def test_uninstrument_restores_urllib3(harness: Harness, upstream: ThreadedUpstr
     manager.request("GET", upstream.url)
     assert harness.collect().names() == set()
     manager.clear()
+
+
+def test_a_blocking_pool_counts_connections_checked_out_before_instrument(
+    harness: Harness,
+) -> None:
+    with ThreadedUpstream() as upstream:
+        pool = urllib3.HTTPConnectionPool("127.0.0.1", upstream.port, maxsize=3, block=True)
+        held = [pool.request("GET", "/", preload_content=False) for _ in range(2)]
+        harness.instrument()
+        [snap] = poolwatch.pools()
+        assert (snap.used, snap.idle, snap.max, snap.checkouts) == (2, 0, 3, 0)
+        more = pool.request("GET", "/", preload_content=False)
+        [snap] = poolwatch.pools()
+        assert (snap.used, snap.checkouts) == (3, 1)
+        for response in [*held, more]:
+            response.read()
+            response.release_conn()
+        [snap] = poolwatch.pools()
+        assert (snap.used, snap.idle, snap.checkouts) == (0, 3, 1)
+        pool.close()
+
+
+def test_a_session_per_call_keeps_one_series_whose_counters_only_grow(
+    pw: Harness, upstream: ThreadedUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``requests.get()`` makes a Session, so a pool, per call; each is gone before the
+    next call. The series outlives them: with a collection every 10 calls, the exported
+    counts keep growing under one start time, and the anti-pattern is reported once."""
+    caplog.set_level(logging.WARNING, logger="poolwatch")
+    counts, starts = [], set()
+    for _ in range(30):
+        for _ in range(10):
+            _get(upstream.url)
+        gc.collect()
+        point = pw.collect().histogram(
+            "poolwatch.wait.duration", pool__name=upstream.origin, outcome="acquired"
+        )
+        counts.append(point.count)
+        starts.add(point.start_time_unix_nano)
+    assert counts == list(range(10, 301, 10))
+    assert len(starts) == 1
+    warnings = [r for r in caplog.records if "client_per_request" in r.getMessage()]
+    assert len(warnings) == 1
+    [snap] = [s for s in poolwatch.pools() if s.kind == "requests"]
+    assert (snap.instances_created, snap.checkouts, upstream.requests) == (300, 300, 300)

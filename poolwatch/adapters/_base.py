@@ -8,10 +8,11 @@ pool's :class:`~poolwatch._ledger.Ledger`, and undoes everything it did.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, Protocol
 
 from poolwatch._ledger import Ledger
+from poolwatch.adapters._patching import around, disguise, function_of, rewrap
 
 if TYPE_CHECKING:
     from poolwatch._registry import Series
@@ -126,6 +127,11 @@ class Adapter(abc.ABC):
     """The ``pool.kind`` attribute of the pools it reports."""
     module: ClassVar[str]
     """The module whose import activates the adapter."""
+    connects_in_checkout: ClassVar[bool] = False
+    """Whether the library opens a new connection inside the checkout poolwatch times
+    (SQLAlchemy, aiohttp: a failed connect fails that checkout) rather than after it
+    (urllib3, httpx: the checkout succeeded, the request then fails to connect). Tells the
+    ledger which failed connects to leave out of the reuse count."""
     family: ClassVar[Literal["database", "http"] | None] = None
     """Which semantic-convention mirrors apply to its pools: ``db.client.connection.*``
     (database) or ``http.client.*`` (http)."""
@@ -141,6 +147,9 @@ class Adapter(abc.ABC):
 
     def __init__(self, tracker: Tracker) -> None:
         self.tracker = tracker
+        self.stopped = False
+        """Set first thing by :meth:`uninstrument`: a hook still running after it (it was
+        entered before its function was put back) must not track anything new."""
         self._patches: list[tuple[Any, str, Any]] = []
         """What :meth:`_patch` replaced, in order: owner, attribute, and what the owner's
         own ``__dict__`` held before (``NOT_OWN`` when nothing: the attribute was
@@ -152,6 +161,23 @@ class Adapter(abc.ABC):
         :meth:`_unpatch` to undo."""
         self._patches.append((owner, attribute, owner.__dict__.get(attribute, NOT_OWN)))
         setattr(owner, attribute, replacement)
+
+    def _hook(self, owner: type, attribute: str, make: Callable[[Any], Any]) -> None:
+        """Replace the function ``owner.attribute`` by ``make(original)``, a hook written
+        with the original's parameters spelled out, dressed as the original
+        (:func:`~poolwatch.adapters._patching.disguise`: raises if the parameters differ)."""
+        current = _class_attribute(owner, attribute)
+        original = function_of(current)
+        self._patch(owner, attribute, rewrap(current, disguise(make(original), original)))
+
+    def _wrap(self, owner: type, attribute: str, make: Callable[[Any], Any]) -> None:
+        """Replace the function ``owner.attribute`` by a generated function with the
+        original's parameters that calls ``make(original)``, a ``(*args, **kwargs)`` hook
+        (:func:`~poolwatch.adapters._patching.around`): for long or version-dependent
+        parameter lists, off the hot path."""
+        current = _class_attribute(owner, attribute)
+        original = function_of(current)
+        self._patch(owner, attribute, rewrap(current, around(original, make(original))))
 
     def _unpatch(self) -> None:
         """Undo every :meth:`_patch`, last first: what an owner held is put back, and what
@@ -171,9 +197,21 @@ class Adapter(abc.ABC):
         may already exist and must be found.
         """
 
-    @abc.abstractmethod
     def uninstrument(self) -> None:
-        """Restore every patched function, remove every listener, forget every pool."""
+        """Restore every patched function, remove every listener, forget every pool.
+
+        Hooks may still be running (entered before this): they see ``stopped`` and must
+        survive the marks and class defaults they read disappearing under them.
+        """
+        self.stopped = True
+        try:
+            self._forget_pools()
+        finally:
+            self._unpatch()
+
+    @abc.abstractmethod
+    def _forget_pools(self) -> None:
+        """Remove poolwatch's marks from the pools and connections it tracks."""
 
     @abc.abstractmethod
     def levels(self, pool: Any) -> Levels:
@@ -209,3 +247,12 @@ class Adapter(abc.ABC):
 
         Return False when ``obj`` is not something this adapter knows.
         """
+
+
+def _class_attribute(owner: type, attribute: str) -> Any:
+    """``owner.attribute`` as stored (a function, classmethod or staticmethod), from the
+    first class of its MRO that defines it."""
+    for klass in owner.__mro__:
+        if attribute in klass.__dict__:
+            return klass.__dict__[attribute]
+    raise AttributeError(f"{owner.__qualname__} has no attribute {attribute!r}")

@@ -118,6 +118,7 @@ from poolwatch import _catalogue as c
 from poolwatch._ledger import Ledger, capture_stack
 from poolwatch._naming import creation_site, target_name
 from poolwatch.adapters._base import Adapter, HostLevels, Levels, Misconfiguration, Tracker
+from poolwatch.adapters._patching import CALLER
 
 _LEDGER = "_poolwatch_ledger"
 _MARK = "_poolwatch_mark"
@@ -156,6 +157,7 @@ class AiohttpAdapter(Adapter):
     name = "aiohttp"
     kind = "aiohttp"
     module = "aiohttp"
+    connects_in_checkout = True
     family = "http"
     requires = ("aiohttp >= 3.12.11, < 4",)
 
@@ -192,23 +194,22 @@ class AiohttpAdapter(Adapter):
         self._patch(base, _LEDGER, None)  # class default: "untracked"
         self._patch(base, _CONNECTING, None)
         self._patch(base, _SITE, None)
-        self._patch(base, "__init__", _connector_init_hook(self, base.__init__))
-        self._patch(base, "connect", _connect_hook(self, base.connect))
-        self._patch(base, "_release", _release_hook(self, base._release))
+        self._wrap(base, "__init__", lambda original: _connector_init_hook(self, original))
+        self._hook(base, "connect", lambda original: _connect_hook(self, original))
+        self._hook(base, "_release", lambda original: _release_hook(self, original))
         for cls in (connector.TCPConnector, connector.UnixConnector):
-            create = cls.__dict__["_create_connection"]
-            self._patch(cls, "_create_connection", _create_hook(self, create))
+            self._hook(cls, "_create_connection", lambda original: _create_hook(self, original))
         handler = client_proto.ResponseHandler
         self._patch(handler, _MARK, None)
         self._patch(handler, _OUT, None)
-        self._patch(handler, "close", _close_hook(self, handler.close))
-        self._patch(handler, "abort", _close_hook(self, handler.abort))
+        self._hook(handler, "close", lambda original: _close_hook(self, original))
+        self._hook(handler, "abort", lambda original: _close_hook(self, original))
         session = client.ClientSession
-        self._patch(session, "__init__", _session_init_hook(self, session.__init__))
+        self._wrap(session, "__init__", lambda original: _session_init_hook(self, original))
         if imported_before:
             self._track_existing(session, base)
 
-    def uninstrument(self) -> None:
+    def _forget_pools(self) -> None:
         for connector in list(self._tracked):
             try:
                 self._unmark(connector)
@@ -218,7 +219,6 @@ class AiohttpAdapter(Adapter):
             _forget(connector, _SITE)
         self._tracked = weakref.WeakSet()
         self._sited = weakref.WeakSet()
-        self._unpatch()
 
     def _unmark(self, connector: Any) -> None:
         _forget(connector, _LEDGER)
@@ -266,6 +266,8 @@ class AiohttpAdapter(Adapter):
 
     def _discover(self, connector: Any) -> Ledger | None:
         """A connector first seen at its first connect()."""
+        if self.stopped:  # a hook still running after uninstrument(): track nothing new
+            return None
         try:
             return self._track_connector(connector, _TARGET, getattr(connector, _SITE))
         except Exception as error:
@@ -442,7 +444,9 @@ def _forget(obj: Any, attribute: str) -> None:
 
 
 def _server(key: Any) -> tuple[str, int]:
-    return (key.host, key.port or 0)
+    """The server of a connection key (aiohttp's ``ConnectionKey``; a connector subclass may
+    key its connections otherwise: then no server is known)."""
+    return (str(getattr(key, "host", None) or ""), getattr(key, "port", None) or 0)
 
 
 def _peer(proto: Any) -> tuple[str, int] | None:
@@ -497,9 +501,12 @@ def _connect_hook(
             report("aiohttp connect", bookkeeping)
 
     async def connect(self: Any, req: Any, traces: Any, timeout: Any) -> Any:
-        ledger: Ledger | None = self._poolwatch_ledger
-        if ledger is None:
-            ledger = adapter._discover(self)
+        try:
+            ledger: Ledger | None = self._poolwatch_ledger
+            if ledger is None:
+                ledger = adapter._discover(self)
+        except AttributeError:  # uninstrument() took the class default meanwhile
+            ledger = None
         start = perf_counter()
         try:
             conn = await original(self, req, traces, timeout)
@@ -507,14 +514,17 @@ def _connect_hook(
             failed(ledger, start, req, error)
             raise
         if ledger is not None:
-            # Ledger.acquired, inlined (the hot-path contract in _ledger.py), the checkout
-            # time kept on the connection (_OUT).
-            now = perf_counter()
-            ledger.waits.append(now - start)
-            proto = conn._protocol
-            proto._poolwatch_out = now
-            if ledger.capture:  # this pool has leaked (or leak_stacks="always")
-                ledger.stacks[proto] = capture_stack(sys._getframe(1))
+            try:
+                # Ledger.acquired, inlined (the hot-path contract in _ledger.py), the
+                # checkout time kept on the connection (_OUT).
+                now = perf_counter()
+                ledger.waits.append(now - start)
+                proto = conn._protocol
+                proto._poolwatch_out = now
+                if ledger.capture:  # this pool has leaked (or leak_stacks="always")
+                    ledger.stacks[proto] = capture_stack(sys._getframe(1))
+            except Exception as error:
+                report("aiohttp connect", error)
         return conn
 
     return connect
@@ -524,38 +534,37 @@ def _release_hook(adapter: AiohttpAdapter, original: Callable[..., None]) -> Cal
     report = adapter.tracker.report
 
     def _release(self: Any, key: Any, protocol: Any, *, should_close: bool = False) -> None:
-        ledger = self._poolwatch_ledger
-        if ledger is not None:
-            # Ledger.released, inlined (the hot-path contract in _ledger.py), the checkout
-            # time read from the connection (_OUT).
-            start = protocol._poolwatch_out
-            if start is not None:
-                protocol._poolwatch_out = None
-                held = perf_counter() - start
-                if should_close and sys._getframe(1).f_code.co_name == "__del__":
-                    # A Connection collected unreleased (aiohttp warns "Unclosed
-                    # connection"): the borrower dropped it.
-                    _collected(ledger, protocol, held, report)
-                    original(self, key, protocol, should_close=should_close)
-                    return
-                ledger.uses.append(held)
-                if held > ledger.leak_threshold:
-                    try:
-                        ledger.settle(protocol, held)
-                    except Exception as error:
-                        report("aiohttp release", error)
-                elif ledger.stacks:
-                    ledger.stacks.pop(protocol, None)
+        try:
+            _returned(self, protocol, should_close, sys._getframe(1))
+        except Exception as error:  # AttributeError: uninstrument() ran meanwhile
+            report("aiohttp release", error)
         original(self, key, protocol, should_close=should_close)
 
     return _release
 
 
-def _collected(ledger: Ledger, protocol: Any, held: float, report: Callable[..., None]) -> None:
-    try:
+def _returned(connector: Any, protocol: Any, should_close: bool, caller: FrameType) -> None:
+    """``protocol`` is being released to ``connector`` by the function running ``caller``."""
+    ledger = connector._poolwatch_ledger
+    if ledger is None:
+        return
+    # Ledger.released, inlined (the hot-path contract in _ledger.py), the checkout time read
+    # from the connection (_OUT).
+    start = protocol._poolwatch_out
+    if start is None:
+        return
+    protocol._poolwatch_out = None
+    held = perf_counter() - start
+    if should_close and caller.f_code.co_name == "__del__":
+        # A Connection collected unreleased (aiohttp warns "Unclosed connection"): the
+        # borrower dropped it.
         ledger.collected(protocol, held)
-    except Exception as error:
-        report("aiohttp leak", error)
+        return
+    ledger.uses.append(held)
+    if held > ledger.leak_threshold:
+        ledger.settle(protocol, held)
+    elif ledger.stacks:
+        ledger.stacks.pop(protocol, None)
 
 
 def _create_hook(
@@ -565,9 +574,13 @@ def _create_hook(
 
     async def _create_connection(self: Any, req: Any, traces: Any, timeout: Any) -> Any:
         key = req.connection_key
-        connecting: dict[Any, int] | None = self._poolwatch_connecting
-        if connecting is not None:
-            connecting[key] = connecting.get(key, 0) + 1
+        try:
+            connecting: dict[Any, int] | None = self._poolwatch_connecting
+            if connecting is not None:
+                connecting[key] = connecting.get(key, 0) + 1
+        except Exception as error:  # AttributeError: uninstrument() ran meanwhile
+            report("aiohttp connect", error)
+            connecting = None
         start = perf_counter()
         try:
             proto = await original(self, req, traces, timeout)
@@ -625,13 +638,13 @@ def _connector_init_hook(
 ) -> Callable[..., None]:
     def connector_init(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        if getattr(adapter._making, "session", False):
+        if adapter.stopped or getattr(adapter._making, "session", False):
             return  # made by ClientSession.__init__, which tracks it
         try:
             # Tracked when a session takes it (named by its base_url) or at its first
             # connect(): ``ClientSession(base_url=…, connector=TCPConnector(…))`` makes the
             # connector first, and a pool's name cannot change once it is tracked.
-            self._poolwatch_site = creation_site(sys._getframe(1))
+            self._poolwatch_site = creation_site(sys._getframe(CALLER))
             adapter._sited.add(self)
         except Exception as error:
             adapter.tracker.report("aiohttp connector", error)
@@ -650,10 +663,12 @@ def _session_init_hook(
             original(self, *args, **kwargs)
         finally:
             making.session = outer
+        if adapter.stopped:
+            return
         try:
             connector = self._connector
             if connector is not None and getattr(connector, _LEDGER) is None:
-                site = getattr(connector, _SITE) or creation_site(sys._getframe(1))
+                site = getattr(connector, _SITE) or creation_site(sys._getframe(CALLER))
                 adapter._track_session(self, site)
         except Exception as error:
             adapter.tracker.report("aiohttp session", error)

@@ -101,6 +101,7 @@ from poolwatch import _catalogue as c
 from poolwatch._ledger import Ledger, capture_stack
 from poolwatch._naming import creation_site, target_name
 from poolwatch.adapters._base import Adapter, HostLevels, Levels, Misconfiguration, Tracker
+from poolwatch.adapters._patching import CALLER
 
 _LEDGER = "_poolwatch_ledger"
 """On pools: the pool's ledger (``_UNTRACKED`` if tracking failed). On requests: the ledger
@@ -238,56 +239,40 @@ class HTTPXAdapter(Adapter):
         self._patch(httpcore.Request, _OUT, None)
         for protocol in self._protocols:
             self._patch(protocol, _MARK, None)
-            self._patch(protocol, "__init__", _born_hook(self, protocol.__dict__["__init__"]))
-        self._patch(
+            self._wrap(protocol, "__init__", lambda original: _born_hook(self, original))
+        self._hook(
             spool.ConnectionPool,
             "handle_request",
-            _handle_hook(self, spool.ConnectionPool.__dict__["handle_request"]),
+            lambda original: _handle_hook(self, original),
         )
-        self._patch(
+        self._hook(
             apool.AsyncConnectionPool,
             "handle_async_request",
-            _ahandle_hook(self, apool.AsyncConnectionPool.__dict__["handle_async_request"]),
+            lambda original: _ahandle_hook(self, original),
         )
-        self._patch(
-            spool.PoolRequest,
-            "wait_for_connection",
-            _wait_hook(self, spool.PoolRequest.__dict__["wait_for_connection"]),
+        self._hook(
+            spool.PoolRequest, "wait_for_connection", lambda original: _wait_hook(self, original)
         )
-        self._patch(
+        self._hook(
             apool.AsyncPoolRequest,
             "wait_for_connection",
-            _await_hook(self, apool.AsyncPoolRequest.__dict__["wait_for_connection"]),
+            lambda original: _await_hook(self, original),
         )
-        self._patch(
-            spool.PoolByteStream,
-            "close",
-            _release_hook(self, spool.PoolByteStream.__dict__["close"]),
-        )
+        self._hook(spool.PoolByteStream, "close", lambda original: _release_hook(self, original))
         # the async module's byte stream is also named PoolByteStream
-        self._patch(
-            apool.PoolByteStream,
-            "aclose",
-            _arelease_hook(self, apool.PoolByteStream.__dict__["aclose"]),
-        )
-        self._patch(
-            sconn.HTTPConnection, "_connect", _connect_hook(self, sconn.HTTPConnection._connect)
-        )
-        self._patch(
-            aconn.AsyncHTTPConnection,
-            "_connect",
-            _aconnect_hook(self, aconn.AsyncHTTPConnection._connect),
+        self._hook(apool.PoolByteStream, "aclose", lambda original: _arelease_hook(self, original))
+        self._hook(sconn.HTTPConnection, "_connect", lambda original: _connect_hook(self, original))
+        self._hook(
+            aconn.AsyncHTTPConnection, "_connect", lambda original: _aconnect_hook(self, original)
         )
         for sync_cls in sync_protocols:
-            self._patch(sync_cls, "close", _conn_close_hook(self, sync_cls.__dict__["close"]))
+            self._hook(sync_cls, "close", lambda original: _conn_close_hook(self, original))
         for async_cls in async_protocols:
-            self._patch(async_cls, "aclose", _conn_aclose_hook(self, async_cls.__dict__["aclose"]))
+            self._hook(async_cls, "aclose", lambda original: _conn_aclose_hook(self, original))
         import httpx
 
         for client_cls in (httpx.Client, httpx.AsyncClient):
-            self._patch(
-                client_cls, "__init__", _client_init_hook(self, client_cls.__dict__["__init__"])
-            )
+            self._wrap(client_cls, "__init__", lambda original: _client_init_hook(self, original))
         if imported_before:
             self._find_existing(
                 httpx.Client, httpx.AsyncClient, spool.ConnectionPool, apool.AsyncConnectionPool
@@ -313,7 +298,7 @@ class HTTPXAdapter(Adapter):
             if pool not in self._tracked:
                 self._discover(pool)
 
-    def uninstrument(self) -> None:
+    def _forget_pools(self) -> None:
         for pool in list(self._tracked):
             try:
                 for protocol in self._protocols_of(pool):
@@ -321,7 +306,6 @@ class HTTPXAdapter(Adapter):
                 _forget_attribute(pool, _LEDGER)
             except Exception as error:
                 self.tracker.report("httpx uninstrument", error)
-        self._unpatch()
         self._tracked = weakref.WeakSet()
 
     # -- tracking ----------------------------------------------------------------------
@@ -365,6 +349,8 @@ class HTTPXAdapter(Adapter):
 
     def _discover(self, pool: Any) -> Any:
         """Track a pool met at its first request (or in the heap): a Ledger, or _UNTRACKED."""
+        if self.stopped:  # a hook still running after uninstrument(): track nothing new
+            return _UNTRACKED
         try:
             return self._track_pool(pool, "httpcore", None, None)
         except Exception as error:
@@ -538,9 +524,14 @@ def _dropped_reason(connection: Any) -> str:
 
 
 # -- hooks ---------------------------------------------------------------------------------
-# The request path (handle_request, wait_for_connection, PoolByteStream.close) is the hot
-# path: no OpenTelemetry, no lock, no logging; only the Ledger contract of _ledger.py,
-# inlined, the checkout time kept on the request (_OUT), and the request's ledger.
+# Each factory returns the replacement for one httpcore function, taking exactly its
+# parameters (adapters/_patching.py checks them). The request path (handle_request,
+# wait_for_connection, PoolByteStream.close) is the hot path: no OpenTelemetry, no lock, no
+# logging; only the Ledger contract of _ledger.py, inlined, the checkout time kept on the
+# request (_OUT), and the request's ledger. Every statement of poolwatch's own is guarded
+# and the library's function is called exactly once, outside the guards: a hook still
+# running when uninstrument() removes the class defaults it reads (a request waiting for a
+# connection) loses that reading only.
 
 
 def _failed(adapter: HTTPXAdapter, ledger: Ledger, request: Any, start: float) -> None:
@@ -562,14 +553,23 @@ def _failed(adapter: HTTPXAdapter, ledger: Ledger, request: Any, start: float) -
         adapter.tracker.report("httpx request", error)
 
 
+def _ledger_of(adapter: HTTPXAdapter, pool: Any) -> Any:
+    """The pool's ledger, tracking the pool if new; ``_UNTRACKED`` if it cannot be had."""
+    try:
+        ledger = pool._poolwatch_ledger
+        if ledger is None:
+            ledger = adapter._discover(pool)
+        return ledger
+    except AttributeError:  # uninstrument() took the class default meanwhile
+        return _UNTRACKED
+
+
 def _handle_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
     def handle_request(self: Any, request: Any) -> Any:
-        ledger = self._poolwatch_ledger
-        if ledger is None:
-            ledger = adapter._discover(self)
+        ledger = _ledger_of(adapter, self)
         if ledger is _UNTRACKED:
             return original(self, request)
-        request._poolwatch_ledger = ledger
+        request._poolwatch_ledger = ledger  # an attribute of its own: cannot fail
         start = perf_counter()
         try:
             return original(self, request)
@@ -582,9 +582,7 @@ def _handle_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callabl
 
 def _ahandle_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
     async def handle_async_request(self: Any, request: Any) -> Any:
-        ledger = self._poolwatch_ledger
-        if ledger is None:
-            ledger = adapter._discover(self)
+        ledger = _ledger_of(adapter, self)
         if ledger is _UNTRACKED:
             return await original(self, request)
         request._poolwatch_ledger = ledger
@@ -600,15 +598,38 @@ def _ahandle_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callab
 
 def _wait_failed(adapter: HTTPXAdapter, pool_request: Any, start: float, exc: Any) -> None:
     """The wait for a connection failed: ``PoolTimeout`` (outcome ``timeout``), or anything
-    else — a cancelled waiter, an interrupt (outcome ``error``)."""
+    else — a cancelled waiter, an interrupt (outcome ``error``).
+
+    Counted whether or not the request held a connection before: a request whose connection
+    became unavailable (``ConnectionNotAvailable``) waits again, and a timeout of that second
+    wait is a timeout its caller sees like any other. The checkout of its first wait stays
+    counted, and its use ends when the request fails (``_failed``).
+    """
     end = perf_counter()
     try:
         request = pool_request.request
         ledger = request._poolwatch_ledger
-        if ledger is not None and request._poolwatch_out is None:
+        if ledger is not None:
             ledger.failed(start, end, timeout=isinstance(exc, adapter.pool_timeout))
             setattr(request, _WAIT_FAILED, True)  # counted: not again by _failed
     except Exception as error:
+        adapter.tracker.report("httpx wait", error)
+
+
+def _acquired(adapter: HTTPXAdapter, pool_request: Any, waited: float, now: float) -> None:
+    """``pool_request`` was given its connection at ``now`` after waiting ``waited``."""
+    try:
+        request = pool_request.request
+        ledger = request._poolwatch_ledger
+        # A request whose connection became unavailable waits again: still one checkout.
+        if ledger is not None and request._poolwatch_out is None:
+            # Ledger.acquired, inlined (the hot-path contract in _ledger.py), the checkout
+            # time kept on the request (_OUT).
+            ledger.waits.append(waited)
+            request._poolwatch_out = now
+            if ledger.capture:  # this pool has leaked (or leak_stacks="always")
+                ledger.stacks[pool_request] = capture_stack(sys._getframe(2))
+    except Exception as error:  # AttributeError: uninstrument() ran meanwhile
         adapter.tracker.report("httpx wait", error)
 
 
@@ -622,21 +643,10 @@ def _wait_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[
                 _wait_failed(adapter, self, start, exc)
                 raise
             now = perf_counter()
-            waited = now - start
+            _acquired(adapter, self, now - start, now)
         else:  # given one before it asked (the pool had one free): it waits for none
             connection = original(self, timeout)
-            now = perf_counter()
-            waited = 0.0
-        request = self.request
-        ledger = request._poolwatch_ledger
-        # A request whose connection became unavailable waits again: still one checkout.
-        if ledger is not None and request._poolwatch_out is None:
-            # Ledger.acquired, inlined (the hot-path contract in _ledger.py), the checkout
-            # time kept on the request (_OUT).
-            ledger.waits.append(waited)
-            request._poolwatch_out = now
-            if ledger.capture:  # this pool has leaked (or leak_stacks="always")
-                ledger.stacks[self] = capture_stack(sys._getframe(1))
+            _acquired(adapter, self, 0.0, perf_counter())
         return connection
 
     return wait_for_connection
@@ -652,46 +662,41 @@ def _await_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable
                 _wait_failed(adapter, self, start, exc)
                 raise
             now = perf_counter()
-            waited = now - start
+            _acquired(adapter, self, now - start, now)
         else:
             connection = await original(self, timeout)
-            now = perf_counter()
-            waited = 0.0
-        request = self.request
-        ledger = request._poolwatch_ledger
-        if ledger is not None and request._poolwatch_out is None:
-            ledger.waits.append(waited)
-            request._poolwatch_out = now
-            if ledger.capture:
-                ledger.stacks[self] = capture_stack(sys._getframe(1))
+            _acquired(adapter, self, 0.0, perf_counter())
         return connection
 
     return wait_for_connection
 
 
-def _settle(adapter: HTTPXAdapter, ledger: Ledger, key: Any, held: float) -> None:
+def _released(adapter: HTTPXAdapter, stream: Any) -> None:
+    """The response stream ``stream`` is being closed: the use of its connection ends."""
     try:
-        ledger.settle(key, held)
-    except Exception as error:
+        if stream._closed:
+            return
+        pool_request = stream._pool_request
+        request = pool_request.request
+        ledger = request._poolwatch_ledger
+        if ledger is None:
+            return
+        start = request._poolwatch_out
+        if start is not None:
+            request._poolwatch_out = None
+            held = perf_counter() - start
+            ledger.uses.append(held)
+            if held > ledger.leak_threshold:
+                ledger.settle(pool_request, held)
+            elif ledger.stacks:
+                ledger.stacks.pop(pool_request, None)
+    except Exception as error:  # AttributeError: uninstrument() ran meanwhile
         adapter.tracker.report("httpx release", error)
 
 
 def _release_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
     def close(self: Any) -> None:
-        if not self._closed:
-            pool_request = self._pool_request
-            request = pool_request.request
-            ledger = request._poolwatch_ledger
-            if ledger is not None:
-                start = request._poolwatch_out
-                if start is not None:
-                    request._poolwatch_out = None
-                    held = perf_counter() - start
-                    ledger.uses.append(held)
-                    if held > ledger.leak_threshold:
-                        _settle(adapter, ledger, pool_request, held)
-                    elif ledger.stacks:
-                        ledger.stacks.pop(pool_request, None)
+        _released(adapter, self)
         original(self)
 
     return close
@@ -699,20 +704,7 @@ def _release_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callab
 
 def _arelease_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
     async def aclose(self: Any) -> None:
-        if not self._closed:
-            pool_request = self._pool_request
-            request = pool_request.request
-            ledger = request._poolwatch_ledger
-            if ledger is not None:
-                start = request._poolwatch_out
-                if start is not None:
-                    request._poolwatch_out = None
-                    held = perf_counter() - start
-                    ledger.uses.append(held)
-                    if held > ledger.leak_threshold:
-                        _settle(adapter, ledger, pool_request, held)
-                    elif ledger.stacks:
-                        ledger.stacks.pop(pool_request, None)
+        _released(adapter, self)
         await original(self)
 
     return aclose
@@ -769,8 +761,10 @@ def _aconnect_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Calla
 def _born_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
+        if adapter.stopped:
+            return
         try:
-            caller = sys._getframe(1)
+            caller = sys._getframe(CALLER)
             ledger = _ledger_from_frames(caller)
             if ledger is not None:
                 setattr(self, _MARK, (ledger, perf_counter()))
@@ -782,15 +776,20 @@ def _born_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[
     return __init__
 
 
+def _connection_closing(adapter: HTTPXAdapter, connection: Any, caller: FrameType) -> None:
+    """An HTTP/1.1 or HTTP/2 connection is being closed by the function running ``caller``."""
+    try:
+        mark = connection._poolwatch_connection
+        if mark is not None:
+            connection._poolwatch_connection = None  # counted once, whoever closes it again
+            adapter._closing(connection, mark, caller)
+    except Exception as error:  # AttributeError: uninstrument() ran meanwhile
+        adapter.tracker.report("httpx close", error)
+
+
 def _conn_close_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
     def close(self: Any) -> None:
-        mark = self._poolwatch_connection
-        if mark is not None:
-            self._poolwatch_connection = None  # counted once, whoever closes it again
-            try:
-                adapter._closing(self, mark, sys._getframe(1))
-            except Exception as error:
-                adapter.tracker.report("httpx close", error)
+        _connection_closing(adapter, self, sys._getframe(1))
         original(self)
 
     return close
@@ -798,13 +797,7 @@ def _conn_close_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Cal
 
 def _conn_aclose_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
     async def aclose(self: Any) -> None:
-        mark = self._poolwatch_connection
-        if mark is not None:
-            self._poolwatch_connection = None
-            try:
-                adapter._closing(self, mark, sys._getframe(1))
-            except Exception as error:
-                adapter.tracker.report("httpx close", error)
+        _connection_closing(adapter, self, sys._getframe(1))
         await original(self)
 
     return aclose
@@ -813,8 +806,10 @@ def _conn_aclose_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Ca
 def _client_init_hook(adapter: HTTPXAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
+        if adapter.stopped:
+            return
         try:
-            adapter._track_client(self, creation_site(sys._getframe(1)), None)
+            adapter._track_client(self, creation_site(sys._getframe(CALLER)), None)
         except Exception as error:
             adapter.tracker.report("httpx client", error)
 

@@ -23,18 +23,21 @@ pending 0. ``AssertionPool`` has a max of 1.
 
 from __future__ import annotations
 
+import functools
 import gc
 import sys
 import time
 import weakref
 from collections.abc import Callable
 from time import perf_counter
+from types import FunctionType
 from typing import Any
 
 from poolwatch import _catalogue as c
 from poolwatch._ledger import Ledger, capture_stack
 from poolwatch._naming import creation_site, target_name
 from poolwatch.adapters._base import Adapter, Levels, Misconfiguration, Tracker, pop_attribute
+from poolwatch.adapters._patching import CALLER, around
 
 _LEDGER = "_poolwatch_ledger"
 _ORIGINAL = "__poolwatch_original__"
@@ -67,6 +70,7 @@ class SQLAlchemyAdapter(Adapter):
     name = "sqlalchemy"
     kind = "sqlalchemy"
     module = "sqlalchemy"
+    connects_in_checkout = True
     family = "database"
     requires = ("sqlalchemy >= 2.0.0, < 2.2",)
 
@@ -84,29 +88,27 @@ class SQLAlchemyAdapter(Adapter):
 
         self._pools = sqlalchemy.pool
         record, fairy = base._ConnectionRecord, base._ConnectionFairy
+        timeout = exc.TimeoutError
         # Pools read their ledger as a plain attribute; the class default means "untracked".
         self._patch(base.Pool, _LEDGER, None)
         # Read on every close (a NullPool closes at every return): a default, not a raise.
         self._patch(record, _REASON, None)
-        checkout = _checkout_hook(self, fairy.__dict__["_checkout"].__func__, exc.TimeoutError)
-        self._patch(fairy, "_checkout", classmethod(checkout))
-        self._patch(record, "checkin", _checkin_hook(self, record.checkin))
-        self._patch(record, "invalidate", _invalidate_hook(self, record.invalidate))
-        close = record.__dict__["_ConnectionRecord__close"]
-        self._patch(record, "_ConnectionRecord__close", _close_hook(self, close))
-        self._patch(Engine, "__init__", _engine_init_hook(self, Engine.__init__))
-        self._patch(Engine, "dispose", _dispose_hook(self, Engine.dispose))
+        self._hook(fairy, "_checkout", lambda original: _checkout_hook(self, original, timeout))
+        self._hook(record, "checkin", lambda original: _checkin_hook(self, original))
+        self._hook(record, "invalidate", lambda original: _invalidate_hook(self, original))
+        self._hook(record, "_ConnectionRecord__close", lambda original: _close_hook(self, original))
+        self._wrap(Engine, "__init__", lambda original: _engine_init_hook(self, original))
+        self._wrap(Engine, "dispose", lambda original: _dispose_hook(self, original))
         if imported_before:
             self._track_existing(Engine)
 
-    def uninstrument(self) -> None:
+    def _forget_pools(self) -> None:
         for pool in list(self._tracked):
             pop_attribute(pool, _LEDGER)
             creator = getattr(pool, "_invoke_creator", None)
             original = getattr(creator, _ORIGINAL, None)
             if original is not None:
                 pool._invoke_creator = original
-        self._unpatch()
 
     # -- tracking ----------------------------------------------------------------------
     def _attach(self, pool: Any, ledger: Ledger) -> None:
@@ -115,6 +117,11 @@ class SQLAlchemyAdapter(Adapter):
         creator = getattr(pool, "_invoke_creator", None)
         if creator is not None and not hasattr(creator, _ORIGINAL):
             pool._invoke_creator = _timed_creator(weakref.ref(pool), creator, self.tracker)
+
+    def _pool_target(self, pool: Any, dialect: Any = None) -> str:
+        """The name of a pool known without its engine's URL."""
+        dialect = dialect or getattr(pool, "_dialect", None)
+        return f"{getattr(dialect, 'name', None) or 'dbapi'}://({type(pool).__name__})"
 
     def _track_pool(
         self,
@@ -131,7 +138,10 @@ class SQLAlchemyAdapter(Adapter):
         return ledger
 
     def _track_engine(self, engine: Any, site: str | None, name: str | None = None) -> Ledger:
-        target, attributes = engine_target(engine.url)
+        try:
+            target, attributes = engine_target(engine.url)
+        except Exception:  # not a sqlalchemy URL (an Engine made by hand, as in its tests)
+            target, attributes = self._pool_target(engine.pool, engine.dialect), {}
         return self._track_pool(engine.pool, target, site, attributes, name)
 
     def _track_replacement(self, old: Any, new: Any) -> None:
@@ -150,10 +160,10 @@ class SQLAlchemyAdapter(Adapter):
 
     def _discover(self, pool: Any) -> Ledger | None:
         """A pool first seen at checkout: made without an engine, or before instrument()."""
+        if self.stopped:  # a hook still running after uninstrument(): track nothing new
+            return None
         try:
-            dialect = getattr(pool._dialect, "name", None) or "dbapi"
-            target = f"{dialect}://({type(pool).__name__})"
-            return self._track_pool(pool, target, None, {})
+            return self._track_pool(pool, self._pool_target(pool), None, {})
         except Exception as error:
             self.tracker.report("sqlalchemy discover", error)
             return None
@@ -167,20 +177,20 @@ class SQLAlchemyAdapter(Adapter):
                     self.tracker.report("sqlalchemy existing engine", error)
 
     def track(self, obj: Any, name: str | None) -> bool:
-        try:
-            from sqlalchemy.engine.base import Engine
-            from sqlalchemy.ext.asyncio import AsyncEngine
-            from sqlalchemy.pool import Pool
-        except ImportError:
-            return False
-        if isinstance(obj, AsyncEngine):
+        from sqlalchemy.engine.base import Engine
+        from sqlalchemy.pool import Pool
+
+        # Checked only when SQLAlchemy's asyncio extension is imported: importing it needs
+        # greenlet, which a sync-only application may not have — and an object of its
+        # class can only exist once it is imported.
+        asyncio_ext = sys.modules.get("sqlalchemy.ext.asyncio")
+        if asyncio_ext is not None and isinstance(obj, asyncio_ext.AsyncEngine):
             obj = obj.sync_engine
         if isinstance(obj, Engine):
             self._track_engine(obj, None, name)
             return True
         if isinstance(obj, Pool):
-            dialect = getattr(obj._dialect, "name", None) or "dbapi"
-            self._track_pool(obj, f"{dialect}://({type(obj).__name__})", None, {}, name)
+            self._track_pool(obj, self._pool_target(obj), None, {}, name)
             return True
         return False
 
@@ -216,11 +226,14 @@ class SQLAlchemyAdapter(Adapter):
         pools = self._pools  # sqlalchemy.pool, kept at instrument(): no import per reading
         if isinstance(pool, pools.QueuePool):
             return _queue_levels(pool)
-        used = _checked_out_of(pool)
-        if isinstance(pool, pools.AssertionPool):
-            conn = getattr(pool, "_conn", None)
+        if isinstance(pool, pools.AssertionPool):  # it knows whether its one is out
+            used = 1 if pool._checked_out else 0
+            conn = pool._conn
             idle = 1 if conn is not None and conn.dbapi_connection is not None and not used else 0
             return Levels(used, idle, 1, 0, 1, 0)
+        # The other pools keep no record of what is checked out: poolwatch's own table
+        # (checkouts made before instrument() are not in it).
+        used = _checked_out_of(pool)
         if isinstance(pool, pools.StaticPool):
             record = pool.__dict__.get("connection")
             opened = record is not None and record.dbapi_connection is not None
@@ -242,13 +255,39 @@ class SQLAlchemyAdapter(Adapter):
         return tuple(found)
 
     def oldest_connection(self, pool: Any) -> float | None:
-        records = _records_of(pool)
+        records = self._records_of(pool)
         started = [r.starttime for r in records if r.dbapi_connection is not None and r.starttime]
         return time.time() - min(started) if started else None
 
     def sockets(self, pool: Any) -> tuple[int, ...]:
-        found = (_driver_socket(r.dbapi_connection) for r in _records_of(pool))
+        found = (_driver_socket(r.dbapi_connection) for r in self._records_of(pool))
         return tuple(fd for fd in found if fd is not None and fd >= 0)
+
+    def _records_of(self, pool: Any) -> list[Any]:
+        """Every connection record of ``pool`` poolwatch can see: checked out, then idle."""
+        pools = self._pools
+        ledger: Ledger | None = pool._poolwatch_ledger
+        records: list[Any] = list(ledger.active) if ledger else []
+        out = [r for r in records if r._ConnectionRecord__pool is pool]
+        if isinstance(pool, pools.QueuePool):
+            queue = pool._pool
+            if hasattr(queue, "not_empty"):  # threading queue
+                out.extend(list(queue.queue))
+            else:  # asyncio queue, created lazily on first use
+                aqueue = queue.__dict__.get("_queue")
+                out.extend(list(aqueue._queue) if aqueue is not None else [])
+            return out
+        if isinstance(pool, pools.SingletonThreadPool):  # _conn is a threading.local
+            held = [r for r in list(pool._all_conns) if r not in out]
+        elif isinstance(pool, pools.AssertionPool):
+            held = [pool._conn] if pool._conn is not None else []
+        elif isinstance(pool, pools.StaticPool):  # its one record, once made
+            static = pool.__dict__.get("connection")
+            held = [static] if static is not None else []
+        else:  # NullPool keeps nothing
+            held = []
+        out.extend(r for r in held if r not in out)
+        return out
 
 
 def _driver_socket(dbapi_connection: Any) -> int | None:
@@ -267,8 +306,12 @@ def _driver_socket(dbapi_connection: Any) -> int | None:
 
 
 # -- hooks ---------------------------------------------------------------------------------
-# Each factory returns the replacement for one SQLAlchemy function. The checkout and checkin
-# hooks are the hot path: no OpenTelemetry, no lock, no allocation beyond a float.
+# Each factory returns the replacement for one SQLAlchemy function, taking exactly its
+# parameters (adapters/_patching.py checks them). The checkout and checkin hooks are the hot
+# path: no OpenTelemetry, no lock, no allocation beyond a float. Every statement of
+# poolwatch's own is guarded, and the library's function is called exactly once, outside
+# the guards: a hook still running when uninstrument() removes the marks and class defaults
+# it reads (a thread in the middle of a checkout) loses that one reading, never the call.
 
 
 def _checkout_hook(
@@ -286,9 +329,12 @@ def _checkout_hook(
     def _checkout(cls: Any, pool: Any, threadconns: Any = None, fairy: Any = None) -> Any:
         if fairy is not None:  # re-entrant checkout of a connection already out
             return original(cls, pool, threadconns, fairy)
-        ledger: Ledger | None = pool._poolwatch_ledger
-        if ledger is None:
-            ledger = adapter._discover(pool)
+        try:
+            ledger: Ledger | None = pool._poolwatch_ledger
+            if ledger is None:
+                ledger = adapter._discover(pool)
+        except AttributeError:  # uninstrument() took the class default meanwhile
+            ledger = None
         start = perf_counter()
         try:
             fairy = original(cls, pool, threadconns, fairy)
@@ -299,13 +345,16 @@ def _checkout_hook(
             failed(ledger, start, timeout=False)
             raise
         if ledger is not None:
-            # Ledger.acquired, inlined (the hot-path contract in _ledger.py): two atomic C
-            # operations and no method call — measured in benchmarks/.
-            now = perf_counter()
-            ledger.waits.append(now - start)
-            ledger.active[fairy._connection_record] = now
-            if ledger.capture:  # this pool has leaked (or leak_stacks="always")
-                ledger.stacks[fairy._connection_record] = capture_stack(sys._getframe(1))
+            try:
+                # Ledger.acquired, inlined (the hot-path contract in _ledger.py): two atomic
+                # C operations and no method call — measured in benchmarks/.
+                now = perf_counter()
+                ledger.waits.append(now - start)
+                ledger.active[fairy._connection_record] = now
+                if ledger.capture:  # this pool has leaked (or leak_stacks="always")
+                    ledger.stacks[fairy._connection_record] = capture_stack(sys._getframe(1))
+            except Exception as error:
+                report("sqlalchemy checkout", error)
         return fairy
 
     return _checkout
@@ -315,60 +364,59 @@ def _checkin_hook(adapter: SQLAlchemyAdapter, original: Callable[..., Any]) -> C
     report = adapter.tracker.report
 
     def checkin(self: Any, _fairy_was_created: bool = True) -> None:
-        ledger = self._ConnectionRecord__pool._poolwatch_ledger
-        if ledger is not None:
-            # Ledger.released, inlined (the hot-path contract in _ledger.py), with one
-            # check more: a checked-in record whose fairy is already gone was returned by
-            # SQLAlchemy's garbage-collection cleanup: the borrower dropped it unreturned.
-            start = ledger.active.pop(self, None)
-            if start is not None:
-                held = perf_counter() - start
-                fairy = self.fairy_ref
-                if fairy is not None and fairy() is None:
-                    _collected(ledger, self, held, report)
-                    original(self, _fairy_was_created)
-                    return
-                ledger.uses.append(held)
-                if held > ledger.leak_threshold:
-                    try:
-                        ledger.settle(self, held)
-                    except Exception as error:
-                        report("sqlalchemy checkin", error)
-                elif ledger.stacks:
-                    ledger.stacks.pop(self, None)
+        try:
+            _returned(self, report)
+        except Exception as error:  # AttributeError: uninstrument() ran meanwhile
+            report("sqlalchemy checkin", error)
         original(self, _fairy_was_created)
 
     return checkin
 
 
-def _collected(ledger: Ledger, record: Any, held: float, report: Callable[..., None]) -> None:
-    try:
+def _returned(record: Any, report: Callable[[str, BaseException], None]) -> None:
+    """``record`` is being checked in: its use ends."""
+    ledger = record._ConnectionRecord__pool._poolwatch_ledger
+    if ledger is None:
+        return
+    # Ledger.released, inlined (the hot-path contract in _ledger.py), with one check more:
+    # a checked-in record whose fairy is already gone was returned by SQLAlchemy's
+    # garbage-collection cleanup: the borrower dropped it unreturned.
+    start = ledger.active.pop(record, None)
+    if start is None:
+        return
+    held = perf_counter() - start
+    fairy = record.fairy_ref
+    if fairy is not None and fairy() is None:
         ledger.collected(record, held)
-    except Exception as error:
-        report("sqlalchemy checkin", error)
+        return
+    ledger.uses.append(held)
+    if held > ledger.leak_threshold:
+        ledger.settle(record, held)
+    elif ledger.stacks:
+        ledger.stacks.pop(record, None)
 
 
 def _invalidate_hook(
     adapter: SQLAlchemyAdapter, original: Callable[..., Any]
 ) -> Callable[..., Any]:
     def invalidate(self: Any, e: BaseException | None = None, soft: bool = False) -> None:
-        if not soft and self.dbapi_connection is not None:
-            try:
+        try:
+            if not soft and self.dbapi_connection is not None:
                 setattr(self, _REASON, adapter._invalidate_reason(self, e))
-            except Exception as error:
-                adapter.tracker.report("sqlalchemy invalidate", error)
+        except Exception as error:
+            adapter.tracker.report("sqlalchemy invalidate", error)
         original(self, e, soft)
 
     return invalidate
 
 
 def _close_hook(adapter: SQLAlchemyAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
-    def close(self: Any, *args: Any, **kwargs: Any) -> None:
+    def close(self: Any, *, terminate: bool = False) -> None:
         try:
             adapter._closing(self, sys._getframe(1))
         except Exception as error:
             adapter.tracker.report("sqlalchemy close", error)
-        original(self, *args, **kwargs)
+        original(self, terminate=terminate)
 
     return close
 
@@ -378,8 +426,10 @@ def _engine_init_hook(
 ) -> Callable[..., Any]:
     def engine_init(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
+        if adapter.stopped:
+            return
         try:
-            adapter._track_engine(self, creation_site(sys._getframe(1)))
+            adapter._track_engine(self, creation_site(sys._getframe(CALLER)))
         except Exception as error:
             adapter.tracker.report("sqlalchemy engine", error)
 
@@ -390,6 +440,8 @@ def _dispose_hook(adapter: SQLAlchemyAdapter, original: Callable[..., Any]) -> C
     def dispose(self: Any, *args: Any, **kwargs: Any) -> None:
         old = self.pool
         original(self, *args, **kwargs)
+        if adapter.stopped:
+            return
         try:
             if self.pool is not old:
                 adapter._track_replacement(old, self.pool)
@@ -400,20 +452,26 @@ def _dispose_hook(adapter: SQLAlchemyAdapter, original: Callable[..., Any]) -> C
 
 
 def _timed_creator(
-    pool_ref: weakref.ref[Any], creator: Callable[[Any], Any], tracker: Tracker
-) -> Callable[[Any], Any]:
-    def create(record: Any) -> Any:
+    pool_ref: weakref.ref[Any], creator: Callable[..., Any], tracker: Tracker
+) -> Callable[..., Any]:
+    """A pool's ``_invoke_creator`` (the DBAPI connect), timed."""
+
+    def create(*args: Any, **kwargs: Any) -> Any:
         start = perf_counter()
         try:
-            connection = creator(record)
+            connection = creator(*args, **kwargs)
         except BaseException:
             _report_connect(pool_ref, perf_counter() - start, False, tracker)
             raise
         _report_connect(pool_ref, perf_counter() - start, True, tracker)
         return connection
 
-    setattr(create, _ORIGINAL, creator)
-    return create
+    if isinstance(creator, FunctionType):  # SQLAlchemy's lambda, or the user's creator
+        timed: Callable[..., Any] = around(creator, create)
+    else:  # a callable object of the user's: the wrapper only dresses as it
+        timed = functools.update_wrapper(create, creator)
+    setattr(timed, _ORIGINAL, creator)
+    return timed
 
 
 def _report_connect(
@@ -448,29 +506,6 @@ def _close_reason(record: Any, pool: Any, caller: Any) -> str:
     if name == "close" and returned and not isinstance(pool, NullPool):
         return c.REASON_POOL_FULL  # returned to a full pool: overflow connection closed
     return c.REASON_DISPOSED  # dispose(), or a NullPool closing on return by design
-
-
-def _records_of(pool: Any) -> list[Any]:
-    """Every connection record of ``pool`` poolwatch can see: idle ones and checked-out ones."""
-    ledger: Ledger | None = pool._poolwatch_ledger
-    records: list[Any] = list(ledger.active) if ledger else []
-    out = [r for r in records if r._ConnectionRecord__pool is pool]
-    queue = getattr(pool, "_pool", None)
-    if queue is not None and hasattr(queue, "not_empty"):
-        out.extend(list(queue.queue))
-    elif queue is not None:
-        aqueue = queue.__dict__.get("_queue")
-        out.extend(list(aqueue._queue) if aqueue is not None else [])
-    for attribute in ("_all_conns", "_conn"):  # SingletonThreadPool, AssertionPool
-        held = getattr(pool, attribute, None)
-        if isinstance(held, set):
-            out.extend(r for r in list(held) if r not in out)
-        elif held is not None and held not in out:
-            out.append(held)
-    static = pool.__dict__.get("connection")  # StaticPool's one record, once made
-    if static is not None and static not in out:
-        out.append(static)
-    return out
 
 
 def _checked_out_of(pool: Any) -> int:

@@ -63,6 +63,7 @@ from poolwatch import _catalogue as c
 from poolwatch._ledger import UNKNOWN_LIFETIME, Ledger, capture_stack
 from poolwatch._naming import creation_site, target_name
 from poolwatch.adapters._base import Adapter, Levels, Misconfiguration, Tracker, pop_attribute
+from poolwatch.adapters._patching import CALLER
 
 _LEDGER = "_poolwatch_ledger"
 _MARK = "_poolwatch"
@@ -198,34 +199,32 @@ class Urllib3Adapter(Adapter):
         # twice per close (boto3 against a server answering Connection: close paid ~40,000
         # instructions a request for them, measured with valgrind).
         self._patch(connection.HTTPConnection, _MARK, None)
-        self._patch(pools, "__init__", _pool_init_hook(self, pools.__init__))
-        self._get_conn_code = getattr(pools._get_conn, "__code__", None)
-        self._patch(
-            pools, "_get_conn", _get_conn_hook(self, pools._get_conn, exceptions.EmptyPoolError)
+        self._wrap(pools, "__init__", lambda original: _pool_init_hook(self, original))
+        self._get_conn_code = pools._get_conn.__code__
+        self._hook(
+            pools,
+            "_get_conn",
+            lambda original: _get_conn_hook(self, original, exceptions.EmptyPoolError),
         )
-        self._patch(pools, "_put_conn", _put_conn_hook(self, pools._put_conn))
-        self._patch(pools, "_new_conn", _new_conn_hook(self, pools.__dict__["_new_conn"]))
-        self._patch(
-            https_pools, "_new_conn", _new_conn_hook(self, https_pools.__dict__["_new_conn"])
-        )
-        for cls in (connection.HTTPConnection, connection.HTTPSConnection):
-            self._patch(cls, "connect", _connect_hook(self, cls.__dict__["connect"]))
-        close = connection.HTTPConnection.__dict__["close"]
-        self._patch(connection.HTTPConnection, "close", _close_hook(self, close))
+        self._hook(pools, "_put_conn", lambda original: _put_conn_hook(self, original))
+        for pool_cls in (pools, https_pools):
+            self._hook(pool_cls, "_new_conn", lambda original: _new_conn_hook(self, original))
+        for conn_cls in (connection.HTTPConnection, connection.HTTPSConnection):
+            self._hook(conn_cls, "connect", lambda original: _connect_hook(self, original))
+        self._hook(connection.HTTPConnection, "close", lambda original: _close_hook(self, original))
         managers = poolmanager.PoolManager
-        self._patch(managers, "__init__", _manager_init_hook(self, managers.__init__))
-        self._patch(managers, "_new_pool", _new_pool_hook(self, managers._new_pool))
+        self._wrap(managers, "__init__", lambda original: _manager_init_hook(self, original))
+        self._wrap(managers, "_new_pool", lambda original: _new_pool_hook(self, original))
         if imported_before:
             self._track_existing(managers, pools)
 
-    def uninstrument(self) -> None:
+    def _forget_pools(self) -> None:
         for pool in list(self._tracked):
             pop_attribute(pool, _LEDGER)
             queue = pool.pool
             for conn in list(queue.queue) if queue is not None else ():
                 if conn is not None:
                     pop_attribute(conn, _MARK)
-        self._unpatch()
 
     # -- tracking ----------------------------------------------------------------------
     def _track_pool(self, pool: Any, maker: _Maker | None, name: str | None = None) -> Ledger:
@@ -257,6 +256,8 @@ class Urllib3Adapter(Adapter):
 
     def _discover(self, pool: Any) -> Ledger | None:
         """A pool first seen at checkout: made before instrument()."""
+        if self.stopped:  # a hook still running after uninstrument(): track nothing new
+            return None
         try:
             return self._track_pool(pool, None)
         except Exception as error:
@@ -380,16 +381,25 @@ class Urllib3Adapter(Adapter):
     def levels(self, pool: Any) -> Levels:
         ledger: Ledger | None = pool._poolwatch_ledger
         owner = id(pool)
-        used = 0
+        tracked = 0  # checkouts poolwatch saw, beyond maxsize too (block=False)
         if ledger is not None:
-            used = sum(1 for conn in list(ledger.active) if _owner(conn) == owner)
+            tracked = sum(1 for conn in list(ledger.active) if _owner(conn) == owner)
         queue = pool.pool
-        if queue is None:  # closed
-            return Levels(used, 0, None, 0)
+        if queue is None:  # closed: what is still out comes back to be discarded
+            return Levels(tracked, 0, None, 0)
+        # A blocking pool counts for itself: every slot taken from its queue (which holds
+        # idle connections and None placeholders) is a connection out, checkouts made before
+        # poolwatch saw the pool included, and a slot whose response was dropped unreleased
+        # stays out for good — capacity the pool has lost, which its callers will wait for.
+        # A non-blocking pool opens past maxsize instead of waiting and refills a lost slot
+        # with the next connection returned once it runs dry: its queue says nothing exact
+        # about what is out, so there the checkout table (every checkout since poolwatch
+        # saw the pool, those past maxsize included) is the count.
+        limit = queue.maxsize
+        used = max(limit - queue.qsize(), tracked) if pool.block and limit else tracked
         idle = sum(1 for conn in list(queue.queue) if conn is not None and conn.sock is not None)
         pending = len(queue.not_empty._waiters) if pool.block else 0
-        limit = queue.maxsize or None  # kept at most: further returns are discarded
-        return Levels(used, idle, limit, pending, idle_max=limit)
+        return Levels(used, idle, limit or None, pending, idle_max=limit or None)
 
     # -- diagnostics -------------------------------------------------------------------
     def misconfigurations(self, pool: Any) -> tuple[Misconfiguration, ...]:
@@ -535,8 +545,12 @@ def _existing_maker(obj: Any) -> tuple[Any, _Maker] | None:
 
 
 # -- hooks ---------------------------------------------------------------------------------
-# _get_conn and _put_conn are the hot path: no OpenTelemetry, no lock, no allocation
-# beyond a float (the Ledger contract in _ledger.py, inlined).
+# Each factory returns the replacement for one urllib3 function, taking exactly its
+# parameters (adapters/_patching.py checks them). _get_conn and _put_conn are the hot path:
+# no OpenTelemetry, no lock, no allocation beyond a float (the Ledger contract in
+# _ledger.py, inlined). Every statement of poolwatch's own is guarded and the library's
+# function is called exactly once, outside the guards: a hook still running when
+# uninstrument() removes the marks and class defaults it reads loses that reading only.
 
 
 def _get_conn_hook(
@@ -552,9 +566,12 @@ def _get_conn_hook(
                 report("urllib3 checkout", error)
 
     def _get_conn(self: Any, timeout: float | None = None) -> Any:
-        ledger: Ledger | None = self._poolwatch_ledger
-        if ledger is None:
-            ledger = adapter._discover(self)
+        try:
+            ledger: Ledger | None = self._poolwatch_ledger
+            if ledger is None:
+                ledger = adapter._discover(self)
+        except AttributeError:  # uninstrument() took the class default meanwhile
+            ledger = None
         start = perf_counter()
         try:
             conn = original(self, timeout)
@@ -565,11 +582,14 @@ def _get_conn_hook(
             failed(ledger, start, timeout=False)
             raise
         if ledger is not None:
-            now = perf_counter()
-            ledger.waits.append(now - start)
-            ledger.active[conn] = now
-            if ledger.capture:  # this pool has leaked (or leak_stacks="always")
-                ledger.stacks[conn] = capture_stack(sys._getframe(1))
+            try:
+                now = perf_counter()
+                ledger.waits.append(now - start)
+                ledger.active[conn] = now
+                if ledger.capture:  # this pool has leaked (or leak_stacks="always")
+                    ledger.stacks[conn] = capture_stack(sys._getframe(1))
+            except Exception as error:
+                report("urllib3 checkout", error)
         return conn
 
     return _get_conn
@@ -579,19 +599,19 @@ def _put_conn_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Cal
     report = adapter.tracker.report
 
     def _put_conn(self: Any, conn: Any) -> None:
-        ledger: Ledger | None = self._poolwatch_ledger
-        if ledger is not None and conn is not None:
-            start = ledger.active.pop(conn, None)
-            if start is not None:
-                held = perf_counter() - start
-                ledger.uses.append(held)
-                if held > ledger.leak_threshold:
-                    try:
+        try:
+            ledger: Ledger | None = self._poolwatch_ledger
+            if ledger is not None and conn is not None:
+                start = ledger.active.pop(conn, None)
+                if start is not None:
+                    held = perf_counter() - start
+                    ledger.uses.append(held)
+                    if held > ledger.leak_threshold:
                         ledger.settle(conn, held)
-                    except Exception as error:
-                        report("urllib3 checkin", error)
-                elif ledger.stacks:
-                    ledger.stacks.pop(conn, None)
+                    elif ledger.stacks:
+                        ledger.stacks.pop(conn, None)
+        except Exception as error:  # AttributeError: uninstrument() ran meanwhile
+            report("urllib3 checkin", error)
         original(self, conn)
 
     return _put_conn
@@ -600,12 +620,12 @@ def _put_conn_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Cal
 def _new_conn_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Callable[..., Any]:
     def _new_conn(self: Any) -> Any:
         conn = original(self)
-        ledger = self._poolwatch_ledger
-        if ledger is not None:
-            try:
+        try:
+            ledger = self._poolwatch_ledger
+            if ledger is not None:
                 adapter._adopt(self, conn, ledger)
-            except Exception as error:
-                adapter.tracker.report("urllib3 new connection", error)
+        except Exception as error:
+            adapter.tracker.report("urllib3 new connection", error)
         return conn
 
     return _new_conn
@@ -615,8 +635,11 @@ def _connect_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Call
     report = adapter.tracker.report
 
     def connect(self: Any) -> None:
-        mark: _Mark | None = self._poolwatch
-        ledger = mark.ledger if mark is not None else None
+        try:
+            mark: _Mark | None = self._poolwatch
+            ledger = mark.ledger if mark is not None else None
+        except AttributeError:  # uninstrument() took the class default meanwhile
+            mark = ledger = None
         if ledger is None:
             return original(self)  # type: ignore[no-any-return]
         start = perf_counter()
@@ -643,12 +666,12 @@ def _close_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Callab
     closing = adapter._closing
 
     def close(self: Any) -> None:
-        mark: _Mark | None = self._poolwatch
-        if mark is not None and mark.ledger is not None:
-            try:
+        try:
+            mark: _Mark | None = self._poolwatch
+            if mark is not None and mark.ledger is not None:
                 closing(self, mark, mark.ledger, sys._getframe(1))
-            except Exception as error:
-                adapter.tracker.report("urllib3 close", error)
+        except Exception as error:
+            adapter.tracker.report("urllib3 close", error)
         original(self)
 
     return close
@@ -657,10 +680,12 @@ def _close_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Callab
 def _pool_init_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Callable[..., Any]:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
+        if adapter.stopped:
+            return
         try:
             maker: _Maker | None = getattr(adapter._making, "maker", None)
             if maker is None:
-                maker = _Maker(adapter.kind, creation_site(sys._getframe(1)))
+                maker = _Maker(adapter.kind, creation_site(sys._getframe(CALLER)))
             adapter._track_pool(self, maker)
         except Exception as error:
             adapter.tracker.report("urllib3 pool", error)
@@ -671,9 +696,11 @@ def _pool_init_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Ca
 def _manager_init_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Callable[..., Any]:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
+        if adapter.stopped:
+            return
         try:
             if not hasattr(self, _CONTEXT):
-                setattr(self, _CONTEXT, _maker_of(sys._getframe(1)))
+                setattr(self, _CONTEXT, _maker_of(sys._getframe(CALLER)))
         except Exception as error:
             adapter.tracker.report("urllib3 pool manager", error)
 

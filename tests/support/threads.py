@@ -11,10 +11,13 @@ from types import FrameType
 _DEPTH = 40
 
 
-def blocked_in(threads: Sequence[threading.Thread], function: str) -> int:
+def blocked_in(
+    threads: Sequence[threading.Thread], function: str, owner: object | None = None
+) -> int:
     """How many of ``threads`` are blocked in ``threading.Condition.wait`` — registered
     as a waiter of the condition, their lock not yet released — called (at any depth)
-    from a frame running ``function`` (e.g. urllib3's ``_get_conn``)."""
+    from a frame running ``function`` (e.g. urllib3's ``_get_conn``); with ``owner``, only
+    a frame whose ``self`` is ``owner`` (one pool among several)."""
     frames = sys._current_frames()
     count = 0
     for thread in threads:
@@ -24,7 +27,9 @@ def blocked_in(threads: Sequence[threading.Thread], function: str) -> int:
         frame: FrameType | None = top
         depth = 0
         while frame is not None and depth < _DEPTH:
-            if frame.f_code.co_name == function:
+            if frame.f_code.co_name == function and (
+                owner is None or frame.f_locals.get("self") is owner
+            ):
                 count += 1
                 break
             frame, depth = frame.f_back, depth + 1

@@ -12,7 +12,9 @@ with a throw-away certificate and an asyncio flavour with the same knobs:
   (after the client's hello, before its answer), so that a client's connect time
   includes the handshake by a known amount;
 * ``keep_alive`` — False answers every request with ``Connection: close`` and closes, as
-  does any request that asks for it.
+  does any request that asks for it;
+* (asyncio flavour) ``/?size=N`` — a body of N bytes instead of ``ok``: large enough, the
+  client cannot have received it whole until it reads it.
 
 They count what really happened on the wire: ``connections`` accepted, ``requests``
 answered, ``closed_idle`` connections the server closed for being idle.
@@ -32,6 +34,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from poolwatch._demo import upstream as demo
 from poolwatch._demo.upstream import BODY, delay_of
@@ -220,12 +223,13 @@ class AsyncioUpstream(_TLSFiles, demo.Upstream):
                 if delay:
                     await asyncio.sleep(delay)
                 closing = not self.keep_alive or headers.get("connection", "") == "close"
+                body = _body(target)
                 self.counters.add("requests")  # before the client can see the response
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
                     + (b"Connection: close\r\n" if closing else b"")
-                    + f"Content-Length: {len(BODY)}\r\n\r\n".encode()
-                    + BODY
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
                 )
                 await writer.drain()
                 if closing:
@@ -251,6 +255,18 @@ class AsyncioUpstream(_TLSFiles, demo.Upstream):
         self._thread.join(timeout=5)
         self._loop.close()
         self._cleanup()
+
+
+def _body(target: str) -> bytes:
+    """The response body: ``BODY``, or with ``?size=N`` N bytes (at most 8 MiB) — a body
+    too large for the client to have received whole, so that its connection stays out
+    until the client reads it."""
+    query = parse_qs(urlsplit(target).query)
+    try:
+        size = min(int(query["size"][0]), 8 << 20) if "size" in query else 0
+    except ValueError:
+        size = 0
+    return b"x" * size if size > 0 else BODY
 
 
 @contextmanager
