@@ -13,6 +13,9 @@ process from before the library is imported, collections racing the tests every 
 instrumented, when poolwatch hooked nothing of the library under test, when poolwatch
 counted internal errors, or when a test fails bare that ``scripts/compat_known_bare.txt``
 does not list (the list says why this environment cannot run each test it names).
+Each pytest run has a network namespace of its own with only loopback up (``unshare``);
+tests left unsettled (passing bare and not instrumented, or failing bare unlisted) are run
+again at the end, bare then instrumented, with nothing else running, and judged by that.
 
     scripts/compat                        # both ends, every suite
     scripts/compat --end newest           # one end
@@ -785,7 +788,7 @@ def report(checked: Checked, known: list[Known], verbose: bool) -> tuple[list[st
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--end", choices=(*ENDS, "both"), default="both")
@@ -797,7 +800,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--serial", action="store_true", help="run bare and instrumented one after the other"
     )
     parser.add_argument(
-        "--fresh", action="store_true", help="recreate the environments (a first run creates them)"
+        "--fresh",
+        action="store_true",
+        help="recreate the environments, resolving the newest releases again (a first run "
+        "creates them; later ones reuse them)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="print each run's log tail")
     return parser.parse_args(argv)
