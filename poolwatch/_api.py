@@ -14,6 +14,7 @@ from typing import Any
 from opentelemetry import metrics as otel_metrics
 from opentelemetry.sdk.metrics import MeterProvider
 
+from poolwatch import _versions
 from poolwatch._collect import Collector
 from poolwatch._config import ConfigError, Settings, psutil_importable, resolve, shown
 from poolwatch._export import Bridge, Producer
@@ -92,6 +93,8 @@ class Instrumentation:
         return hook
 
     def _activate(self, adapter: Adapter, *, imported_before: bool) -> None:
+        if not _supported(adapter, self._errors):
+            return
         try:
             adapter.instrument(imported_before=imported_before)
         except Exception as error:
@@ -275,6 +278,33 @@ class Instrumentation:
     def __repr__(self) -> str:
         state = "stopped" if self._stopped else "active"
         return f"<poolwatch.Instrumentation {state} libraries={list(self.libraries)}>"
+
+
+def _supported(adapter: Adapter, errors: ErrorLog) -> bool:
+    """Whether the installed versions of what ``adapter`` hooks are in its supported ranges;
+    if not, one WARNING names them and the adapter is not activated (``_versions.py``)."""
+    try:
+        outside = _versions.mismatches(adapter.requires)
+        untested = _versions.mismatches(adapter.tested_with, only_installed=True)
+    except Exception as error:  # an unreadable version: not hooking is the safe side
+        errors.report(f"{adapter.name} version check", error)
+        return False
+    if outside:
+        logger.warning(
+            "poolwatch: %s is outside the versions poolwatch supports: its pools are not "
+            "hooked (the application runs on unchanged)",
+            "; ".join(str(m) for m in outside),
+        )
+        return False
+    if untested:
+        logger.warning(
+            "poolwatch: %s is outside the versions poolwatch is tested with; its pools are "
+            "still hooked through %s, but may be reported as pool.kind %s",
+            "; ".join(str(m) for m in untested),
+            adapter.name,
+            adapter.kind,
+        )
+    return True
 
 
 def _process_watcher(

@@ -146,6 +146,7 @@ class AiohttpAdapter(Adapter):
     module = "aiohttp"
     connects_in_checkout = True
     family = "http"
+    requires = ("aiohttp >= 3.12.11, < 4",)
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)

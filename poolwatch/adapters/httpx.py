@@ -211,6 +211,7 @@ class HTTPXAdapter(Adapter):
     import would meet a half-initialised httpx. A pool used through httpcore alone is hooked
     once httpx is imported too (httpcore has no users that do not also install httpx)."""
     family = "http"
+    requires = ("httpx >= 0.26.0, < 1", "httpcore >= 1.0.3, < 2")
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)

@@ -73,6 +73,7 @@ class SQLAlchemyAdapter(Adapter):
     module = "sqlalchemy"
     connects_in_checkout = True
     family = "database"
+    requires = ("sqlalchemy >= 2.0.0, < 2.2",)
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)

@@ -175,6 +175,8 @@ class Urllib3Adapter(Adapter):
     kind = "urllib3"
     module = "urllib3"
     family = "http"
+    requires = ("urllib3 >= 2.0.2, < 3",)
+    tested_with = ("requests >= 2.30.0, < 3", "botocore >= 1.31.63, < 2")
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)
