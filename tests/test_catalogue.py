@@ -43,6 +43,10 @@ PROCESS_FAMILY = [
     ),
 ]
 
+SERVER_FAMILY = [
+    ("poolwatch.server.connections.limit", "updowncounter", "{connection}", ()),
+]
+
 DB_SEMCONV = [
     (
         "db.client.connection.count",
@@ -127,6 +131,12 @@ def test_process_view_is_pinned() -> None:
         PROCESS_FAMILY
     )
     assert c.OWNERS == ("pool", "untracked", "inbound")
+
+
+def test_server_metrics_are_pinned() -> None:
+    assert [(m.name, m.instrument, m.unit, m.attributes) for m in c.SERVER_METRICS] == (
+        SERVER_FAMILY
+    )
 
 
 def test_database_semconv_mirrors_are_pinned() -> None:
@@ -250,3 +260,32 @@ def test_prometheus_renders_the_http_mirrors() -> None:
         re.M,
     ), text
     assert re.search(r"^http_client_request_time_in_queue_seconds_count\{[^}]*\} 3\.0$", text, re.M)
+
+
+def test_prometheus_renders_each_declared_server_limit() -> None:
+    handle = poolwatch.instrument(
+        prometheus_port=0,
+        process_view="off",
+        server_limits={"db.internal:5432": 97, "[fd00::5]:6379": 10_000},
+    )
+    try:
+        assert handle.prometheus_address is not None
+        host, port = handle.prometheus_address
+        body = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
+    finally:
+        poolwatch.uninstrument()
+    limits = sorted(re.findall(r"^poolwatch_server_connections_limit\{(.*)\} (.*)$", body, re.M))
+    assert limits == [
+        (
+            'otel_scope_name="poolwatch",otel_scope_schema_url="",otel_scope_version="'
+            + poolwatch.__version__
+            + '",server_address="db.internal",server_port="5432"',
+            "97.0",
+        ),
+        (
+            'otel_scope_name="poolwatch",otel_scope_schema_url="",otel_scope_version="'
+            + poolwatch.__version__
+            + '",server_address="fd00::5",server_port="6379"',
+            "10000.0",
+        ),
+    ]
