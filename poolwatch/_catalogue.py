@@ -250,6 +250,15 @@ ANTIPATTERNS_DETECTED: Final = MetricSpec(
     (ANTIPATTERN,),
 )
 
+ANTIPATTERNS_ACTIVE: Final = MetricSpec(
+    "poolwatch.antipatterns.active",
+    "updowncounter",
+    "{detection}",
+    "Anti-patterns detected in the pool that are still observed now (1), or no longer (0), "
+    "by name.",
+    (ANTIPATTERN,),
+)
+
 POOLWATCH_METRICS: Final = (
     CONNECTIONS,
     CONNECTIONS_MAX,
@@ -265,6 +274,7 @@ POOLWATCH_METRICS: Final = (
     LEAKS_ACTIVE,
     CHECKOUTS_REUSED,
     ANTIPATTERNS_DETECTED,
+    ANTIPATTERNS_ACTIVE,
 )
 
 # -- the process view (psutil): file descriptors and TCP connections of the process ------

@@ -478,6 +478,7 @@ class Producer:
         out.number(c.CHECKOUTS_REUSED, series, ledger.reused)
         for antipattern in collection.antipatterns(series.serial):
             out.number(c.ANTIPATTERNS_DETECTED, series, 1, antipattern.name)
+            out.number(c.ANTIPATTERNS_ACTIVE, series, int(antipattern.active), antipattern.name)
         if not self._settings.semconv:
             return
         family = series.adapter.family

@@ -30,6 +30,7 @@ POOLWATCH_FAMILY = [
     ("poolwatch.leaks.active", "updowncounter", "{checkout}", ()),
     ("poolwatch.checkouts.reused", "counter", "{checkout}", ()),
     ("poolwatch.antipatterns", "counter", "{detection}", ("antipattern",)),
+    ("poolwatch.antipatterns.active", "updowncounter", "{detection}", ("antipattern",)),
 ]
 
 PROCESS_FAMILY = [
