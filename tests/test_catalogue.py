@@ -290,3 +290,27 @@ def test_prometheus_renders_each_declared_server_limit() -> None:
             "10000.0",
         ),
     ]
+
+
+def test_a_pool_is_72_series_as_docs_operations_counts() -> None:
+    """docs/operations.md sizes a fleet from this count: a pool of any kind, default buckets."""
+    handle = poolwatch.instrument(prometheus_port=0, process_view="off")
+    try:
+        assert handle.prometheus_address is not None
+        host, port = handle.prometheus_address
+        engine = sa.create_engine("sqlite://", poolclass=sa.pool.QueuePool, pool_size=2)
+        with ThreadedUpstream() as upstream:
+            with engine.connect():
+                pass
+            pool = urllib3.HTTPConnectionPool("127.0.0.1", upstream.port, maxsize=2)
+            pool.request("GET", "/")
+            body = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read()
+            pool.close()
+        engine.dispose()
+    finally:
+        poolwatch.uninstrument()
+    kinds = re.findall(r'^poolwatch_[a-z_]+\{[^}]*pool_kind="([a-z0-9]+)"', body.decode(), re.M)
+    assert {kind: kinds.count(kind) for kind in set(kinds)} == {"sqlalchemy": 72, "urllib3": 72}
+    operations = (Path(__file__).resolve().parent.parent / "docs/operations.md").read_text()
+    assert "| **a pool** | **72** | **always** |" in operations
+    assert "| pools (72 \u00d7 10 \u00d7 1,000) | 720,000 |" in operations
