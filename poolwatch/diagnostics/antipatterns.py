@@ -257,8 +257,11 @@ class Detector:
             ages = [series.adapter.oldest_connection(pool) for pool in pools]
             oldest = max((age for age in ages if age is not None), default=None)
             watch.too_old = oldest is not None and oldest > self._max_age
-            if watch.too_old and c.ANTIPATTERN_CONNECTION_TOO_OLD not in found:
-                assert oldest is not None
+            if (
+                oldest is not None
+                and oldest > self._max_age
+                and c.ANTIPATTERN_CONNECTION_TOO_OLD not in found
+            ):
                 new.append(
                     Antipattern(
                         c.ANTIPATTERN_CONNECTION_TOO_OLD,
