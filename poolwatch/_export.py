@@ -360,7 +360,7 @@ class _Collection:
         attributes: dict[str, str | int],
         created_ns: int,
     ) -> None:
-        """Add one sum point of the process view (no pool behind it)."""
+        """Add one sum point that belongs to no pool (the process view, a server's limit)."""
         start = created_ns
         if self.delta[spec.instrument]:
             key = (spec.name, variant, 0)
@@ -444,6 +444,12 @@ class Producer:
         self.process: ProcessWatcher | None = None
         """The process view, when on: its latest reading is exported with every collection."""
         self._process_attributes: dict[str, dict[str, str | int]] = {}
+        self._created_ns = time.time_ns()
+        self._servers: list[tuple[str, Attributes, int]] = [
+            (f"{address} {port}", {c.SERVER_ADDRESS: address, c.SERVER_PORT: port}, limit)
+            for (address, port), limit in settings.server_limits.items()
+        ]
+        """(variant, attributes, limit) of each declared server: settings never change."""
 
     def reset(self) -> None:
         """Forget every reader's previous collection (a forked child starts over)."""
@@ -472,6 +478,7 @@ class Producer:
         out.number(c.CHECKOUTS_REUSED, series, ledger.reused)
         for antipattern in collection.antipatterns(series.serial):
             out.number(c.ANTIPATTERNS_DETECTED, series, 1, antipattern.name)
+            out.number(c.ANTIPATTERNS_ACTIVE, series, int(antipattern.active), antipattern.name)
         if not self._settings.semconv:
             return
         family = series.adapter.family
@@ -585,6 +592,10 @@ class Producer:
             self._cached_series = out.series
             if self.process is not None:
                 self._add_process(out, self.process)
+            for variant, attributes, limit in self._servers:
+                out.process_number(
+                    c.SERVER_CONNECTIONS_LIMIT, limit, variant, attributes, self._created_ns
+                )
             state.previous = out.seen
             state.series = out.series
             state.last_ns = out.now_ns

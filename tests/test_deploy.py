@@ -79,7 +79,7 @@ def test_prometheus_config_is_valid_with_its_rules(tmp_path: Path) -> None:
     shutil.copy(config, tmp_path / "prometheus.yml")
     result = _run("promtool", "check", "config", str(tmp_path / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 17 rules found" in result.stdout
+    assert "SUCCESS: 25 rules found" in result.stdout
 
 
 def test_alertmanager_config_is_valid() -> None:
@@ -113,6 +113,12 @@ def test_the_demo_runs_on_the_stacks_postgresql() -> None:
         f"@postgres:5432/{postgres['POSTGRES_DB']}"
     )
     assert command[command.index("--scenario") + 1] == "${POOLWATCH_DEMO_SCENARIO:-healthy}"
+    # the limit declared for it is the server's, less PostgreSQL's 3 superuser connections
+    server = services["postgres"]["command"]
+    max_connections = int(server[server.index("-c") + 1].removeprefix("max_connections="))
+    assert services["demo"]["environment"]["POOLWATCH_SERVER_LIMITS"] == (
+        f"postgres:5432={max_connections - 3}"
+    )
 
 
 def test_grafana_gets_the_datasource_and_the_dashboards() -> None:

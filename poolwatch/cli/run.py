@@ -30,6 +30,7 @@ _FLAGS = {  # option -> environment variable
     "shutdown_timeout": "POOLWATCH_SHUTDOWN_TIMEOUT",
     "max_pools": "POOLWATCH_MAX_POOLS",
     "pool_names": "POOLWATCH_POOL_NAMES",
+    "server_limits": "POOLWATCH_SERVER_LIMITS",
     "prometheus_port": "POOLWATCH_PROMETHEUS_PORT",
     "prometheus_host": "POOLWATCH_PROMETHEUS_HOST",
     "service_name": "OTEL_SERVICE_NAME",
@@ -60,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-pools", help="pool series before the overflow series")
     parser.add_argument("--pool-names", help="target=name,target=name")
+    parser.add_argument(
+        "--server-limits", help="servers' connection limits: host:port=limit,host:port=limit"
+    )
     parser.add_argument("--prometheus-port", help="serve Prometheus metrics on this port")
     parser.add_argument("--prometheus-host", help="address of that endpoint (default 127.0.0.1)")
     parser.add_argument("--service-name", help="OTEL_SERVICE_NAME")
