@@ -27,6 +27,10 @@ DEFAULT_MAX_POOLS = 200
 DEFAULT_PROMETHEUS_HOST = "127.0.0.1"
 PROCESS_VIEW = ("auto", "on", "off")
 DEFAULT_SHUTDOWN_TIMEOUT = 2.0
+DEFAULT_WAIT_SPAN_THRESHOLD: float | None = 0.001
+"""Seconds: a wait for a connection longer than this gets a span. Below a millisecond a
+wait is the checkout's own work (a pre-ping, a loopback connect), not a queue: a span there
+would be noise, and spans cost tens of microseconds each to record and export."""
 """Seconds ``uninstrument()`` and interpreter exit wait for poolwatch's own exporters.
 
 A healthy collector takes milliseconds to take the last export (tens over a slow TLS
@@ -99,6 +103,10 @@ class Settings:
     """File descriptors and TCP connections of the process (psutil): ``auto`` — when psutil
     is installed; ``on`` — psutil is required; ``off``."""
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    wait_span_threshold: float | None = DEFAULT_WAIT_SPAN_THRESHOLD
+    """Waits for a connection (and connects) longer than this, in seconds, are recorded as
+    spans (``pool.wait``, ``pool.connect``) under the caller's span, and their ids as
+    exemplars of the histograms; None (``off``) records none."""
     """Seconds ``uninstrument()`` and interpreter exit wait for the last export of a provider
     poolwatch built (and its Prometheus endpoint, and its thread) before giving up on it."""
 
@@ -344,7 +352,7 @@ def resolve(
     arguments: Mapping[str, Any], environ: Mapping[str, str], adapters: tuple[str, ...]
 ) -> Settings:
     """Resolve settings; ``adapters`` are the library names this poolwatch can hook."""
-    known = {f for f in Settings.__dataclass_fields__} | {"meter_provider"}
+    known = {f for f in Settings.__dataclass_fields__} | {"meter_provider", "tracer_provider"}
     unknown = sorted(set(arguments) - known, key=str)
     if unknown:
         raise ConfigError(
@@ -439,5 +447,12 @@ def resolve(
             _shutdown_from_env,
             _check_shutdown,
             f"a number of seconds from 0 to {MAX_SHUTDOWN_TIMEOUT:g}",
+        ),
+        wait_span_threshold=env.get(
+            "wait_span_threshold",
+            DEFAULT_WAIT_SPAN_THRESHOLD,
+            _leak_from_env,
+            _check_leak,
+            "a number of seconds > 0, or None/'off' to record no spans",
         ),
     )

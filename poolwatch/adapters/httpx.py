@@ -665,7 +665,11 @@ def _accepted(adapter: HTTPXAdapter, request: Any) -> None:
             request._poolwatch_waited = None
             # Ledger.acquired, inlined (the hot-path contract in _ledger.py): the request was
             # marked out (_OUT) when it was given its connection.
-            request._poolwatch_ledger.waits.append(waited)
+            ledger = request._poolwatch_ledger
+            ledger.waits.append(waited)
+            if waited > ledger.span_threshold:  # a wait that waited: a span
+                given = request._poolwatch_out
+                ledger.slow_wait(given - waited, given, c.OUTCOME_ACQUIRED)
     except Exception as error:  # AttributeError: uninstrument() ran meanwhile
         adapter.report("httpx accept", error)
 
