@@ -56,13 +56,14 @@ class Tracing:
         connect: ConnectRecord | None,
     ) -> tuple[SpanIds, SpanIds | None] | None:
         """See ``_ledger.WaitTracer.wait``."""
-        clock = _Clock()
+        clock = _Clock(_started(trace.get_current_span()))
         span = self._tracer.start_span(
             SPAN_WAIT,
             kind=SpanKind.INTERNAL,
             attributes={**attributes, c.OUTCOME: outcome},
             start_time=clock.ns(start),
         )
+        clock.floor = _started(span)  # its connect child starts within it
         if outcome != c.OUTCOME_ACQUIRED:
             span.set_status(Status(StatusCode.ERROR, f"no connection: {outcome}"))
         connect_ids = None
@@ -76,7 +77,8 @@ class Tracing:
         self, attributes: Mapping[str, str | int], start: float, end: float, ok: bool
     ) -> SpanIds | None:
         """See ``_ledger.WaitTracer.connect``."""
-        return self._connect(attributes, (start, end, ok), _Clock(), None)
+        clock = _Clock(_started(trace.get_current_span()))
+        return self._connect(attributes, (start, end, ok), clock, None)
 
     def _connect(
         self,
@@ -101,16 +103,29 @@ class Tracing:
 
 
 class _Clock:
-    """``perf_counter()`` times as the wall clock's nanoseconds, read once per span."""
+    """``perf_counter()`` times as the wall clock's nanoseconds, read once per span.
 
-    __slots__ = ("_now", "_now_ns")
+    The two clocks are not the same (NTP slews the wall clock, not ``perf_counter()``), so a
+    converted time can fall a few microseconds before the parent span began, a start the
+    SDK stamped from the wall clock itself. A child never starts before its parent: times
+    are clamped to the parent's start (``floor``).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_now", "_now_ns", "floor")
+
+    def __init__(self, floor: int = 0) -> None:
         self._now_ns = time.time_ns()
         self._now = time.perf_counter()
+        self.floor = floor
 
     def ns(self, moment: float) -> int:
-        return self._now_ns - int((self._now - moment) * 1e9)
+        return max(self.floor, self._now_ns - int((self._now - moment) * 1e9))
+
+
+def _started(span: Any) -> int:
+    """When an SDK span started (ns), 0 for a span that does not say (a non-recording one)."""
+    start = getattr(span, "start_time", None)
+    return start if isinstance(start, int) else 0
 
 
 def _ids(span: Any) -> SpanIds | None:

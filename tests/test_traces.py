@@ -458,6 +458,20 @@ def test_exemplars_over_otlp_link_the_wait_histogram_to_the_spans(
         assert value >= HOLD
 
 
+def _received_spans(requests: list[tuple[str, bytes]]) -> list[Any]:
+    """Every span in the OTLP trace requests received (``opentelemetry.proto`` spans)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    spans = []
+    for path, body in requests:
+        if path == "/v1/traces":
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(body)
+            for scope in (ss for rs in request.resource_spans for ss in rs.scope_spans):
+                spans.extend(scope.spans)
+    return spans
+
+
 def _exported(
     requests: list[tuple[str, bytes]],
 ) -> tuple[dict[bytes, bytes], list[tuple[bytes, bytes, float]]]:
@@ -466,17 +480,11 @@ def _exported(
     from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
         ExportMetricsServiceRequest,
     )
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-    waits: dict[bytes, bytes] = {}
+    waits = {s.span_id: s.trace_id for s in _received_spans(requests) if s.name == SPAN_WAIT}
     exemplars: list[tuple[bytes, bytes, float]] = []
     for path, body in requests:
-        if path == "/v1/traces":
-            spans = ExportTraceServiceRequest()
-            spans.ParseFromString(body)
-            for scope in (ss for rs in spans.resource_spans for ss in rs.scope_spans):
-                waits.update({s.span_id: s.trace_id for s in scope.spans if s.name == SPAN_WAIT})
-        elif path == "/v1/metrics":
+        if path == "/v1/metrics":
             metrics = ExportMetricsServiceRequest()
             metrics.ParseFromString(body)
             for scope in (sm for rm in metrics.resource_metrics for sm in rm.scope_metrics):
@@ -488,6 +496,65 @@ def _exported(
                             for e in point.exemplars
                         )
     return waits, exemplars
+
+
+def test_the_exhaustion_demo_sends_its_waits_as_spans_under_each_call(tmp_path: Path) -> None:
+    """The compose stack's path on loopback: ``poolwatch demo`` with OTEL_TRACES_EXPORTER and
+    OTEL_METRICS_EXPORTER set to otlp. Every pool.wait span is the child of the worker call
+    that waited (``demo <pool>``, or the pools' set-up: ``demo start``), in its trace; the
+    starved pools' waits end in timeouts with status ERROR; the wait histogram's exemplars
+    name exported pool.wait spans."""
+    import os
+    import subprocess
+    import sys
+
+    from opentelemetry.proto.trace.v1.trace_pb2 import Status
+
+    from tests.support.otlp import receiver
+
+    demo = [sys.executable, "-m", "poolwatch", "demo", "--port", "0", "--database", "sqlite"]
+    with receiver() as (kept, port):
+        env = {
+            **os.environ,
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+            "OTEL_SERVICE_NAME": "demo-under-test",
+        }
+        result = subprocess.run(
+            [*demo, "--scenario", "exhaustion", "--duration", "3"],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr
+        requests = list(kept.by_path)
+    spans = _received_spans(requests)
+    by_id = {s.span_id: s for s in spans}
+    waits = [s for s in spans if s.name == SPAN_WAIT]
+    outcomes: dict[tuple[str, str], int] = {}
+    for wait in waits:
+        attributes = {a.key: a.value.string_value for a in wait.attributes}
+        pool, outcome = attributes["pool.name"], attributes["outcome"]
+        assert wait.parent_span_id in by_id, (pool, outcome, wait.parent_span_id)
+        parent = by_id[wait.parent_span_id]  # exported: the call that waited
+        assert parent.name in (f"demo {pool}", "demo start")  # a call, or the pools' set-up
+        assert parent.trace_id == wait.trace_id
+        assert parent.start_time_unix_nano <= wait.start_time_unix_nano
+        assert wait.end_time_unix_nano <= parent.end_time_unix_nano
+        failed = wait.status.code == Status.STATUS_CODE_ERROR
+        assert failed == (outcome != "acquired"), (pool, outcome, wait.status)
+        outcomes[pool, outcome] = outcomes.get((pool, outcome), 0) + 1
+    for pool in ("orders-db", "pricing-api", "pricing-api-async"):  # starved: 0.2 s timeouts
+        assert outcomes.get((pool, "timeout"), 0) > 0, outcomes
+    wait_ids, exemplars = _exported(requests)
+    assert exemplars, "no exemplar was exported"
+    for span_id, trace_id, _ in exemplars:
+        assert wait_ids.get(span_id) == trace_id
 
 
 # -- exemplars on poolwatch's own Prometheus endpoint ---------------------------------------

@@ -642,7 +642,9 @@ def _acquired(adapter: HTTPXAdapter, pool_request: Any, waited: float, now: floa
             ledger = request._poolwatch_ledger
             if ledger.capture:  # this pool has leaked (or leak_stacks="always")
                 ledger.stacks[pool_request] = capture_stack(sys._getframe(2))
-        else:  # given another after the first turned out unavailable: it waited for both
+        else:  # given another after the first turned out unavailable: it waited for both,
+            # and holds the one it is given now (its use, and its wait span, end here)
+            request._poolwatch_out = now
             request._poolwatch_waited = (request._poolwatch_waited or 0.0) + waited
     except Exception as error:  # AttributeError: uninstrument() ran meanwhile
         adapter.report("httpx wait", error)
