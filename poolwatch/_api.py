@@ -13,6 +13,7 @@ from typing import Any
 
 from opentelemetry import metrics as otel_metrics
 from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
 
 from poolwatch import _versions
 from poolwatch._collect import Collector
@@ -25,6 +26,7 @@ from poolwatch._naming import MAX_NAME, check_pool_name
 from poolwatch._provider import OwnedProvider, build, child_resource
 from poolwatch._registry import Registry
 from poolwatch._safe import ErrorLog, logger
+from poolwatch._tracing import tracing_for
 from poolwatch.adapters import ADAPTERS, Adapter
 from poolwatch.diagnostics.process import REFRESH_EVERY, ProcessView, ProcessWatcher
 
@@ -36,13 +38,18 @@ class Instrumentation:
     """The handle ``instrument()`` returns: what is hooked, and how to undo it."""
 
     def __init__(
-        self, settings: Settings, provider: MeterProvider, owned: OwnedProvider | None
+        self,
+        settings: Settings,
+        provider: MeterProvider,
+        owned: OwnedProvider | None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.settings = settings
         self.meter_provider = provider
         self._owned = owned
         self._errors = ErrorLog()
-        self._registry = Registry(settings, self._errors)
+        tracing = tracing_for(tracer_provider) if settings.wait_span_threshold else None
+        self._registry = Registry(settings, self._errors, tracing)
         # A forked child's first new pool completes its set-up (see Fork).
         self._registry.on_track = self._ensure_set_up
         self._collector = Collector(self._registry, settings, self._errors)
@@ -318,6 +325,17 @@ def _process_watcher(
     return ProcessWatcher(registry.pool_sockets, errors)
 
 
+def _tracer_provider(arguments: Mapping[str, Any]) -> TracerProvider | None:
+    """The ``tracer_provider=`` argument, checked; None: the global provider."""
+    provider = arguments.get("tracer_provider")
+    if provider is not None and not isinstance(provider, TracerProvider):
+        raise ConfigError(
+            f"poolwatch setting 'tracer_provider' (argument) got {type(provider).__name__}: "
+            "expected an opentelemetry.trace.TracerProvider (an SDK one records spans)"
+        )
+    return provider
+
+
 def _provider_for(
     arguments: Mapping[str, Any], settings: Settings, environ: Mapping[str, str]
 ) -> tuple[MeterProvider, OwnedProvider | None]:
@@ -355,7 +373,7 @@ def instrument(**settings: Any) -> Instrumentation:
             _current._ensure_set_up()
             return _current
         provider, owned = _provider_for(settings, resolved, os.environ)
-        handle = Instrumentation(resolved, provider, owned)
+        handle = Instrumentation(resolved, provider, owned, _tracer_provider(settings))
         try:
             handle._start()
         except BaseException:

@@ -27,6 +27,10 @@ DEFAULT_MAX_POOLS = 200
 DEFAULT_PROMETHEUS_HOST = "127.0.0.1"
 PROCESS_VIEW = ("auto", "on", "off")
 DEFAULT_SHUTDOWN_TIMEOUT = 2.0
+DEFAULT_WAIT_SPAN_THRESHOLD: float | None = 0.001
+"""Seconds: a wait for a connection longer than this gets a span. Below a millisecond a
+wait is the checkout's own work (a pre-ping, a loopback connect), not a queue: a span there
+would be noise, and spans cost tens of microseconds each to record and export."""
 """Seconds ``uninstrument()`` and interpreter exit wait for poolwatch's own exporters.
 
 A healthy collector takes milliseconds to take the last export (tens over a slow TLS
@@ -110,6 +114,10 @@ class Settings:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     """Seconds ``uninstrument()`` and interpreter exit wait for the last export of a provider
     poolwatch built (and its Prometheus endpoint, and its thread) before giving up on it."""
+    wait_span_threshold: float | None = DEFAULT_WAIT_SPAN_THRESHOLD
+    """Waits for a connection (and connects) longer than this, in seconds, are recorded as
+    spans (``pool.wait``, ``pool.connect``) under the caller's span, and their ids as
+    exemplars of the histograms; None (``off``) records none."""
     server_limits: Mapping[tuple[str, int], int] = field(default_factory=dict)
     """Connection limits of servers, by (``server.address``, ``server.port``): what a server
     accepts from all its clients together (PostgreSQL's ``max_connections`` less its
@@ -408,7 +416,7 @@ def resolve(
     arguments: Mapping[str, Any], environ: Mapping[str, str], adapters: tuple[str, ...]
 ) -> Settings:
     """Resolve settings; ``adapters`` are the library names this poolwatch can hook."""
-    known = {f for f in Settings.__dataclass_fields__} | {"meter_provider"}
+    known = {f for f in Settings.__dataclass_fields__} | {"meter_provider", "tracer_provider"}
     unknown = sorted(set(arguments) - known, key=str)
     if unknown:
         raise ConfigError(
@@ -512,5 +520,12 @@ def resolve(
             "a mapping of server 'host:port' to its connection limit, an int from 1 to "
             f"{MAX_SERVER_CONNECTIONS:,} (env: 'db.internal:5432=480,[fd00::5]:6379=10000'), "
             f"at most {MAX_SERVER_LIMITS} servers",
+        ),
+        wait_span_threshold=env.get(
+            "wait_span_threshold",
+            DEFAULT_WAIT_SPAN_THRESHOLD,
+            _leak_from_env,
+            _check_leak,
+            "a number of seconds > 0, or None/'off' to record no spans",
         ),
     )

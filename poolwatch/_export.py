@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from math import inf
 from typing import Any
 
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import Exemplar, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Histogram,
@@ -46,6 +46,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from poolwatch import _catalogue as c
 from poolwatch._collect import Collection, Collector
 from poolwatch._config import Settings
+from poolwatch._ledger import Exemplar as LedgerExemplar
 from poolwatch._ledger import HistogramSnapshot, LedgerSnapshot
 from poolwatch._models import HostLevels, Levels
 from poolwatch._registry import Series, SeriesReading
@@ -372,9 +373,14 @@ class _Collection:
         self.points[spec.name].append(_number_point(attributes, start, self.now_ns, value))
 
     def histogram(
-        self, spec: c.MetricSpec, series: Series, value: HistogramSnapshot, variant: str = ""
+        self,
+        spec: c.MetricSpec,
+        series: Series,
+        value: HistogramSnapshot,
+        variant: str = "",
+        exemplars: tuple[LedgerExemplar, ...] = (),
     ) -> None:
-        """Add one histogram point."""
+        """Add one histogram point, with the ``exemplars`` this reader has not seen yet."""
         attributes = self.cache.get((series.serial, spec.name, variant))
         if attributes is None:
             attributes = self._attributes(series, spec, variant)
@@ -397,7 +403,8 @@ class _Collection:
             fields["explicit_bounds"] = value.bounds
             fields["min"] = low
             fields["max"] = high
-            fields["exemplars"] = ()  # Sequence[Exemplar]: one shared empty tuple, no allocation
+            # Sequence[Exemplar]: one shared empty tuple when none, no allocation
+            fields["exemplars"] = self._exemplars(exemplars) if exemplars else ()
         else:
             point = HistogramDataPoint(
                 attributes,
@@ -409,8 +416,19 @@ class _Collection:
                 value.bounds,
                 low,
                 high,
+                self._exemplars(exemplars) if exemplars else (),
             )
         self.points[spec.name].append(point)
+
+    def _exemplars(self, kept: tuple[LedgerExemplar, ...]) -> tuple[Exemplar, ...]:
+        """The ledger's exemplars newer than this reader's previous collection: each slow
+        wait's or connect's span links its point once per reader."""
+        since = self.state.last_ns
+        return tuple(
+            Exemplar(None, e.value, e.time_unix_nano, e.span_id, e.trace_id)
+            for e in kept
+            if e.time_unix_nano > since
+        )
 
     def metrics(self) -> list[Metric]:
         """The collection as OpenTelemetry metrics (in the order their points came)."""
@@ -462,11 +480,13 @@ class Producer:
         self._add_levels(out, series, levels, hosts)
         for outcome, wait in ledger.wait.items():
             if outcome == c.OUTCOME_ACQUIRED or wait.observations:
-                out.histogram(c.WAIT_DURATION, series, wait, outcome)
+                exemplars = ledger.exemplars.get(f"wait {outcome}", ())
+                out.histogram(c.WAIT_DURATION, series, wait, outcome, exemplars)
         out.histogram(c.USE_DURATION, series, ledger.use)
         for outcome, connect in ledger.connect.items():
             if outcome == c.CONNECT_OK or connect.observations:
-                out.histogram(c.CONNECT_DURATION, series, connect, outcome)
+                exemplars = ledger.exemplars.get(f"connect {outcome}", ())
+                out.histogram(c.CONNECT_DURATION, series, connect, outcome, exemplars)
         for reason, lifetimes in ledger.lifetime.items():
             out.histogram(c.CONNECTION_LIFETIME, series, lifetimes, reason)
         out.number(c.TIMEOUTS, series, ledger.timeouts)

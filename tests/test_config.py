@@ -129,7 +129,8 @@ def test_leak_detection_can_be_disabled() -> None:
             "poolwatch.instrument() got unknown setting(s) 'pool_size': expected one of "
             "buckets, connection_max_age, leak_stacks, leak_threshold, libraries, "
             "lifetime_buckets, max_pools, meter_provider, pool_names, process_view, "
-            "prometheus_host, prometheus_port, semconv, server_limits, shutdown_timeout",
+            "prometheus_host, prometheus_port, semconv, server_limits, shutdown_timeout, "
+            "tracer_provider, wait_span_threshold",
         ),
         (
             {},
@@ -400,7 +401,8 @@ LEAK_ALLOWED = "a number of seconds > 0, or None/'off' to disable leak detection
             "poolwatch.instrument() got unknown setting(s) 'postgresql://***@db/orders': "
             "expected one of buckets, connection_max_age, leak_stacks, leak_threshold, "
             "libraries, lifetime_buckets, max_pools, meter_provider, pool_names, process_view, "
-            "prometheus_host, prometheus_port, semconv, server_limits, shutdown_timeout",
+            "prometheus_host, prometheus_port, semconv, server_limits, shutdown_timeout, "
+            "tracer_provider, wait_span_threshold",
         ),
         (
             {"prometheus_host": "a" * 254},
@@ -483,3 +485,17 @@ def test_a_prometheus_port_out_of_range_in_the_environment_is_a_config_error(
         "TCP port 0-65535"
     )
     assert poolwatch.pools() == []
+
+
+def test_wait_span_threshold_is_seconds_or_off() -> None:
+    assert resolve({}, {}, ("sqlalchemy",)).wait_span_threshold == 0.001
+    assert resolve({"wait_span_threshold": 0.05}, {}, ("sqlalchemy",)).wait_span_threshold == 0.05
+    assert resolve({"wait_span_threshold": None}, {}, ()).wait_span_threshold is None
+    off = {"POOLWATCH_WAIT_SPAN_THRESHOLD": "off"}
+    assert resolve({}, off, ()).wait_span_threshold is None
+    with pytest.raises(poolwatch.ConfigError) as caught:
+        resolve({"wait_span_threshold": -1}, {}, ())
+    assert str(caught.value) == (
+        "poolwatch setting 'wait_span_threshold' (argument) got -1: expected a number of "
+        "seconds > 0, or None/'off' to record no spans"
+    )

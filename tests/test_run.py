@@ -33,6 +33,7 @@ APP = textwrap.dedent(
         "leak_threshold": handle.settings.leak_threshold,
         "leak_stacks": handle.settings.leak_stacks,
         "connection_max_age": handle.settings.connection_max_age,
+        "wait_span_threshold": handle.settings.wait_span_threshold,
         "process_view": [handle.settings.process_view, poolwatch.process_view() is not None],
         "server_limits": sorted([*k, v] for k, v in handle.settings.server_limits.items()),
         "child": child,
@@ -70,6 +71,7 @@ def test_run_instruments_the_program_with_its_options(tmp_path: Path) -> None:
         "--leak-threshold", "2.5", "--pool-names", "sqlite://:memory:=scratch",
         "--leak-stacks", "always", "--connection-max-age", "600", "--process-view", "off",
         "--prometheus-port", "0", "--server-limits", "db.internal:5432=97,[fd00::5]:6379=1000",
+        "--wait-span-threshold", "0.25",
         "--", sys.executable, "app.py", "--child",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -77,6 +79,7 @@ def test_run_instruments_the_program_with_its_options(tmp_path: Path) -> None:
     assert report["pools"] == [["scratch", "sqlalchemy", 3]]
     assert report["leak_threshold"] == 2.5
     assert (report["leak_stacks"], report["connection_max_age"]) == ("always", 600.0)
+    assert report["wait_span_threshold"] == 0.25
     assert report["process_view"] == ["off", False]
     assert report["server_limits"] == [["db.internal", 5432, 97], ["fd00::5", 6379, 1000]]
     host, port = report["prometheus"]

@@ -93,6 +93,9 @@ class Adapter(abc.ABC):
     (SQLAlchemy, aiohttp: a failed connect fails that checkout) rather than after it
     (urllib3, httpx: the checkout succeeded, the request then fails to connect). Tells the
     ledger which failed connects to leave out of the reuse count."""
+    connects_in_wait: ClassVar[bool] = False
+    """Whether that connect is part of the caller's wait for a connection (SQLAlchemy,
+    aiohttp): a slow wait's span then shows it as a child (``_tracing``)."""
     family: ClassVar[Literal["database", "http"] | None] = None
     """Which semantic-convention mirrors apply to its pools: ``db.client.connection.*``
     (database) or ``http.client.*`` (http)."""

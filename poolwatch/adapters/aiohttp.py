@@ -145,6 +145,7 @@ class AiohttpAdapter(Adapter):
     kind = "aiohttp"
     module = "aiohttp"
     connects_in_checkout = True
+    connects_in_wait = True
     family = "http"
     requires = ("aiohttp >= 3.12.11, < 4",)
 
@@ -521,6 +522,8 @@ def _connect_hook(
                 proto = conn._protocol
                 proto._poolwatch_out = now
                 ledger.waits.append(now - start)
+                if now - start > ledger.span_threshold:  # a wait that waited: a span
+                    ledger.slow_wait(start, now, c.OUTCOME_ACQUIRED)
                 if ledger.capture:  # this pool has leaked (or leak_stacks="always")
                     ledger.stacks[proto] = capture_stack(sys._getframe(1))
             except Exception as error:

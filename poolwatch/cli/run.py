@@ -26,6 +26,7 @@ _FLAGS = {  # option -> environment variable
     "leak_threshold": "POOLWATCH_LEAK_THRESHOLD",
     "leak_stacks": "POOLWATCH_LEAK_STACKS",
     "connection_max_age": "POOLWATCH_CONNECTION_MAX_AGE",
+    "wait_span_threshold": "POOLWATCH_WAIT_SPAN_THRESHOLD",
     "process_view": "POOLWATCH_PROCESS_VIEW",
     "shutdown_timeout": "POOLWATCH_SHUTDOWN_TIMEOUT",
     "max_pools": "POOLWATCH_MAX_POOLS",
@@ -51,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--connection-max-age", help="seconds after which an open connection is too old, or 'off'"
+    )
+    parser.add_argument(
+        "--wait-span-threshold",
+        help="seconds a caller waits for a connection before the wait is a span, or 'off'",
     )
     parser.add_argument(
         "--process-view", help="file descriptors and TCP connections (psutil): auto, on, off"
