@@ -25,6 +25,8 @@ Sections (see each module's docstring for the method):
   requests, httpx (sync and async), aiohttp and boto3 against moto: bare, poolwatch, and
   each library's OpenTelemetry contrib instrumentation; acquire+release of urllib3,
   httpx (httpcore) and aiohttp pools;
+* ``traces`` (bench_traces.py) — a free checkout with poolwatch's wait spans on and off,
+  against a span per checkout; the cost of one wait that is recorded as spans;
 * ``instructions`` (bench_instructions.py, only with ``--only``) — instructions poolwatch
   adds per checkout+checkin and per request, counted by valgrind: a figure the machine's
   noise cannot move.
@@ -50,8 +52,8 @@ REPO = HERE.parent
 VENV = HERE / ".venv"
 REQUIREMENTS = HERE / "requirements.txt"
 STAMP = VENV / ".requirements-installed"
-SECTIONS = ("hotpath", "collect", "memory", "http", "instructions")
-DEFAULT_SECTIONS = ("hotpath", "collect", "memory", "http")
+SECTIONS = ("hotpath", "collect", "memory", "http", "traces", "instructions")
+DEFAULT_SECTIONS = ("hotpath", "collect", "memory", "http", "traces")
 """What a plain run measures; ``instructions`` (valgrind, minutes) only with ``--only``."""
 CORE_PACKAGES = ("SQLAlchemy", "opentelemetry-sdk", "opentelemetry-instrumentation-sqlalchemy")
 HTTP_PACKAGES = ("urllib3", "requests", "httpx", "httpcore", "aiohttp", "boto3", "botocore", "moto")
@@ -183,6 +185,7 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
     import bench_instructions
     import bench_memory
     import bench_sqlalchemy
+    import bench_traces
 
     if "hotpath" in sections:
         config = (
@@ -222,6 +225,8 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
         )
         measured = bench_http.run_http(http_config)
         print(bench_http.render_http(measured, http_config), flush=True)
+    if "traces" in sections:
+        bench_traces.main(quick)
     if "instructions" in sections:
         counting = (
             bench_instructions.InstructionConfig(

@@ -484,10 +484,16 @@ def pool_detail() -> dict[str, Any]:
             "timeseries",
             "Wait for a connection",
             "Time callers waited for a connection (queue wait, opening one when needed, "
-            "pre-ping), 50th, 95th and 99th percentiles.",
+            "pre-ping), 50th, 95th and 99th percentiles. Dots are exemplars: waits poolwatch "
+            "traced (pool.wait spans, with tracing on and exemplar storage in Prometheus); "
+            "each links to its trace.",
             "s",
             targets=[
-                _target(_quantile(q, wait, "pool_name", 'outcome="acquired"'), f"p{int(q * 100)}")
+                _target(
+                    _quantile(q, wait, "pool_name", 'outcome="acquired"'),
+                    f"p{int(q * 100)}",
+                    exemplar=q == 0.99,
+                )
                 for q in (0.5, 0.95, 0.99)
             ],
         ),
@@ -512,12 +518,15 @@ def pool_detail() -> dict[str, Any]:
             layout,
             "timeseries",
             "Time to open a connection",
-            "The driver's or socket's connect, 50th and 99th percentiles, successful connects.",
+            "The driver's or socket's connect, 50th and 99th percentiles, successful connects. "
+            "Dots are exemplars: slow connects poolwatch traced (pool.connect spans); each "
+            "links to its trace.",
             "s",
             targets=[
                 _target(
                     _quantile(q, "poolwatch_connect_duration_seconds", "pool_name", 'outcome="ok"'),
                     f"p{int(q * 100)}",
+                    exemplar=q == 0.99,
                 )
                 for q in (0.5, 0.99)
             ],

@@ -185,6 +185,28 @@ def test_the_backends_dashboard_sets_each_backend_against_its_limit() -> None:
     assert list(panels)[-2:] == ["Instances holding connections", "Top pools by share"]
 
 
+def test_the_wait_and_connect_panels_show_exemplars_that_link_to_traces() -> None:
+    """The p99 line of each carries the exemplars (pool.wait / pool.connect span ids); the
+    other lines do not, or Grafana would draw each exemplar once per line."""
+    panels = {p["title"]: p for p in _load("poolwatch-pool.json")["panels"]}
+    for title, metric in (
+        ("Wait for a connection", "poolwatch_wait_duration_seconds_bucket"),
+        ("Time to open a connection", "poolwatch_connect_duration_seconds_bucket"),
+    ):
+        targets = panels[title]["targets"]
+        assert [t["legendFormat"] for t in targets if t["exemplar"]] == ["p99"], title
+        assert all(metric in t["expr"] for t in targets), title
+        assert "exemplar" in panels[title]["description"].lower(), title
+    exemplars = [
+        title
+        for name in FILES
+        for p in _load(name)["panels"]
+        for title in [p["title"]]
+        if any(t.get("exemplar") for t in p.get("targets", []))
+    ]
+    assert sorted(exemplars) == ["Time to open a connection", "Wait for a connection"]
+
+
 def _alerts_config() -> Any:
     import importlib.util
 
