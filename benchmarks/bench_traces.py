@@ -123,7 +123,9 @@ def run_free_checkouts(config: HotPathConfig | TraceConfig) -> dict[str, list[fl
                 variant.stop()
             return elapsed / config.ops * 1e6
 
-        samples = interleave({n: (lambda v=v: timed(v)) for n, v in variants.items()}, config.rounds)
+        samples = interleave(
+            {n: (lambda v=v: timed(v)) for n, v in variants.items()}, config.rounds
+        )
     provider.shutdown()
     if exporter.exported < config.rounds * (config.ops + config.warmup):
         raise RuntimeError(f"the span-per-checkout variant exported {exporter.exported} spans")
@@ -174,7 +176,9 @@ def render(free: dict[str, list[float]], slow: dict[str, list[float]], ops: int)
     rows = []
     for name, values in free.items():
         s = summarize(values)
-        added = "" if name == "bare" else f"{summarize(paired_differences(values, bare)).median:+.3f}"
+        added = (
+            "" if name == "bare" else f"{summarize(paired_differences(values, bare)).median:+.3f}"
+        )
         rows.append([name, f"{s.median:.3f}", s.spread(3), added])
     on_off = paired_differences(free["poolwatch, spans on"], free["poolwatch, spans off"])
     median, low, high = median_interval(on_off)
