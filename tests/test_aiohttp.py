@@ -22,7 +22,8 @@ import pytest
 from aiohttp import client, client_proto, connector
 
 import poolwatch
-from tests.conftest import Harness
+from tests.support.harness import Harness
+from tests.support.pools import one_pool
 from tests.support.upstream import AsyncioUpstream, ThreadedUpstream, refusing_port
 
 T = TypeVar("T")
@@ -47,9 +48,7 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 def _pool(name: str = NAME) -> poolwatch.PoolSnapshot:
-    found = [s for s in poolwatch.pools() if s.name == name and s.kind == "aiohttp"]
-    assert len(found) == 1, poolwatch.pools()
-    return found[0]
+    return one_pool(name, kind="aiohttp")
 
 
 async def _until(condition: Callable[[], bool], seconds: float = 5.0) -> None:

@@ -26,8 +26,9 @@ from requests.adapters import HTTPAdapter
 
 import poolwatch
 from poolwatch.diagnostics import antipatterns as _antipatterns
-from tests.conftest import Harness
+from tests.support.harness import Harness
 from tests.support.postgres import PostgresCluster
+from tests.support.threads import wait_until
 from tests.support.upstream import AsyncioUpstream, ThreadedUpstream
 
 pytestmark = pytest.mark.postgres
@@ -63,13 +64,6 @@ def _threads(target: Callable[[], None], count: int) -> None:
     for t in threads:
         t.join(10)
         assert not t.is_alive()
-
-
-def _wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 # -- client_per_request -----------------------------------------------------------------------
@@ -208,7 +202,7 @@ def test_urllib3_callers_seen_waiting_without_a_pool_timeout(pw: Harness) -> Non
         for t in threads:
             t.start()
         name = f"http://localhost:{slow.port}"
-        _wait_until(lambda: any(s.pending for s in poolwatch.pools() if s.name == name))
+        wait_until(lambda: any(s.pending for s in poolwatch.pools() if s.name == name))
         assert _found("urllib3")[name] == ["no_pool_timeout"]
         for t in threads:
             t.join(10)
@@ -290,7 +284,7 @@ def test_overflowing_stops_being_active_when_the_discards_stop(
         attributes = {"pool__name": slow.origin, "antipattern": "pool_overflowing"}
         assert collected.value("poolwatch.antipatterns.active", **attributes) == 1
         # no discard for STILL_SEEN: no longer observed; the detection stays counted
-        _wait_until(lambda: _active(slow.origin) == {"pool_overflowing": False})
+        wait_until(lambda: _active(slow.origin) == {"pool_overflowing": False})
         collected = pw.collect()
         assert collected.value("poolwatch.antipatterns.active", **attributes) == 0
         assert collected.value("poolwatch.antipatterns", **attributes) == 1
@@ -309,7 +303,7 @@ def test_a_client_made_per_request_stops_being_active_when_no_more_are_made(
         for _ in range(_antipatterns.PER_REQUEST_INSTANCES):
             _get_once(upstream.url)
         assert _active(upstream.origin) == {"client_per_request": True}
-        _wait_until(lambda: _active(upstream.origin) == {"client_per_request": False})
+        wait_until(lambda: _active(upstream.origin) == {"client_per_request": False})
         _get_once(upstream.url)  # one more client made for one request: at it again
         assert _active(upstream.origin) == {"client_per_request": True}
 
@@ -334,7 +328,7 @@ def test_keep_alive_outliving_the_servers_idle_timeout(pw: Harness) -> None:
     with ThreadedUpstream(idle_timeout=0.05) as dropping, requests.Session() as session:
         session.get(dropping.url, timeout=5)
         for round_ in range(1, _antipatterns.STALE_COLLECTIONS + 1):
-            _wait_until(lambda r=round_: dropping.closed_idle == r)  # type: ignore[misc]
+            wait_until(lambda r=round_: dropping.closed_idle == r)  # type: ignore[misc]
             session.get(dropping.url, timeout=5)  # finds the connection dropped: stale
             found = _found("requests")[dropping.origin]
             if round_ < _antipatterns.STALE_COLLECTIONS:
@@ -357,7 +351,7 @@ def test_one_burst_of_stale_connections_is_not_the_pattern(pw: Harness) -> None:
         session.mount("http://", HTTPAdapter(pool_maxsize=4))
         for _ in range(2):
             _threads(lambda: session.get(dropping.url, timeout=5).raise_for_status(), 4)
-            _wait_until(lambda: dropping.closed_idle == dropping.connections)
+            wait_until(lambda: dropping.closed_idle == dropping.connections)
         # the second burst found all four dropped, within one collection interval
         [snapshot] = [s for s in poolwatch.pools() if s.name == dropping.origin]
         assert (snapshot.closed["stale"], dropping.connections) == (4, 8)

@@ -15,7 +15,7 @@ from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
 import poolwatch
-from tests.conftest import Harness
+from tests.support.harness import Harness
 
 SECRET = "poolwatch-test-secret-key"
 

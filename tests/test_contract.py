@@ -22,7 +22,7 @@ import pytest
 import poolwatch
 from poolwatch import _api
 from poolwatch._ledger import Ledger
-from tests.conftest import Harness
+from tests.support.harness import Harness
 from tests.support.upstream import AsyncioUpstream, ThreadedUpstream, refusing_port
 
 THRESHOLD = 0.2

@@ -41,7 +41,7 @@ from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 import poolwatch
 from poolwatch import _export
 from poolwatch._export import readers_of
-from tests.conftest import Harness
+from tests.support.harness import Harness
 from tests.support.metrics import collect
 
 

@@ -30,7 +30,7 @@ from poolwatch import _registry
 from poolwatch._export import Producer
 from poolwatch._ledger import DRAIN_AT, Ledger
 from poolwatch.adapters.sqlalchemy import SQLAlchemyAdapter
-from tests.conftest import Harness
+from tests.support.harness import Harness
 
 
 class _BrokenExporter(MetricExporter):

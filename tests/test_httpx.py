@@ -8,9 +8,8 @@ package. No mocks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import inspect
-import socket
 import ssl
 import sys
 import threading
@@ -24,23 +23,14 @@ import pytest
 
 import poolwatch
 from poolwatch.adapters.httpx import HTTPXAdapter
-from tests.conftest import Harness
+from tests.support.harness import Harness
+from tests.support.loopback import H2Upstream
+from tests.support.pools import one_pool
 from tests.support.proxy import ConnectProxy
-from tests.support.threads import blocked_in
+from tests.support.threads import blocked_in, wait_until
 from tests.support.upstream import AsyncioUpstream, ThreadedUpstream, refusing_port
 
-
-def _pool(name: str) -> poolwatch.PoolSnapshot:
-    found = [s for s in poolwatch.pools() if s.name == name and s.kind == "httpx"]
-    assert len(found) == 1, poolwatch.pools()
-    return found[0]
-
-
-def _wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
+_pool = functools.partial(one_pool, kind="httpx")
 
 
 def _run_threads(target: Callable[[], None], count: int) -> list[threading.Thread]:
@@ -56,129 +46,61 @@ def _join(threads: list[threading.Thread]) -> None:
         assert not t.is_alive()
 
 
-# -- one more real loopback server, for what tests/support/upstream.py does not speak ---------
-class H2Upstream:
-    """A real HTTP/2 server on 127.0.0.1 (cleartext, prior knowledge: httpx with
-    ``http1=False, http2=True``), built on the h2 package, one thread per connection.
-    Each response is sent ``delay`` seconds after its request, so streams overlap."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.delay = delay
-        self.connections = 0
-        self.streams = 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.05)
-        self.port = self._listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> H2Upstream:
-        self._spawn(self._accept)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in list(self._threads):
-            thread.join(5)
-        self._listener.close()
-
-    def _spawn(self, target: Callable[..., None], *args: object) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        with self._lock:
-            self._threads.append(thread)
-        thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            with self._lock:
-                self.connections += 1
-            self._spawn(self._serve, sock)
-
-    def _serve(self, sock: socket.socket) -> None:
-        import h2.config
-        import h2.connection
-        import h2.events
-
-        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
-        lock = threading.Lock()  # the h2 state machine and the socket, shared with responders
-
-        def respond(stream_id: int) -> None:
-            time.sleep(self.delay)
-            with lock:
-                conn.send_headers(stream_id, [(":status", "200"), ("content-length", "3")])
-                conn.send_data(stream_id, b"ok\n", end_stream=True)
-                with contextlib.suppress(OSError):
-                    sock.sendall(conn.data_to_send())
-
-        with sock:
-            sock.settimeout(0.05)
-            with lock:
-                conn.initiate_connection()
-                sock.sendall(conn.data_to_send())
-            while not self._stop.is_set():
-                try:
-                    data = sock.recv(65536)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    break
-                if not data:
-                    break
-                with lock:
-                    events = conn.receive_data(data)
-                    sock.sendall(conn.data_to_send())
-                for event in events:
-                    if isinstance(event, h2.events.StreamEnded):
-                        with self._lock:
-                            self.streams += 1
-                        self._spawn(respond, event.stream_id)
-                    elif isinstance(event, h2.events.ConnectionTerminated):
-                        return
-
-
 # -- levels, checkouts, connects ---------------------------------------------------------------
-@pytest.mark.semconv
+def _four_requests(client: httpx.Client) -> None:
+    for _ in range(4):
+        assert client.get("/").text == "ok\n"
+
+
 def test_keep_alive_requests_reuse_one_connection(pw: Harness) -> None:
     with ThreadedUpstream() as upstream, httpx.Client(base_url=upstream.url) as client:
-        for _ in range(4):
-            assert client.get("/").text == "ok\n"
+        _four_requests(client)
         snap = _pool(upstream.origin)
-        assert (snap.used, snap.idle, snap.max, snap.pending) == (0, 1, 100, 0)
-        assert (snap.checkouts, snap.connects, upstream.connections, upstream.requests) == (
-            4,
-            1,
-            1,
-            4,
-        )
-        assert (snap.reused, snap.reuse_ratio) == (3, 0.75)
+    assert (snap.used, snap.idle, snap.max, snap.pending) == (0, 1, 100, 0)
+    assert (snap.checkouts, snap.connects) == (4, 1)
+    assert (upstream.connections, upstream.requests) == (1, 4)
+    assert (snap.reused, snap.reuse_ratio) == (3, 0.75)
+
+
+def test_a_pools_points_name_its_server(pw: Harness) -> None:
+    with ThreadedUpstream() as upstream, httpx.Client(base_url=upstream.url) as client:
+        _four_requests(client)
         got = pw.collect()
-        [idle] = got.points("poolwatch.connections", pool__name=upstream.origin, state="idle")
-        assert dict(idle.attributes) == {
-            "pool.name": upstream.origin,
-            "pool.kind": "httpx",
-            "server.address": "127.0.0.1",
-            "server.port": upstream.port,
-            "state": "idle",
-        }
-        assert idle.value == 1
-        assert got.value("poolwatch.connections.max", pool__name=upstream.origin) == 100
-        assert got.value("poolwatch.pending_requests", pool__name=upstream.origin) == 0
-        assert got.count("poolwatch.wait.duration", pool__name=upstream.origin) == 4
-        assert got.count("poolwatch.use.duration", pool__name=upstream.origin) == 4
-        assert got.count("poolwatch.connect.duration", pool__name=upstream.origin) == 1
-        mirrors = got.points("http.client.open_connections", pool__name=upstream.origin)
-        assert {p.attributes["http.connection.state"]: p.value for p in mirrors} == {
-            "active": 0,
-            "idle": 1,
-        }
-        assert got.count("http.client.request.time_in_queue", pool__name=upstream.origin) == 4
-    assert _pool(upstream.origin).closed["disposed"] == 1  # the client closed
+    [idle] = got.points("poolwatch.connections", pool__name=upstream.origin, state="idle")
+    assert dict(idle.attributes) == {
+        "pool.name": upstream.origin,
+        "pool.kind": "httpx",
+        "server.address": "127.0.0.1",
+        "server.port": upstream.port,
+        "state": "idle",
+    }
+    assert idle.value == 1
+    assert got.value("poolwatch.connections.max", pool__name=upstream.origin) == 100
+    assert got.value("poolwatch.pending_requests", pool__name=upstream.origin) == 0
+    assert got.count("poolwatch.wait.duration", pool__name=upstream.origin) == 4
+    assert got.count("poolwatch.use.duration", pool__name=upstream.origin) == 4
+    assert got.count("poolwatch.connect.duration", pool__name=upstream.origin) == 1
+
+
+@pytest.mark.semconv
+def test_the_semconv_mirrors_of_a_pool_at_rest(pw: Harness) -> None:
+    with ThreadedUpstream() as upstream, httpx.Client(base_url=upstream.url) as client:
+        _four_requests(client)
+        got = pw.collect()
+    mirrors = got.points("http.client.open_connections", pool__name=upstream.origin)
+    assert {p.attributes["http.connection.state"]: p.value for p in mirrors} == {
+        "active": 0,
+        "idle": 1,
+    }
+    assert got.count("http.client.request.time_in_queue", pool__name=upstream.origin) == 4
+
+
+def test_closing_the_client_closes_its_connection_as_disposed(pw: Harness) -> None:
+    with ThreadedUpstream() as upstream:
+        with httpx.Client(base_url=upstream.url) as client:
+            _four_requests(client)
+            assert _pool(upstream.origin).closed.get("disposed", 0) == 0
+        assert _pool(upstream.origin).closed["disposed"] == 1
 
 
 def _same_histogram(a: Any, b: Any) -> None:
@@ -280,7 +202,7 @@ def test_used_and_idle_per_origin(pw: Harness) -> None:
         ]
         for t in threads:
             t.start()
-        _wait_until(lambda: _pool("httpx").used == 3)
+        wait_until(lambda: _pool("httpx").used == 3)
         got = pw.collect()
         used = {
             p.attributes["server.port"]: p.value
@@ -323,7 +245,7 @@ def test_pool_timeouts_are_exact_and_waiters_pending(pw: Harness) -> None:
                 outcomes.append(result)
 
         threads = _run_threads(call, 4)
-        _wait_until(lambda: blocked_in(threads, "wait_for_connection") == 4)
+        wait_until(lambda: blocked_in(threads, "wait_for_connection") == 4)
         waiting = _pool("httpx")
         got = pw.collect()
         _join(threads)
@@ -378,7 +300,7 @@ def test_pending_is_exported_per_server(pw: Harness) -> None:
         threads = [threading.Thread(target=call, args=(url,)) for url in urls]
         for t in threads:
             t.start()
-        _wait_until(lambda: blocked_in(threads, "wait_for_connection") == 5)
+        wait_until(lambda: blocked_in(threads, "wait_for_connection") == 5)
         got = pw.collect()
         _join(threads)
         for response in held:
@@ -463,7 +385,7 @@ def test_only_a_queued_request_is_timed_waiting(pw: Harness) -> None:
 
         held = _held(client, server.url)
         queued = _run_threads(lambda: client.get(server.url).raise_for_status(), 1)
-        _wait_until(lambda: blocked_in(queued, "wait_for_connection") == 1)
+        wait_until(lambda: blocked_in(queued, "wait_for_connection") == 1)
         time.sleep(0.2)
         held.read()
         held.close()
@@ -521,7 +443,7 @@ def test_stale_connections_found_on_reuse(pw: Harness) -> None:
         with httpx.Client(base_url=dropping.url) as client:
             client.get("/")
             for round_ in range(1, 4):
-                _wait_until(lambda r=round_: dropping.closed_idle == r)  # type: ignore[misc]
+                wait_until(lambda r=round_: dropping.closed_idle == r)  # type: ignore[misc]
                 client.get("/")  # the pool finds the server closed it, and connects again
             snap = _pool(dropping.origin)
             assert (snap.closed["stale"], snap.connects, dropping.connections) == (3, 4, 4)
@@ -627,7 +549,7 @@ def test_http2_counts_connections_not_streams(pw: Harness) -> None:
     ):
         versions: list[str] = []
         threads = _run_threads(lambda: versions.append(client.get("/").http_version), 4)
-        _wait_until(lambda: server.streams == 4)  # four requests in flight on the server
+        wait_until(lambda: server.streams == 4)  # four requests in flight on the server
         during = _pool(server.url)
         _join(threads)
         assert versions == ["HTTP/2"] * 4
@@ -861,7 +783,7 @@ def test_a_timeout_after_the_connection_became_unavailable_is_counted(pw: Harnes
             first = threading.Thread(target=lambda: held.append(_held(client, server.url)))
             first.start()
             pool = client._transport._pool
-            _wait_until(lambda: len(pool._connections) == 1)  # connecting: the handshake waits
+            wait_until(lambda: len(pool._connections) == 1)  # connecting: the handshake waits
 
             def second() -> None:
                 try:

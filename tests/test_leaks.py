@@ -21,7 +21,7 @@ from aiohttp.client_reqrep import ClientRequest
 from yarl import URL
 
 import poolwatch
-from tests.conftest import Harness
+from tests.support.harness import Harness
 from tests.support.postgres import PostgresCluster
 from tests.support.upstream import ThreadedUpstream
 

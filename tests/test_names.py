@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 import poolwatch
 from poolwatch._naming import MAX_NAME
 from poolwatch.cli import top as _top
-from tests.conftest import Harness
+from tests.support.harness import Harness
 
 
 def _exported_names(pw: Harness) -> set[str]:

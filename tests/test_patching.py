@@ -34,7 +34,7 @@ from poolwatch.adapters._patching import (
     disguise,
     function_of,
 )
-from tests.conftest import Harness
+from tests.support.harness import Harness
 
 # -- the mechanism ---------------------------------------------------------------------------
 

@@ -20,9 +20,11 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 
 import poolwatch
-from tests.conftest import Harness
+from tests.support.harness import Harness
+from tests.support.pools import one_pool
 from tests.support.postgres import PostgresCluster
 from tests.support.scenarios import exhaust_async_pool
+from tests.support.threads import wait_until
 
 pytestmark = pytest.mark.postgres
 
@@ -34,18 +36,6 @@ def pg(postgres: PostgresCluster) -> PostgresCluster:
 
 def _name(pg: PostgresCluster) -> str:
     return f"postgresql://127.0.0.1:{pg.port}/{pg.dbname}"
-
-
-def _snapshot(name: str) -> poolwatch.PoolSnapshot:
-    [snap] = [s for s in poolwatch.pools() if s.name == name]
-    return snap
-
-
-def _until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
 
 
 @pytest.fixture
@@ -91,10 +81,10 @@ def test_exhaustion_gives_exact_timeouts_and_visible_pending(
     for t in threads:
         t.start()
     try:
-        _until(lambda: _snapshot(name).pending > 0)
+        wait_until(lambda: one_pool(name).pending > 0, 10.0)
         for _ in range(callers):
             assert attempted.acquire(timeout=30)
-        held = _snapshot(name)
+        held = one_pool(name)
         assert (held.used, held.idle, held.max, held.pending) == (3, 0, 3, 0)
     finally:
         release.set()
@@ -229,10 +219,10 @@ def test_server_restart_mid_load_is_accounted_exactly(
     for t in threads:
         t.start()
     try:
-        _until(lambda: acquired >= 30)
+        wait_until(lambda: acquired >= 30, 10.0)
         pg.restart()
         seen = acquired
-        _until(lambda: acquired >= seen + 30, seconds=15)  # the load recovers
+        wait_until(lambda: acquired >= seen + 30, seconds=15)  # the load recovers
     finally:
         stop.set()
         for t in threads:
@@ -314,10 +304,10 @@ def test_dispose_closes_idle_connections_as_disposed(
     held = [engine.connect() for _ in range(3)]
     for conn in held:
         conn.close()
-    assert _snapshot(_name(pg)).idle == 3
+    assert one_pool(_name(pg)).idle == 3
     engine.dispose()
     engine.connect().close()
-    snap = _snapshot(_name(pg))
+    snap = one_pool(_name(pg))
     assert snap.closed["disposed"] == 3
     assert (snap.checkouts, snap.idle, snap.instances) == (4, 1, 1)
 
@@ -364,7 +354,7 @@ def test_async_engine_on_asyncpg(pw: Harness, pg: PostgresCluster) -> None:
             async with engine.connect() as conn:
                 await conn.execute(sa.text("SELECT 1"))
         try:
-            return await exhaust_async_pool(engine, lambda: _snapshot(name))
+            return await exhaust_async_pool(engine, lambda: one_pool(name))
         finally:
             await engine.dispose()
 

@@ -30,7 +30,7 @@ import sqlalchemy as sa
 import poolwatch
 from poolwatch._safe import ErrorLog
 from poolwatch.diagnostics import process as _process
-from tests.conftest import Harness
+from tests.support.harness import Harness
 from tests.support.postgres import PostgresCluster
 from tests.support.upstream import ThreadedUpstream
 

@@ -11,7 +11,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,36 +19,25 @@ from sqlalchemy import exc, pool
 from sqlalchemy.pool import base
 
 import poolwatch
-from tests.conftest import Harness
+from tests.support.harness import Harness
+from tests.support.pools import one_pool
 from tests.support.scenarios import exhaust_async_pool
+from tests.support.threads import wait_until
 
 
 def _url(tmp_path: Path, name: str = "app.db") -> str:
     return f"sqlite:///{tmp_path}/{name}"
 
 
-def _only(name: str | None = None) -> poolwatch.PoolSnapshot:
-    snaps = [s for s in poolwatch.pools() if name is None or s.name == name]
-    assert len(snaps) == 1, snaps
-    return snaps[0]
-
-
-def _wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
-
-
 @pytest.mark.semconv
 def test_levels_of_a_queue_pool(pw: Harness, tmp_path: Path) -> None:
     engine = sa.create_engine(_url(tmp_path), pool_size=2, max_overflow=3)
     held = [engine.connect() for _ in range(3)]
-    snap = _only()
+    snap = one_pool()
     assert (snap.used, snap.idle, snap.max, snap.pending) == (3, 0, 5, 0)
     for conn in held:
         conn.close()
-    snap = _only()
+    snap = one_pool()
     assert (snap.used, snap.idle, snap.max) == (0, 2, 5)
     got = pw.collect()
     name = f"sqlite:///{tmp_path}/app.db"
@@ -70,12 +58,12 @@ def test_pending_counts_callers_blocked_on_the_pool(pw: Harness, tmp_path: Path)
     waiter = threading.Thread(target=lambda: got.append(engine.connect()))
     waiter.start()
     try:
-        _wait_until(lambda: _only().pending == 1)
+        wait_until(lambda: one_pool().pending == 1)
         assert pw.collect().value("poolwatch.pending_requests") == 1
     finally:
         held.close()
         waiter.join(5)
-    assert _only().pending == 0
+    assert one_pool().pending == 0
     got[0].close()  # type: ignore[attr-defined]
 
 
@@ -92,7 +80,7 @@ def test_timeouts_are_exact(pw: Harness, tmp_path: Path) -> None:
     assert got.count("poolwatch.wait.duration", outcome="timeout") == 3
     assert got.histogram("poolwatch.wait.duration", outcome="timeout").min >= 0.05
     assert got.value("db.client.connection.timeouts") == 3
-    assert _only().timeouts == 3
+    assert one_pool().timeouts == 3
 
 
 def test_checkouts_stay_exact_with_eight_threads(pw: Harness, tmp_path: Path) -> None:
@@ -134,7 +122,7 @@ def test_closes_are_counted_by_reason_with_lifetimes(pw: Harness, tmp_path: Path
     record.starttime -= 7200
     engine.raw_connection().close()
     # disposed: engine.dispose() closes the idle connections
-    idle = _only().idle
+    idle = one_pool().idle
     engine.dispose()
     got = pw.collect()
     closed = {p.attributes["reason"]: p.value for p in got.points("poolwatch.connections.closed")}
@@ -148,7 +136,7 @@ def test_dispose_keeps_the_series_and_counts_the_new_pool(pw: Harness, tmp_path:
     engine.connect().close()
     engine.dispose()
     engine.connect().close()
-    snap = _only()
+    snap = one_pool()
     assert snap.name == f"sqlite:///{tmp_path}/app.db"
     assert (snap.checkouts, snap.instances, snap.instances_created) == (2, 1, 2)
     assert snap.closed["disposed"] == 1
@@ -158,7 +146,7 @@ def test_engines_created_before_instrument_are_found(harness: Harness, tmp_path:
     engine = sa.create_engine(_url(tmp_path, "early.db"))
     harness.instrument()
     engine.connect().close()
-    snap = _only()
+    snap = one_pool()
     assert (snap.name, snap.checkouts) == (f"sqlite:///{tmp_path}/early.db", 1)
 
 
@@ -167,11 +155,11 @@ def test_pools_made_without_an_engine_are_found_at_checkout(pw: Harness, tmp_pat
 
     raw_pool = pool.QueuePool(lambda: sqlite3.connect(str(tmp_path / "raw.db")), pool_size=1)
     raw_pool.connect().close()
-    snap = _only("dbapi://(QueuePool)")
+    snap = one_pool("dbapi://(QueuePool)")
     assert (snap.checkouts, snap.max) == (1, 11)
     poolwatch.track(raw_pool, name="raw-cache")
     raw_pool.connect().close()
-    assert _only("raw-cache").checkouts == 1
+    assert one_pool("raw-cache").checkouts == 1
 
 
 def test_non_queue_pools_are_reported_without_a_limit(pw: Harness, tmp_path: Path) -> None:
@@ -336,7 +324,7 @@ def test_async_engine_waits_and_timeouts_on_a_real_event_loop(pw: Harness, tmp_p
             pool_timeout=0.3,
         )
         try:
-            return await exhaust_async_pool(engine, _only)
+            return await exhaust_async_pool(engine, one_pool)
         finally:
             await engine.dispose()
 
@@ -357,10 +345,10 @@ def test_dispose_without_closing_leaves_the_old_pool_out_of_the_levels(
     engine.connect().close()
     old = engine.pool  # still alive, with its open connection, as until a gc run
     engine.dispose(close=False)
-    snap = _only()
+    snap = one_pool()
     assert (snap.used, snap.idle, snap.max, snap.instances) == (0, 0, 3, 1)
     engine.connect().close()
-    snap = _only()
+    snap = one_pool()
     assert (snap.idle, snap.checkouts, snap.connects) == (1, 2, 2)
     assert old.checkedin() == 1  # the parent's connection, untouched
 

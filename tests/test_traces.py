@@ -25,7 +25,7 @@ from opentelemetry.trace import StatusCode
 
 import poolwatch
 from poolwatch._tracing import SPAN_CONNECT, SPAN_WAIT
-from tests.conftest import Harness
+from tests.support.harness import Harness
 from tests.support.threads import wait_until
 from tests.support.upstream import AsyncioUpstream, ThreadedUpstream
 

@@ -7,12 +7,13 @@ boto3 through botocore's urllib3 pools is in test_botocore.py.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,7 +24,8 @@ from urllib3 import connection, connectionpool, exceptions, poolmanager
 import poolwatch
 from poolwatch import _registry
 from poolwatch.adapters.urllib3 import pool_target
-from tests.conftest import Harness
+from tests.support.harness import Harness
+from tests.support.pools import one_pool
 from tests.support.proxy import ConnectProxy
 from tests.support.threads import blocked_in, wait_until
 from tests.support.upstream import AsyncioUpstream, ThreadedUpstream, refusing_port
@@ -35,17 +37,7 @@ def upstream() -> Iterator[ThreadedUpstream]:
         yield server
 
 
-def _pool(name: str, kind: str = "urllib3") -> poolwatch.PoolSnapshot:
-    found = [s for s in poolwatch.pools() if s.name == name and s.kind == kind]
-    assert len(found) == 1, poolwatch.pools()
-    return found[0]
-
-
-def _wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
+_pool = functools.partial(one_pool, kind="urllib3")
 
 
 @pytest.mark.semconv
@@ -194,7 +186,7 @@ def test_used_counts_connections_beyond_maxsize_and_each_discard_is_pool_full(
         with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"):
             for t in threads:
                 t.start()
-            _wait_until(lambda: _pool(slow.origin).used == 6)
+            wait_until(lambda: _pool(slow.origin).used == 6)
             seen.append(_pool(slow.origin).used)
             for t in threads:
                 t.join()
@@ -292,7 +284,7 @@ def test_server_closing_idle_keep_alives_makes_stale_closes(pw: Harness) -> None
     with ThreadedUpstream(idle_timeout=0.05) as server:
         manager = urllib3.PoolManager()
         manager.request("GET", server.url)
-        _wait_until(lambda: server.closed_idle == 1)
+        wait_until(lambda: server.closed_idle == 1)
         manager.request("GET", server.url)  # finds the dropped connection, reconnects
         snap = _pool(server.origin)
         assert snap.closed["stale"] == 1

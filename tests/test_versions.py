@@ -21,7 +21,7 @@ import poolwatch
 from poolwatch import _versions
 from poolwatch._versions import Version, parse_requirement, parse_version
 from poolwatch.adapters import ADAPTERS
-from tests.conftest import Harness
+from tests.support.harness import Harness
 
 REPO = Path(__file__).resolve().parent.parent
 

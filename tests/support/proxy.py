@@ -6,7 +6,7 @@ through it untouched, as through any tunnelling proxy. It counts what happened o
 wire — ``connections`` accepted from clients, ``tunnels`` opened to targets — and keeps
 the ``Proxy-Authorization`` headers it was sent (``authorizations``), so that a test can
 show that credentials reached the proxy and still never appear in what poolwatch exports.
-A thread per connection; every loop polls a stop flag, so ``__exit__`` ends them all.
+A thread per connection (tests/support/loopback.py's ``LoopbackServer``).
 """
 
 from __future__ import annotations
@@ -14,49 +14,20 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Callable
+
+from tests.support.loopback import LoopbackServer
 
 
-class ConnectProxy:
+class ConnectProxy(LoopbackServer):
     """A context manager: the proxy listens from ``__enter__`` to ``__exit__``."""
 
     def __init__(self) -> None:
-        self.connections = 0
+        super().__init__()
         self.tunnels = 0
         self.authorizations: list[bytes] = []
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.05)
-        self.port: int = self._listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
 
-    def __enter__(self) -> ConnectProxy:
-        self._start(self._accept)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in list(self._threads):
-            thread.join(5)
-        self._listener.close()
-
-    def _start(self, target: Callable[..., None], *args: object) -> None:
-        thread = threading.Thread(target=target, args=args, daemon=True)
-        with self._lock:
-            self._threads.append(thread)
-        thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            with self._lock:
-                self.connections += 1
-            self._start(self._tunnel, client)
+    def serve(self, client: socket.socket) -> None:
+        self._tunnel(client)
 
     def _tunnel(self, client: socket.socket) -> None:
         with client:
