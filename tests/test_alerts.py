@@ -205,9 +205,13 @@ def test_grafana_managed_rules_mirror_the_prometheus_rules() -> None:
     assert list(rules) == ALERT_NAMES
     uids = [rule["uid"] for rule in group["rules"]]
     assert len(set(uids)) == len(uids) and all(len(uid) <= 40 for uid in uids)
-    [datasource] = yaml.safe_load(
-        (ALERTS.parent / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text()
-    )["datasources"]
+    [datasource] = [
+        source
+        for source in yaml.safe_load(
+            (ALERTS.parent / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text()
+        )["datasources"]
+        if source["type"] == "prometheus"
+    ]
     prometheus = _rules()
     build = _build()
     alerts = {alert.name: alert for alert in build.alerts()}
