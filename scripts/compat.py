@@ -21,6 +21,7 @@ again at the end, bare then instrumented, with nothing else running, and judged 
     scripts/compat --end newest           # one end
     scripts/compat --suite urllib3 -v     # some suites; -v prints each run's log tail
     scripts/compat --serial               # bare and instrumented one after the other
+    scripts/compat --prepare              # environments and sources only, no test run
 
 Exit codes: 0 no difference; 1 a difference or a failed check (printed); 2 bad usage or
 the set-up (venv, install, download) failed.
@@ -805,8 +806,71 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="recreate the environments, resolving the newest releases again (a first run "
         "creates them; later ones reuse them)",
     )
+    parser.add_argument(
+        "--prepare",
+        action="store_true",
+        help="only make the environments and download the suites' source distributions, "
+        "then exit (scripts/test does it while its own tests run)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="print each run's log tail")
     return parser.parse_args(argv)
+
+
+def prepare_only(envs: list[Environment], suites: list[Suite], fresh: bool) -> int:
+    """``--prepare``: what a run needs before its first test, made ready, nothing run."""
+
+    def ready(env: Environment) -> None:
+        env.prepare(fresh)
+        for distribution in sorted({s.distribution for s in suites}):
+            env.sdist(distribution)
+
+    with concurrent.futures.ThreadPoolExecutor(len(envs)) as setting_up:
+        futures = {setting_up.submit(ready, env): env for env in envs}
+        for future, env in futures.items():
+            try:
+                future.result()
+            except SetupError as error:
+                log(f"error: {error}")
+                return 2
+            log(f"compat: {env.end} environment ready ({env.venv.relative_to(ROOT)})")
+    return 0
+
+
+def conclude(
+    checked: list[Checked],
+    known: list[Known],
+    prefix: list[str] | None,
+    verbose: bool,
+    started: float,
+) -> int:
+    """Unsettled tests run again alone, then each suite's verdict, timings and the exit
+    code."""
+    ends = sorted({c.env.end for c in checked}, key=ENDS.index)
+    suites = {c.suite.name for c in checked}
+    timings = [f"suites: {time.monotonic() - started:.0f} s from the start"]
+    step = time.monotonic()
+    for done in checked:
+        run_again(done, known, prefix)
+    timings.append(f"tests run again alone: {time.monotonic() - step:.0f} s")
+    failures: dict[str, list[str]] = {}
+    for done in sorted(checked, key=lambda c: (ENDS.index(c.env.end), SUITES.index(c.suite))):
+        lines, timing = report(done, known, verbose)
+        log("\n".join(lines))
+        timings.append(timing)
+        if done.problems:
+            failures[f"{done.env.end} {done.suite.name}"] = done.problems
+    log(f"\n==> compat run: {time.monotonic() - started:.0f} s")
+    for line in timings:
+        log(f"  {line}")
+    if failures:
+        count = sum(map(len, failures.values()))
+        log(f"\ncompat: {count} problem(s) in {', '.join(failures)}; logs in {WORK / 'logs'}")
+        return 1
+    log(
+        f"\ncompat: every suite passes instrumented as it does bare ({len(suites)} suites, "
+        f"{len(ends)} end(s))"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -818,6 +882,9 @@ def main(argv: list[str] | None = None) -> int:
     def elapsed() -> str:
         return f"[{time.monotonic() - started:4.0f}s]"
 
+    envs = [Environment(end) for end in ends]
+    if options.prepare:
+        return prepare_only(envs, suites, options.fresh)
     prefix = isolation()
     if prefix is None:
         log(
@@ -825,7 +892,6 @@ def main(argv: list[str] | None = None) -> int:
             "so they run one at a time, and connects off loopback are refused in-process"
         )
         options.jobs = 1
-    envs = [Environment(end) for end in ends]
     try:
         known = known_bare()
     except SetupError as error:
@@ -865,30 +931,7 @@ def main(argv: list[str] | None = None) -> int:
         for future in concurrent.futures.as_completed(futures):
             checked.append(future.result())
             log(f"  {elapsed()} ran {checked[-1].env.end} {checked[-1].suite.name}")
-    timings = [f"suites: {time.monotonic() - started:.0f} s from the start"]
-    step = time.monotonic()
-    for done in checked:
-        run_again(done, known, prefix)
-    timings.append(f"tests run again alone: {time.monotonic() - step:.0f} s")
-    failures: dict[str, list[str]] = {}
-    for done in sorted(checked, key=lambda c: (ENDS.index(c.env.end), SUITES.index(c.suite))):
-        lines, timing = report(done, known, options.verbose)
-        log("\n".join(lines))
-        timings.append(timing)
-        if done.problems:
-            failures[f"{done.env.end} {done.suite.name}"] = done.problems
-    log(f"\n==> compat run: {time.monotonic() - started:.0f} s")
-    for line in timings:
-        log(f"  {line}")
-    if failures:
-        count = sum(map(len, failures.values()))
-        log(f"\ncompat: {count} problem(s) in {', '.join(failures)}; logs in {WORK / 'logs'}")
-        return 1
-    log(
-        f"\ncompat: every suite passes instrumented as it does bare ({len(suites)} suites, "
-        f"{len(ends)} end(s))"
-    )
-    return 0
+    return conclude(checked, known, prefix, options.verbose, started)
 
 
 if __name__ == "__main__":
