@@ -243,7 +243,6 @@ class Ledger:
         "_auto_stacks",
         "_changes",
         "_last",
-        "_last_changes",
         "_leaked",
         "_lock",
         "_reports",
@@ -325,8 +324,9 @@ class Ledger:
         self._leaked: set[Hashable] = set()
         self._changes = 0
         """Bumped under the lock by every event that does not go through the hot path."""
-        self._last: LedgerSnapshot | None = None
-        self._last_changes = -1
+        self._last: tuple[LedgerSnapshot, int] | None = None
+        """The last snapshot taken with nothing out, and ``_changes`` when it was taken: one
+        tuple, so that a reader reads the two together (see ``snapshot``)."""
         self._reused = 0
         """The highest reuse count exported: it only grows (see ``snapshot``)."""
         self._suspects: dict[int, float] = {}
@@ -563,11 +563,13 @@ class Ledger:
     def drain(self) -> None:
         """Bucket the values the hot path left pending."""
         with self._lock:
-            self._changes += 1
             self._fold_pending()
 
     def _fold_pending(self) -> None:
-        """Fold every pending list (the caller holds the lock)."""
+        """Fold every pending list (the caller holds the lock). Folding is a change: a
+        snapshot cached before it no longer stands for the ledger (``snapshot``)."""
+        if self.pending:
+            self._changes += 1
         _fold(self.waits, self.wait[c.OUTCOME_ACQUIRED])
         _fold(self.uses, self.use)
         _fold(self.connects, self.connect[c.CONNECT_OK])
@@ -611,8 +613,11 @@ class Ledger:
         threshold = self.leak_threshold
         active = (self.active if active is None else active).copy()
         last = self._last
-        # Nothing out, nothing pending, no rare event: unchanged. Most pools of a process
-        # with many are idle between collections.
+        # Nothing out, nothing pending, no rare event and no fold since the cached snapshot
+        # was taken: unchanged. Most pools of a process with many are idle between
+        # collections. The snapshot and its count of changes are read together, before
+        # the pending lists: another reader (or the janitor) folding them meanwhile has
+        # counted a change, so a snapshot older than its fold is never taken for current.
         if (
             last is not None
             and not active
@@ -620,9 +625,9 @@ class Ledger:
             and not self.uses
             and not self.connects
             and not any(self.closes.values())
-            and self._last_changes == self._changes
+            and last[1] == self._changes
         ):
-            return last
+            return last[0]
         leaks_active = sum(1 for start in active.values() if now - start > threshold)
         with self._lock:
             self._fold_pending()
@@ -651,7 +656,7 @@ class Ledger:
                 },
             )
             if not active:  # the cached snapshot stands only for a ledger with nothing out
-                self._last, self._last_changes = snapshot, self._changes
+                self._last = (snapshot, self._changes)
             return snapshot
 
     def _reuses(self, unconnected: int) -> int:

@@ -60,6 +60,36 @@ def test_counts_stay_exact_with_many_threads() -> None:
     assert snap.checked_out == 0
 
 
+def test_a_reader_never_takes_a_snapshot_older_than_another_readers_fold() -> None:
+    """Two readers at once (a cumulative and a delta reader collecting on their own
+    threads): B reads the cached snapshot, A folds the values pending since and caches a
+    newer one, then B finds nothing pending. B must not return the older snapshot — the
+    benchmarks/soak.py run of 2026-12-07 exported counts going down by one that way."""
+    ledger = Ledger()
+    ledger.acquired("first", 0.0, 0.001)
+    ledger.released("first", 0.002)
+    assert ledger.snapshot().wait["acquired"].observations == 1  # cached: nothing is out
+    started: list[bool] = []
+    newer: list[int] = []
+
+    class FoldedByAnotherReader(list[float]):
+        """The pending waits: the first time B asks whether any are pending, reader A
+        takes its snapshot (folding them) before B gets the answer."""
+
+        def __bool__(self) -> bool:
+            if not started:  # A's own question, inside its snapshot, is answered plainly
+                started.append(True)
+                newer.append(ledger.snapshot().wait["acquired"].observations)
+            return len(self) > 0
+
+    ledger.waits = FoldedByAnotherReader()
+    ledger.acquired("second", 0.0, 0.001)
+    ledger.released("second", 0.002)
+    seen_by_b = ledger.snapshot().wait["acquired"].observations
+    assert newer == [2]
+    assert seen_by_b == 2
+
+
 def test_the_janitor_folds_ledgers_with_too_many_pending_values() -> None:
     busy, quiet = Ledger(), Ledger()
     for ledger, count in ((busy, DRAIN_AT + 10), (quiet, 10)):
