@@ -192,8 +192,10 @@ def test_the_applications_provider_is_neither_shut_down_nor_waited_for(
     and its other reader still works afterwards: the provider was left running."""
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
+    threads_before = set(threading.enumerate())
+    # Stuck for 3 s an export: poolwatch waiting for it would hold uninstrument() that long.
     stuck = PeriodicExportingMetricReader(
-        OTLPMetricExporter(endpoint=f"http://127.0.0.1:{silent_port}/v1/metrics", timeout=30),
+        OTLPMetricExporter(endpoint=f"http://127.0.0.1:{silent_port}/v1/metrics", timeout=3),
         export_interval_millis=50,
     )
     memory = InMemoryMetricReader()
@@ -210,6 +212,11 @@ def test_the_applications_provider_is_neither_shut_down_nor_waited_for(
     assert names == ["app.requests"]
     assert took < 1.0  # nothing of the application's is waited for (the bound here is 5 s)
     provider.shutdown(timeout_millis=100)  # the test's own provider, stopped by its owner
+    # Its reader's thread ends with the stuck export: left running, its requests pool was
+    # found by the next tests' instrument().
+    for thread in set(threading.enumerate()) - threads_before:
+        thread.join(10)
+        assert not thread.is_alive(), thread
 
 
 def test_the_bound_is_a_setting() -> None:

@@ -6,6 +6,7 @@ the mechanics.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import textwrap
@@ -24,6 +25,9 @@ from tests.support.pools import one_pool
 from tests.support.scenarios import exhaust_async_pool
 from tests.support.threads import wait_until
 
+# SQLAlchemy's pools only: instrument() also finds any other library's pool still alive.
+_pool = functools.partial(one_pool, kind="sqlalchemy")
+
 
 def _url(tmp_path: Path, name: str = "app.db") -> str:
     return f"sqlite:///{tmp_path}/{name}"
@@ -33,11 +37,11 @@ def _url(tmp_path: Path, name: str = "app.db") -> str:
 def test_levels_of_a_queue_pool(pw: Harness, tmp_path: Path) -> None:
     engine = sa.create_engine(_url(tmp_path), pool_size=2, max_overflow=3)
     held = [engine.connect() for _ in range(3)]
-    snap = one_pool()
+    snap = _pool()
     assert (snap.used, snap.idle, snap.max, snap.pending) == (3, 0, 5, 0)
     for conn in held:
         conn.close()
-    snap = one_pool()
+    snap = _pool()
     assert (snap.used, snap.idle, snap.max) == (0, 2, 5)
     got = pw.collect()
     name = f"sqlite:///{tmp_path}/app.db"
@@ -58,12 +62,12 @@ def test_pending_counts_callers_blocked_on_the_pool(pw: Harness, tmp_path: Path)
     waiter = threading.Thread(target=lambda: got.append(engine.connect()))
     waiter.start()
     try:
-        wait_until(lambda: one_pool().pending == 1)
+        wait_until(lambda: _pool().pending == 1)
         assert pw.collect().value("poolwatch.pending_requests") == 1
     finally:
         held.close()
         waiter.join(5)
-    assert one_pool().pending == 0
+    assert _pool().pending == 0
     got[0].close()  # type: ignore[attr-defined]
 
 
@@ -80,7 +84,7 @@ def test_timeouts_are_exact(pw: Harness, tmp_path: Path) -> None:
     assert got.count("poolwatch.wait.duration", outcome="timeout") == 3
     assert got.histogram("poolwatch.wait.duration", outcome="timeout").min >= 0.05
     assert got.value("db.client.connection.timeouts") == 3
-    assert one_pool().timeouts == 3
+    assert _pool().timeouts == 3
 
 
 def test_checkouts_stay_exact_with_eight_threads(pw: Harness, tmp_path: Path) -> None:
@@ -122,7 +126,7 @@ def test_closes_are_counted_by_reason_with_lifetimes(pw: Harness, tmp_path: Path
     record.starttime -= 7200
     engine.raw_connection().close()
     # disposed: engine.dispose() closes the idle connections
-    idle = one_pool().idle
+    idle = _pool().idle
     engine.dispose()
     got = pw.collect()
     closed = {p.attributes["reason"]: p.value for p in got.points("poolwatch.connections.closed")}
@@ -136,7 +140,7 @@ def test_dispose_keeps_the_series_and_counts_the_new_pool(pw: Harness, tmp_path:
     engine.connect().close()
     engine.dispose()
     engine.connect().close()
-    snap = one_pool()
+    snap = _pool()
     assert snap.name == f"sqlite:///{tmp_path}/app.db"
     assert (snap.checkouts, snap.instances, snap.instances_created) == (2, 1, 2)
     assert snap.closed["disposed"] == 1
@@ -146,7 +150,7 @@ def test_engines_created_before_instrument_are_found(harness: Harness, tmp_path:
     engine = sa.create_engine(_url(tmp_path, "early.db"))
     harness.instrument()
     engine.connect().close()
-    snap = one_pool()
+    snap = _pool()
     assert (snap.name, snap.checkouts) == (f"sqlite:///{tmp_path}/early.db", 1)
 
 
@@ -155,11 +159,11 @@ def test_pools_made_without_an_engine_are_found_at_checkout(pw: Harness, tmp_pat
 
     raw_pool = pool.QueuePool(lambda: sqlite3.connect(str(tmp_path / "raw.db")), pool_size=1)
     raw_pool.connect().close()
-    snap = one_pool("dbapi://(QueuePool)")
+    snap = _pool("dbapi://(QueuePool)")
     assert (snap.checkouts, snap.max) == (1, 11)
     poolwatch.track(raw_pool, name="raw-cache")
     raw_pool.connect().close()
-    assert one_pool("raw-cache").checkouts == 1
+    assert _pool("raw-cache").checkouts == 1
 
 
 def test_non_queue_pools_are_reported_without_a_limit(pw: Harness, tmp_path: Path) -> None:
@@ -324,7 +328,7 @@ def test_async_engine_waits_and_timeouts_on_a_real_event_loop(pw: Harness, tmp_p
             pool_timeout=0.3,
         )
         try:
-            return await exhaust_async_pool(engine, one_pool)
+            return await exhaust_async_pool(engine, _pool)
         finally:
             await engine.dispose()
 
@@ -345,10 +349,10 @@ def test_dispose_without_closing_leaves_the_old_pool_out_of_the_levels(
     engine.connect().close()
     old = engine.pool  # still alive, with its open connection, as until a gc run
     engine.dispose(close=False)
-    snap = one_pool()
+    snap = _pool()
     assert (snap.used, snap.idle, snap.max, snap.instances) == (0, 0, 3, 1)
     engine.connect().close()
-    snap = one_pool()
+    snap = _pool()
     assert (snap.idle, snap.checkouts, snap.connects) == (1, 2, 2)
     assert old.checkedin() == 1  # the parent's connection, untouched
 
