@@ -113,8 +113,7 @@ def test_an_exhausted_client_shows_its_waiting_callers(pw: Harness, moto_endpoin
             await client.put_object(Bucket="aio", Key="big", Body=b"x" * (4 << 20))
             held = await client.get_object(Bucket="aio", Key="big")  # body unread: kept
             waiting = [
-                asyncio.ensure_future(client.head_object(Bucket="aio", Key="big"))
-                for _ in range(2)
+                asyncio.ensure_future(client.head_object(Bucket="aio", Key="big")) for _ in range(2)
             ]
             while not _botocore_pools() or _botocore_pools()[0].pending != 2:
                 await asyncio.sleep(0.005)
