@@ -313,21 +313,27 @@ class RedisServer:
 
     def kill_clients(self, name: str | None = None, *, idle: bool = True) -> int:
         """Close connections from the server's side (``CLIENT KILL ID``): those named
-        ``name`` (all if None), only those not running a command when ``idle``. Returns
+        ``name`` (all if None), only those not blocked in a command when ``idle``. Returns
         how many; waits until the server no longer lists them."""
+        chosen = [
+            client["id"]
+            for client in self.clients()
+            if (name is None or client.get("name") == name)
+            and not (idle and "b" in client.get("flags", ""))  # blocked (BLPOP…): not idle
+        ]
+        return self.kill(chosen)
+
+    def kill(self, ids: list[str]) -> int:
+        """``CLIENT KILL ID`` each of ``ids``; waits until the server no longer lists them.
+        Returns how many it killed."""
         killed = []
-        for client in self.clients():
-            if name is not None and client.get("name") != name:
-                continue
-            if idle and "b" in client.get("flags", ""):
-                continue  # blocked in a command (BLPOP…): not idle
+        for client_id in ids:
             with contextlib.suppress(RedisError):
-                if self.command("CLIENT", "KILL", "ID", client["id"]) == 1:
-                    killed.append(client["id"])
+                if self.command("CLIENT", "KILL", "ID", client_id) == 1:
+                    killed.append(client_id)
         deadline = time.monotonic() + _REPLY_SECONDS
         while time.monotonic() < deadline:
-            left = {c["id"] for c in self.clients()}
-            if not left.intersection(killed):
+            if not {c["id"] for c in self.clients()}.intersection(killed):
                 break
             time.sleep(0.01)
         return len(killed)
