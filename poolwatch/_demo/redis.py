@@ -54,9 +54,7 @@ class RedisError(RuntimeError):
 
 def find_server() -> Path:
     """The ``redis-server`` binary, or :class:`RedisError` naming the package to install."""
-    found = shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").is_file() else None
-    )
+    found = shutil.which("redis-server")
     if found is None:
         raise RedisError(
             "redis-server not found on PATH: install Debian's 'redis-server' package "

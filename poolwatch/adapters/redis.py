@@ -58,7 +58,8 @@ in-use set; ``BlockingConnectionPool``: the slots taken from its queue); idle �
 connections ready for reuse (not the queue's ``None`` placeholders, nor connection objects
 waiting to reconnect); max — ``max_connections``, absent when unbounded (the default
 before redis-py 8: 2**31); pending — callers waiting in a ``BlockingConnectionPool``
-(``ConnectionPool`` never waits: it raises at once).
+(``ConnectionPool`` never waits: it raises at once); idle max — ``max_connections`` too:
+the pool keeps every connection it made (idle min 0: it opens none ahead of need).
 
 redis-py 7.2+ emits pool metrics of its own when its observability is initialised
 (``redis.observability``: opt-in); the semantic-convention mirrors it emits are left out of
@@ -468,14 +469,16 @@ class RedisAdapter(Adapter):
             used = queue.maxsize - len(queued)
             idle = sum(1 for conn in queued if conn is not None and _connected(conn))
             pending = len(queue.not_empty._waiters)
-            return Levels(used, idle, bounded, pending)
+            return Levels(used, idle, bounded, pending, idle_max=bounded, idle_min=0)
         used = len(list(pool._in_use_connections))
         idle = sum(1 for conn in list(pool._available_connections) if _connected(conn))
         pending = 0
         if blocking:  # asyncio: tasks waiting on its condition
             waiters = pool._condition._waiters
             pending = sum(1 for waiter in list(waiters or ()) if not waiter.done())
-        return Levels(used, idle, bounded, pending)
+        # A redis-py pool keeps every connection it made, idle or not, and opens none ahead
+        # of need: up to max_connections idle, none at least.
+        return Levels(used, idle, bounded, pending, idle_max=bounded, idle_min=0)
 
     # -- diagnostics -------------------------------------------------------------------
     def misconfigurations(self, pool: Any) -> tuple[Misconfiguration, ...]:
