@@ -302,7 +302,10 @@ def test_misconfigured_pools_are_reported_in_redis_terms(
     loose = snaps[_name(redis_server, 10)]
     assert loose.max is None
     assert [a.name for a in loose.antipatterns] == ["unbounded_pool"]
-    assert "redis.ConnectionPool(max_connections=None)" in loose.antipatterns[0].problem
+    assert loose.antipatterns[0].problem == (
+        "redis.ConnectionPool with max_connections 2147483648 (redis-py's default before 8.0: "
+        "no limit): the pool has no connection limit"
+    )
     assert "max_connections" in loose.antipatterns[0].advice
     patient = snaps[_name(redis_server, 11)]
     assert patient.max == 50
@@ -527,7 +530,7 @@ def test_a_cluster_clients_per_node_pools_are_redis_pools(
 def test_semconv_mirrors_never_double_redis_pys_own_metrics(redis_server: RedisServer) -> None:
     """redis-py emits db.client.connection.count, .create_time (CONNECTION_BASIC), .timeouts
     and .wait_time (CONNECTION_ADVANCED) once its observability is initialised; with the
-    mirrors on, poolwatch then emits the other three and none of those. In a process of its
+    mirrors on, poolwatch then emits the other five and none of those. In a process of its
     own: redis-py records through the global MeterProvider, which can be set once."""
     script = textwrap.dedent(
         f"""
@@ -581,6 +584,8 @@ def test_semconv_mirrors_never_double_redis_pys_own_metrics(redis_server: RedisS
     mirrors = [
         "db.client.connection.count",
         "db.client.connection.create_time",
+        "db.client.connection.idle.max",
+        "db.client.connection.idle.min",
         "db.client.connection.max",
         "db.client.connection.pending_requests",
         "db.client.connection.timeouts",

@@ -490,7 +490,8 @@ class RedisAdapter(Adapter):
             found.append(
                 Misconfiguration(
                     c.ANTIPATTERN_UNBOUNDED_POOL,
-                    f"redis.{cls}(max_connections=None) (no limit before redis-py 8)",
+                    f"redis.{cls} with max_connections {limit} (redis-py's default before "
+                    "8.0: no limit)",
                 )
             )
         if blocking and getattr(pool, "timeout", 0) is None:
