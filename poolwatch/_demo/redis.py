@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import random
 import shutil
 import socket
 import subprocess
@@ -63,10 +64,24 @@ def find_server() -> Path:
     return Path(found)
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+def _free_port(host: str, *, cluster: bool = False) -> int:
+    """A free port; for a cluster node, one of at most 55535 whose bus port (10,000 higher:
+    redis-server's rule) is free too."""
+    if not cluster:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            return int(probe.getsockname()[1])
+    chooser = random.Random()
+    for _ in range(200):
+        port = chooser.randint(20000, 55535)
+        with socket.socket() as first, socket.socket() as second:
+            try:
+                first.bind((host, port))
+                second.bind((host, port + 10000))
+            except OSError:
+                continue
+            return port
+    raise RedisError("no free pair of ports (port, port + 10000) for a cluster node")
 
 
 def _encode(*args: str | int | bytes) -> bytes:
@@ -163,7 +178,7 @@ class RedisServer:
         try:
             for attempt in range(1, _START_ATTEMPTS + 1):
                 self._checkpoint()
-                self.port = _free_port(self.host)
+                self.port = _free_port(self.host, cluster=self.cluster)
                 self._launch()
                 if self._wait_ready():
                     break

@@ -323,6 +323,7 @@ class Demo:
             # An optimistic transaction: WATCH holds the connection until EXEC, and the
             # work between the read and the write is the scenario's hold time.
             key = f"session:{threading.get_ident()}"
+            pipe: Any
             with client.pipeline() as pipe:
                 pipe.watch(key)
                 seen = int(pipe.get(key) or 0)
