@@ -184,12 +184,13 @@ class RedisAdapter(Adapter):
         self._unix: tuple[type, ...] = ()
         self._tls: tuple[type, ...] = ()
         self._exhaustion: tuple[type, ...] = ()
-        self._holders: tuple[type, ...] = ()
-        """PubSub and Monitor classes: what they check out they hold for their life."""
-        self._dedicated: dict[CodeType, bool] = {}
-        """By the code calling ``get_connection``: whether it takes a connection for the
-        life of its object (learnt once per code object)."""
-        self._own_close: dict[CodeType, bool] = {}
+        self._holding: frozenset[int] = frozenset()
+        """``id()`` of the code of every function that takes a connection for the life of
+        its object — PubSub's and Monitor's methods, a single-connection client's
+        ``__init__``/``initialize`` — whose code objects live as long as their classes.
+        By ``id``: a code object's own hash is computed from its contents at every call
+        (a thousand instructions, measured with valgrind), an int's is itself."""
+        self._own_close: dict[int, tuple[CodeType, bool]] = {}
 
     # -- patching ----------------------------------------------------------------------
     def instrument(self, *, imported_before: bool) -> None:
@@ -204,7 +205,7 @@ class RedisAdapter(Adapter):
         self._tls = (connection.SSLConnection, aconnection.SSLConnection)
         self._blocking = (connection.BlockingConnectionPool, aconnection.BlockingConnectionPool)
         self._sync_pools = (connection.ConnectionPool,)
-        self._holders = _holder_classes()
+        self._holding = _holding_codes()
 
         pools = (connection.ConnectionPool, aconnection.ConnectionPool)
         sync_conn = connection.AbstractConnection
@@ -357,44 +358,6 @@ class RedisAdapter(Adapter):
             return found
         return []
 
-    # -- dedicated checkouts -----------------------------------------------------------
-    def _checked_out(
-        self, pool: Any, conn: Any, ledger: Ledger, start: float, caller: FrameType
-    ) -> None:
-        """``pool`` handed ``conn`` out to ``caller``'s code after a wait from ``start``."""
-        # Ledger.acquired, inlined (the hot-path contract in _ledger.py), the checkout time
-        # kept on the connection's mark.
-        now = perf_counter()
-        mark: _Mark | None = conn._poolwatch
-        if mark is None or mark.ledger is not ledger:
-            mark = self._adopt(pool, conn, ledger)
-        if mark.out is not None:
-            return  # counted by a hook it called (a subclass's get_connection calling super())
-        dedicated = self._dedicated.get(caller.f_code)
-        if dedicated is None:
-            dedicated = self._learn(caller)
-        mark.dedicated = dedicated
-        mark.out = now
-        ledger.waits.append(now - start)
-        if ledger.capture and not dedicated:  # this pool has leaked (or leak_stacks="always")
-            ledger.stacks[conn] = capture_stack(caller)
-
-    def _learn(self, caller: FrameType) -> bool:
-        """Whether the code of ``caller`` takes a connection for the life of its object
-        (PubSub, Monitor, a single-connection client), learnt once per code object:
-        reading a frame's locals builds a dict of them all."""
-        holder = caller.f_locals.get("self")
-        dedicated = isinstance(holder, self._holders) or (
-            caller.f_code.co_name in ("__init__", "initialize")
-            and bool(
-                getattr(holder, "single_connection_client", False)
-                or getattr(holder, "_single_connection_client", False)
-            )
-        )
-        if len(self._dedicated) < _CODES_KEPT:
-            self._dedicated[caller.f_code] = dedicated
-        return dedicated
-
     # -- closes ------------------------------------------------------------------------
     def _closer(self, conn: Any, caller: FrameType | None) -> str:
         """The name of the function closing ``conn``, past the connection's own close
@@ -405,14 +368,16 @@ class RedisAdapter(Adapter):
             code = caller.f_code
             if code.co_name not in _OWN_CLOSES and code.co_name != "<lambda>":
                 return code.co_name
-            mine = own.get(code)
-            if mine is None:
+            known = own.get(id(code))
+            if known is not None and known[0] is code:
+                mine = known[1]
+            else:
                 holder = caller.f_locals.get("self")
                 mine = holder is conn or getattr(holder, "_conn", None) is conn
                 if code.co_name == "<lambda>":
                     mine = True  # connect's retry callback, a client's failure callback
                 if len(own) < _CODES_KEPT:
-                    own[code] = mine
+                    own[id(code)] = (code, mine)
             if not mine:
                 return code.co_name  # a pool's disconnect()
             caller, depth = caller.f_back, depth + 1
@@ -541,16 +506,41 @@ class RedisAdapter(Adapter):
         return frozenset(emitted)
 
 
-def _holder_classes() -> tuple[type, ...]:
-    """The classes whose objects keep the connection they check out (PubSub, Monitor)."""
-    found: list[type] = []
-    for module_name in ("redis.client", "redis.asyncio.client"):
+def _holding_codes() -> frozenset[int]:
+    """``id()`` of the code of every redis-py function that takes a connection for the
+    life of its object: every method of ``PubSub`` and ``Monitor`` (sync, asyncio, and the
+    cluster's ``ClusterPubSub``), and the client methods that take a single-connection
+    client's one connection (``Redis.__init__``, asyncio ``Redis.initialize``)."""
+    codes: list[CodeType] = []
+    for module_name, holders, clients in (
+        ("redis.client", ("PubSub", "Monitor"), ("__init__",)),
+        ("redis.asyncio.client", ("PubSub", "Monitor"), ("initialize",)),
+        ("redis.cluster", ("ClusterPubSub",), ()),
+        ("redis.asyncio.cluster", ("ClusterPubSub",), ()),
+    ):
         module = sys.modules.get(module_name)
-        for name in ("PubSub", "Monitor"):
+        if module is None:
+            with contextlib.suppress(ImportError):
+                module = importlib.import_module(module_name)
+        for name in holders:
             cls = getattr(module, name, None)
             if isinstance(cls, type):
-                found.append(cls)
-    return tuple(found)
+                codes.extend(_codes_of(vars(cls).values()))
+        client = getattr(module, "Redis", None)
+        if isinstance(client, type):
+            codes.extend(_codes_of(vars(client).get(name) for name in clients))
+    return frozenset(id(code) for code in codes)
+
+
+def _codes_of(attributes: Any) -> list[CodeType]:
+    found = []
+    for attribute in attributes:
+        function = getattr(attribute, "__func__", attribute)  # classmethod, staticmethod
+        function = inspect.unwrap(function) if callable(function) else function
+        code = getattr(function, "__code__", None)
+        if isinstance(code, CodeType):
+            found.append(code)
+    return found
 
 
 def _connected(conn: Any) -> bool:
@@ -616,18 +606,96 @@ def _failed(
         adapter.report("redis checkout", bookkeeping)
 
 
-def _ledger_of(adapter: RedisAdapter, pool: Any) -> Ledger | None:
-    try:
-        ledger: Ledger | None = pool._poolwatch_ledger
-    except AttributeError:  # uninstrument() took the class default meanwhile
-        return None
-    if ledger is None:
-        ledger = adapter._discover(pool)
-    return ledger
+def _get_connection_hook(
+    adapter: RedisAdapter, original: Callable[..., Any], exact: bool
+) -> Callable[..., Any]:
+    report = adapter.report
+    holding = adapter._holding
+    depth = 1 if exact else CALLER  # the frame that asked for a connection
+
+    def get_connection(*args: Any, **kwargs: Any) -> Any:
+        try:
+            pool = args[0]
+            ledger: Ledger | None = pool._poolwatch_ledger
+            if ledger is None:
+                ledger = adapter._discover(pool)
+        except (AttributeError, IndexError):  # uninstrument() took the class default
+            ledger = None
+        start = perf_counter()
+        try:
+            conn = original(*args, **kwargs)
+        except BaseException as error:
+            _failed(adapter, ledger, start, error)
+            raise
+        if ledger is not None:
+            try:
+                # Ledger.acquired, inlined (the hot-path contract in _ledger.py), the
+                # checkout time kept on the connection's mark; the same in the asyncio hook.
+                now = perf_counter()
+                mark: _Mark | None = conn._poolwatch
+                if mark is None or mark.ledger is not ledger:
+                    mark = adapter._adopt(pool, conn, ledger)
+                if mark.out is None:  # else counted by a hook it called (super())
+                    caller = sys._getframe(depth)
+                    dedicated = id(caller.f_code) in holding
+                    mark.dedicated = dedicated
+                    mark.out = now
+                    ledger.waits.append(now - start)
+                    if ledger.capture and not dedicated:  # it has leaked, or "always"
+                        ledger.stacks[conn] = capture_stack(caller)
+            except Exception as error:
+                report("redis checkout", error)
+        return conn
+
+    return get_connection
+
+
+def _async_get_connection_hook(
+    adapter: RedisAdapter, original: Callable[..., Coroutine[Any, Any, Any]], exact: bool
+) -> Callable[..., Coroutine[Any, Any, Any]]:
+    report = adapter.report
+    holding = adapter._holding
+    depth = 1 if exact else CALLER  # the frame that awaits a connection
+
+    async def get_connection(*args: Any, **kwargs: Any) -> Any:
+        try:
+            pool = args[0]
+            ledger: Ledger | None = pool._poolwatch_ledger
+            if ledger is None:
+                ledger = adapter._discover(pool)
+        except (AttributeError, IndexError):  # uninstrument() took the class default
+            ledger = None
+        start = perf_counter()
+        try:
+            conn = await original(*args, **kwargs)
+        except BaseException as error:
+            _failed(adapter, ledger, start, error)
+            raise
+        if ledger is not None:
+            try:
+                # Ledger.acquired, inlined: the sync hook's statements, one for one.
+                now = perf_counter()
+                mark: _Mark | None = conn._poolwatch
+                if mark is None or mark.ledger is not ledger:
+                    mark = adapter._adopt(pool, conn, ledger)
+                if mark.out is None:
+                    caller = sys._getframe(depth)
+                    dedicated = id(caller.f_code) in holding
+                    mark.dedicated = dedicated
+                    mark.out = now
+                    ledger.waits.append(now - start)
+                    if ledger.capture and not dedicated:
+                        ledger.stacks[conn] = capture_stack(caller)
+            except Exception as error:
+                report("redis checkout", error)
+        return conn
+
+    return get_connection
 
 
 def _returned(conn: Any) -> None:
-    """``conn`` is being given back to its pool."""
+    """``conn`` is being given back to its pool (the generic release hooks' helper; the
+    exact ones inline it)."""
     # Ledger.released, inlined (the hot-path contract in _ledger.py), the checkout time read
     # from the connection's mark.
     mark: _Mark | None = conn._poolwatch
@@ -648,56 +716,6 @@ def _returned(conn: Any) -> None:
         ledger.stacks.pop(conn, None)
 
 
-def _get_connection_hook(
-    adapter: RedisAdapter, original: Callable[..., Any], exact: bool
-) -> Callable[..., Any]:
-    report = adapter.report
-    depth = 1 if exact else CALLER  # the frame that asked for a connection
-
-    def get_connection(*args: Any, **kwargs: Any) -> Any:
-        pool = args[0] if args else None
-        ledger = _ledger_of(adapter, pool)
-        start = perf_counter()
-        try:
-            conn = original(*args, **kwargs)
-        except BaseException as error:
-            _failed(adapter, ledger, start, error)
-            raise
-        if ledger is not None:
-            try:
-                adapter._checked_out(pool, conn, ledger, start, sys._getframe(depth))
-            except Exception as error:
-                report("redis checkout", error)
-        return conn
-
-    return get_connection
-
-
-def _async_get_connection_hook(
-    adapter: RedisAdapter, original: Callable[..., Coroutine[Any, Any, Any]], exact: bool
-) -> Callable[..., Coroutine[Any, Any, Any]]:
-    report = adapter.report
-    depth = 1 if exact else CALLER  # the frame that awaits a connection
-
-    async def get_connection(*args: Any, **kwargs: Any) -> Any:
-        pool = args[0] if args else None
-        ledger = _ledger_of(adapter, pool)
-        start = perf_counter()
-        try:
-            conn = await original(*args, **kwargs)
-        except BaseException as error:
-            _failed(adapter, ledger, start, error)
-            raise
-        if ledger is not None:
-            try:
-                adapter._checked_out(pool, conn, ledger, start, sys._getframe(depth))
-            except Exception as error:
-                report("redis checkout", error)
-        return conn
-
-    return get_connection
-
-
 def _release_hook(
     adapter: RedisAdapter, original: Callable[..., Any], exact: bool
 ) -> Callable[..., Any]:
@@ -715,7 +733,19 @@ def _release_hook(
 
     def release(self: Any, connection: Any) -> Any:
         try:
-            _returned(connection)
+            # _returned, inlined (a frame is a fifth of these hooks' cost)
+            mark: _Mark | None = connection._poolwatch
+            start = mark.out if mark is not None else None
+            if start is not None:
+                mark.out = None  # type: ignore[union-attr]  # not None: it had a start
+                ledger = mark.ledger  # type: ignore[union-attr]
+                if ledger is not None and not mark.dedicated:  # type: ignore[union-attr]
+                    held = perf_counter() - start
+                    ledger.uses.append(held)
+                    if held > ledger.leak_threshold:
+                        ledger.settle(connection, held)
+                    elif ledger.stacks:
+                        ledger.stacks.pop(connection, None)
         except Exception as error:  # AttributeError: uninstrument() ran meanwhile
             report("redis release", error)
         return original(self, connection)
@@ -740,7 +770,19 @@ def _async_release_hook(
 
     async def release(self: Any, connection: Any) -> Any:
         try:
-            _returned(connection)
+            # _returned, inlined: the sync hook's statements, one for one.
+            mark: _Mark | None = connection._poolwatch
+            start = mark.out if mark is not None else None
+            if start is not None:
+                mark.out = None  # type: ignore[union-attr]  # not None: it had a start
+                ledger = mark.ledger  # type: ignore[union-attr]
+                if ledger is not None and not mark.dedicated:  # type: ignore[union-attr]
+                    held = perf_counter() - start
+                    ledger.uses.append(held)
+                    if held > ledger.leak_threshold:
+                        ledger.settle(connection, held)
+                    elif ledger.stacks:
+                        ledger.stacks.pop(connection, None)
         except Exception as error:  # AttributeError: uninstrument() ran meanwhile
             report("redis release", error)
         return await original(self, connection)
@@ -789,7 +831,9 @@ def _connect_hook(
     def connect_check_health(
         self: Any, check_health: bool = True, retry_socket_connect: bool = True
     ) -> Any:
-        timing = connecting(self)
+        # Every checkout asks a connected connection to connect: that case reads one
+        # attribute, and calls nothing of poolwatch's.
+        timing = connecting(self) if getattr(self, "_sock", None) is None else None
         if timing is None:
             return original(self, check_health, retry_socket_connect)
         start = perf_counter()
@@ -844,7 +888,7 @@ def _async_connect_hook(
     async def connect_check_health(
         self: Any, check_health: bool = True, retry_socket_connect: bool = True
     ) -> Any:
-        timing = connecting(self)
+        timing = connecting(self) if getattr(self, "_writer", None) is None else None
         if timing is None:
             return await original(self, check_health, retry_socket_connect)
         start = perf_counter()
