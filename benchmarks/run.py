@@ -25,6 +25,9 @@ Sections (see each module's docstring for the method):
   requests, httpx (sync and async), aiohttp and boto3 against moto: bare, poolwatch, and
   each library's OpenTelemetry contrib instrumentation; acquire+release of urllib3,
   httpx (httpcore) and aiohttp pools;
+* ``redis`` (bench_redis.py) — acquire+release of redis-py's pools (sync, blocking,
+  asyncio) and a loopback ``PING``, bare and poolwatch, against a throw-away redis-server
+  (skipped, and said so, when none can run);
 * ``instructions`` (bench_instructions.py, only with ``--only``) — instructions poolwatch
   adds per checkout+checkin and per request, counted by valgrind: a figure the machine's
   noise cannot move.
@@ -50,8 +53,8 @@ REPO = HERE.parent
 VENV = HERE / ".venv"
 REQUIREMENTS = HERE / "requirements.txt"
 STAMP = VENV / ".requirements-installed"
-SECTIONS = ("hotpath", "collect", "memory", "http", "instructions")
-DEFAULT_SECTIONS = ("hotpath", "collect", "memory", "http")
+SECTIONS = ("hotpath", "collect", "memory", "http", "redis", "instructions")
+DEFAULT_SECTIONS = ("hotpath", "collect", "memory", "http", "redis")
 """What a plain run measures; ``instructions`` (valgrind, minutes) only with ``--only``."""
 CORE_PACKAGES = ("SQLAlchemy", "opentelemetry-sdk", "opentelemetry-instrumentation-sqlalchemy")
 HTTP_PACKAGES = ("urllib3", "requests", "httpx", "httpcore", "aiohttp", "boto3", "botocore", "moto")
@@ -182,6 +185,7 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
     import bench_http
     import bench_instructions
     import bench_memory
+    import bench_redis
     import bench_sqlalchemy
 
     if "hotpath" in sections:
@@ -222,6 +226,22 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
         )
         measured = bench_http.run_http(http_config)
         print(bench_http.render_http(measured, http_config), flush=True)
+    if "redis" in sections:
+        redis_config = (
+            bench_http.HTTPConfig(
+                rounds=5,
+                requests=100,
+                warmup=10,
+                acquire_ops=5_000,
+                acquire_rounds=5,
+                in_situ_layouts=2,
+                in_situ_pairs=25,
+                in_situ_seconds=3.0,
+            )
+            if quick
+            else bench_http.HTTPConfig()
+        )
+        print(bench_redis.main(redis_config), flush=True)
     if "instructions" in sections:
         counting = (
             bench_instructions.InstructionConfig(
