@@ -28,6 +28,8 @@ Sections (see each module's docstring for the method):
 * ``redis`` (bench_redis.py) — acquire+release of redis-py's pools (sync, blocking,
   asyncio) and a loopback ``PING``, bare and poolwatch, against a throw-away redis-server
   (skipped, and said so, when none can run);
+* ``traces`` (bench_traces.py) — a free checkout with poolwatch's wait spans on and off,
+  against a span per checkout; the cost of one wait that is recorded as spans;
 * ``instructions`` (bench_instructions.py, only with ``--only``) — instructions poolwatch
   adds per checkout+checkin and per request, counted by valgrind: a figure the machine's
   noise cannot move.
@@ -53,8 +55,8 @@ REPO = HERE.parent
 VENV = HERE / ".venv"
 REQUIREMENTS = HERE / "requirements.txt"
 STAMP = VENV / ".requirements-installed"
-SECTIONS = ("hotpath", "collect", "memory", "http", "redis", "instructions")
-DEFAULT_SECTIONS = ("hotpath", "collect", "memory", "http", "redis")
+SECTIONS = ("hotpath", "collect", "memory", "http", "redis", "traces", "instructions")
+DEFAULT_SECTIONS = ("hotpath", "collect", "memory", "http", "redis", "traces")
 """What a plain run measures; ``instructions`` (valgrind, minutes) only with ``--only``."""
 CORE_PACKAGES = ("SQLAlchemy", "opentelemetry-sdk", "opentelemetry-instrumentation-sqlalchemy")
 HTTP_PACKAGES = ("urllib3", "requests", "httpx", "httpcore", "aiohttp", "boto3", "botocore", "moto")
@@ -187,6 +189,7 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
     import bench_memory
     import bench_redis
     import bench_sqlalchemy
+    import bench_traces
 
     if "hotpath" in sections:
         config = (
@@ -242,6 +245,8 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
             else bench_http.HTTPConfig()
         )
         print(bench_redis.main(redis_config), flush=True)
+    if "traces" in sections:
+        bench_traces.main(quick)
     if "instructions" in sections:
         counting = (
             bench_instructions.InstructionConfig(

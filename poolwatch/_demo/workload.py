@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import signal
 import sys
@@ -56,8 +57,11 @@ from types import FrameType
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
+from opentelemetry import trace
+
 import poolwatch
 from poolwatch._demo.scenarios import SCENARIOS
+from poolwatch._demo.tracing import tracer_provider
 from poolwatch._demo.upstream import ThreadedUpstream
 
 
@@ -98,6 +102,8 @@ class Demo:
         self._lock = threading.Lock()
         self.signals = StopSignals()
         self.database_label = "the database --url names"
+        self.tracer: trace.Tracer = trace.NoOpTracer()
+        """Each worker call is a span (``demo <pool>``): the parent of poolwatch's waits."""
 
     @property
     def database_pool(self) -> tuple[int, int]:
@@ -127,7 +133,8 @@ class Demo:
         rng = random.Random()
         while not self.stop.is_set():
             try:
-                call()
+                with self.tracer.start_as_current_span(f"demo {pool}"):
+                    call()
             except expected:
                 self._failed(pool)  # the scenario's point: poolwatch reports it
             self.stop.wait(rng.uniform(*self.scenario.pause))
@@ -252,7 +259,8 @@ class Demo:
                 async def worker() -> None:
                     while not self.stop.is_set():
                         try:
-                            (await client.get(url)).raise_for_status()
+                            with self.tracer.start_as_current_span("demo pricing-api-async"):
+                                (await client.get(url)).raise_for_status()
                         except httpx.HTTPError:
                             self._failed("pricing-api-async")
                         await asyncio.sleep(rng.uniform(*self.scenario.pause))
@@ -358,7 +366,8 @@ class Demo:
         for library, start in starts:
             self.signals.checkpoint()
             try:
-                start()
+                with self.tracer.start_as_current_span("demo start", attributes={"lib": library}):
+                    start()
             except ImportError:
                 skipped.append(library)
         return skipped
@@ -388,10 +397,14 @@ class Demo:
         with self._upstream() as url:
             signals.checkpoint()
             names = {_origin(url): "inventory-api"} if s.request_per_call else {}
+            provider = tracer_provider(os.environ)
+            if provider is not None:
+                self.tracer = provider.get_tracer("poolwatch.demo")
             handle = poolwatch.instrument(
                 prometheus_port=self.options.port,
                 leak_threshold=s.leak_threshold,
                 pool_names=names,
+                tracer_provider=provider,
             )
             try:
                 with ExitStack() as stack:
@@ -415,6 +428,8 @@ class Demo:
             finally:
                 self.stop.set()
                 poolwatch.uninstrument()
+                if provider is not None:
+                    provider.shutdown()  # the last spans
         return 0
 
     def _started(self, handle: poolwatch.Instrumentation, skipped: list[str]) -> None:

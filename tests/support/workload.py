@@ -29,8 +29,9 @@ Beside the cycles, all the time:
 * ``replica-db``, ``down-api``, ``down-pricing``, ``down-dynamodb``, ``down-cache`` — a
   SQLAlchemy engine, a requests Session, an httpx Client, a boto3 client and a redis-py
   client for a loopback port that refuses connections, called twice a second: connect
-  errors for every kind, and for SQLAlchemy and redis-py, whose wait includes opening the
-  connection, wait errors too.
+  errors for every kind, and for SQLAlchemy and redis-py (whose checkout includes opening
+  the connection) and httpx (whose checkout is counted when the connection accepts the
+  request), wait errors too.
 
 Every pool kind thus has levels, waits, connects, holds and closes to show. It stops after
 ``--seconds`` (bounded: at most 300) or on SIGTERM.
