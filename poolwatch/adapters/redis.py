@@ -174,6 +174,9 @@ class RedisAdapter(Adapter):
     kind = "redis"
     module = "redis"
     connects_in_checkout = True
+    connects_in_wait = True
+    """``get_connection`` opens a new connection inside the caller's wait: a slow wait's
+    span has that connect as its child."""
     family = "database"
 
     def __init__(self, tracker: Tracker) -> None:
@@ -641,6 +644,8 @@ def _get_connection_hook(
                     mark.dedicated = dedicated
                     mark.out = now
                     ledger.waits.append(now - start)
+                    if now - start > ledger.span_threshold:  # a wait that waited: a span
+                        ledger.slow_wait(start, now, c.OUTCOME_ACQUIRED)
                     if ledger.capture and not dedicated:  # it has leaked, or "always"
                         ledger.stacks[conn] = capture_stack(caller)
             except Exception as error:
@@ -684,6 +689,8 @@ def _async_get_connection_hook(
                     mark.dedicated = dedicated
                     mark.out = now
                     ledger.waits.append(now - start)
+                    if now - start > ledger.span_threshold:  # a wait that waited: a span
+                        ledger.slow_wait(start, now, c.OUTCOME_ACQUIRED)
                     if ledger.capture and not dedicated:
                         ledger.stacks[conn] = capture_stack(caller)
             except Exception as error:
@@ -916,6 +923,8 @@ def _connect_done(timing: tuple[_Mark, Ledger], start: float, *, ok: bool, open_
     ledger.connects.append(now - start)
     mark.born = now
     mark.open = True
+    if ledger.tracer is not None:  # kept for the span of the wait it is part of
+        ledger.slow_connect(start, now, True)
 
 
 def _disconnect_hook(adapter: RedisAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
