@@ -173,6 +173,7 @@ class RedisAdapter(Adapter):
     name = "redis"
     kind = "redis"
     module = "redis"
+    requires = ("redis >= 8.2.0, < 9",)
     connects_in_checkout = True
     connects_in_wait = True
     """``get_connection`` opens a new connection inside the caller's wait: a slow wait's
