@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -602,3 +603,29 @@ def test_semconv_mirrors_never_double_redis_pys_own_metrics(redis_server: RedisS
     assert seen["after"] == {
         name: ["redis-py"] if name in redis_own else ["poolwatch"] for name in mirrors
     }
+
+
+class _StandIn:
+    """A connection class that is not redis-py's (redis-py's own tests use one): it never
+    gets poolwatch's mark."""
+
+    def __init__(self, **kwargs: object) -> None:
+        self.pid = os.getpid()
+
+    def connect(self) -> None:
+        pass
+
+    def disconnect(self) -> None:
+        pass
+
+
+def test_a_connection_that_is_not_redis_pys_is_left_alone(pw: Harness) -> None:
+    """Giving a pool a connection poolwatch never marked (a stand-in class, as redis-py's
+    own tests use, or another pool's foreign object) is the library's business: no
+    internal error, nothing counted."""
+    pool = redis.ConnectionPool(connection_class=_StandIn)
+    pool.release(_StandIn())
+    apool = aredis.ConnectionPool(connection_class=_StandIn)
+    with pytest.raises(KeyError):  # the asyncio pool's own answer to a foreign connection
+        asyncio.run(apool.release(_StandIn()))  # type: ignore[arg-type]
+    assert pw.handle is not None and pw.handle.errors == {}

@@ -706,7 +706,7 @@ def _returned(conn: Any) -> None:
     exact ones inline it)."""
     # Ledger.released, inlined (the hot-path contract in _ledger.py), the checkout time read
     # from the connection's mark.
-    mark: _Mark | None = conn._poolwatch
+    mark: _Mark | None = getattr(conn, _MARK, None)  # None: not marked
     if mark is None:
         return
     start = mark.out
@@ -742,7 +742,9 @@ def _release_hook(
     def release(self: Any, connection: Any) -> Any:
         try:
             # _returned, inlined (a frame is a fifth of these hooks' cost)
-            mark: _Mark | None = connection._poolwatch
+            # None also for a connection poolwatch never marked (a class not redis-py's,
+            # as redis-py's own tests use) and once uninstrument() took the class default
+            mark: _Mark | None = getattr(connection, _MARK, None)
             start = mark.out if mark is not None else None
             if start is not None:
                 mark.out = None  # type: ignore[union-attr]  # not None: it had a start
@@ -779,7 +781,9 @@ def _async_release_hook(
     async def release(self: Any, connection: Any) -> Any:
         try:
             # _returned, inlined: the sync hook's statements, one for one.
-            mark: _Mark | None = connection._poolwatch
+            # None also for a connection poolwatch never marked (a class not redis-py's,
+            # as redis-py's own tests use) and once uninstrument() took the class default
+            mark: _Mark | None = getattr(connection, _MARK, None)
             start = mark.out if mark is not None else None
             if start is not None:
                 mark.out = None  # type: ignore[union-attr]  # not None: it had a start
