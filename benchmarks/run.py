@@ -59,8 +59,18 @@ SECTIONS = ("hotpath", "collect", "memory", "http", "redis", "traces", "instruct
 DEFAULT_SECTIONS = ("hotpath", "collect", "memory", "http", "redis", "traces")
 """What a plain run measures; ``instructions`` (valgrind, minutes) only with ``--only``."""
 CORE_PACKAGES = ("SQLAlchemy", "opentelemetry-sdk", "opentelemetry-instrumentation-sqlalchemy")
-HTTP_PACKAGES = ("urllib3", "requests", "httpx", "httpcore", "aiohttp", "boto3", "botocore", "moto")
-"""The libraries the http section measures, printed with their versions."""
+HTTP_PACKAGES = (
+    "urllib3",
+    "requests",
+    "httpx",
+    "httpcore",
+    "aiohttp",
+    "boto3",
+    "botocore",
+    "moto",
+    "redis",
+)
+"""The libraries the http and redis sections measure, printed with their versions."""
 HTTP_CONTRIB_PACKAGES = (
     "opentelemetry-instrumentation-urllib3",
     "opentelemetry-instrumentation-requests",
