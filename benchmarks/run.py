@@ -2,7 +2,7 @@
 
 Usage (from anywhere; paths are resolved from this file)::
 
-    python benchmarks/run.py            # all but instructions, 22-25 minutes on 2 cores
+    python benchmarks/run.py            # all but instructions, 28-31 minutes on 2 cores
     python benchmarks/run.py --quick    # smaller sizes and fewer rounds (a smoke test)
     python benchmarks/run.py --only hotpath,collect
     python benchmarks/run.py --only instructions   # valgrind, 25-40 minutes

@@ -228,6 +228,12 @@ TEST_REQUIREMENTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# pytest plugins one suite's requirements install, kept out of every other suite's runs:
+# pytest-asyncio (redis-py's) warns at start-up where no asyncio_default_fixture_loop_scope
+# is set, and httpx's, httpcore's and aiohttp's suites turn that warning into an error.
+PLUGINS_OF: dict[str, tuple[str, ...]] = {"asyncio": ("redis",)}
+
+
 # What the oldest end's tests need beyond that, pinned as those releases pinned them.
 OLDEST_TEST_REQUIREMENTS: dict[str, tuple[str, ...]] = {
     # urllib3 2.0's dummyserver is tornado's (hypercorn and quart came later); on tornado
@@ -535,6 +541,12 @@ def pytest_run(
         "pytest",
         *(sorted({t.split("::")[0] for t in only}) if only else suite.paths),
         *suite.args,
+        *(
+            arg
+            for plugin, users in PLUGINS_OF.items()
+            if suite.name not in users
+            for arg in ("-p", f"no:{plugin}")
+        ),
         *(f"--deselect={test}" for test in deselect),
         "-p",
         "compat_plugin",
