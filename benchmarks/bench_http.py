@@ -731,7 +731,11 @@ def _interval_verdict(low_pct: float, high_pct: float) -> str:
     return "UNDECIDED"
 
 
-def render_in_situ(results: list[InSituResult], config: HTTPConfig) -> str:
+def render_in_situ(
+    results: list[InSituResult],
+    config: HTTPConfig,
+    title: str = "HTTP pools: added latency per request, in situ",
+) -> str:
     """The in-situ tables and their verdicts: added latency, added CPU time."""
 
     Value = Callable[[LayoutReading], tuple[float, float, float]]
@@ -781,7 +785,7 @@ def render_in_situ(results: list[InSituResult], config: HTTPConfig) -> str:
     ]
     return "\n".join(
         [
-            heading("HTTP pools: added latency per request, in situ"),
+            heading(title),
             f"one client per library, instrumented throughout, in {processes} "
             "processes each laid out in memory by a seed of its own (benchmarks/in_situ.py);",
             f"in each, pairs of blocks of {config.in_situ_block} requests (up to "
@@ -807,8 +811,49 @@ def render_in_situ(results: list[InSituResult], config: HTTPConfig) -> str:
     )
 
 
+class Redis(Library):
+    """redis-py: one ``PING`` round trip on a ``Redis`` client (its pool's checkout and
+    return inside), against a loopback redis-server (``bench_redis.py``)."""
+
+    key = "redis"
+    kind = "redis"
+    name, contrib = "redis-py Redis PING", "opentelemetry.instrumentation.redis:RedisInstrumentor"
+
+    def open(self, url: str) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url)
+
+    def request(self) -> None:
+        self.client.ping()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class RedisAsync(AsyncLibrary):
+    key = "redis-async"
+    kind = "redis"
+    name, contrib = (
+        "redis-py asyncio Redis PING",
+        "opentelemetry.instrumentation.redis:RedisInstrumentor",
+    )
+
+    async def aopen(self) -> None:
+        import redis.asyncio
+
+        self.client = redis.asyncio.Redis.from_url(self.url)
+
+    async def arequest(self) -> None:
+        await self.client.ping()
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
 LIBRARIES: dict[str, type[Library]] = {
-    library.key: library for library in (Urllib3, Requests, HTTPX, HTTPXAsync, Aiohttp, Boto3)
+    library.key: library
+    for library in (Urllib3, Requests, HTTPX, HTTPXAsync, Aiohttp, Boto3, Redis, RedisAsync)
 }
 """The libraries, by the key ``benchmarks/in_situ.py`` is given."""
 

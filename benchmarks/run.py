@@ -2,7 +2,7 @@
 
 Usage (from anywhere; paths are resolved from this file)::
 
-    python benchmarks/run.py            # all but instructions, 22-25 minutes on 2 cores
+    python benchmarks/run.py            # all but instructions, 28-31 minutes on 2 cores
     python benchmarks/run.py --quick    # smaller sizes and fewer rounds (a smoke test)
     python benchmarks/run.py --only hotpath,collect
     python benchmarks/run.py --only instructions   # valgrind, 25-40 minutes
@@ -25,6 +25,9 @@ Sections (see each module's docstring for the method):
   requests, httpx (sync and async), aiohttp and boto3 against moto: bare, poolwatch, and
   each library's OpenTelemetry contrib instrumentation; acquire+release of urllib3,
   httpx (httpcore) and aiohttp pools;
+* ``redis`` (bench_redis.py) — acquire+release of redis-py's pools (sync, blocking,
+  asyncio) and a loopback ``PING``, bare and poolwatch, against a throw-away redis-server
+  (skipped, and said so, when none can run);
 * ``traces`` (bench_traces.py) — a free checkout with poolwatch's wait spans on and off,
   against a span per checkout; the cost of one wait that is recorded as spans;
 * ``instructions`` (bench_instructions.py, only with ``--only``) — instructions poolwatch
@@ -52,12 +55,22 @@ REPO = HERE.parent
 VENV = HERE / ".venv"
 REQUIREMENTS = HERE / "requirements.txt"
 STAMP = VENV / ".requirements-installed"
-SECTIONS = ("hotpath", "collect", "memory", "http", "traces", "instructions")
-DEFAULT_SECTIONS = ("hotpath", "collect", "memory", "http", "traces")
+SECTIONS = ("hotpath", "collect", "memory", "http", "redis", "traces", "instructions")
+DEFAULT_SECTIONS = ("hotpath", "collect", "memory", "http", "redis", "traces")
 """What a plain run measures; ``instructions`` (valgrind, minutes) only with ``--only``."""
 CORE_PACKAGES = ("SQLAlchemy", "opentelemetry-sdk", "opentelemetry-instrumentation-sqlalchemy")
-HTTP_PACKAGES = ("urllib3", "requests", "httpx", "httpcore", "aiohttp", "boto3", "botocore", "moto")
-"""The libraries the http section measures, printed with their versions."""
+HTTP_PACKAGES = (
+    "urllib3",
+    "requests",
+    "httpx",
+    "httpcore",
+    "aiohttp",
+    "boto3",
+    "botocore",
+    "moto",
+    "redis",
+)
+"""The libraries the http and redis sections measure, printed with their versions."""
 HTTP_CONTRIB_PACKAGES = (
     "opentelemetry-instrumentation-urllib3",
     "opentelemetry-instrumentation-requests",
@@ -184,6 +197,7 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
     import bench_http
     import bench_instructions
     import bench_memory
+    import bench_redis
     import bench_sqlalchemy
     import bench_traces
 
@@ -225,6 +239,22 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
         )
         measured = bench_http.run_http(http_config)
         print(bench_http.render_http(measured, http_config), flush=True)
+    if "redis" in sections:
+        redis_config = (
+            bench_http.HTTPConfig(
+                rounds=5,
+                requests=100,
+                warmup=10,
+                acquire_ops=5_000,
+                acquire_rounds=5,
+                in_situ_layouts=2,
+                in_situ_pairs=25,
+                in_situ_seconds=3.0,
+            )
+            if quick
+            else bench_http.HTTPConfig()
+        )
+        print(bench_redis.main(redis_config), flush=True)
     if "traces" in sections:
         bench_traces.main(quick)
     if "instructions" in sections:

@@ -534,8 +534,12 @@ class Producer:
     def _add_database(
         out: _Collection, series: Series, levels: Levels, ledger: LedgerSnapshot
     ) -> None:
-        out.number(c.DB_CONNECTION_COUNT, series, levels.used, c.STATE_USED)
-        out.number(c.DB_CONNECTION_COUNT, series, levels.idle, c.STATE_IDLE)
+        # What the library emits itself (redis-py's own metrics, when turned on) is left
+        # out: the same name twice, with two pool names, would double every sum over it.
+        own = series.adapter.library_metrics()
+        if c.DB_CONNECTION_COUNT.name not in own:
+            out.number(c.DB_CONNECTION_COUNT, series, levels.used, c.STATE_USED)
+            out.number(c.DB_CONNECTION_COUNT, series, levels.idle, c.STATE_IDLE)
         if levels.idle_max is not None:
             out.number(c.DB_CONNECTION_IDLE_MAX, series, levels.idle_max)
         if levels.idle_min is not None:
@@ -543,9 +547,12 @@ class Producer:
         if levels.max is not None:
             out.number(c.DB_CONNECTION_MAX, series, levels.max)
         out.number(c.DB_CONNECTION_PENDING_REQUESTS, series, levels.pending)
-        out.number(c.DB_CONNECTION_TIMEOUTS, series, ledger.timeouts)
-        out.histogram(c.DB_CONNECTION_CREATE_TIME, series, ledger.connect[c.CONNECT_OK])
-        out.histogram(c.DB_CONNECTION_WAIT_TIME, series, ledger.wait[c.OUTCOME_ACQUIRED])
+        if c.DB_CONNECTION_TIMEOUTS.name not in own:
+            out.number(c.DB_CONNECTION_TIMEOUTS, series, ledger.timeouts)
+        if c.DB_CONNECTION_CREATE_TIME.name not in own:
+            out.histogram(c.DB_CONNECTION_CREATE_TIME, series, ledger.connect[c.CONNECT_OK])
+        if c.DB_CONNECTION_WAIT_TIME.name not in own:
+            out.histogram(c.DB_CONNECTION_WAIT_TIME, series, ledger.wait[c.OUTCOME_ACQUIRED])
         out.histogram(c.DB_CONNECTION_USE_TIME, series, ledger.use)
 
     @staticmethod

@@ -55,6 +55,7 @@ TEST_TIMEOUT = 120
 JOBS = 3
 LONGEST_FIRST = (
     "sqlalchemy",
+    "redis",
     "requests",
     "urllib3",
     "sqlalchemy-asyncio",
@@ -93,6 +94,10 @@ class Suite:
     """``(file, text, replacement)`` made in the unpacked tests where ``text`` is found:
     a later release's own fix of a flaw in its tests, applied to the older release."""
     env: dict[str, str] = field(default_factory=dict)
+    server: str = ""
+    """A server the suite needs, started for each pytest run inside its network namespace
+    (``redis``: a throw-away ``redis-server`` on a free loopback port, its URL given to
+    the suite as ``--redis-url``; stopped after the run)."""
 
 
 SUITES = (
@@ -173,6 +178,16 @@ SUITES = (
         args=("-o", "addopts=", "-m", "not dev_mode and not autobahn and not internal"),
         remove=("aiohttp",),
     ),
+    Suite(
+        "redis",
+        "redis",
+        "redis",
+        ("tests/test_connection_pool.py", "tests/test_asyncio/test_connection_pool.py"),
+        # redis-py's pyproject adds -s and INFO logging of every test to the output.
+        args=("-o", "addopts=", "-o", "log_cli_level=WARNING"),
+        remove=("redis",),
+        server="redis",
+    ),
 )
 
 # The tests' own requirements, as each project lists them for its test runs (lint, docs,
@@ -197,6 +212,9 @@ TEST_REQUIREMENTS: dict[str, tuple[str, ...]] = {
     "httpcore": ("anyio", "trio", "pytest-trio", "h2", "socksio", "pytest-httpbin", "trustme"),
     # chardet 5.2: httpx's own pin (its tests assert what that detector guesses).
     "httpx": ("anyio", "trio", "uvicorn", "trustme", "chardet==5.2.0", "brotli", "zstandard", "h2"),
+    # redis-py's dev_requirements.txt, for what its pool tests import (numpy, uvloop,
+    # redis-entraid and the OTLP exporter serve other modules).
+    "redis": ("pytest-asyncio", "packaging", "ujson", "pybreaker", "xxhash"),
     "aiohttp": (
         "blockbuster",
         "coverage",  # its pytest.ini names coverage's warning class
@@ -209,6 +227,12 @@ TEST_REQUIREMENTS: dict[str, tuple[str, ...]] = {
         "zlib-ng",
     ),
 }
+
+
+# pytest plugins one suite's requirements install, kept out of every other suite's runs:
+# pytest-asyncio (redis-py's) warns at start-up where no asyncio_default_fixture_loop_scope
+# is set, and httpx's, httpcore's and aiohttp's suites turn that warning into an error.
+PLUGINS_OF: dict[str, tuple[str, ...]] = {"asyncio": ("redis",)}
 
 
 # What the oldest end's tests need beyond that, pinned as those releases pinned them.
@@ -406,6 +430,61 @@ os.execv(sys.argv[1], sys.argv[1:])
 """
 
 
+# Run inside the pytest run's own network namespace, before pytest: a throw-away
+# redis-server on a free loopback port, its URL appended to the pytest command as
+# --redis-url, stopped when pytest ends (a run killed for its time takes it along: the same
+# process group).
+_WITH_REDIS = """
+import os, shutil, socket, subprocess, sys, tempfile, time
+server, command = sys.argv[1], sys.argv[2:]
+# 6379, redis' own port, where free (the run's own namespace): a few of the suites' tests
+# connect there whatever --redis-url says; else (no namespace) any free port.
+with socket.socket() as probe:
+    try:
+        probe.bind(("127.0.0.1", 6379))
+    except OSError:
+        probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+work = tempfile.mkdtemp(prefix="compat-redis-")
+redis = subprocess.Popen(
+    [server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+     "--enable-debug-command", "yes",  # the suite's DEBUG ERROR tests of loading/OOM replies
+     "--dir", work, "--logfile", os.path.join(work, "redis.log")],
+    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+)
+deadline = time.monotonic() + 30
+while True:
+    try:
+        socket.create_connection(("127.0.0.1", port), 1).close()
+        break
+    except OSError:
+        if redis.poll() is not None or time.monotonic() > deadline:
+            sys.exit(f"redis-server did not start on 127.0.0.1:{port}")
+        time.sleep(0.05)
+try:
+    code = subprocess.call([*command, f"--redis-url=redis://127.0.0.1:{port}/0"])
+finally:
+    redis.terminate()
+    redis.wait(10)
+    shutil.rmtree(work, ignore_errors=True)
+sys.exit(code)
+"""
+
+
+def server_wrapper(suite: Suite) -> list[str]:
+    """The command prefix that starts the server ``suite`` needs around its pytest run."""
+    if not suite.server:
+        return []
+    if suite.server != "redis":
+        raise SetupError(f"suite {suite.name}: unknown server {suite.server!r}")
+    found = shutil.which("redis-server")
+    if found is None:
+        raise SetupError(
+            f"suite {suite.name} needs redis-server: install Debian's 'redis-server' package"
+        )
+    return [sys.executable, "-S", "-E", "-c", _WITH_REDIS, found]
+
+
 def isolation() -> list[str] | None:
     """The command prefix that runs a command in a fresh network namespace, or None."""
     for prefix in (["unshare", "--net"], ["unshare", "--net", "--map-root-user"]):
@@ -456,12 +535,19 @@ def pytest_run(
             del environ[name]  # poolwatch's defaults, whatever the caller's shell holds
     command = [
         *(prefix or []),
+        *server_wrapper(suite),
         str(env.python),
         "-s",
         "-m",
         "pytest",
         *(sorted({t.split("::")[0] for t in only}) if only else suite.paths),
         *suite.args,
+        *(
+            arg
+            for plugin, users in PLUGINS_OF.items()
+            if suite.name not in users
+            for arg in ("-p", f"no:{plugin}")
+        ),
         *(f"--deselect={test}" for test in deselect),
         "-p",
         "compat_plugin",

@@ -1,5 +1,5 @@
 """Fixtures shared by the suite: a metric reader per test (tests/support/harness.py), a real
-PostgreSQL per session."""
+PostgreSQL and a real Redis per session."""
 
 from __future__ import annotations
 
@@ -78,3 +78,12 @@ def postgres() -> Iterator[object]:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[object]:
+    """A throw-away ``redis-server`` on a free loopback port, for the whole session."""
+    from tests.support.redis import RedisServer
+
+    with RedisServer() as server:
+        yield server

@@ -98,13 +98,14 @@ def scenarios(demo_outputs: dict[str, str]) -> dict[str, dict[str, dict[str, str
 def test_demo_runs_every_pool_kind(scenarios: dict[str, dict[str, dict[str, str]]]) -> None:
     healthy = scenarios["healthy"]
     kinds = {row["KIND"] for row in healthy.values()}
-    assert kinds == {"sqlalchemy", "requests", "httpx", "botocore"}
+    assert kinds == {"sqlalchemy", "requests", "httpx", "botocore", "redis"}
     assert set(healthy) == {
         "orders-db",
         "inventory-api",
         "pricing-api",
         "pricing-api-async",
         "sessions-dynamodb",
+        "sessions-cache",
     }
     for row in healthy.values():
         assert int(row["CHECKOUTS"]) > 0, row
@@ -132,6 +133,30 @@ def test_demo_exhaustion_times_callers_out(demo_outputs: dict[str, str]) -> None
     assert {u.split("/")[1] for u in used} == {"2"}, used
     assert all(int(u.split("/")[0]) <= 2 for u in used), used
     assert int(tables[-1]["orders-db"]["TIMEOUTS"]) > 0
+    cache = tables[-1]["sessions-cache"]  # redis: transactions hold their connection as long
+    assert (cache["KIND"], cache["USED/MAX"].split("/")[1]) == ("redis", "2")
+    assert int(cache["TIMEOUTS"]) > 0
+
+
+def test_demo_without_redis_server_runs_every_other_pool(tmp_path: Path) -> None:
+    """No redis-server on the PATH: the demo says so and runs without its cache."""
+    result = subprocess.run(
+        [*DEMO, "--duration", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PATH": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "skipped (not installed): redis (redis-py and redis-server)" in result.stdout
+    assert set(_rows(result.stdout)) == {
+        "orders-db",
+        "inventory-api",
+        "pricing-api",
+        "pricing-api-async",
+        "sessions-dynamodb",
+    }
 
 
 def test_demo_leak_is_counted(scenarios: dict[str, dict[str, dict[str, str]]]) -> None:

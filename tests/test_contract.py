@@ -187,17 +187,76 @@ def _aiohttp(upstream: AsyncioUpstream, refused: int) -> None:
     asyncio.run(asyncio.wait_for(scenario(), 20))
 
 
+def _redis(server: Any, refused: int) -> None:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    pool = redis.BlockingConnectionPool.from_url(
+        server.url(50), max_connections=1, timeout=0.05, retry=Retry(NoBackoff(), 0)
+    )
+    client = redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+    poolwatch.track(pool, name="contract")
+    client.ping()
+    late = pool.get_connection()
+    time.sleep(HELD)
+    pool.release(late)
+    holder = pool.get_connection()
+    with pytest.raises(redis.exceptions.ConnectionError, match="No connection available"):
+        client.ping()
+    # The next checkout reconnects the pool's one connection, to a port nobody listens on:
+    # its connect fails, and so does the checkout.
+    holder.disconnect()
+    holder.port = refused
+    pool.release(holder)
+    with pytest.raises(redis.exceptions.ConnectionError, match="Connection refused"):
+        client.ping()
+    pool.disconnect()
+
+
+async def _async_redis_scenario(server: Any, refused: int) -> None:
+    import redis
+    import redis.asyncio as aredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    pool = aredis.BlockingConnectionPool.from_url(
+        server.url(51), max_connections=1, timeout=0.05, retry=Retry(NoBackoff(), 0)
+    )
+    client = aredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+    poolwatch.track(pool, name="contract")
+    await client.ping()
+    late = await pool.get_connection()
+    await asyncio.sleep(HELD)
+    await pool.release(late)
+    holder = await pool.get_connection()
+    with pytest.raises(redis.exceptions.ConnectionError, match="No connection available"):
+        await client.ping()
+    await holder.disconnect()
+    holder.port = refused
+    await pool.release(holder)
+    with pytest.raises(redis.exceptions.ConnectionError, match="Connect call failed"):
+        await client.ping()
+    await pool.disconnect()
+
+
+def _async_redis(server: Any, refused: int) -> None:
+    asyncio.run(asyncio.wait_for(_async_redis_scenario(server, refused), 20))
+
+
 SCENARIOS: dict[str, Callable[..., None]] = {
     "sqlalchemy": _sqlalchemy,
     "urllib3": _urllib3,
     "httpx": _httpx,
     "aiohttp": _aiohttp,
+    "redis": _redis,
+    "redis.asyncio": _async_redis,
 }
 
 
 @pytest.mark.parametrize("library", list(SCENARIOS))
 def test_every_adapter_ends_its_ledger_as_the_reference_does(
-    harness: Harness, tmp_path: Path, library: str
+    harness: Harness, tmp_path: Path, library: str, request: pytest.FixtureRequest
 ) -> None:
     handle = harness.instrument(leak_threshold=THRESHOLD, leak_stacks="always")
     if library == "sqlalchemy":
@@ -208,6 +267,9 @@ def test_every_adapter_ends_its_ledger_as_the_reference_does(
     elif library == "httpx":
         with ThreadedUpstream() as upstream:
             _httpx(upstream)
+    elif library.startswith("redis"):
+        with refusing_port() as refused:
+            SCENARIOS[library](request.getfixturevalue("redis_server"), refused)
     else:
         with AsyncioUpstream() as upstream, refusing_port() as refused:
             _aiohttp(upstream, refused)

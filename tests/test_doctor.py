@@ -545,3 +545,72 @@ def test_doctor_judges_the_configuration_an_app_imports(tmp_path: Path) -> None:
     assert missing.stderr == (
         "poolwatch doctor: cannot import no_such_app: No module named 'no_such_app'\n"
     )
+
+
+REDIS_APP = """
+import redis
+
+cache = redis.Redis.from_url("redis://:s3cret@cache.internal:6379/0", max_connections=2**31)
+queue = redis.Redis(
+    connection_pool=redis.BlockingConnectionPool.from_url(
+        "redis://queue.internal:6380/2", max_connections=8, timeout=None
+    )
+)
+"""
+
+
+def test_doctor_judges_a_redis_configuration_in_redis_py_terms(tmp_path: Path) -> None:
+    (tmp_path / "cacheapp.py").write_text(REDIS_APP)
+    result = subprocess.run(
+        [*POOLWATCH, "doctor", "--import", "cacheapp"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert (result.returncode, result.stderr) == (_doctor.EXIT_FINDINGS, "")
+    assert result.stdout.splitlines() == [
+        "2 pools configured by cacheapp",
+        "POOL      redis://cache.internal:6379/0 (redis): no limit",
+        "WARNING   redis://cache.internal:6379/0 (redis): redis.ConnectionPool with "
+        "max_connections 2147483648 (redis-py's default before 8.0: no limit): the pool has no "
+        "connection limit",
+        "          advice: set max_connections=… of the redis.ConnectionPool / "
+        "BlockingConnectionPool (Redis.from_url(…, max_connections=…)): an unbounded pool turns "
+        "a slow server into a flood of connections, and the server's own connection limit "
+        "becomes the first one hit",
+        "POOL      redis://queue.internal:6380/2 (redis): max 8, keeps up to 8 idle",
+        "WARNING   redis://queue.internal:6380/2 (redis): redis.BlockingConnectionPool"
+        "(timeout=None): when the pool is exhausted a caller waits for a connection for ever",
+        "          advice: set redis.BlockingConnectionPool(timeout=…) so that an exhausted pool "
+        "fails fast with ConnectionError('No connection available.')",
+    ]
+    assert "s3cret" not in result.stdout
+
+
+def test_sizing_and_findings_name_redis_py_settings() -> None:
+    now = Counts(
+        "redis",
+        "sessions-cache",
+        used=2,
+        max=2,
+        pending=3,
+        checkouts=100,
+        holds=100,
+        hold_total=20.0,
+        timeouts=10,
+        stale=2,
+    )
+    before = dataclasses.replace(now, checkouts=0, holds=0, hold_total=0, timeouts=0, stale=0)
+    found = {f.topic: f for f in _advice.findings(now, before, 10.0)}
+    assert set(found) == {"exhausted", "stale"}
+    assert found["exhausted"].advice == (
+        "set max_connections=… of the redis.ConnectionPool / BlockingConnectionPool "
+        "(Redis.from_url(…, max_connections=…)) to 4 (now 2): 11.0 checkouts/s wanted x 200 ms "
+        "mean hold = 2.2 connections busy on average; x 1.5 headroom → 4"
+    )
+    assert found["stale"].advice.startswith("redis.Redis(health_check_interval=…)")
+    [unbounded] = _advice.findings(Counts("redis", "cache"), Counts("redis", "cache"), 10.0)
+    assert unbounded.topic == "unbounded"
+    assert "max_connections" in unbounded.advice

@@ -1,5 +1,6 @@
 """End to end with real processes on loopback: an instrumented workload exhausting a real
-PostgreSQL pool and HTTP pools (requests and httpx to a loopback server, boto3 to moto),
+PostgreSQL pool, HTTP pools (requests and httpx to a loopback server, boto3 to moto) and a
+redis-py pool (a throw-away redis-server),
 keeping another pool busy but not exhausted, leaking a connection, and calling a server
 that refuses connections; a real Prometheus scraping it every second with the shipped
 rules (their durations shortened only through alerts/config.py overrides), and a real
@@ -49,20 +50,22 @@ POOLS = [  # (pool.kind, pool.name) of every pool the workload's cycles run
     ("requests", "inventory-api"),
     ("httpx", "pricing-api"),
     ("botocore", "sessions-dynamodb"),
+    ("redis", "sessions-cache"),
 ]
 BROKEN = [  # pools whose server refuses connections
     ("sqlalchemy", "replica-db"),
     ("requests", "down-api"),
     ("httpx", "down-pricing"),
     ("botocore", "down-dynamodb"),
+    ("redis", "down-cache"),
 ]
 # Targets whose series exist only once a failure happened: checked against BROKEN. A
 # refused connect fails the checkout where the checkout includes opening the connection
-# (SQLAlchemy) or is counted only once the connection accepts the request (httpx): a wait
-# error; urllib3 (requests, botocore) connects after a checkout that succeeded, so there
-# the refused connect is a connect error only.
+# (SQLAlchemy, redis-py) or is counted only once the connection accepts the request (httpx):
+# a wait error; urllib3 (requests, botocore) connects after a checkout that succeeded, so
+# there the refused connect is a connect error only.
 ON_FAILURE = {
-    "wait errors": ["replica-db", "down-pricing"],
+    "wait errors": ["replica-db", "down-pricing", "down-cache"],
     "connect errors": [name for _, name in BROKEN],
 }
 ANTIPATTERNS = {  # the only anti-patterns the workload has: non-blocking pools of 2, 4 callers
@@ -172,6 +175,8 @@ def test_alerts_reach_alertmanager_and_every_dashboard_query_has_data(
         "reports-db": {"PoolwatchConnectionLeak"},
         # a requests pool of 2 for 4 callers: a discard for half its checkouts
         "inventory-api": {"PoolwatchPoolDiscarding", "PoolwatchPoolAntipattern"},
+        # a redis-py blocking pool of 2 for 4 transactions: two time out
+        "sessions-cache": {"PoolwatchPoolExhausted"},
     }
     firing = until(
         f"{wanted} in Alertmanager",
@@ -208,7 +213,7 @@ def test_alerts_reach_alertmanager_and_every_dashboard_query_has_data(
             checked += 1
             if not prometheus.query(expr):
                 empty.append(f"{kind} {pool}: {name}: {panel['title']}: {expr}")
-    assert empty == []
+    assert empty == [], "\n".join(empty)
     # every target of both dashboards but the failure and anti-pattern ones, for every pool
     assert checked == 41 * len(POOLS)
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -611,3 +612,192 @@ def test_a_real_prometheus_stores_the_wait_spans_as_exemplars(
         "span_id": format(wait.context.span_id, "016x"),
     }
     assert float(exemplar["value"]) == pytest.approx(_seconds(wait), abs=0.005)
+
+
+# -- redis-py, threads and tasks -------------------------------------------------------------
+@pytest.fixture
+def redis_url(redis_server: Any) -> str:
+    url: str = redis_server.url(30)
+    return url
+
+
+def test_redis_waits_and_timeouts_are_spans_of_the_caller_that_waited(
+    harness: Harness, traced: Traced, redis_url: str
+) -> None:
+    """A BlockingConnectionPool of one connection: a thread waiting for it gets an
+    ``acquired`` wait span under its own span, a caller that times out a ``timeout`` one;
+    free checkouts make none. The connection opened inside the first checkout is kept for
+    that checkout's wait (connects_in_wait), which was too short for a span of its own."""
+    import redis
+
+    harness.instrument(tracer_provider=traced.provider, wait_span_threshold=THRESHOLD)
+    pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=10)
+    client = redis.Redis(connection_pool=pool)
+    poolwatch.track(client, name="sessions-cache")
+    with traced.tracer.start_as_current_span("free checkouts"):
+        for _ in range(50):
+            client.ping()
+    held = pool.get_connection()
+    answers: list[bool] = []
+
+    def waiter() -> None:
+        with traced.tracer.start_as_current_span("waiter"):
+            answers.append(client.ping())
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    wait_until(lambda: pool.pool.empty() and len(pool.pool.not_empty._waiters) == 1)
+    time.sleep(HOLD)
+    pool.release(held)
+    thread.join(10)
+    assert answers == [True]
+
+    pool.timeout = 0.1
+    held = pool.get_connection()
+    with (
+        traced.tracer.start_as_current_span("timed out"),
+        pytest.raises(redis.exceptions.ConnectionError, match="No connection available"),
+    ):
+        client.ping()
+    pool.release(held)
+    pool.disconnect()
+
+    spans = traced.by_id()
+    acquired, timeout = sorted(traced.spans(SPAN_WAIT), key=lambda s: s.start_time or 0)
+    assert dict(acquired.attributes or {}) == {
+        "pool.name": "sessions-cache",
+        "pool.kind": "redis",
+        "server.address": "127.0.0.1",
+        "server.port": urlsplit(redis_url).port,
+        "outcome": "acquired",
+    }
+    assert acquired.status.status_code == StatusCode.UNSET
+    assert _parent_name(acquired, spans) == "waiter"
+    assert _seconds(acquired) >= HOLD
+    assert dict(timeout.attributes or {}) == {
+        "pool.name": "sessions-cache",
+        "pool.kind": "redis",
+        "server.address": "127.0.0.1",
+        "server.port": urlsplit(redis_url).port,
+        "outcome": "timeout",
+    }
+    assert timeout.status.status_code == StatusCode.ERROR
+    assert _parent_name(timeout, spans) == "timed out"
+    assert 0.1 <= _seconds(timeout) < 1.0
+    assert traced.spans(SPAN_CONNECT) == []  # a loopback connect is below the threshold
+    assert sorted(s.name for s in traced.spans() if s.name != SPAN_WAIT) == [
+        "free checkouts",
+        "timed out",
+        "waiter",
+    ]
+
+
+def test_a_redis_task_waiting_gets_its_span_under_its_own_task_span(
+    harness: Harness, traced: Traced, redis_url: str
+) -> None:
+    """Two tasks on one event loop sharing an asyncio BlockingConnectionPool of one
+    connection: the one that waits gets the wait span, under its own span."""
+    import redis.asyncio as aredis
+
+    harness.instrument(tracer_provider=traced.provider, wait_span_threshold=THRESHOLD)
+
+    async def scenario() -> None:
+        pool = aredis.BlockingConnectionPool.from_url(redis_url, max_connections=1, timeout=10)
+        client = aredis.Redis(connection_pool=pool)
+        poolwatch.track(client, name="sessions-cache")
+        await client.ping()  # one idle connection: nobody opens one below
+
+        async def holder() -> None:
+            with traced.tracer.start_as_current_span("holder"):
+                conn = await pool.get_connection()
+                await asyncio.sleep(HOLD * 2)
+                await pool.release(conn)
+
+        async def waiter() -> None:
+            with traced.tracer.start_as_current_span("waiter"):
+                assert await client.ping() is True
+
+        first = asyncio.ensure_future(holder())
+        await asyncio.sleep(HOLD / 2)
+        await asyncio.gather(first, waiter())
+        await pool.disconnect()
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+    [wait] = traced.spans(SPAN_WAIT)
+    assert _parent_name(wait, traced.by_id()) == "waiter"
+    assert dict(wait.attributes or {}) == {
+        "pool.name": "sessions-cache",
+        "pool.kind": "redis",
+        "server.address": "127.0.0.1",
+        "server.port": urlsplit(redis_url).port,
+        "outcome": "acquired",
+    }
+    assert _seconds(wait) >= HOLD
+
+
+# -- aiobotocore: its connectors are aiohttp's, its pools botocore's -------------------------
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def test_aiobotocore_waits_are_spans_named_as_the_botocore_pool(
+    harness: Harness, traced: Traced, moto_endpoint: str
+) -> None:
+    """An S3 client of one connection (``max_pool_connections=1``) whose connection is held
+    by an unread body (4 MiB: aiohttp frees a connection once the body has arrived, read or
+    not): the task waiting for it gets a wait span under its own span, with the botocore
+    pool's name (service and endpoint) and kind, not an anonymous aiohttp's."""
+    from aiobotocore.config import AioConfig
+    from aiobotocore.session import get_session
+
+    harness.instrument(tracer_provider=traced.provider, wait_span_threshold=THRESHOLD)
+
+    async def scenario() -> None:
+        async with get_session().create_client(
+            "s3",
+            endpoint_url=moto_endpoint,
+            region_name="eu-west-1",
+            aws_access_key_id="AKIAPOOLWATCHTRACE",
+            aws_secret_access_key="poolwatch-trace-secret",
+            config=AioConfig(
+                max_pool_connections=1,
+                retries={"total_max_attempts": 1},
+                s3={"addressing_style": "path"},
+            ),
+        ) as client:
+            await client.create_bucket(
+                Bucket="traced", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
+            )
+            await client.put_object(Bucket="traced", Key="k", Body=b"x" * (4 << 20))
+            held = await client.get_object(Bucket="traced", Key="k")  # body unread: kept
+
+            async def waiter() -> None:
+                with traced.tracer.start_as_current_span("waiter"):
+                    await client.head_object(Bucket="traced", Key="k")
+
+            waiting = asyncio.ensure_future(waiter())
+            await asyncio.sleep(HOLD)
+            assert len(await held["Body"].read()) == 4 << 20
+            held["Body"].close()
+            await waiting
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    [wait] = traced.spans(SPAN_WAIT)
+    assert _parent_name(wait, traced.by_id()) == "waiter"
+    assert dict(wait.attributes or {}) == {
+        "pool.name": f"s3 {moto_endpoint}",
+        "pool.kind": "botocore",
+        "server.address": "127.0.0.1",
+        "server.port": urlsplit(moto_endpoint).port,
+        "outcome": "acquired",
+    }
+    assert _seconds(wait) >= HOLD

@@ -23,11 +23,12 @@ class Scenario:
     http_delay: float = 0.005
     """Seconds the upstream takes to answer."""
     http_pool: int = 10
-    """requests pool_maxsize, httpx max_connections, boto3 max_pool_connections."""
+    """requests pool_maxsize, httpx max_connections, boto3 max_pool_connections, the Redis
+    pool's max_connections."""
     aws_pool: int | None = None
     """boto3 max_pool_connections, when not http_pool."""
     http_pool_timeout: float = 5.0
-    """httpx pool timeout."""
+    """httpx pool timeout, and the Redis pool's (``BlockingConnectionPool(timeout=…)``)."""
     idle_timeout: float | None = None
     """Seconds after which the embedded upstream closes idle keep-alive connections."""
     request_per_call: bool = False
@@ -45,7 +46,8 @@ SCENARIOS: dict[str, Scenario] = {
         "every pool sized at twice its workers: no alert's condition happens", {}, room=True
     ),
     "exhaustion": Scenario(
-        "2 database connections and an httpx pool of 2 for busy workers: callers time out",
+        "2 database connections, an httpx pool of 2 and a Redis pool of 2 for busy workers: "
+        "callers time out",
         {
             "orders-db": (
                 "PoolwatchPoolExhausted",
@@ -54,6 +56,7 @@ SCENARIOS: dict[str, Scenario] = {
                 "PoolwatchSlowAcquire",
             ),
             "pricing-api": ("PoolwatchPoolExhausted",),
+            "sessions-cache": ("PoolwatchPoolExhausted",),
         },
         pool_size=2,
         max_overflow=0,

@@ -8,7 +8,11 @@ Pools (each where its library is installed; the demo says which it skipped):
 * ``inventory-api`` — a requests Session against the HTTP upstream (``requests.get()`` per
   call in the *churn* scenario: a new pool, so a new connection, per request);
 * ``pricing-api`` — an httpx Client; ``pricing-api-async`` — an httpx AsyncClient;
-* ``sessions-dynamodb`` — a boto3 DynamoDB client against moto's server on loopback.
+* ``sessions-dynamodb`` — a boto3 DynamoDB client against moto's server on loopback;
+* ``sessions-cache`` — a redis-py ``BlockingConnectionPool`` on a throw-away
+  ``redis-server`` (``_demo/redis.py``), when the server binary is on the machine: each
+  call a ``WATCH``/``MULTI`` transaction holding its connection for the scenario's hold
+  time.
 
 The HTTP upstream is poolwatch's own loopback server (``upstream.py``) unless ``--http-url``
 names one, and moto's DynamoDB is served by ``wsgi.py``'s keep-alive server (moto's own
@@ -18,7 +22,8 @@ of the alerts in its ``alerts`` really happen (tests/test_demo_alerts.py):
 =============  ===========================================================================
 healthy        every pool sized at twice its workers: no alert's condition happens
 exhaustion     2 database connections for busy workers, an httpx pool of 2 with a 0.2 s
-               pool timeout on a slow upstream: callers wait and time out
+               pool timeout on a slow upstream, a Redis pool of 2 whose transactions hold
+               their connection as long: callers wait and time out
                (PoolwatchPoolExhausted, Saturated, UtilizationHigh, SlowAcquire)
 leak           a worker keeps database connections it never returns; the leak threshold is
                3 s (PoolwatchConnectionLeak)
@@ -303,6 +308,40 @@ class Demo:
             "sessions-dynamodb", put, max(2, self.options.workers // 2), BotoCoreError, ClientError
         )
 
+    def cache(self, stack: ExitStack) -> None:
+        """``sessions-cache``: redis-py on a throw-away redis-server, when it can run here."""
+        import redis
+
+        from poolwatch._demo.redis import RedisError, RedisServer
+
+        s = self.scenario
+        try:
+            server = stack.enter_context(RedisServer(checkpoint=self.signals.checkpoint))
+        except RedisError as error:  # no redis-server on this machine: the demo goes on
+            raise ImportError(str(error)) from error
+        pool = redis.BlockingConnectionPool.from_url(
+            server.url(), max_connections=self.http_pool, timeout=s.http_pool_timeout
+        )
+        stack.callback(pool.disconnect)
+        client = redis.Redis(connection_pool=pool)
+        _name(client, "sessions-cache")
+        rng = random.Random()
+
+        def touch() -> None:
+            # An optimistic transaction: WATCH holds the connection until EXEC, and the
+            # work between the read and the write is the scenario's hold time.
+            key = f"session:{threading.get_ident()}"
+            pipe: Any
+            with client.pipeline() as pipe:
+                pipe.watch(key)
+                seen = int(pipe.get(key) or 0)
+                self.stop.wait(rng.uniform(*s.hold))
+                pipe.multi()
+                pipe.set(key, seen + 1)
+                pipe.execute()
+
+        self.workers("sessions-cache", touch, max(2, self.options.workers // 2), redis.RedisError)
+
     # -- running -----------------------------------------------------------------------
     @contextmanager
     def _upstream(self) -> Iterator[str]:
@@ -322,6 +361,7 @@ class Demo:
             ("requests", lambda: self.requests_session(stack, url)),
             ("httpx", lambda: self.httpx_clients(stack, url)),
             ("boto3 and moto", lambda: self.dynamodb(stack)),
+            ("redis (redis-py and redis-server)", lambda: self.cache(stack)),
         ]
         for library, start in starts:
             self.signals.checkpoint()

@@ -9,12 +9,14 @@ from poolwatch._models import HostLevels, Levels, Misconfiguration
 from poolwatch.adapters._base import Adapter, Tracker
 from poolwatch.adapters.aiohttp import AiohttpAdapter
 from poolwatch.adapters.httpx import HTTPXAdapter
+from poolwatch.adapters.redis import RedisAdapter
 from poolwatch.adapters.sqlalchemy import SQLAlchemyAdapter
 from poolwatch.adapters.urllib3 import Urllib3Adapter
 
 ADAPTERS: dict[str, type[Adapter]] = {
     AiohttpAdapter.name: AiohttpAdapter,
     HTTPXAdapter.name: HTTPXAdapter,
+    RedisAdapter.name: RedisAdapter,
     SQLAlchemyAdapter.name: SQLAlchemyAdapter,
     Urllib3Adapter.name: Urllib3Adapter,
 }

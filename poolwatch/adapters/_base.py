@@ -211,6 +211,13 @@ class Adapter(abc.ABC):
         """File descriptors of ``pool``'s open connections (the process view)."""
         return ()
 
+    def library_metrics(self) -> frozenset[str]:
+        """Semantic-convention metrics the library emits itself now (redis-py's own
+        OpenTelemetry metrics, once the application turned them on): poolwatch leaves them
+        out of its mirrors, so that no series is exported twice. Read at collection, when
+        the mirrors are on."""
+        return frozenset()
+
     def checkouts(self, pools: list[Any]) -> dict[Hashable, float] | None:
         """The checkouts out of ``pools`` now (key: start), read from the library's own
         objects, for an adapter whose hot path keeps each checkout's time there (a

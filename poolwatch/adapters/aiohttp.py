@@ -98,7 +98,8 @@ import weakref
 from collections.abc import Callable, Coroutine, Hashable
 from time import monotonic, perf_counter
 from types import CodeType, FrameType
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 from poolwatch import _catalogue as c
 from poolwatch._ledger import Ledger, capture_stack
@@ -121,8 +122,62 @@ _CONNECTING = "_poolwatch_connecting"
 """On a connector: connections being opened, by ``ConnectionKey`` (for per-host used)."""
 _SITE = "_poolwatch_site"
 """On a connector the application made: where, until it is tracked."""
+_MAKER = "_poolwatch_maker"
+"""On a connector aiobotocore made: its :class:`Maker` (service and endpoint)."""
+_NAME = "_poolwatch_name"
+"""On an aiobotocore client's HTTP session: the name ``track()`` gave the client."""
 _TARGET = "aiohttp"
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+_FRAMES_SEARCHED = 40
+
+
+class Maker(NamedTuple):
+    """Who made a connector other than the application: aiobotocore, for a client."""
+
+    kind: str
+    target: str
+    attributes: dict[str, str | int]
+    name: str | None = None
+
+
+def aiobotocore_maker(endpoint: Any) -> Maker | None:
+    """The maker of the connectors of an aiobotocore ``AioEndpoint``: ``pool.kind``
+    botocore, named by service and endpoint as boto3's pools are
+    (``dynamodb https://dynamodb.eu-west-1.amazonaws.com``)."""
+    service = getattr(endpoint, "_endpoint_prefix", None)
+    host = getattr(endpoint, "host", None)
+    if not isinstance(service, str) or not isinstance(host, str):
+        return None
+    url = urlsplit(host)
+    scheme = (url.scheme or "https").lower()
+    try:
+        port = url.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:
+        port = _DEFAULT_PORTS.get(scheme)
+    origin = target_name(scheme, url.hostname, None if port == _DEFAULT_PORTS.get(scheme) else port)
+    attributes: dict[str, str | int] = {}
+    if url.hostname:
+        attributes[c.SERVER_ADDRESS] = url.hostname
+        if port:
+            attributes[c.SERVER_PORT] = port
+    name = getattr(getattr(endpoint, "http_session", None), _NAME, None)
+    return Maker("botocore", f"{service} {origin}", attributes, name)
+
+
+def _maker_of(frame: FrameType | None) -> Maker | None:
+    """Find, in the stack that creates a connector, the aiobotocore endpoint asking for it
+    (its ``AIOHTTPSession`` makes one connector per proxy, at its first request)."""
+    f, depth = frame, 0
+    while f is not None and depth < _FRAMES_SEARCHED:
+        if f.f_globals.get("__name__", "").startswith("aiobotocore."):
+            owner = f.f_locals.get("self")
+            if type(owner).__module__.startswith("aiobotocore.") and hasattr(
+                owner, "_endpoint_prefix"
+            ):
+                return aiobotocore_maker(owner)
+        f, depth = f.f_back, depth + 1
+    return None
+
 
 _failed_connect: contextvars.ContextVar[object | None] = contextvars.ContextVar(
     "poolwatch_aiohttp_failed_connect", default=None
@@ -159,6 +214,8 @@ class AiohttpAdapter(Adapter):
         self._closers: dict[CodeType, str] = {}
         self._waits_for_ever: weakref.WeakSet[Any] = weakref.WeakSet()
         """Connectors of sessions whose timeout bounds neither ``total`` nor ``connect``."""
+        self._named: weakref.WeakSet[Any] = weakref.WeakSet()
+        """aiobotocore HTTP sessions ``track()`` named."""
 
     # -- patching ----------------------------------------------------------------------
     def instrument(self, *, imported_before: bool) -> None:
@@ -182,6 +239,7 @@ class AiohttpAdapter(Adapter):
         self._patch(base, _LEDGER, None)  # class default: "untracked"
         self._patch(base, _CONNECTING, None)
         self._patch(base, _SITE, None)
+        self._patch(base, _MAKER, None)
         handler = client_proto.ResponseHandler
         self._patch(handler, _MARK, None)
         self._patch(handler, _OUT, None)
@@ -210,13 +268,18 @@ class AiohttpAdapter(Adapter):
                 self.report("aiohttp uninstrument", error)
         for connector in list(self._sited):
             _forget(connector, _SITE)
+            _forget(connector, _MAKER)
+        for http_session in list(self._named):
+            _forget(http_session, _NAME)
         self._tracked = weakref.WeakSet()
         self._sited = weakref.WeakSet()
+        self._named = weakref.WeakSet()
 
     def _unmark(self, connector: Any) -> None:
         _forget(connector, _LEDGER)
         _forget(connector, _CONNECTING)
         _forget(connector, _SITE)
+        _forget(connector, _MAKER)
         protocols = [p for conns in list(connector._conns.values()) for p, _ in list(conns)]
         for proto in protocols + list(connector._acquired):
             _forget(proto, _MARK)
@@ -226,7 +289,15 @@ class AiohttpAdapter(Adapter):
     def _track_connector(
         self, connector: Any, target: str, site: str | None, name: str | None = None
     ) -> Ledger:
-        ledger = self.tracker.track(connector, self, target=target, site=site, name=name)
+        maker: Maker | None = getattr(connector, _MAKER)
+        kind: str | None = None
+        attributes: dict[str, str | int] | None = None
+        if maker is not None:  # aiobotocore's: pool.kind botocore, named as boto3's pools
+            target, kind, attributes = maker.target, maker.kind, maker.attributes
+            name = name or maker.name
+        ledger = self.tracker.track(
+            connector, self, target=target, site=site, name=name, attributes=attributes, kind=kind
+        )
         if getattr(connector, _LEDGER) is None:
             # Connections it already holds were opened before we saw it: mark them as the
             # pool's (lifetime unknown) so their closes are counted.
@@ -270,12 +341,20 @@ class AiohttpAdapter(Adapter):
     def _track_existing(self, session_cls: type, connector_cls: type) -> None:
         sessions: list[Any] = []
         connectors: list[Any] = []
+        endpoints: list[Any] = []
         for obj in gc.get_objects():
             cls = type(obj)  # not isinstance(): a proxy's __class__ may run code, or raise
             if issubclass(cls, session_cls):
                 sessions.append(obj)
             elif issubclass(cls, connector_cls):
                 connectors.append(obj)
+            elif cls.__module__ == "aiobotocore.endpoint":
+                endpoints.append(obj)  # an AioEndpoint: a client's (or a helper of its module)
+        for endpoint in endpoints:  # aiobotocore clients: their connectors get their maker
+            try:
+                self._mark_made(endpoint)
+            except Exception as error:
+                self.report("aiohttp existing aiobotocore client", error)
         for session in sessions:
             try:
                 connector = session._connector
@@ -290,11 +369,34 @@ class AiohttpAdapter(Adapter):
             except Exception as error:
                 self.report("aiohttp existing connector", error)
 
+    def _mark_made(self, endpoint: Any, name: str | None = None) -> list[Any]:
+        """Give the connectors of an aiobotocore endpoint their maker; return them."""
+        maker = aiobotocore_maker(endpoint)
+        http_session = getattr(endpoint, "http_session", None)
+        found = []
+        for session in list((getattr(http_session, "_sessions", None) or {}).values()):
+            connector = getattr(session, "_connector", None)
+            if connector is not None and maker is not None:
+                setattr(connector, _MAKER, maker._replace(name=name or maker.name))
+                found.append(connector)
+        return found
+
     def track(self, obj: Any, name: str | None) -> bool:
         try:
             from aiohttp import ClientSession, connector
         except ImportError:
             return False
+        endpoint = getattr(obj, "_endpoint", None)  # an aiobotocore client
+        http_session = getattr(endpoint, "http_session", None)
+        if type(http_session).__module__.startswith("aiobotocore.") and hasattr(
+            http_session, "_sessions"
+        ):
+            if name is not None:  # its connectors are made at its first request: name them
+                setattr(http_session, _NAME, name)
+                self._named.add(http_session)
+            for made in self._mark_made(endpoint, name):
+                self._track_connector(made, _TARGET, None, name)
+            return True
         if isinstance(obj, ClientSession):
             return self._track_session(obj, None, name)
         if isinstance(obj, connector.BaseConnector):
@@ -398,12 +500,26 @@ class AiohttpAdapter(Adapter):
     # -- diagnostics -------------------------------------------------------------------
     def misconfigurations(self, pool: Any) -> tuple[Misconfiguration, ...]:
         found = []
+        maker: Maker | None = getattr(pool, _MAKER, None)
         if not pool._limit:
-            found.append(Misconfiguration(c.ANTIPATTERN_UNBOUNDED_POOL, "TCPConnector(limit=0)"))
-        if pool in self._waits_for_ever:
+            setting = "AioConfig(max_pool_connections=0)" if maker else "TCPConnector(limit=0)"
+            found.append(Misconfiguration(c.ANTIPATTERN_UNBOUNDED_POOL, setting))
+        if pool not in self._waits_for_ever:
+            pass
+        elif maker is None:
             found.append(
                 Misconfiguration(
                     c.ANTIPATTERN_NO_POOL_TIMEOUT, "ClientTimeout(total=None, connect=None)"
+                )
+            )
+        elif any(not w.done() for q in list(pool._waiters.values()) for w in list(q)):
+            # aiobotocore sets no bound on the wait for a connection, whatever its
+            # configuration says: reported once a caller is seen waiting, as for urllib3.
+            found.append(
+                Misconfiguration(
+                    c.ANTIPATTERN_NO_POOL_TIMEOUT,
+                    "aiobotocore (its aiohttp session has neither a total nor a connect "
+                    "timeout), callers waiting for one of max_pool_connections",
                 )
             )
         return tuple(found)
@@ -644,6 +760,9 @@ def _connector_init_hook(
         if adapter.stopped or getattr(adapter._making, "session", False):
             return  # made by ClientSession.__init__, which tracks it
         try:
+            maker = _maker_of(sys._getframe(CALLER))
+            if maker is not None:  # aiobotocore's, for a client's first request
+                self._poolwatch_maker = maker
             # Tracked when a session takes it (named by its base_url) or at its first
             # connect(): ``ClientSession(base_url=…, connector=TCPConnector(…))`` makes the
             # connector first, and a pool's name cannot change once it is tracked.

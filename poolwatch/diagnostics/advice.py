@@ -96,15 +96,21 @@ SIZE_KNOB = {
     "sqlalchemy": "create_engine(pool_size=…, max_overflow=…) (their sum is the maximum)",
     "urllib3": "PoolManager(maxsize=…) / HTTPConnectionPool(maxsize=…)",
     "requests": "requests.adapters.HTTPAdapter(pool_maxsize=…) mounted on the Session",
-    "botocore": "botocore.config.Config(max_pool_connections=…)",
+    "botocore": "botocore.config.Config(max_pool_connections=…) (aiobotocore: "
+    "aiobotocore.config.AioConfig(max_pool_connections=…))",
     "httpx": "httpx.Limits(max_connections=…)",
     "aiohttp": "aiohttp.TCPConnector(limit=…)",
+    "redis": "max_connections=… of the redis.ConnectionPool / BlockingConnectionPool "
+    "(Redis.from_url(…, max_connections=…))",
 }
 STALE_FIX = {
     "sqlalchemy": "create_engine(pool_pre_ping=True), and pool_recycle below the server's or "
     "the network's idle timeout",
     "httpx": "httpx.Limits(keepalive_expiry=…) shorter than the server's idle timeout",
     "aiohttp": "aiohttp.TCPConnector(keepalive_timeout=…) shorter than the server's idle timeout",
+    "redis": "redis.Redis(health_check_interval=…) shorter than the server's `timeout` (CONFIG GET "
+    "timeout) or a proxy's or firewall's idle timeout, and socket_keepalive=True; redis-py "
+    "reconnects a dropped connection at checkout (each costs a connect)",
 }
 STALE_DEFAULT = (
     "urllib3 re-opens dropped connections itself (each costs a connect); if they are frequent, "
@@ -264,7 +270,7 @@ def findings(now: Counts, before: Counts, seconds: float) -> list[Finding]:
             "return every connection (a with block or try/finally around each checkout); "
             "look for transactions left open across slow calls",
         )
-    if now.max is None and kind in ("httpx", "aiohttp"):
+    if now.max is None and kind in ("httpx", "aiohttp", "redis"):
         add(
             "warning",
             "unbounded",

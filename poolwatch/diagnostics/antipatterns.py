@@ -32,11 +32,14 @@ client_per_request      at least 10 pool instances were created at one place in 
                         engine, boto3 client) per request, so a new connection per request
 unbounded_pool          the pool has no connection limit by configuration (the adapter
                         says which setting: httpx ``max_connections=None``, aiohttp
-                        ``limit=0``, SQLAlchemy ``max_overflow=-1``)
+                        ``limit=0``, SQLAlchemy ``max_overflow=-1``, redis-py
+                        ``max_connections=None`` before redis-py 8)
 no_pool_timeout         a caller can wait for a connection for ever (requests
                         ``pool_block=True``, urllib3 ``block=True`` seen waiting without a
                         ``pool_timeout``, httpx ``Timeout(pool=None)``, SQLAlchemy
-                        ``pool_timeout=None``, aiohttp without ``total`` or ``connect``)
+                        ``pool_timeout=None``, aiohttp without ``total`` or ``connect``,
+                        redis-py ``BlockingConnectionPool(timeout=None)``, aiobotocore seen
+                        waiting: it sets no bound)
 pool_overflowing        a non-blocking pool (urllib3, requests, botocore) discarded at
                         least 5 connections opened past its size, 1% of checkouts or more
 keepalive_too_long      an HTTP pool found at least 3 idle connections closed by the server
@@ -94,12 +97,16 @@ _PER_REQUEST_FIX = {
     "share it; call engine.dispose() only after a fork",
     "requests": "use one requests.Session per process, made at start-up, instead of "
     "requests.get() or a Session per call",
-    "botocore": "create each boto3 client once per process and reuse it: clients are thread-safe",
+    "botocore": "create each boto3 client once per process and reuse it: clients are thread-safe "
+    "(aiobotocore: enter each session.create_client(…) once, at start-up, and share the client)",
     "urllib3": "use one urllib3.PoolManager per process instead of one per request",
     "httpx": "use one httpx.Client or AsyncClient per process (a FastAPI lifespan, app "
     "start-up) instead of httpx.get() or a client per request",
     "aiohttp": "use one aiohttp.ClientSession per process and event loop instead of one per "
     "request",
+    "redis": "create one redis.Redis (or redis.ConnectionPool) per process at start-up and share "
+    "it: clients are thread-safe (asyncio: one redis.asyncio.Redis per event loop); "
+    "Redis.from_url() or Redis() per call makes a pool, and a connection, per call",
 }
 _TIMEOUT_FIX = {
     "requests": "requests passes no pool timeout: keep pool_block=False (the default) and "
@@ -112,6 +119,12 @@ _TIMEOUT_FIX = {
     "with sqlalchemy.exc.TimeoutError",
     "aiohttp": "set aiohttp.ClientTimeout(total=…, connect=…): connect bounds the wait for a "
     "connection",
+    "redis": "set redis.BlockingConnectionPool(timeout=…) so that an exhausted pool fails fast "
+    "with ConnectionError('No connection available.')",
+    "botocore": "aiobotocore waits for a free connection for ever (its aiohttp session sets no "
+    "total or connect timeout): bound each call (asyncio.timeout(…) around it), size "
+    "AioConfig(max_pool_connections=…) to the calls in flight, and read or close every "
+    "streaming body so that its connection comes back",
 }
 _AGE_FIX = {
     "sqlalchemy": "set create_engine(pool_recycle=…) below connection_max_age",
@@ -119,6 +132,9 @@ _AGE_FIX = {
     "changes, replace the client periodically",
     "aiohttp": "aiohttp closes only idle connections (TCPConnector(keepalive_timeout=…)); to "
     "follow DNS changes, replace the session periodically",
+    "redis": "redis-py closes no connection for its age: to follow DNS changes (a failover "
+    "behind a name), call pool.disconnect() periodically, or use Sentinel or cluster clients, "
+    "which follow topology changes themselves",
 }
 _AGE_DEFAULT = (
     "urllib3 has no connection age limit: to follow DNS changes, close the pools "

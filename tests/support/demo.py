@@ -12,6 +12,7 @@ POOLS = {
     "pricing-api": "httpx",
     "pricing-api-async": "httpx",
     "sessions-dynamodb": "botocore",
+    "sessions-cache": "redis",
 }
 """Every pool the demo starts, by name, with its ``pool.kind`` (all its libraries are
 installed for the tests)."""

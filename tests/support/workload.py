@@ -15,17 +15,23 @@ Instruments itself with poolwatch, serves the Prometheus endpoint on a free loop
   for a connection, and one of the two connections is closed when they are done.
 * ``sessions-dynamodb`` — a boto3 DynamoDB client (max_pool_connections=2) against moto's
   server started here on loopback.
+* ``sessions-cache`` — a redis-py ``BlockingConnectionPool`` (max_connections=2, a 0.1 s
+  timeout) on a throw-away redis-server started here: four ``WATCH`` transactions at once,
+  each holding its connection, so two time out waiting for one; after each cycle the
+  server closes the pool's idle connections (``CLIENT KILL``, as its ``timeout`` would),
+  and the next cycle finds them stale.
 
 Beside the cycles, all the time:
 
 * ``catalog-db`` — pool_size=12 held by 11 threads in turn: utilization high (11/12, never
   below 10/12 = 83%) but never saturated or exhausted;
 * ``reports-db`` — one connection taken and never returned: a leak past the 2 s threshold;
-* ``replica-db``, ``down-api``, ``down-pricing``, ``down-dynamodb`` — a SQLAlchemy engine,
-  a requests Session, an httpx Client and a boto3 client for a loopback port that refuses
-  connections, called twice a second: connect errors for every kind, and for SQLAlchemy
-  (whose checkout includes opening the connection) and httpx (whose checkout is counted
-  when the connection accepts the request), wait errors too.
+* ``replica-db``, ``down-api``, ``down-pricing``, ``down-dynamodb``, ``down-cache`` — a
+  SQLAlchemy engine, a requests Session, an httpx Client, a boto3 client and a redis-py
+  client for a loopback port that refuses connections, called twice a second: connect
+  errors for every kind, and for SQLAlchemy and redis-py (whose checkout includes opening
+  the connection) and httpx (whose checkout is counted when the connection accepts the
+  request), wait errors too.
 
 Every pool kind thus has levels, waits, connects, holds and closes to show. It stops after
 ``--seconds`` (bounded: at most 300) or on SIGTERM.
@@ -142,6 +148,33 @@ def _http_calls(upstream: ThreadedUpstream, moto_url: str) -> tuple[list[Callabl
     return [inventory, prices, sessions], close
 
 
+def _cache_call(url: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``sessions-cache``: a transaction holding its connection; and a closer."""
+    import redis
+
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=2, timeout=0.1, client_name="sessions-cache"
+    )
+    client = redis.Redis(connection_pool=pool)
+    poolwatch.track(client, name="sessions-cache")
+
+    def call() -> None:
+        key = f"session:{threading.get_ident()}"
+        try:
+            with client.pipeline() as pipe:  # WATCH holds the connection until EXEC
+                pipe.watch(key)
+                pipe.get(key)
+                time.sleep(HOLD)
+                pipe.multi()
+                pipe.set(key, 1)
+                pipe.execute()
+        except redis.ConnectionError as error:  # exhaustion, as intended
+            if str(error) != "No connection available.":
+                raise
+
+    return call, pool.disconnect
+
+
 def _busy_catalog(url: str, stop: threading.Event) -> Callable[[], None]:
     """11 threads taking turns on 12 connections; returns a function that joins them."""
     engine = sa.create_engine(url, pool_size=CATALOG_SIZE, max_overflow=0, pool_timeout=5)
@@ -186,6 +219,12 @@ def _broken(refused: int) -> tuple[Callable[[], None], Callable[[], None]]:
     poolwatch.track(session, name="down-api")
     client = httpx.Client(timeout=2.0)
     poolwatch.track(client, name="down-pricing")
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    cache = redis.Redis(port=refused, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2)
+    poolwatch.track(cache, name="down-cache")
     dynamodb = boto3.client(
         "dynamodb",
         endpoint_url=down,
@@ -205,12 +244,15 @@ def _broken(refused: int) -> tuple[Callable[[], None], Callable[[], None]]:
             client.get(down)
         with contextlib.suppress(BotoCoreError):
             dynamodb.list_tables()
+        with contextlib.suppress(redis.ConnectionError):
+            cache.ping()
 
     def close() -> None:
         replica.dispose()
         session.close()
         client.close()
         dynamodb.close()
+        cache.close()
 
     return call, close
 
@@ -230,14 +272,17 @@ def main() -> int:
     handle = poolwatch.instrument(prometheus_port=0, leak_threshold=LEAK_THRESHOLD)
     from moto.server import ThreadedMotoServer
 
+    from tests.support.redis import RedisServer
+
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     moto.start()
     try:
-        with ThreadedUpstream() as upstream, refusing_port() as refused:
+        with ThreadedUpstream() as upstream, refusing_port() as refused, RedisServer() as cache:
             engine = sa.create_engine(args.url, pool_size=2, max_overflow=1, pool_timeout=0.1)
             poolwatch.track(engine, name="orders-db")
             host, port = moto.get_host_and_port()
             http_calls, close_http = _http_calls(upstream, f"http://{host}:{port}")
+            cache_call, close_cache = _cache_call(cache.url())
             join_catalog = _busy_catalog(args.url, stop)
             reports = sa.create_engine(args.url, pool_size=5, max_overflow=0)
             poolwatch.track(reports, name="reports-db")
@@ -249,7 +294,8 @@ def main() -> int:
             args.port_file.write_text(str(handle.prometheus_address[1]))
             deadline = time.monotonic() + min(args.seconds, 300.0)
             while not stop.is_set() and time.monotonic() < deadline:
-                _cycle([_database_call(engine), *http_calls])
+                _cycle([_database_call(engine), *http_calls, cache_call])
+                cache.kill_clients("sessions-cache")  # idle now: found stale next cycle
             stop.set()
             failing.join(10)
             join_catalog()
@@ -257,6 +303,7 @@ def main() -> int:
             reports.dispose()
             close_broken()
             close_http()
+            close_cache()
             engine.dispose()
     finally:
         moto.stop()
