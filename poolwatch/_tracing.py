@@ -28,6 +28,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Final
 
+from opentelemetry import context as _context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, TracerProvider
 
@@ -39,6 +40,16 @@ SPAN_WAIT: Final = "pool.wait"
 """The span of a caller's wait for a pooled connection."""
 SPAN_CONNECT: Final = "pool.connect"
 """The span of a new connection's opening (a child of the wait it is part of, if any)."""
+
+_SUPPRESSED: Final = getattr(_context, "_SUPPRESS_INSTRUMENTATION_KEY", None)
+"""The context key the OpenTelemetry SDK sets while its exporters export (and that every
+instrumentation honours): their own HTTP calls are not the application's. Without it, an
+OTLP exporter waiting for its requests pool made ``pool.wait`` spans with no parent, which
+were exported in turn."""
+
+
+def _suppressed() -> bool:
+    return _SUPPRESSED is not None and bool(_context.get_value(_SUPPRESSED))
 
 
 class Tracing:
@@ -56,6 +67,8 @@ class Tracing:
         connect: ConnectRecord | None,
     ) -> tuple[SpanIds, SpanIds | None] | None:
         """See ``_ledger.WaitTracer.wait``."""
+        if _suppressed():
+            return None
         clock = _Clock(_started(trace.get_current_span()))
         span = self._tracer.start_span(
             SPAN_WAIT,
@@ -77,6 +90,8 @@ class Tracing:
         self, attributes: Mapping[str, str | int], start: float, end: float, ok: bool
     ) -> SpanIds | None:
         """See ``_ledger.WaitTracer.connect``."""
+        if _suppressed():
+            return None
         clock = _Clock(_started(trace.get_current_span()))
         return self._connect(attributes, (start, end, ok), clock, None)
 

@@ -27,6 +27,7 @@ from opentelemetry.trace import StatusCode
 import poolwatch
 from poolwatch._tracing import SPAN_CONNECT, SPAN_WAIT
 from tests.support.harness import Harness
+from tests.support.pools import one_pool
 from tests.support.threads import wait_until
 from tests.support.upstream import AsyncioUpstream, ThreadedUpstream
 
@@ -179,6 +180,34 @@ def test_a_timeout_and_a_failed_connect_are_wait_spans_with_their_outcome(
     assert (connect.attributes or {})["outcome"] == "error"
     assert connect.status.status_code == StatusCode.ERROR
     assert error.start_time <= connect.start_time <= connect.end_time <= error.end_time  # type: ignore[operator]
+
+
+def test_no_span_while_the_sdk_exports(harness: Harness, traced: Traced, tmp_path: Path) -> None:
+    """The SDK's exporters run with instrumentation suppressed in their context: an OTLP
+    exporter's wait for its own requests pool is not the application's (it made spans with
+    no parent, exported in turn)."""
+    import sqlalchemy as sa
+    from opentelemetry import context
+
+    harness.instrument(tracer_provider=traced.provider, wait_span_threshold=THRESHOLD)
+    engine = sa.create_engine(
+        f"sqlite:///{tmp_path}/w.db", pool_size=1, max_overflow=0, pool_timeout=0.1
+    )
+    held = engine.connect()
+    token = context.attach(context.set_value(context._SUPPRESS_INSTRUMENTATION_KEY, True))
+    try:
+        with pytest.raises(sa.exc.TimeoutError):
+            engine.connect()
+    finally:
+        context.detach(token)
+    assert traced.spans(SPAN_WAIT) == []
+    with pytest.raises(sa.exc.TimeoutError):  # the same wait, not suppressed: its span
+        engine.connect()
+    held.close()
+    engine.dispose()
+    [span] = traced.spans(SPAN_WAIT)
+    assert (span.attributes or {})["outcome"] == "timeout"
+    assert one_pool(kind="sqlalchemy").timeouts == 2  # counted either way
 
 
 def test_a_new_connection_opened_inside_a_wait_is_its_child(
