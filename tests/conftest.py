@@ -10,6 +10,7 @@ import pytest
 
 import poolwatch
 from tests.support.harness import Harness
+from tests.support.truth import Readers, Seeded, seeded
 
 
 @pytest.fixture(autouse=True)
@@ -87,3 +88,21 @@ def redis_server() -> Iterator[object]:
 
     with RedisServer() as server:
         yield server
+
+
+# -- the ground-truth suite (tests/test_truth_*.py) -------------------------------------------
+@pytest.fixture
+def rng() -> Seeded:
+    """The run's random generator (``POOLWATCH_TRUTH_SEED`` replays one)."""
+    return seeded()
+
+
+@pytest.fixture
+def readers(rng: Seeded) -> Iterator[Readers]:
+    """poolwatch into a provider with a cumulative and a delta reader, every collection
+    checked (tests/support/truth.py)."""
+    made = Readers(rng)
+    try:
+        yield made
+    finally:
+        made.shutdown()

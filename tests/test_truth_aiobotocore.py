@@ -38,7 +38,6 @@ from tests.support.truth import (
     deadline_after,
     figures,
     pause_moments,
-    seeded,
 )
 
 OPERATIONS = 200
@@ -64,20 +63,6 @@ def moto_endpoint() -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
-
-
-@pytest.fixture
-def rng() -> Seeded:
-    return seeded()
-
-
-@pytest.fixture
-def readers(rng: Seeded) -> Iterator[Readers]:
-    made = Readers(rng)
-    try:
-        yield made
-    finally:
-        made.shutdown()
 
 
 def _args(service: str, endpoint: str, **config: Any) -> dict[str, Any]:

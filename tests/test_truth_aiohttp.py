@@ -18,7 +18,6 @@ import gc
 import logging
 import random
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -40,7 +39,6 @@ from tests.support.truth import (
     figures,
     pause_moments,
     poolwatch_frames,
-    seeded,
     settle,
 )
 
@@ -67,20 +65,6 @@ CYCLE_SECONDS = 5.0
 
 class Injected(Exception):
     """An exception the workload raises on purpose inside a response's ``async with``."""
-
-
-@pytest.fixture
-def rng() -> Seeded:
-    return seeded()
-
-
-@pytest.fixture
-def readers(rng: Seeded) -> Iterator[Readers]:
-    made = Readers(rng)
-    try:
-        yield made
-    finally:
-        made.shutdown()
 
 
 def library_levels(pool: Any) -> tuple[int, int, int]:

@@ -38,7 +38,6 @@ from tests.support.truth import (
     idle_in_queue,
     library_log,
     pause_moments,
-    seeded,
 )
 
 # Bounds: every loop stops at a count or a time, whichever comes first (the CI budget of
@@ -64,20 +63,6 @@ def moto_endpoint() -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
-
-
-@pytest.fixture
-def rng() -> Seeded:
-    return seeded()
-
-
-@pytest.fixture
-def readers(rng: Seeded) -> Iterator[Readers]:
-    made = Readers(rng)
-    try:
-        yield made
-    finally:
-        made.shutdown()
 
 
 def _s3(endpoint: str, **config: Any) -> Any:

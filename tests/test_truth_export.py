@@ -7,32 +7,16 @@ holds what is about the bridge rather than any one library.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 
 import poolwatch
-from tests.support.truth import Comparison, Readers, Seeded, figures, seeded
+from tests.support.truth import Comparison, Readers, Seeded, figures
 
 RENAMES = 300
 """Renames at most, until ``REUSES`` new series have taken a dropped one's id."""
 REUSES = 5
-
-
-@pytest.fixture
-def rng() -> Seeded:
-    return seeded()
-
-
-@pytest.fixture
-def readers(rng: Seeded) -> Iterator[Readers]:
-    made = Readers(rng)
-    try:
-        yield made
-    finally:
-        made.shutdown()
 
 
 def test_a_new_series_never_takes_another_ones_deltas(

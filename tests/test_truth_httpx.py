@@ -27,7 +27,6 @@ import random
 import ssl
 import sys
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +53,6 @@ from tests.support.truth import (
     figures,
     pause_moments,
     poolwatch_frames,
-    seeded,
     settle,
 )
 
@@ -77,20 +75,6 @@ CYCLE_SECONDS = 5.0
 
 class Injected(Exception):
     """An exception the workload raises on purpose while holding a response."""
-
-
-@pytest.fixture
-def rng() -> Seeded:
-    return seeded()
-
-
-@pytest.fixture
-def readers(rng: Seeded) -> Iterator[Readers]:
-    made = Readers(rng)
-    try:
-        yield made
-    finally:
-        made.shutdown()
 
 
 def _limits() -> httpx.Limits:

@@ -22,7 +22,6 @@ import logging
 import random
 import select
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +49,6 @@ from tests.support.truth import (
     figures,
     pause_moments,
     poolwatch_frames,
-    seeded,
     settle,
 )
 
@@ -71,20 +69,6 @@ PER_CALL_CLIENTS = 300
 PER_CALL_SECONDS = 5.0
 CYCLES = 40
 CYCLE_SECONDS = 5.0
-
-
-@pytest.fixture
-def rng() -> Seeded:
-    return seeded()
-
-
-@pytest.fixture
-def readers(rng: Seeded) -> Iterator[Readers]:
-    made = Readers(rng)
-    try:
-        yield made
-    finally:
-        made.shutdown()
 
 
 @dataclass

@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import logging
 import random
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -35,7 +34,6 @@ from tests.support.truth import (
     idle_in_queue,
     library_log,
     pause_moments,
-    seeded,
     settle,
 )
 
@@ -55,20 +53,6 @@ PER_CALL_SECONDS = 5.0
 
 class Injected(Exception):
     """An exception the workload raises on purpose while holding a response."""
-
-
-@pytest.fixture
-def rng() -> Seeded:
-    return seeded()
-
-
-@pytest.fixture
-def readers(rng: Seeded) -> Iterator[Readers]:
-    made = Readers(rng)
-    try:
-        yield made
-    finally:
-        made.shutdown()
 
 
 class Workload:

@@ -21,7 +21,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -50,7 +50,6 @@ from tests.support.truth import (
     figures,
     pause_moments,
     poolwatch_frames,
-    seeded,
     settle,
 )
 
@@ -77,20 +76,6 @@ CYCLE_SECONDS = 5.0
 
 class Injected(Exception):
     """An exception the workload raises inside a checkout on purpose."""
-
-
-@pytest.fixture
-def rng() -> Seeded:
-    return seeded()
-
-
-@pytest.fixture
-def readers(rng: Seeded) -> Iterator[Readers]:
-    made = Readers(rng)
-    try:
-        yield made
-    finally:
-        made.shutdown()
 
 
 # -- the workload ----------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +44,6 @@ from tests.support.truth import (
     library_log,
     pause_moments,
     poolwatch_frames,
-    seeded,
     settle,
 )
 
@@ -73,20 +71,6 @@ CYCLE_SECONDS = 5.0
 
 class Injected(Exception):
     """An exception the workload raises on purpose while holding a response."""
-
-
-@pytest.fixture
-def rng() -> Seeded:
-    return seeded()
-
-
-@pytest.fixture
-def readers(rng: Seeded) -> Iterator[Readers]:
-    made = Readers(rng)
-    try:
-        yield made
-    finally:
-        made.shutdown()
 
 
 @dataclass
