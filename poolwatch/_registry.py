@@ -227,6 +227,7 @@ class Registry:
             s.leak_threshold,
             s.leak_stacks,
             connects_in_checkout=adapter.connects_in_checkout,
+            opens_ahead=adapter.opens_ahead,
         )
 
     def _name_for(self, kind: str, target: str, site: str | None, name: str | None) -> str:

@@ -96,13 +96,26 @@ SIZE_KNOB = {
     "botocore": "botocore.config.Config(max_pool_connections=…)",
     "httpx": "httpx.Limits(max_connections=…)",
     "aiohttp": "aiohttp.TCPConnector(limit=…)",
+    "psycopg_pool": "psycopg_pool.ConnectionPool(max_size=…) (NullConnectionPool(max_size=…) "
+    "for a null pool)",
+    "asyncpg": "asyncpg.create_pool(max_size=…)",
 }
 STALE_FIX = {
     "sqlalchemy": "create_engine(pool_pre_ping=True), and pool_recycle below the server's or "
     "the network's idle timeout",
     "httpx": "httpx.Limits(keepalive_expiry=…) shorter than the server's idle timeout",
     "aiohttp": "aiohttp.TCPConnector(keepalive_timeout=…) shorter than the server's idle timeout",
+    "psycopg_pool": "ConnectionPool(check=ConnectionPool.check_connection) so that a dead "
+    "connection is replaced before a caller gets it, and max_idle=… below the server's or the "
+    "network's idle timeout",
+    "asyncpg": "asyncpg.create_pool(max_inactive_connection_lifetime=…) below the server's or "
+    "the network's idle timeout (asyncpg replaces a connection the server ended at once; "
+    "frequent ones mean the server or a proxy drops idle connections)",
 }
+UNBOUNDED_BY_CONFIGURATION = frozenset({"httpx", "aiohttp", "psycopg_pool"})
+"""Kinds whose pools export no maximum only when configured without one (httpx
+``max_connections=None``, aiohttp ``limit=0``, a psycopg ``NullConnectionPool`` with
+``max_size=0``): a finding. SQLAlchemy's ``NullPool`` and friends have no limit by design."""
 STALE_DEFAULT = (
     "urllib3 re-opens dropped connections itself (each costs a connect); if they are frequent, "
     "the server's keep-alive timeout is shorter than your request gaps: send requests more "
@@ -261,7 +274,7 @@ def findings(now: Counts, before: Counts, seconds: float) -> list[Finding]:
             "return every connection (a with block or try/finally around each checkout); "
             "look for transactions left open across slow calls",
         )
-    if now.max is None and kind in ("httpx", "aiohttp"):
+    if now.max is None and kind in UNBOUNDED_BY_CONFIGURATION:
         add(
             "warning",
             "unbounded",

@@ -14,11 +14,14 @@ client_per_request      at least 10 pool instances were created at one place in 
                         engine, boto3 client) per request, so a new connection per request
 unbounded_pool          the pool has no connection limit by configuration (the adapter
                         says which setting: httpx ``max_connections=None``, aiohttp
-                        ``limit=0``, SQLAlchemy ``max_overflow=-1``)
+                        ``limit=0``, SQLAlchemy ``max_overflow=-1``, psycopg_pool
+                        ``NullConnectionPool(max_size=0)``, its default)
 no_pool_timeout         a caller can wait for a connection for ever (requests
                         ``pool_block=True``, urllib3 ``block=True`` seen waiting without a
                         ``pool_timeout``, httpx ``Timeout(pool=None)``, SQLAlchemy
-                        ``pool_timeout=None``, aiohttp without ``total`` or ``connect``)
+                        ``pool_timeout=None``, aiohttp without ``total`` or ``connect``,
+                        asyncpg ``acquire()`` without ``timeout=`` seen with callers
+                        waiting; psycopg_pool always has a timeout)
 pool_overflowing        a non-blocking pool (urllib3, requests, botocore) discarded at
                         least 5 connections opened past its size, 1% of checkouts or more
 keepalive_too_long      an HTTP pool found at least 3 idle connections closed by the server
@@ -74,6 +77,10 @@ _PER_REQUEST_FIX = {
     "start-up) instead of httpx.get() or a client per request",
     "aiohttp": "use one aiohttp.ClientSession per process and event loop instead of one per "
     "request",
+    "psycopg_pool": "open one ConnectionPool per process (at start-up, a FastAPI lifespan, "
+    "Django's OPTIONS['pool']) and share it, instead of a pool per request",
+    "asyncpg": "create one pool per process and event loop with asyncpg.create_pool() (a "
+    "FastAPI lifespan) and share it, instead of a pool or asyncpg.connect() per request",
 }
 _TIMEOUT_FIX = {
     "requests": "requests passes no pool timeout: keep pool_block=False (the default) and "
@@ -86,6 +93,10 @@ _TIMEOUT_FIX = {
     "with sqlalchemy.exc.TimeoutError",
     "aiohttp": "set aiohttp.ClientTimeout(total=…, connect=…): connect bounds the wait for a "
     "connection",
+    "psycopg_pool": "set ConnectionPool(timeout=…) so that an exhausted pool fails fast with "
+    "psycopg_pool.PoolTimeout",
+    "asyncpg": "pass timeout=… to Pool.acquire() (asyncpg waits for ever by default) so that "
+    "an exhausted pool fails fast with TimeoutError",
 }
 _AGE_FIX = {
     "sqlalchemy": "set create_engine(pool_recycle=…) below connection_max_age",
@@ -93,6 +104,9 @@ _AGE_FIX = {
     "changes, replace the client periodically",
     "aiohttp": "aiohttp closes only idle connections (TCPConnector(keepalive_timeout=…)); to "
     "follow DNS changes, replace the session periodically",
+    "psycopg_pool": "set ConnectionPool(max_lifetime=…) below connection_max_age",
+    "asyncpg": "asyncpg has no connection age limit: lower create_pool(max_queries=…), or call "
+    "Pool.expire_connections() periodically, to replace connections",
 }
 _AGE_DEFAULT = (
     "urllib3 has no connection age limit: to follow DNS changes, close the pools "
