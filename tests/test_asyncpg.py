@@ -480,3 +480,22 @@ def test_uninstrument_restores_everything(harness: Harness, pg: PostgresCluster)
     assert harness.collect().names() == set()
     assert {cls: dict(vars(cls)) for cls in classes} == before
     gc.collect()
+
+
+def test_an_acquire_waiting_while_uninstrument_runs_completes(
+    harness: Harness, pg: PostgresCluster
+) -> None:
+    handle = harness.instrument()
+    name = pool_name(pg)
+
+    async def scenario() -> object:
+        async with asyncpg.create_pool(dsn(pg), min_size=1, max_size=1) as pool:
+            held = await pool.acquire()
+            waiter = asyncio.create_task(pool.fetchval("SELECT 1"))
+            await _until(lambda: _snapshot(name).pending == 1)
+            poolwatch.uninstrument()
+            await pool.release(held)
+            return await asyncio.wait_for(waiter, 10)
+
+    assert _run(scenario) == 1
+    assert handle.errors == {}

@@ -540,3 +540,30 @@ def test_uninstrument_restores_everything(harness: Harness, pg: PostgresCluster)
     assert harness.collect().names() == set()
     assert {cls: dict(vars(cls)) for cls in classes} == before
     gc.collect()
+
+
+def test_a_getconn_waiting_while_uninstrument_runs_completes(
+    harness: Harness, pg: PostgresCluster
+) -> None:
+    harness.instrument()
+    name = pool_name(pg)
+    with psycopg_pool.ConnectionPool(dsn(pg), min_size=1, max_size=1, open=True) as pool:
+        held = pool.getconn()
+        outcome: list[object] = []
+
+        def wait() -> None:
+            try:
+                with pool.connection(timeout=10) as conn:
+                    outcome.append(conn.execute("SELECT 1").fetchone())
+            except BaseException as error:  # what the application would see
+                outcome.append(error)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        wait_until(lambda: _snapshot(name).pending == 1)
+        handle = harness.handle
+        poolwatch.uninstrument()
+        pool.putconn(held)
+        waiter.join(10)
+    assert outcome == [(1,)]
+    assert handle is not None and handle.errors == {}
