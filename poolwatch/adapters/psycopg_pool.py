@@ -247,16 +247,16 @@ class PsycopgPoolAdapter(Adapter):
             reason = c.REASON_DISPOSED
         ledger.closed_connection(reason, _lifetime(conn))
 
-    def _returning(self, pool: Any, conn: Any) -> None:
-        """``conn`` comes back to ``pool`` (from ``putconn``, or a failed ``check``): one
-        closed or broken is dropped, not closed (a stale close)."""
+    def _dropped(self, pool: Any, conn: Any) -> None:
+        """``conn`` comes back to ``pool`` closed or broken (from ``putconn``, or a failed
+        ``check``): the pool drops it without closing it (a stale close)."""
         ledger: Ledger | None = pool._poolwatch_ledger
-        if ledger is not None and self._broken(conn):
+        if ledger is not None:
             ledger.closed_connection(c.REASON_STALE, _lifetime(conn))
 
     def _check_failed(self, conn: Any, caller: FrameType) -> None:
         """``check_connection`` raised for ``conn``: ``check()`` drops such a connection
-        (a failed ``check`` callback of ``getconn`` is counted by ``_returning``)."""
+        (a failed ``check`` callback of ``getconn`` is counted by ``_dropped``)."""
         if caller.f_code.co_name != "check":
             return
         pool = caller.f_locals.get("self")
@@ -384,35 +384,11 @@ def _checked_out_of(pool: Any) -> int:
 # Each factory returns the replacement for one psycopg_pool function, taking exactly its
 # parameters (adapters/_patching.py checks them); an async twin is a thin shell over the
 # same helpers. The getconn and putconn hooks are the hot path: no OpenTelemetry, no lock,
-# no allocation beyond a float, and the ledger's hot-path contract (_ledger.py) inlined.
+# no allocation beyond a float, and the ledger's hot-path contract (_ledger.py) inlined —
+# into both twins of getconn and putconn, which differ by their await alone: a helper
+# call there cost about 450 of the 3,500 instructions the getconn hook added (callgrind).
 # Every statement of poolwatch's own is guarded, and the library's function is called
 # exactly once, outside the guards.
-
-
-def _ledger_of(adapter: PsycopgPoolAdapter, pool: Any) -> Ledger | None:
-    try:
-        ledger: Ledger | None = pool._poolwatch_ledger
-    except AttributeError:  # uninstrument() took the class default meanwhile
-        return None
-    if ledger is None:
-        ledger = adapter._discover(pool)
-    return ledger
-
-
-def _acquired(adapter: PsycopgPoolAdapter, ledger: Ledger, conn: Any, start: float) -> None:
-    try:
-        # Ledger.acquired, inlined (the hot-path contract in _ledger.py): out first, a
-        # connection's first checkout told next, counted last.
-        now = perf_counter()
-        ledger.active[conn] = now
-        if not conn._poolwatch_used:
-            conn._poolwatch_used = True
-            ledger.firsts.append(None)
-        ledger.waits.append(now - start)
-        if ledger.capture:  # this pool has leaked (or leak_stacks="always")
-            ledger.stacks[conn] = capture_stack(sys._getframe(2))
-    except Exception as error:
-        adapter.report("psycopg_pool getconn", error)
 
 
 def _failed(
@@ -435,8 +411,15 @@ def _getconn_hook(
     original: Callable[..., Any],
     timeouts: tuple[type[BaseException], ...],
 ) -> Callable[..., Any]:
+    report = adapter.report
+
     def getconn(self: Any, timeout: float | None = None) -> Any:
-        ledger = _ledger_of(adapter, self)
+        try:
+            ledger: Ledger | None = self._poolwatch_ledger
+            if ledger is None:
+                ledger = adapter._discover(self)
+        except AttributeError:  # uninstrument() took the class default meanwhile
+            ledger = None
         start = perf_counter()
         try:
             conn = original(self, timeout)
@@ -447,7 +430,19 @@ def _getconn_hook(
             _failed(adapter, self, ledger, start, timeout=False)
             raise
         if ledger is not None:
-            _acquired(adapter, ledger, conn, start)
+            try:
+                # Ledger.acquired, inlined (the hot-path contract in _ledger.py): out
+                # first, a connection's first checkout told next, counted last.
+                now = perf_counter()
+                ledger.active[conn] = now
+                if not conn._poolwatch_used:
+                    conn._poolwatch_used = True
+                    ledger.firsts.append(None)
+                ledger.waits.append(now - start)
+                if ledger.capture:  # this pool has leaked (or leak_stacks="always")
+                    ledger.stacks[conn] = capture_stack(sys._getframe(1))
+            except Exception as error:
+                report("psycopg_pool getconn", error)
         return conn
 
     return getconn
@@ -458,8 +453,15 @@ def _agetconn_hook(
     original: Callable[..., Coroutine[Any, Any, Any]],
     timeouts: tuple[type[BaseException], ...],
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
+    report = adapter.report
+
     async def getconn(self: Any, timeout: float | None = None) -> Any:
-        ledger = _ledger_of(adapter, self)
+        try:
+            ledger: Ledger | None = self._poolwatch_ledger
+            if ledger is None:
+                ledger = adapter._discover(self)
+        except AttributeError:  # uninstrument() took the class default meanwhile
+            ledger = None
         start = perf_counter()
         try:
             conn = await original(self, timeout)
@@ -470,31 +472,22 @@ def _agetconn_hook(
             _failed(adapter, self, ledger, start, timeout=False)
             raise
         if ledger is not None:
-            _acquired(adapter, ledger, conn, start)
+            try:
+                # Ledger.acquired, inlined (the hot-path contract in _ledger.py): out
+                # first, a connection's first checkout told next, counted last.
+                now = perf_counter()
+                ledger.active[conn] = now
+                if not conn._poolwatch_used:
+                    conn._poolwatch_used = True
+                    ledger.firsts.append(None)
+                ledger.waits.append(now - start)
+                if ledger.capture:  # this pool has leaked (or leak_stacks="always")
+                    ledger.stacks[conn] = capture_stack(sys._getframe(1))
+            except Exception as error:
+                report("psycopg_pool getconn", error)
         return conn
 
     return getconn
-
-
-def _returned(pool: Any, conn: Any) -> None:
-    """``conn`` is being given back to ``pool`` (``putconn``): its use ends."""
-    ledger: Ledger | None = pool._poolwatch_ledger
-    if ledger is None:
-        return
-    # Ledger.released, inlined (the hot-path contract in _ledger.py), with one check
-    # more: a connection of another pool stays out (psycopg refuses it with ValueError).
-    start = ledger.active.pop(conn, None)
-    if start is None:
-        return
-    if conn._pool is not pool:
-        ledger.active[conn] = start
-        return
-    held = perf_counter() - start
-    ledger.uses.append(held)
-    if held > ledger.leak_threshold:
-        ledger.settle(conn, held)
-    elif ledger.stacks:
-        ledger.stacks.pop(conn, None)
 
 
 def _putconn_hook(adapter: PsycopgPoolAdapter, original: Callable[..., None]) -> Any:
@@ -502,7 +495,20 @@ def _putconn_hook(adapter: PsycopgPoolAdapter, original: Callable[..., None]) ->
 
     def putconn(self: Any, conn: Any) -> None:
         try:
-            _returned(self, conn)
+            ledger: Ledger | None = self._poolwatch_ledger
+            # Ledger.released, inlined (the hot-path contract in _ledger.py), with one
+            # check more: a connection of another pool stays out (psycopg refuses it).
+            start = ledger.active.pop(conn, None) if ledger is not None else None
+            if ledger is not None and start is not None:
+                if conn._pool is not self:
+                    ledger.active[conn] = start
+                else:
+                    held = perf_counter() - start
+                    ledger.uses.append(held)
+                    if held > ledger.leak_threshold:
+                        ledger.settle(conn, held)
+                    elif ledger.stacks:
+                        ledger.stacks.pop(conn, None)
         except Exception as error:  # AttributeError: uninstrument() ran meanwhile
             report("psycopg_pool putconn", error)
         original(self, conn)
@@ -517,7 +523,20 @@ def _aputconn_hook(
 
     async def putconn(self: Any, conn: Any) -> None:
         try:
-            _returned(self, conn)
+            ledger: Ledger | None = self._poolwatch_ledger
+            # Ledger.released, inlined (the hot-path contract in _ledger.py), with one
+            # check more: a connection of another pool stays out (psycopg refuses it).
+            start = ledger.active.pop(conn, None) if ledger is not None else None
+            if ledger is not None and start is not None:
+                if conn._pool is not self:
+                    ledger.active[conn] = start
+                else:
+                    held = perf_counter() - start
+                    ledger.uses.append(held)
+                    if held > ledger.leak_threshold:
+                        ledger.settle(conn, held)
+                    elif ledger.stacks:
+                        ledger.stacks.pop(conn, None)
         except Exception as error:  # AttributeError: uninstrument() ran meanwhile
             report("psycopg_pool putconn", error)
         await original(self, conn)
@@ -591,9 +610,12 @@ def _aclose_hook(
 
 
 def _return_hook(adapter: PsycopgPoolAdapter, original: Callable[..., None]) -> Any:
+    unknown = adapter._unknown
+
     def _return_connection(self: Any, conn: Any, from_getconn: bool) -> None:
-        try:
-            adapter._returning(self, conn)
+        try:  # every return: one status read, a close only for a broken connection
+            if conn.pgconn.transaction_status == unknown:
+                adapter._dropped(self, conn)
         except Exception as error:
             adapter.report("psycopg_pool return", error)
         original(self, conn, from_getconn)
@@ -604,9 +626,12 @@ def _return_hook(adapter: PsycopgPoolAdapter, original: Callable[..., None]) -> 
 def _areturn_hook(
     adapter: PsycopgPoolAdapter, original: Callable[..., Coroutine[Any, Any, None]]
 ) -> Any:
+    unknown = adapter._unknown
+
     async def _return_connection(self: Any, conn: Any, from_getconn: bool) -> None:
-        try:
-            adapter._returning(self, conn)
+        try:  # every return: one status read, a close only for a broken connection
+            if conn.pgconn.transaction_status == unknown:
+                adapter._dropped(self, conn)
         except Exception as error:
             adapter.report("psycopg_pool return", error)
         await original(self, conn, from_getconn)
