@@ -2,7 +2,7 @@
 
 Usage (from anywhere; paths are resolved from this file)::
 
-    python benchmarks/run.py            # all but instructions, 22-25 minutes on 2 cores
+    python benchmarks/run.py            # all but instructions, 25-30 minutes on 2 cores
     python benchmarks/run.py --quick    # smaller sizes and fewer rounds (a smoke test)
     python benchmarks/run.py --only hotpath,collect
     python benchmarks/run.py --only instructions   # valgrind, 25-40 minutes
@@ -25,6 +25,9 @@ Sections (see each module's docstring for the method):
   requests, httpx (sync and async), aiohttp and boto3 against moto: bare, poolwatch, and
   each library's OpenTelemetry contrib instrumentation; acquire+release of urllib3,
   httpx (httpcore) and aiohttp pools;
+* ``postgres`` (bench_postgres.py) — acquire+release of psycopg_pool (sync and async) and
+  asyncpg pools on a throw-away PostgreSQL, bare and with poolwatch, against a loopback
+  ``SELECT 1``; and psycopg_pool's in situ (skipped when the server binaries are missing);
 * ``instructions`` (bench_instructions.py, only with ``--only``) — instructions poolwatch
   adds per checkout+checkin and per request, counted by valgrind: a figure the machine's
   noise cannot move.
@@ -50,12 +53,14 @@ REPO = HERE.parent
 VENV = HERE / ".venv"
 REQUIREMENTS = HERE / "requirements.txt"
 STAMP = VENV / ".requirements-installed"
-SECTIONS = ("hotpath", "collect", "memory", "http", "instructions")
-DEFAULT_SECTIONS = ("hotpath", "collect", "memory", "http")
+SECTIONS = ("hotpath", "collect", "memory", "http", "postgres", "instructions")
+DEFAULT_SECTIONS = ("hotpath", "collect", "memory", "http", "postgres")
 """What a plain run measures; ``instructions`` (valgrind, minutes) only with ``--only``."""
 CORE_PACKAGES = ("SQLAlchemy", "opentelemetry-sdk", "opentelemetry-instrumentation-sqlalchemy")
 HTTP_PACKAGES = ("urllib3", "requests", "httpx", "httpcore", "aiohttp", "boto3", "botocore", "moto")
 """The libraries the http section measures, printed with their versions."""
+POSTGRES_PACKAGES = ("psycopg", "psycopg-binary", "psycopg-pool", "asyncpg")
+"""The libraries the postgres section measures, printed with their versions."""
 HTTP_CONTRIB_PACKAGES = (
     "opentelemetry-instrumentation-urllib3",
     "opentelemetry-instrumentation-requests",
@@ -159,6 +164,7 @@ def environment() -> str:
     packages = f"poolwatch {poolwatch.__version__} ({Path(poolwatch.__file__).parent}), "
     packages += ", ".join(f"{name} {_version(name)}" for name in CORE_PACKAGES)
     http = ", ".join(f"{name} {_version(name)}" for name in HTTP_PACKAGES)
+    postgres = ", ".join(f"{name} {_version(name)}" for name in POSTGRES_PACKAGES)
     contrib = ", ".join(f"{name} {_version(name)}" for name in HTTP_CONTRIB_PACKAGES)
     return "\n".join(
         [
@@ -167,6 +173,7 @@ def environment() -> str:
             f"({sys.executable})",
             f"packages: {packages}",
             f"http:     {http}",
+            f"postgres: {postgres}",
             f"contrib:  {contrib}",
             f"commit:  {_commit()}",
         ]
@@ -182,6 +189,7 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
     import bench_http
     import bench_instructions
     import bench_memory
+    import bench_postgres
     import bench_sqlalchemy
 
     if "hotpath" in sections:
@@ -222,6 +230,23 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
         )
         measured = bench_http.run_http(http_config)
         print(bench_http.render_http(measured, http_config), flush=True)
+    if "postgres" in sections:
+        from poolwatch._demo.postgres import PostgresError, find_bin_dir
+
+        try:
+            find_bin_dir()
+        except PostgresError as missing:
+            print(f"\npostgres section skipped: {missing}", flush=True)
+        else:
+            pg_config = (
+                bench_postgres.PostgresConfig(
+                    rounds=5, ops=1_000, warmup=50, round_trips=200, in_situ_pairs=20
+                )
+                if quick
+                else bench_postgres.PostgresConfig()
+            )
+            measured_pg = bench_postgres.run_postgres(pg_config)
+            print(bench_postgres.render_postgres(measured_pg, pg_config), flush=True)
     if "instructions" in sections:
         counting = (
             bench_instructions.InstructionConfig(
