@@ -58,6 +58,11 @@ USED = 'state="used"'
 POOL_FULL = 'reason="pool_full"'
 
 
+POOL = ("job", "instance", "pool_kind", "pool_name")
+"""One pool of one process, whatever AGGREGATE_BY says: the backend rules join a pool's
+limit to the backends it talks to, which needs each pool's own series."""
+
+
 @dataclass(frozen=True)
 class Alert:
     """One alert rule and its documentation."""
@@ -68,6 +73,9 @@ class Alert:
     severity: str
     summary: str
     description: str
+    lookups: tuple[tuple[str, str], ...] = ()
+    """(template variable, recording rule): the description's ``{{ $variable }}`` is that
+    rule's value for the alert's labels (of BACKEND_BY), looked up when it is rendered."""
 
 
 def _settings(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +86,8 @@ def _settings(overrides: dict[str, Any]) -> dict[str, Any]:
     return {**values, **overrides}
 
 
-def _rules(s: dict[str, Any]) -> tuple[list[dict[str, str]], list[Alert]]:
+def _rules(s: dict[str, Any]) -> tuple[dict[str, list[dict[str, str]]], list[Alert]]:
+    """The recording rules by group, and the alerts."""
     by = ", ".join(s["AGGREGATE_BY"])
     window = s["RATE_WINDOW"]
 
@@ -142,12 +151,18 @@ def _rules(s: dict[str, Any]) -> tuple[list[dict[str, str]], list[Alert]]:
             "expr": f"({recommended}\n>= {used})\nor\n{used}",
         },
     ]
+    backends = _backend_rules(s, sel)
     where = (
         "Pool {{ $labels.pool_name }} ({{ $labels.pool_kind }}) of job {{ $labels.job }} "
         "on {{ $labels.instance }}"
     )
     discards = rate("poolwatch_connections_closed_total", POOL_FULL)
-    antipatterns = f"poolwatch_antipatterns_total{sel()}"
+    antipatterns = f"poolwatch_antipatterns_active{sel()}"
+    backend = ":".join(f"{{{{ $labels.{label} }}}}" for label in s["BACKEND_BY"])
+    worst_case = (
+        "{{ if gt $value 1e300 }}any number of connections (a pool without a limit talks to "
+        'it){{ else }}{{ $value | printf "%.0f" }} connections together{{ end }}'
+    )
     alerts = [
         Alert(
             "PoolwatchPoolUtilizationHigh",
@@ -225,16 +240,123 @@ def _rules(s: dict[str, Any]) -> tuple[list[dict[str, str]], list[Alert]]:
             s["ANTIPATTERN_FOR"],
             "info",
             "A pool shows an anti-pattern in how it is configured or used.",
-            f"{where} shows the anti-pattern {{{{ $labels.antipattern }}}} (detections: "
-            '{{ $value | printf "%.0f" }}): the runbook says what it means and how to fix it.',
+            f"{where} shows the anti-pattern {{{{ $labels.antipattern }}}} now (pools showing "
+            'it: {{ $value | printf "%.0f" }}; the alert resolves once it stops): the runbook '
+            "says what it means and how to fix it.",
+        ),
+        Alert(
+            "PoolwatchBackendOversubscribed",
+            "poolwatch:backend_connections_worst_case:sum\n"
+            "> poolwatch:backend_connections_limit:min",
+            s["BACKEND_OVERSUBSCRIBED_FOR"],
+            "warning",
+            "The fleet's pools may open more connections to a backend than it accepts.",
+            f"The pools of every instance that talks to {backend} may open {worst_case}, "
+            "more than the {{ $limit }} it accepts, and have been allowed to for "
+            f"{s['BACKEND_OVERSUBSCRIBED_FOR']}: when they are all busy at once, new "
+            "connections fail at the backend, whatever each pool's own health.",
+            (("limit", "poolwatch:backend_connections_limit:min"),),
+        ),
+        Alert(
+            "PoolwatchBackendNearLimit",
+            f"poolwatch:backend_utilization:ratio > {s['BACKEND_NEAR_LIMIT']}",
+            s["BACKEND_NEAR_LIMIT_FOR"],
+            "warning",
+            "Connections open to a backend are close to its limit.",
+            f"Connections open to {backend} from every instance have been "
+            "{{ $value | humanizePercentage }} of its limit of {{ $limit }} for "
+            f"{s['BACKEND_NEAR_LIMIT_FOR']} (threshold {s['BACKEND_NEAR_LIMIT']:.0%}).",
+            (("limit", "poolwatch:backend_connections_limit:min"),),
         ),
     ]
-    return recording, alerts
+    return {"poolwatch.recording": recording, "poolwatch.backends": backends}, alerts
+
+
+def _backend_rules(s: dict[str, Any], sel: Any) -> list[dict[str, str]]:
+    """Backend level: every instance's pools summed per backend (BACKEND_BY), against the
+    limit declared for it.
+
+    A pool talks to a backend when its points carry the backend's ``server_address``: a pool
+    of one server (SQLAlchemy, urllib3) has it on every point, its limit included; a pool
+    spanning servers (httpx, aiohttp) has it on its connections per server, and its one
+    limit counts in full for each server it has connections to (it could open all of them
+    there). A pool with no limit counts as +Inf for the backends it has connections open
+    to: a series kept with no pool alive (exported with nothing open and no limit, for
+    RETENTION after its pools are gone) is not mistaken for one.
+    """
+    backend = ", ".join(s["BACKEND_BY"])
+    pool = ", ".join(POOL)
+    pair = f"{pool}, {backend}"
+    at = 'server_address!=""'
+    connections = f"poolwatch_connections{sel(at)}"
+    bounded_one_server = f"sum by ({pair}) (poolwatch_connections_max{sel(at)})"
+    spanning = 'server_address=""'  # a pool spanning servers: its limit has none
+    bounded_spanning = (
+        f"group by ({pair}) ({connections})\n  * on ({pool}) group_left\n"
+        f"sum by ({pool}) (poolwatch_connections_max{sel(spanning)})"
+    )
+    open_pairs = f"(sum by ({pair}) ({connections}) > 0)"
+    unbounded = f"{open_pairs}\n  unless on ({pool}) poolwatch_connections_max{sel()}"
+    return [
+        {
+            # Connections open to each backend (used and idle), over every instance.
+            "record": "poolwatch:backend_connections:sum",
+            "expr": f"sum by ({backend}) ({connections})",
+        },
+        {
+            # What the fleet's pools may open to it at most: the sum of their limits; +Inf
+            # when a pool without a limit talks to it.
+            "record": "poolwatch:backend_connections_worst_case:sum",
+            "expr": f"sum by ({backend}) (\n{bounded_one_server}\nor\n{bounded_spanning}\n"
+            f"or\n({unbounded}) * Inf\n)",
+        },
+        {
+            # Pools without a limit that have connections open to it (absent when none).
+            "record": "poolwatch:backend_unbounded_pools:count",
+            "expr": f"count by ({backend}) (\n{unbounded}\n)",
+        },
+        {
+            # The limit declared for it (server_limits); the lowest when instances disagree.
+            "record": "poolwatch:backend_connections_limit:min",
+            "expr": f"min by ({backend}) (poolwatch_server_connections_limit{sel()})",
+        },
+        {
+            "record": "poolwatch:backend_utilization:ratio",
+            "expr": "poolwatch:backend_connections:sum\n/\npoolwatch:backend_connections_limit:min",
+        },
+        {
+            # Callers waiting for a connection to it, over every instance.
+            "record": "poolwatch:backend_pending_requests:sum",
+            "expr": f"sum by ({backend}) (poolwatch_pending_requests{sel(at)})",
+        },
+    ]
 
 
 def alerts(**overrides: Any) -> list[Alert]:
     """The alert rules with ``overrides`` of config.py applied."""
     return _rules(_settings(overrides))[1]
+
+
+def lookups_for_prometheus(alert: Alert, **overrides: Any) -> str:
+    """The template that sets each of ``alert.lookups`` for Prometheus (its ``query``
+    function, on the alert's BACKEND_BY labels); "?" when the rule has no value."""
+    by = _settings(overrides)["BACKEND_BY"]
+    matchers = ", ".join(f"{label}=%q" for label in by)
+    arguments = " ".join(f"$labels.{label}" for label in by)
+    return "".join(
+        f'{{{{ ${variable} := "?" }}}}{{{{ with printf "{rule}{{{matchers}}}" {arguments} '
+        f'| query }}}}{{{{ ${variable} = . | first | value | printf "%.0f" }}}}{{{{ end }}}}'
+        for variable, rule in alert.lookups
+    )
+
+
+def lookups_for_grafana(alert: Alert) -> str:
+    """The same for Grafana, where each lookup is a query of the rule (refId L, M, …) whose
+    series Grafana matches to the alert's by labels."""
+    return "".join(
+        f'{{{{ ${variable} := printf "%.0f" $values.{chr(ord("L") + i)}.Value }}}}'
+        for i, (variable, _) in enumerate(alert.lookups)
+    )
 
 
 def render(**overrides: Any) -> str:
@@ -243,7 +365,7 @@ def render(**overrides: Any) -> str:
     recording, alert_list = _rules(s)
     document = {
         "groups": [
-            {"name": "poolwatch.recording", "rules": recording},
+            *({"name": name, "rules": rules} for name, rules in recording.items()),
             {
                 "name": "poolwatch.alerts",
                 "rules": [
@@ -254,7 +376,7 @@ def render(**overrides: Any) -> str:
                         "labels": {"severity": a.severity},
                         "annotations": {
                             "summary": a.summary,
-                            "description": a.description,
+                            "description": lookups_for_prometheus(a, **overrides) + a.description,
                             "runbook_url": s["RUNBOOK_URL"].format(alert=a.name),
                         },
                     }
@@ -286,9 +408,19 @@ def render_grafana(**overrides: Any) -> str:
     for a in alert_list:
         annotations = {
             "summary": a.summary,
-            "description": a.description.replace("$value", "$values.A.Value"),
+            "description": lookups_for_grafana(a)
+            + a.description.replace("$value", "$values.A.Value"),
             "runbook_url": s["RUNBOOK_URL"].format(alert=a.name),
         }
+        lookups = [
+            {
+                "refId": chr(ord("L") + i),
+                "relativeTimeRange": {"from": window * 2, "to": 0},
+                "datasourceUid": s["GRAFANA_DATASOURCE_UID"],
+                "model": {"refId": chr(ord("L") + i), "expr": rule, "instant": True},
+            }
+            for i, (_, rule) in enumerate(a.lookups)
+        ]
         rules.append(
             {
                 "uid": "poolwatch-"
@@ -314,6 +446,7 @@ def render_grafana(**overrides: Any) -> str:
                             "conditions": [{"evaluator": {"type": "gt", "params": [0]}}],
                         },
                     },
+                    *lookups,
                 ],
                 "for": a.duration,
                 "noDataState": "OK",

@@ -70,12 +70,32 @@ HEADROOM: Final = 1.5
 plus callers waiting) times this. Raise it for bursty traffic."""
 
 ANTIPATTERN_FOR: Final = "0m"
-"""PoolwatchPoolAntipattern (severity info): poolwatch reports each anti-pattern once per
-pool, after conservative checks of its own; there is nothing to wait for."""
+"""PoolwatchPoolAntipattern (severity info) fires while a detected anti-pattern is still
+observed (``poolwatch_antipatterns_active``): poolwatch finds each after conservative checks
+of its own and keeps it active until five minutes after its last sign, so there is nothing
+more to wait for."""
 
 LEAK_FOR: Final = "5m"
 """PoolwatchConnectionLeak: how long a leak must stay active. The leak threshold itself is
 poolwatch's ``leak_threshold`` setting (default 30 s)."""
+
+BACKEND_BY: Final = ("server_address", "server_port")
+"""What one backend is: its connections are summed over every instance and service that
+talks to it. Add ``instance`` when each instance has a backend of its own at the same
+address (a PgBouncer or Envoy sidecar on 127.0.0.1), or a cluster label when several
+clusters reuse addresses."""
+
+BACKEND_NEAR_LIMIT: Final = 0.80
+"""PoolwatchBackendNearLimit: connections open to a backend across the fleet, over the limit
+declared for it (the ``server_limits`` setting), above this. 80% leaves room for the
+backend's own administrative connections and for the next deploy's new instances."""
+BACKEND_NEAR_LIMIT_FOR: Final = "10m"
+"""How long it must last: a burst of connections at a deploy is normal, a plateau is not."""
+
+BACKEND_OVERSUBSCRIBED_FOR: Final = "15m"
+"""PoolwatchBackendOversubscribed: how long the fleet's pools must be allowed more connections
+than the backend accepts. Longer than a rolling deploy, during which the old instances and
+the new ones both count."""
 
 RUNBOOK_URL: Final = "alerts/runbooks/{alert}.md"
 """Where each alert's runbook lives: point it at your copy of alerts/runbooks, e.g.

@@ -28,6 +28,8 @@ Sections (see each module's docstring for the method):
 * ``postgres`` (bench_postgres.py) — acquire+release of psycopg_pool (sync and async) and
   asyncpg pools on a throw-away PostgreSQL, bare and with poolwatch, against a loopback
   ``SELECT 1``; and psycopg_pool's in situ (skipped when the server binaries are missing);
+* ``traces`` (bench_traces.py) — a free checkout with poolwatch's wait spans on and off,
+  against a span per checkout; the cost of one wait that is recorded as spans;
 * ``instructions`` (bench_instructions.py, only with ``--only``) — instructions poolwatch
   adds per checkout+checkin and per request, counted by valgrind: a figure the machine's
   noise cannot move.
@@ -53,8 +55,8 @@ REPO = HERE.parent
 VENV = HERE / ".venv"
 REQUIREMENTS = HERE / "requirements.txt"
 STAMP = VENV / ".requirements-installed"
-SECTIONS = ("hotpath", "collect", "memory", "http", "postgres", "instructions")
-DEFAULT_SECTIONS = ("hotpath", "collect", "memory", "http", "postgres")
+SECTIONS = ("hotpath", "collect", "memory", "http", "postgres", "traces", "instructions")
+DEFAULT_SECTIONS = ("hotpath", "collect", "memory", "http", "postgres", "traces")
 """What a plain run measures; ``instructions`` (valgrind, minutes) only with ``--only``."""
 CORE_PACKAGES = ("SQLAlchemy", "opentelemetry-sdk", "opentelemetry-instrumentation-sqlalchemy")
 HTTP_PACKAGES = ("urllib3", "requests", "httpx", "httpcore", "aiohttp", "boto3", "botocore", "moto")
@@ -191,6 +193,7 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
     import bench_memory
     import bench_postgres
     import bench_sqlalchemy
+    import bench_traces
 
     if "hotpath" in sections:
         config = (
@@ -247,6 +250,8 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
             )
             measured_pg = bench_postgres.run_postgres(pg_config)
             print(bench_postgres.render_postgres(measured_pg, pg_config), flush=True)
+    if "traces" in sections:
+        bench_traces.main(quick)
     if "instructions" in sections:
         counting = (
             bench_instructions.InstructionConfig(

@@ -1,16 +1,21 @@
 """Render poolwatch's Grafana dashboards: ``python dashboards/build.py [--check]``.
 
-Two dashboards, on the one poolwatch metric family, so they cover every pool kind:
+Three dashboards, on the one poolwatch metric family, so they cover every pool kind:
 
 * ``poolwatch-overview.json`` — "Connection pools / overview": every pool of the selected
   services and instances, ranked by utilization;
-* ``poolwatch-pool.json`` — "Connection pool / detail": one pool in depth.
+* ``poolwatch-pool.json`` — "Connection pool / detail": one pool in depth;
+* ``poolwatch-backends.json`` — "Connection pools / backends": each backend (server) with
+  the connections every instance and service holds to it, what their pools may open at
+  worst, and the limit declared for it (from the backend recording rules, so load
+  ``alerts/poolwatch.rules.yml`` into Prometheus too).
 
-Both have the variables datasource (any Prometheus), job, instance, kind and pool; every
-panel has a unit and a description; every rate uses ``$__rate_interval``; no datasource uid
-is hard-coded. ``tests/test_dashboards.py`` lints that and parses every query with promtool.
-Thresholds shared with the alerts (the overview's "pools above" stat, the recommended
-size's headroom) are read from ``alerts/config.py``.
+The first two have the variables datasource (any Prometheus), job, instance, kind and pool;
+the backends dashboard datasource, address and port. Every panel has a unit and a
+description; every rate uses ``$__rate_interval``; no datasource uid is hard-coded.
+``tests/test_dashboards.py`` lints that and parses every query with promtool. Thresholds
+shared with the alerts (the "above" stats, the recommended size's headroom) are read from
+``alerts/config.py``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ SEL = 'job=~"$job", instance=~"$instance", pool_kind=~"$kind", pool_name=~"$pool
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 PROCESS_SEL = 'job=~"$job", instance=~"$instance"'
 """The process view's points describe a process, not a pool: no kind or pool to select."""
+BACKEND = "server_address, server_port"
+BACKEND_SEL = 'server_address=~"$address", server_port=~"$port"'
+"""The backends dashboard selects servers, whichever instances talk to them."""
 
 
 def _utilization() -> str:
@@ -178,17 +186,20 @@ def _variable(name: str, label: str, query: str, multi: bool = True) -> dict[str
     }
 
 
+_DATASOURCE_VARIABLE = {
+    "name": "datasource",
+    "label": "Data source",
+    "type": "datasource",
+    "query": "prometheus",
+    "current": {},
+}
+
+
 def _templating(pool_multi: bool) -> dict[str, Any]:
     scope = 'job=~"$job", instance=~"$instance"'
     return {
         "list": [
-            {
-                "name": "datasource",
-                "label": "Data source",
-                "type": "datasource",
-                "query": "prometheus",
-                "current": {},
-            },
+            dict(_DATASOURCE_VARIABLE),
             _variable("job", "Job", "label_values(poolwatch_connections, job)"),
             _variable(
                 "instance", "Instance", 'label_values(poolwatch_connections{job=~"$job"}, instance)'
@@ -206,8 +217,32 @@ def _templating(pool_multi: bool) -> dict[str, Any]:
     }
 
 
+def _backend_templating() -> dict[str, Any]:
+    return {
+        "list": [
+            dict(_DATASOURCE_VARIABLE),
+            _variable(
+                "address",
+                "Backend address",
+                'label_values(poolwatch_connections{server_address!=""}, server_address)',
+            ),
+            _variable(
+                "port",
+                "Backend port",
+                'label_values(poolwatch_connections{server_address=~"$address"}, server_port)',
+            ),
+        ]
+    }
+
+
 def _dashboard(
-    uid: str, title: str, description: str, panels: list[dict[str, Any]], pool_multi: bool
+    uid: str,
+    title: str,
+    description: str,
+    panels: list[dict[str, Any]],
+    pool_multi: bool,
+    *,
+    templating: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "uid": uid,
@@ -220,7 +255,7 @@ def _dashboard(
         "refresh": "30s",
         "time": {"from": "now-3h", "to": "now"},
         "timezone": "",
-        "templating": _templating(pool_multi),
+        "templating": templating or _templating(pool_multi),
         "annotations": {"list": []},
         "links": [
             {
@@ -315,15 +350,14 @@ def overview() -> dict[str, Any]:
         _table(
             layout,
             "Anti-patterns",
-            "Anti-patterns poolwatch detected in how each pool is configured or used (once per "
-            "pool and anti-pattern, in the process: its log has a WARNING with the numbers and "
-            "the fix); PoolwatchPoolAntipattern's runbook explains each. Empty when there are "
-            "none.",
+            "Anti-patterns poolwatch detected in how each pool is configured or used and still "
+            "observes now (the process logged a WARNING with the numbers and the fix when it "
+            "found each); PoolwatchPoolAntipattern's runbook explains each. Empty when there "
+            "are none.",
             {
-                "Detections": f"sum by ({BY}, antipattern) "
-                f"(poolwatch_antipatterns_total{{{SEL}}}) > 0",
+                "Pools": f"sum by ({BY}, antipattern) (poolwatch_antipatterns_active{{{SEL}}}) > 0",
             },
-            hide=("Detections",),
+            hide=("Pools",),
             sort_by="pool_name",
         ),
         _panel(
@@ -450,10 +484,16 @@ def pool_detail() -> dict[str, Any]:
             "timeseries",
             "Wait for a connection",
             "Time callers waited for a connection (queue wait, opening one when needed, "
-            "pre-ping), 50th, 95th and 99th percentiles.",
+            "pre-ping), 50th, 95th and 99th percentiles. Dots are exemplars: waits poolwatch "
+            "traced (pool.wait spans, with tracing on and exemplar storage in Prometheus); "
+            "each links to its trace.",
             "s",
             targets=[
-                _target(_quantile(q, wait, "pool_name", 'outcome="acquired"'), f"p{int(q * 100)}")
+                _target(
+                    _quantile(q, wait, "pool_name", 'outcome="acquired"'),
+                    f"p{int(q * 100)}",
+                    exemplar=q == 0.99,
+                )
                 for q in (0.5, 0.95, 0.99)
             ],
         ),
@@ -478,12 +518,15 @@ def pool_detail() -> dict[str, Any]:
             layout,
             "timeseries",
             "Time to open a connection",
-            "The driver's or socket's connect, 50th and 99th percentiles, successful connects.",
+            "The driver's or socket's connect, 50th and 99th percentiles, successful connects. "
+            "Dots are exemplars: slow connects poolwatch traced (pool.connect spans); each "
+            "links to its trace.",
             "s",
             targets=[
                 _target(
                     _quantile(q, "poolwatch_connect_duration_seconds", "pool_name", 'outcome="ok"'),
                     f"p{int(q * 100)}",
+                    exemplar=q == 0.99,
                 )
                 for q in (0.5, 0.99)
             ],
@@ -623,7 +666,220 @@ def pool_detail() -> dict[str, Any]:
     )
 
 
-DASHBOARDS = {"poolwatch-overview.json": overview, "poolwatch-pool.json": pool_detail}
+def backends() -> dict[str, Any]:
+    """Each backend: every instance's connections to it, the worst case, the limit."""
+    layout = _Layout()
+    near = config.BACKEND_NEAR_LIMIT
+    stat = {"reduceOptions": {"calcs": ["lastNotNull"]}, "colorMode": "background"}
+    worst = f"poolwatch:backend_connections_worst_case:sum{{{BACKEND_SEL}}}"
+    limit = f"poolwatch:backend_connections_limit:min{{{BACKEND_SEL}}}"
+    connections = f"poolwatch:backend_connections:sum{{{BACKEND_SEL}}}"
+    held = f"poolwatch_connections{{{BACKEND_SEL}}}"
+    legend = "{{server_address}}:{{server_port}}"
+    panels = [
+        _panel(
+            layout,
+            "stat",
+            "Backends oversubscribed",
+            "Backends whose pools, summed over every instance and service talking to them, may "
+            "open more connections than the limit declared for them (server_limits): "
+            "PoolwatchBackendOversubscribed fires when this lasts "
+            f"{config.BACKEND_OVERSUBSCRIBED_FOR}.",
+            "none",
+            targets=[_target(f"count({worst} > {limit}) or vector(0)")],
+            width=6,
+            height=4,
+            **stat,
+        ),
+        _panel(
+            layout,
+            "stat",
+            f"Backends above {near:.0%}",
+            f"Backends with more than {near:.0%} of their declared limit open from every "
+            "instance now (PoolwatchBackendNearLimit fires when this lasts "
+            f"{config.BACKEND_NEAR_LIMIT_FOR}; the threshold is BACKEND_NEAR_LIMIT in "
+            "alerts/config.py).",
+            "none",
+            targets=[
+                _target(
+                    f"count(poolwatch:backend_utilization:ratio{{{BACKEND_SEL}}} > {near}) "
+                    "or vector(0)"
+                )
+            ],
+            width=6,
+            height=4,
+            **stat,
+        ),
+        _panel(
+            layout,
+            "stat",
+            "Pools without a limit",
+            "Pools with no connection limit that have connections open to the selected "
+            "backends: each makes its backends' worst case unbounded.",
+            "none",
+            targets=[
+                _target(
+                    f"sum(poolwatch:backend_unbounded_pools:count{{{BACKEND_SEL}}}) or vector(0)"
+                )
+            ],
+            width=6,
+            height=4,
+            **stat,
+        ),
+        _panel(
+            layout,
+            "stat",
+            "Callers waiting",
+            "Callers waiting for a connection to the selected backends now, over every instance.",
+            "none",
+            targets=[
+                _target(
+                    f"sum(poolwatch:backend_pending_requests:sum{{{BACKEND_SEL}}}) or vector(0)"
+                )
+            ],
+            width=6,
+            height=4,
+            **stat,
+        ),
+        _table(
+            layout,
+            "Backends",
+            "Each backend, most used first: connections open to it from every instance "
+            "(used and idle), what the pools talking to it may open at worst (the sum of "
+            "their limits; unbounded when one has none), the limit declared for it "
+            "(server_limits, the lowest when processes disagree), connections against that "
+            "limit, pools without a limit, callers waiting, and the instances and services "
+            "holding connections. A backend with no declared limit has Limit and "
+            "Utilization blank.",
+            {
+                "Connections": connections,
+                "Worst case": worst,
+                "Limit": limit,
+                "Utilization": f"poolwatch:backend_utilization:ratio{{{BACKEND_SEL}}}",
+                "Unbounded pools": f"poolwatch:backend_unbounded_pools:count{{{BACKEND_SEL}}}",
+                "Waiting": f"poolwatch:backend_pending_requests:sum{{{BACKEND_SEL}}}",
+                "Instances": f"count by ({BACKEND}) "
+                f"(sum by ({BACKEND}, job, instance) ({held}) > 0)",
+                "Services": f"count by ({BACKEND}) (sum by ({BACKEND}, job) ({held}) > 0)",
+            },
+            units={"Utilization": "percentunit"},
+            sort_by="Utilization",
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Connections against the limit",
+            "Connections open to each backend from every instance, the limit declared for it, "
+            "and what the pools talking to it may open at worst (not drawn when unbounded).",
+            "none",
+            targets=[
+                _target(connections, f"{legend} open"),
+                _target(limit, f"{legend} limit"),
+                _target(f"{worst} < +Inf", f"{legend} worst case"),
+            ],
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Utilization of the limit",
+            "Connections open to each backend from every instance, as a share of its declared "
+            f"limit (PoolwatchBackendNearLimit: above {near:.0%}).",
+            "percentunit",
+            targets=[_target(f"poolwatch:backend_utilization:ratio{{{BACKEND_SEL}}}", legend)],
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Connections by service",
+            "Connections open to each backend, by the service (job) holding them, summed over "
+            "its instances.",
+            "none",
+            targets=[
+                _target(f"sum by ({BACKEND}, job) ({held})", f"{{{{job}}}} → {legend}"),
+            ],
+        ),
+        _panel(
+            layout,
+            "timeseries",
+            "Callers waiting by backend",
+            "Callers waiting for a connection to each backend, over every instance.",
+            "none",
+            targets=[
+                _target(f"poolwatch:backend_pending_requests:sum{{{BACKEND_SEL}}}", legend),
+            ],
+        ),
+        _table(
+            layout,
+            "Instances holding connections",
+            "Every instance with connections to the selected backends, most first: used and "
+            "idle connections, and callers waiting.",
+            {
+                "Connections": f"sort_desc(sum by ({BACKEND}, job, instance) ({held}))",
+                "Used": f"sum by ({BACKEND}, job, instance) "
+                f'(poolwatch_connections{{{BACKEND_SEL}, state="used"}})',
+                "Idle": f"sum by ({BACKEND}, job, instance) "
+                f'(poolwatch_connections{{{BACKEND_SEL}, state="idle"}})',
+                "Waiting": f"sum by ({BACKEND}, job, instance) "
+                f"(poolwatch_pending_requests{{{BACKEND_SEL}}})",
+            },
+            sort_by="Connections",
+        ),
+        _table(
+            layout,
+            "Top pools by share",
+            "The ten pools (each service's pool, summed over its instances) holding the "
+            "largest share of each backend's connections, with their connections and their "
+            "limits summed (blank for a pool spanning servers, whose limit is not per server, "
+            "and for one without a limit).",
+            {
+                "Share": f"topk by ({BACKEND}) (10, sum by ({BACKEND}, job, pool_kind, pool_name) "
+                f"({held})\n/ on ({BACKEND}) group_left ()\n({connections} > 0))",
+                "Connections": f"sum by ({BACKEND}, job, pool_kind, pool_name) ({held})",
+                "Limits": f"sum by ({BACKEND}, job, pool_kind, pool_name) "
+                f"(poolwatch_connections_max{{{BACKEND_SEL}}})",
+            },
+            units={"Share": "percentunit"},
+            sort_by="Share",
+        ),
+    ]
+    for panel in panels:
+        if panel["title"] == "Backends":  # +Inf, as Prometheus returns it, is "unbounded"
+            panel["fieldConfig"]["overrides"].append(
+                {
+                    "matcher": {"id": "byName", "options": "Worst case"},
+                    "properties": [
+                        {
+                            "id": "mappings",
+                            "value": [
+                                {
+                                    "type": "range",
+                                    "options": {
+                                        "from": 1e300,
+                                        "to": None,
+                                        "result": {"text": "unbounded"},
+                                    },
+                                }
+                            ],
+                        }
+                    ],
+                }
+            )
+    return _dashboard(
+        "poolwatch-backends",
+        "Connection pools / backends",
+        "Each backend (server) with the connections every instance and service holds to it, "
+        "what their pools may open at worst, and the limit declared for it.",
+        panels,
+        pool_multi=True,
+        templating=_backend_templating(),
+    )
+
+
+DASHBOARDS = {
+    "poolwatch-overview.json": overview,
+    "poolwatch-pool.json": pool_detail,
+    "poolwatch-backends.json": backends,
+}
 
 
 def render(name: str) -> str:

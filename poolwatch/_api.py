@@ -13,7 +13,9 @@ from typing import Any
 
 from opentelemetry import metrics as otel_metrics
 from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
 
+from poolwatch import _versions
 from poolwatch._collect import Collector
 from poolwatch._config import ConfigError, Settings, psutil_importable, resolve, shown
 from poolwatch._export import Bridge, Producer
@@ -24,6 +26,7 @@ from poolwatch._naming import MAX_NAME, check_pool_name
 from poolwatch._provider import OwnedProvider, build, child_resource
 from poolwatch._registry import Registry
 from poolwatch._safe import ErrorLog, logger
+from poolwatch._tracing import tracing_for
 from poolwatch.adapters import ADAPTERS, Adapter
 from poolwatch.diagnostics.process import REFRESH_EVERY, ProcessView, ProcessWatcher
 
@@ -35,13 +38,18 @@ class Instrumentation:
     """The handle ``instrument()`` returns: what is hooked, and how to undo it."""
 
     def __init__(
-        self, settings: Settings, provider: MeterProvider, owned: OwnedProvider | None
+        self,
+        settings: Settings,
+        provider: MeterProvider,
+        owned: OwnedProvider | None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.settings = settings
         self.meter_provider = provider
         self._owned = owned
         self._errors = ErrorLog()
-        self._registry = Registry(settings, self._errors)
+        tracing = tracing_for(tracer_provider) if settings.wait_span_threshold else None
+        self._registry = Registry(settings, self._errors, tracing)
         # A forked child's first new pool completes its set-up (see Fork).
         self._registry.on_track = self._ensure_set_up
         self._collector = Collector(self._registry, settings, self._errors)
@@ -92,6 +100,8 @@ class Instrumentation:
         return hook
 
     def _activate(self, adapter: Adapter, *, imported_before: bool) -> None:
+        if not _supported(adapter, self._errors):
+            return
         try:
             adapter.instrument(imported_before=imported_before)
         except Exception as error:
@@ -277,6 +287,33 @@ class Instrumentation:
         return f"<poolwatch.Instrumentation {state} libraries={list(self.libraries)}>"
 
 
+def _supported(adapter: Adapter, errors: ErrorLog) -> bool:
+    """Whether the installed versions of what ``adapter`` hooks are in its supported ranges;
+    if not, one WARNING names them and the adapter is not activated (``_versions.py``)."""
+    try:
+        outside = _versions.mismatches(adapter.requires)
+        untested = _versions.mismatches(adapter.tested_with, only_installed=True)
+    except Exception as error:  # an unreadable version: not hooking is the safe side
+        errors.report(f"{adapter.name} version check", error)
+        return False
+    if outside:
+        logger.warning(
+            "poolwatch: %s is outside the versions poolwatch supports: its pools are not "
+            "hooked (the application runs on unchanged)",
+            "; ".join(str(m) for m in outside),
+        )
+        return False
+    if untested:
+        logger.warning(
+            "poolwatch: %s is outside the versions poolwatch is tested with; its pools are "
+            "still hooked through %s, but may be reported as pool.kind %s",
+            "; ".join(str(m) for m in untested),
+            adapter.name,
+            adapter.kind,
+        )
+    return True
+
+
 def _process_watcher(
     settings: Settings, registry: Registry, errors: ErrorLog
 ) -> ProcessWatcher | None:
@@ -286,6 +323,17 @@ def _process_watcher(
     if settings.process_view == "auto" and not psutil_importable():
         return None
     return ProcessWatcher(registry.pool_sockets, errors)
+
+
+def _tracer_provider(arguments: Mapping[str, Any]) -> TracerProvider | None:
+    """The ``tracer_provider=`` argument, checked; None: the global provider."""
+    provider = arguments.get("tracer_provider")
+    if provider is not None and not isinstance(provider, TracerProvider):
+        raise ConfigError(
+            f"poolwatch setting 'tracer_provider' (argument) got {type(provider).__name__}: "
+            "expected an opentelemetry.trace.TracerProvider (an SDK one records spans)"
+        )
+    return provider
 
 
 def _provider_for(
@@ -325,7 +373,7 @@ def instrument(**settings: Any) -> Instrumentation:
             _current._ensure_set_up()
             return _current
         provider, owned = _provider_for(settings, resolved, os.environ)
-        handle = Instrumentation(resolved, provider, owned)
+        handle = Instrumentation(resolved, provider, owned, _tracer_provider(settings))
         try:
             handle._start()
         except BaseException:

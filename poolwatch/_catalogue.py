@@ -250,6 +250,15 @@ ANTIPATTERNS_DETECTED: Final = MetricSpec(
     (ANTIPATTERN,),
 )
 
+ANTIPATTERNS_ACTIVE: Final = MetricSpec(
+    "poolwatch.antipatterns.active",
+    "updowncounter",
+    "{detection}",
+    "Anti-patterns detected in the pool that are still observed now (1), or no longer (0), "
+    "by name.",
+    (ANTIPATTERN,),
+)
+
 POOLWATCH_METRICS: Final = (
     CONNECTIONS,
     CONNECTIONS_MAX,
@@ -265,6 +274,7 @@ POOLWATCH_METRICS: Final = (
     LEAKS_ACTIVE,
     CHECKOUTS_REUSED,
     ANTIPATTERNS_DETECTED,
+    ANTIPATTERNS_ACTIVE,
 )
 
 # -- the process view (psutil): file descriptors and TCP connections of the process ------
@@ -296,6 +306,19 @@ PROCESS_METRICS: Final = (
     PROCESS_FILE_DESCRIPTORS_MAX,
     PROCESS_CONNECTIONS,
 )
+
+# -- servers: what poolwatch is told about the servers pools connect to -----------------
+# Points of these carry server.address and server.port, and no pool identity: a server's
+# limit belongs to the server, and rules set every instance's pools against it.
+SERVER_CONNECTIONS_LIMIT: Final = MetricSpec(
+    "poolwatch.server.connections.limit",
+    "updowncounter",
+    "{connection}",
+    "The most connections the server accepts from all its clients together, as declared "
+    "in the server_limits setting.",
+)
+
+SERVER_METRICS: Final = (SERVER_CONNECTIONS_LIMIT,)
 
 # -- semantic-convention mirrors for database pools -------------------------------------
 DB_CONNECTION_COUNT: Final = MetricSpec(
@@ -397,7 +420,9 @@ HTTP_SEMCONV_METRICS: Final = (
     HTTP_TIME_IN_QUEUE,
 )
 
-ALL_METRICS: Final = POOLWATCH_METRICS + PROCESS_METRICS + DB_SEMCONV_METRICS + HTTP_SEMCONV_METRICS
+ALL_METRICS: Final = (
+    POOLWATCH_METRICS + PROCESS_METRICS + SERVER_METRICS + DB_SEMCONV_METRICS + HTTP_SEMCONV_METRICS
+)
 
 SCOPE_NAME: Final = "poolwatch"
 """The instrumentation scope every poolwatch metric is exported under."""

@@ -27,6 +27,10 @@ DEFAULT_MAX_POOLS = 200
 DEFAULT_PROMETHEUS_HOST = "127.0.0.1"
 PROCESS_VIEW = ("auto", "on", "off")
 DEFAULT_SHUTDOWN_TIMEOUT = 2.0
+DEFAULT_WAIT_SPAN_THRESHOLD: float | None = 0.001
+"""Seconds: a wait for a connection longer than this gets a span. Below a millisecond a
+wait is the checkout's own work (a pre-ping, a loopback connect), not a queue: a span there
+would be noise, and spans cost tens of microseconds each to record and export."""
 """Seconds ``uninstrument()`` and interpreter exit wait for poolwatch's own exporters.
 
 A healthy collector takes milliseconds to take the last export (tens over a slow TLS
@@ -49,6 +53,15 @@ The benchmarks measure up to 10,000 series and set this much; 20,000 series are 
 250 MB of ledgers and two million Prometheus series at the default buckets."""
 MAX_LIBRARIES = 64
 """Most entries the ``libraries`` setting is read for (an endless iterable stops here)."""
+MAX_SERVER_LIMITS = 1000
+"""Most servers ``server_limits`` may declare: each is one exported series per process."""
+MAX_SERVER_CONNECTIONS = 10_000_000
+"""Largest connection limit a server may be declared with (PostgreSQL's own
+``max_connections`` stops at 262,143; a managed cache's at tens of thousands)."""
+_SERVER = re.compile(
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]{2,45})\]|(?P<host>[A-Za-z0-9._\-]{1,253})):(?P<port>[0-9]{1,5})"
+)
+"""``host:port`` or ``[ipv6]:port``: a server as pools address it (``server.address``)."""
 SHOWN = 200
 """Most characters of a rejected value a ConfigError shows."""
 _NOT_SETTINGS = ("POOLWATCH_DEMO_",)
@@ -101,6 +114,16 @@ class Settings:
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
     """Seconds ``uninstrument()`` and interpreter exit wait for the last export of a provider
     poolwatch built (and its Prometheus endpoint, and its thread) before giving up on it."""
+    wait_span_threshold: float | None = DEFAULT_WAIT_SPAN_THRESHOLD
+    """Waits for a connection (and connects) longer than this, in seconds, are recorded as
+    spans (``pool.wait``, ``pool.connect``) under the caller's span, and their ids as
+    exemplars of the histograms; None (``off``) records none."""
+    server_limits: Mapping[tuple[str, int], int] = field(default_factory=dict)
+    """Connection limits of servers, by (``server.address``, ``server.port``): what a server
+    accepts from all its clients together (PostgreSQL's ``max_connections`` less its
+    reserved connections, a managed cache's limit), exported as
+    ``poolwatch.server.connections.limit`` so that rules can set every instance's
+    connections to that server against it."""
 
 
 def _env_name(setting: str) -> str:
@@ -322,6 +345,55 @@ def _check_names(value: Any) -> dict[str, str]:
     return names
 
 
+def _server_limits_from_env(text: str) -> dict[str, int]:
+    limits: dict[str, int] = {}
+    for item in _parse_list(text):
+        server, sep, limit = item.rpartition("=")
+        if not sep or not server.strip():
+            raise ValueError(item)
+        if server.strip() in limits:
+            raise Rejected(f"{shown(server.strip())} is declared twice")
+        limits[server.strip()] = int(limit)
+    return limits
+
+
+def _server(text: Any) -> tuple[str, int]:
+    """(address, port) of a ``host:port`` or ``[ipv6]:port`` key of ``server_limits``."""
+    if not isinstance(text, str):
+        raise TypeError(text)
+    if carries_credentials(text) or "/" in text:
+        raise Rejected(
+            f"{shown(text)} is not host:port: a server is named without a scheme, "
+            "credentials, path or query string"
+        )
+    match = _SERVER.fullmatch(text.strip())
+    if match is None:
+        raise Rejected(f"{shown(text)} is not host:port")
+    port = int(match["port"])
+    if not 1 <= port <= 65535:
+        raise Rejected(f"port {port} of {shown(text)} is not 1-65535")
+    return match["ipv6"] or match["host"], port
+
+
+def _check_server_limits(value: Any) -> dict[tuple[str, int], int]:
+    if not isinstance(value, Mapping):
+        raise TypeError(value)
+    items = list(itertools.islice(value.items(), MAX_SERVER_LIMITS + 1))
+    if len(items) > MAX_SERVER_LIMITS:
+        raise Rejected(f"more than {MAX_SERVER_LIMITS} servers")
+    limits: dict[tuple[str, int], int] = {}
+    for server, limit in items:
+        key = _server(server)
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise Rejected(f"the limit of {shown(server)} is {shown(limit)}, not an int")
+        if not 1 <= limit <= MAX_SERVER_CONNECTIONS:
+            raise Rejected(f"the limit of {shown(server)} is {limit}")
+        if key in limits:
+            raise Rejected(f"{shown(server)} is declared twice")
+        limits[key] = limit
+    return limits
+
+
 def _warn_unknown_variables(environ: Mapping[str, str]) -> None:
     """A ``POOLWATCH_*`` variable close to a setting's name is likely a typo: say so once."""
     known = [_env_name(f) for f in Settings.__dataclass_fields__]
@@ -344,7 +416,7 @@ def resolve(
     arguments: Mapping[str, Any], environ: Mapping[str, str], adapters: tuple[str, ...]
 ) -> Settings:
     """Resolve settings; ``adapters`` are the library names this poolwatch can hook."""
-    known = {f for f in Settings.__dataclass_fields__} | {"meter_provider"}
+    known = {f for f in Settings.__dataclass_fields__} | {"meter_provider", "tracer_provider"}
     unknown = sorted(set(arguments) - known, key=str)
     if unknown:
         raise ConfigError(
@@ -439,5 +511,21 @@ def resolve(
             _shutdown_from_env,
             _check_shutdown,
             f"a number of seconds from 0 to {MAX_SHUTDOWN_TIMEOUT:g}",
+        ),
+        server_limits=env.get(
+            "server_limits",
+            {},
+            _server_limits_from_env,
+            _check_server_limits,
+            "a mapping of server 'host:port' to its connection limit, an int from 1 to "
+            f"{MAX_SERVER_CONNECTIONS:,} (env: 'db.internal:5432=480,[fd00::5]:6379=10000'), "
+            f"at most {MAX_SERVER_LIMITS} servers",
+        ),
+        wait_span_threshold=env.get(
+            "wait_span_threshold",
+            DEFAULT_WAIT_SPAN_THRESHOLD,
+            _leak_from_env,
+            _check_leak,
+            "a number of seconds > 0, or None/'off' to record no spans",
         ),
     )

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from math import inf
 from typing import Any
 
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import Exemplar, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Histogram,
@@ -46,6 +46,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from poolwatch import _catalogue as c
 from poolwatch._collect import Collection, Collector
 from poolwatch._config import Settings
+from poolwatch._ledger import Exemplar as LedgerExemplar
 from poolwatch._ledger import HistogramSnapshot, LedgerSnapshot
 from poolwatch._models import HostLevels, Levels
 from poolwatch._registry import Series, SeriesReading
@@ -360,7 +361,7 @@ class _Collection:
         attributes: dict[str, str | int],
         created_ns: int,
     ) -> None:
-        """Add one sum point of the process view (no pool behind it)."""
+        """Add one sum point that belongs to no pool (the process view, a server's limit)."""
         start = created_ns
         if self.delta[spec.instrument]:
             key = (spec.name, variant, 0)
@@ -372,9 +373,14 @@ class _Collection:
         self.points[spec.name].append(_number_point(attributes, start, self.now_ns, value))
 
     def histogram(
-        self, spec: c.MetricSpec, series: Series, value: HistogramSnapshot, variant: str = ""
+        self,
+        spec: c.MetricSpec,
+        series: Series,
+        value: HistogramSnapshot,
+        variant: str = "",
+        exemplars: tuple[LedgerExemplar, ...] = (),
     ) -> None:
-        """Add one histogram point."""
+        """Add one histogram point, with the ``exemplars`` this reader has not seen yet."""
         attributes = self.cache.get((series.serial, spec.name, variant))
         if attributes is None:
             attributes = self._attributes(series, spec, variant)
@@ -397,7 +403,8 @@ class _Collection:
             fields["explicit_bounds"] = value.bounds
             fields["min"] = low
             fields["max"] = high
-            fields["exemplars"] = ()  # Sequence[Exemplar]: one shared empty tuple, no allocation
+            # Sequence[Exemplar]: one shared empty tuple when none, no allocation
+            fields["exemplars"] = self._exemplars(exemplars) if exemplars else ()
         else:
             point = HistogramDataPoint(
                 attributes,
@@ -409,8 +416,19 @@ class _Collection:
                 value.bounds,
                 low,
                 high,
+                self._exemplars(exemplars) if exemplars else (),
             )
         self.points[spec.name].append(point)
+
+    def _exemplars(self, kept: tuple[LedgerExemplar, ...]) -> tuple[Exemplar, ...]:
+        """The ledger's exemplars newer than this reader's previous collection: each slow
+        wait's or connect's span links its point once per reader."""
+        since = self.state.last_ns
+        return tuple(
+            Exemplar(None, e.value, e.time_unix_nano, e.span_id, e.trace_id)
+            for e in kept
+            if e.time_unix_nano > since
+        )
 
     def metrics(self) -> list[Metric]:
         """The collection as OpenTelemetry metrics (in the order their points came)."""
@@ -444,6 +462,12 @@ class Producer:
         self.process: ProcessWatcher | None = None
         """The process view, when on: its latest reading is exported with every collection."""
         self._process_attributes: dict[str, dict[str, str | int]] = {}
+        self._created_ns = time.time_ns()
+        self._servers: list[tuple[str, Attributes, int]] = [
+            (f"{address} {port}", {c.SERVER_ADDRESS: address, c.SERVER_PORT: port}, limit)
+            for (address, port), limit in settings.server_limits.items()
+        ]
+        """(variant, attributes, limit) of each declared server: settings never change."""
 
     def reset(self) -> None:
         """Forget every reader's previous collection (a forked child starts over)."""
@@ -456,11 +480,13 @@ class Producer:
         self._add_levels(out, series, levels, hosts)
         for outcome, wait in ledger.wait.items():
             if outcome == c.OUTCOME_ACQUIRED or wait.observations:
-                out.histogram(c.WAIT_DURATION, series, wait, outcome)
+                exemplars = ledger.exemplars.get(f"wait {outcome}", ())
+                out.histogram(c.WAIT_DURATION, series, wait, outcome, exemplars)
         out.histogram(c.USE_DURATION, series, ledger.use)
         for outcome, connect in ledger.connect.items():
             if outcome == c.CONNECT_OK or connect.observations:
-                out.histogram(c.CONNECT_DURATION, series, connect, outcome)
+                exemplars = ledger.exemplars.get(f"connect {outcome}", ())
+                out.histogram(c.CONNECT_DURATION, series, connect, outcome, exemplars)
         for reason, lifetimes in ledger.lifetime.items():
             out.histogram(c.CONNECTION_LIFETIME, series, lifetimes, reason)
         out.number(c.TIMEOUTS, series, ledger.timeouts)
@@ -472,6 +498,7 @@ class Producer:
         out.number(c.CHECKOUTS_REUSED, series, ledger.reused)
         for antipattern in collection.antipatterns(series.serial):
             out.number(c.ANTIPATTERNS_DETECTED, series, 1, antipattern.name)
+            out.number(c.ANTIPATTERNS_ACTIVE, series, int(antipattern.active), antipattern.name)
         if not self._settings.semconv:
             return
         family = series.adapter.family
@@ -585,6 +612,10 @@ class Producer:
             self._cached_series = out.series
             if self.process is not None:
                 self._add_process(out, self.process)
+            for variant, attributes, limit in self._servers:
+                out.process_number(
+                    c.SERVER_CONNECTIONS_LIMIT, limit, variant, attributes, self._created_ns
+                )
             state.previous = out.seen
             state.series = out.series
             state.last_ns = out.now_ns

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from poolwatch._ledger import DRAIN_AT, Ledger
-from poolwatch._safe import ErrorLog
+from poolwatch._safe import ErrorLog, garbage_collector_off
 
 INTERVAL = 1.0
 """Seconds between two rounds."""
@@ -71,15 +71,19 @@ class Janitor:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            try:
-                self.sweep()
-            except Exception as error:  # never let the thread die silently
-                self._errors.report("janitor", error)
-            now = time.monotonic()
-            for i, (seconds, task) in enumerate(self._tasks):
-                if now >= self._due[i]:
-                    self._due[i] = now + seconds
-                    try:
-                        task()
-                    except Exception as error:
-                        self._errors.report("janitor task", error)
+            with garbage_collector_off():  # the application's finalizers stay on its threads
+                self._round()
+
+    def _round(self) -> None:
+        try:
+            self.sweep()
+        except Exception as error:  # never let the thread die silently
+            self._errors.report("janitor", error)
+        now = time.monotonic()
+        for i, (seconds, task) in enumerate(self._tasks):
+            if now >= self._due[i]:
+                self._due[i] = now + seconds
+                try:
+                    task()
+                except Exception as error:
+                    self._errors.report("janitor task", error)

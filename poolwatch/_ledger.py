@@ -9,15 +9,16 @@ exporting, leak scans — happens at collection time on the exporter's thread.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import sys
 import threading
 import time
 from bisect import bisect_left, bisect_right
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from math import inf
 from types import CodeType, FrameType
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from poolwatch import _catalogue as c
 
@@ -76,6 +77,51 @@ class HistogramSnapshot(NamedTuple):
         return self.max
 
 
+class Exemplar(NamedTuple):
+    """A measurement kept with the trace it happened in (a slow wait's, a slow connect's)."""
+
+    value: float
+    time_unix_nano: int
+    trace_id: int
+    span_id: int
+
+
+SpanIds = tuple[int, int]
+"""(trace id, span id) of a span recorded for a wait or a connect."""
+
+ConnectRecord = tuple[float, float, bool]
+"""A connect made inside a wait: its start and end (``perf_counter()``) and whether it
+succeeded."""
+
+
+class WaitTracer(Protocol):
+    """What records waits and connects as spans (``_tracing.Tracing``: the ledger knows no
+    OpenTelemetry). Called on the caller's thread, in its context, after the fact."""
+
+    def wait(
+        self,
+        attributes: Mapping[str, str | int],
+        start: float,
+        end: float,
+        outcome: str,
+        connect: ConnectRecord | None,
+    ) -> tuple[SpanIds, SpanIds | None] | None:
+        """A wait from ``start`` to ``end`` (``perf_counter()``), with the connect made
+        inside it if any: the ids of its span and of the connect's, or None (not recorded)."""
+
+    def connect(
+        self, attributes: Mapping[str, str | int], start: float, end: float, ok: bool
+    ) -> SpanIds | None:
+        """A connect from ``start`` to ``end``, outside any wait: its span's ids, or None."""
+
+
+_inner_connect: contextvars.ContextVar[ConnectRecord | None] = contextvars.ContextVar(
+    "poolwatch_inner_connect", default=None
+)
+"""The last connect made in this thread or task by a pool that connects inside its wait
+(SQLAlchemy, aiohttp), for the wait's span to show it as a child."""
+
+
 class LedgerSnapshot(NamedTuple):
     """Everything a ledger counted, copied consistently at one moment."""
 
@@ -94,6 +140,9 @@ class LedgerSnapshot(NamedTuple):
     """Checkouts not yet returned, as seen by the hooks."""
     reused: int = 0
     """Successful checkouts that did not open a connection: served by one already open."""
+    exemplars: Mapping[str, tuple[Exemplar, ...]] = {}
+    """By histogram (``wait acquired``, ``wait timeout``, ``wait error``, ``connect ok``,
+    ``connect error``): the latest slow measurement of each bucket, with its span."""
 
     @property
     def checkouts(self) -> int:
@@ -208,14 +257,19 @@ class Ledger:
         "connect",
         "connects",
         "connects_in_checkout",
+        "connects_in_wait",
+        "exemplars",
         "firsts",
         "leak_threshold",
         "leaks",
         "lifetime",
         "lifetime_bounds",
         "opens_ahead",
+        "span_threshold",
         "stacks",
         "timeouts",
+        "trace_attributes",
+        "tracer",
         "use",
         "uses",
         "wait",
@@ -244,6 +298,18 @@ class Ledger:
         that open connections ahead of demand tell them; the others never do)."""
         self._firsts = 0
         """First checkouts counted (folded from ``firsts``)."""
+        self.connects_in_wait = False
+        """Whether that connect is part of the caller's wait (``Adapter.connects_in_wait``):
+        then a slow wait's span shows it as a child, else a slow connect has a span of its
+        own."""
+        self.span_threshold = inf
+        """Waits and connects longer than this (seconds) are recorded as spans (inf: none):
+        the one comparison the hot path makes for tracing."""
+        self.tracer: WaitTracer | None = None
+        self.trace_attributes: Mapping[str, str | int] = {}
+        """Attributes of its spans: the pool's name and kind, and its server."""
+        self.exemplars: dict[str, dict[int, Exemplar]] = {}
+        """By histogram (see ``LedgerSnapshot.exemplars``), by bucket: the latest."""
         self.capture = leak_stacks == "always"
         """Whether checkouts record the borrower's stack (hot path: one attribute read)."""
         self._auto_stacks = leak_stacks == "auto"
@@ -314,6 +380,8 @@ class Ledger:
         if first:
             self.firsts.append(None)
         self.waits.append(end - start)
+        if end - start > self.span_threshold:  # a wait that waited: a span
+            self.slow_wait(start, end, c.OUTCOME_ACQUIRED)
         if self.capture:  # this pool has leaked (or leak_stacks="always")
             self.stacks[key] = capture_stack(borrower)
 
@@ -347,24 +415,83 @@ class Ledger:
     # -- less frequent events ----------------------------------------------------------
     def failed(self, start: float, end: float, *, timeout: bool) -> None:
         """A caller gave up (``timeout``) or failed getting a connection."""
+        outcome = c.OUTCOME_TIMEOUT if timeout else c.OUTCOME_ERROR
         with self._lock:
             self._changes += 1
-            self.wait[c.OUTCOME_TIMEOUT if timeout else c.OUTCOME_ERROR].observe(end - start)
+            self.wait[outcome].observe(end - start)
             if timeout:
                 self.timeouts += 1
+        if end - start > self.span_threshold:
+            self.slow_wait(start, end, outcome)
 
     def connected(self, duration: float, *, ok: bool) -> None:
-        """A new connection was opened (``ok``) or failed to open, taking ``duration``.
+        """A new connection was opened (``ok``) or failed to open, taking ``duration``, just
+        now.
 
         A successful connect is deferred like a wait (one append): a server that closes
         every connection makes a connect, and a close, per request.
         """
         if ok:
             self.connects.append(duration)
+        else:
+            with self._lock:
+                self._changes += 1
+                self.connect[c.CONNECT_ERROR].observe(duration)
+        if self.tracer is not None:
+            end = time.perf_counter()
+            self.slow_connect(end - duration, end, ok)
+
+    # -- traces: after the fact, for what was slow -------------------------------------
+    def slow_wait(self, start: float, end: float, outcome: str) -> None:
+        """A wait past ``span_threshold`` (the caller checked): its span, as a child of the
+        caller's, with the connect made inside it; its exemplars. Never raises."""
+        tracer = self.tracer
+        if tracer is None:
             return
+        connect = _inner_connect.get()
+        if connect is not None:
+            _inner_connect.set(None)
+            if not start <= connect[0] <= end:
+                connect = None  # made outside this wait
+        try:
+            recorded = tracer.wait(self.trace_attributes, start, end, outcome, connect)
+        except Exception:  # never the application's failure (a tracing SDK's own bug)
+            return
+        if recorded is not None:
+            wait_ids, connect_ids = recorded
+            self._keep_exemplar(f"wait {outcome}", self.wait[outcome], end - start, wait_ids)
+            if connect is not None and connect_ids is not None:
+                outcome = c.CONNECT_OK if connect[2] else c.CONNECT_ERROR
+                duration = connect[1] - connect[0]
+                self._keep_exemplar(
+                    f"connect {outcome}", self.connect[outcome], duration, connect_ids
+                )
+
+    def slow_connect(self, start: float, end: float, ok: bool) -> None:
+        """A connect just made: kept for its wait's span where the connect is part of the
+        wait; else, past ``span_threshold``, a span of its own and an exemplar."""
+        tracer = self.tracer
+        if tracer is None:
+            return
+        if self.connects_in_wait:
+            _inner_connect.set((start, end, ok))
+            return
+        if end - start <= self.span_threshold:
+            return
+        try:
+            ids = tracer.connect(self.trace_attributes, start, end, ok)
+        except Exception:
+            return
+        if ids is not None:
+            outcome = c.CONNECT_OK if ok else c.CONNECT_ERROR
+            self._keep_exemplar(f"connect {outcome}", self.connect[outcome], end - start, ids)
+
+    def _keep_exemplar(self, histogram: str, into: Histogram, value: float, ids: SpanIds) -> None:
+        bucket = bisect_left(into.bounds, value)
+        exemplar = Exemplar(value, time.time_ns(), ids[0], ids[1])
         with self._lock:
             self._changes += 1
-            self.connect[c.CONNECT_ERROR].observe(duration)
+            self.exemplars.setdefault(histogram, {})[bucket] = exemplar
 
     def closed_connection(self, reason: str, lifetime: float | None) -> None:
         """The pool closed a connection for ``reason`` (a catalogue reason) after ``lifetime``;
@@ -550,6 +677,9 @@ class Ledger:
                 leaks_active=leaks_active,
                 checked_out=len(active),
                 reused=self._reuses(unconnected),
+                exemplars={
+                    k: tuple(v[b] for b in sorted(v)) for k, v in list(self.exemplars.items())
+                },
             )
             if not active:  # the cached snapshot stands only for a ledger with nothing out
                 self._last, self._last_changes = snapshot, self._changes
@@ -600,6 +730,8 @@ class Ledger:
         )
         fresh.leak_threshold = self.leak_threshold
         fresh.capture, fresh._auto_stacks = self.capture, self._auto_stacks
+        fresh.connects_in_wait, fresh.span_threshold = self.connects_in_wait, self.span_threshold
+        fresh.tracer, fresh.trace_attributes = self.tracer, self.trace_attributes
         for name in Ledger.__slots__:
             setattr(self, name, getattr(fresh, name))
 

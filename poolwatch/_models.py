@@ -68,6 +68,12 @@ class Antipattern:
     """What was seen, with its numbers."""
     advice: str
     """What to change."""
+    active: bool = True
+    """Whether it is still observed now: for a configuration (``unbounded_pool``,
+    ``no_pool_timeout``), while the pools configured that way are alive; for
+    ``connection_too_old``, while such a connection is open; for the others, while their
+    signs (pools created per request, discards, stale closes) keep coming, the last less than
+    five minutes ago (docs/diagnostics.md)."""
 
 
 @dataclass(frozen=True)

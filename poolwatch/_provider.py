@@ -276,9 +276,12 @@ def _prometheus(settings: Settings, environ: Mapping[str, str]) -> tuple[MetricR
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from prometheus_client import CollectorRegistry, start_http_server
 
+    from poolwatch._prometheus import attach_to
+
     port = _prometheus_port(settings, environ)
     registry = CollectorRegistry(auto_describe=True)
     reader = PrometheusMetricReader(registry=registry)
+    attach_to(reader)  # exemplars on poolwatch's buckets (OpenMetrics)
     try:
         server, _thread = start_http_server(port, addr=settings.prometheus_host, registry=registry)
     except OSError as error:

@@ -24,8 +24,9 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from poolwatch import _catalogue as c
 from poolwatch._config import Settings
-from poolwatch._ledger import LeakReport, Ledger, LedgerSnapshot
+from poolwatch._ledger import LeakReport, Ledger, LedgerSnapshot, WaitTracer
 from poolwatch._models import Levels
 from poolwatch._safe import ErrorLog, logger
 from poolwatch.adapters._base import Adapter
@@ -140,6 +141,7 @@ class Series:
         self.site = site
         self.attributes = dict(attributes)
         self.ledger = ledger
+        ledger.trace_attributes = {c.POOL_NAME: name, c.POOL_KIND: self.kind, **attributes}
         self.pools = WeakPools()
         self.serial = next(_serials)
         """Unique for the process's life: what readers key their previous values by (an
@@ -202,9 +204,13 @@ def _sum_levels(readings: list[Levels]) -> Levels:
 class Registry:
     """Every tracked pool, grouped into series, weakly."""
 
-    def __init__(self, settings: Settings, errors: ErrorLog) -> None:
+    def __init__(
+        self, settings: Settings, errors: ErrorLog, tracer: WaitTracer | None = None
+    ) -> None:
         self._settings = settings
         self._errors = errors
+        self._tracer = tracer if settings.wait_span_threshold is not None else None
+        """Records slow waits as spans (``_tracing``), when on."""
         self._lock = threading.Lock()
         self._series: dict[tuple[str, str], Series] = {}
         self._of_pool: weakref.WeakKeyDictionary[Any, Series] = weakref.WeakKeyDictionary()
@@ -221,7 +227,7 @@ class Registry:
 
     def _new_ledger(self, adapter: Adapter) -> Ledger:
         s = self._settings
-        return Ledger(
+        ledger = Ledger(
             s.buckets,
             s.lifetime_buckets,
             s.leak_threshold,
@@ -229,6 +235,11 @@ class Registry:
             connects_in_checkout=adapter.connects_in_checkout,
             opens_ahead=adapter.opens_ahead,
         )
+        ledger.connects_in_wait = adapter.connects_in_wait
+        if self._tracer is not None and s.wait_span_threshold is not None:
+            ledger.tracer = self._tracer
+            ledger.span_threshold = s.wait_span_threshold
+        return ledger
 
     def _name_for(self, kind: str, target: str, site: str | None, name: str | None) -> str:
         from poolwatch._naming import derived_name  # here: this method is all naming here

@@ -6,10 +6,35 @@ must cost a log line, not a request.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import threading
+from collections.abc import Iterator
 
 logger = logging.getLogger("poolwatch")
+
+
+@contextlib.contextmanager
+def garbage_collector_off() -> Iterator[None]:
+    """Run poolwatch's own thread's work with the cyclic garbage collector off.
+
+    A thread that allocates may be the one that crosses the collector's threshold, and then
+    the application's finalizers run on it: SQLAlchemy's for a connection garbage-collected
+    unreturned, an asyncio object's off its event loop — at moments and on a thread the
+    application never arranged. Off while poolwatch's thread works, the next collection
+    happens on whichever of the application's own threads allocates next, as without
+    poolwatch. (Left as it was if the application turned it off; were the application to
+    turn it off during these milliseconds, it would be on again after them.)
+    """
+    enabled = gc.isenabled()
+    if enabled:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class ErrorLog:

@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
@@ -728,3 +729,25 @@ def test_connections_kept_under_keys_without_a_host_are_read(pw: Harness) -> Non
 def _hosts(pw: Harness) -> list[tuple[Any, ...]]:
     points = pw.collect().points("poolwatch.connections", pool__name=NAME, state="idle")
     return [(p.attributes["server.address"], p.attributes["server.port"]) for p in points]
+
+
+def test_stand_ins_for_connections_are_read_without_error(pw: Harness) -> None:
+    """aiohttp's own tests put ``unittest.mock.Mock()`` objects in a connector's ``_acquired``
+    and ``_conns`` (a mock is the real part here: it is what those tests do). Whatever
+    attribute poolwatch looks for on one, a Mock has: it must not be taken for a mark."""
+    from unittest import mock
+
+    async def scenario() -> tuple[int, int]:
+        connector = aiohttp.TCPConnector(limit=5)
+        poolwatch.track(connector, name="stand-ins")
+        key = mock.Mock(host="127.0.0.1", port=9)
+        connector._acquired.add(mock.Mock())
+        connector._conns[key] = deque([(mock.Mock(), 0.0)])  # type: ignore[index]
+        [snap] = [s for s in poolwatch.pools() if s.name == "stand-ins"]
+        pw.collect()
+        connector._acquired.clear()
+        connector._conns.clear()
+        await connector.close()
+        return snap.used, snap.leaks_active
+
+    assert run(scenario()) == (1, 0)

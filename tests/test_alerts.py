@@ -28,7 +28,11 @@ ALERT_NAMES = [
     "PoolwatchConnectionChurn",
     "PoolwatchConnectionLeak",
     "PoolwatchPoolAntipattern",
+    "PoolwatchBackendOversubscribed",
+    "PoolwatchBackendNearLimit",
 ]
+POOL_ALERTS = ALERT_NAMES[:8]
+BACKEND_ALERTS = ALERT_NAMES[8:]
 RECORDING_RULES = [
     "poolwatch:pool_utilization:ratio",
     "poolwatch:wait_duration_seconds:p50",
@@ -39,6 +43,12 @@ RECORDING_RULES = [
     "poolwatch:checkout_reuse:ratio",
     "poolwatch:pool_demand:ratio",
     "poolwatch:pool_size:recommended",
+    "poolwatch:backend_connections:sum",
+    "poolwatch:backend_connections_worst_case:sum",
+    "poolwatch:backend_unbounded_pools:count",
+    "poolwatch:backend_connections_limit:min",
+    "poolwatch:backend_utilization:ratio",
+    "poolwatch:backend_pending_requests:sum",
 ]
 
 
@@ -82,7 +92,7 @@ def test_the_rules_file_is_rendered_from_the_config() -> None:
 def test_promtool_checks_the_rules() -> None:
     result = _promtool("check", "rules", str(RULES))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 17 rules found" in result.stdout
+    assert "SUCCESS: 25 rules found" in result.stdout
 
 
 def test_promtool_unit_tests_pass() -> None:
@@ -99,6 +109,9 @@ def test_promtool_unit_tests_pass() -> None:
         ("DISCARD_RATE", 0.09, "PoolwatchPoolDiscarding"),  # 0.1/s now fires
         ("CHURN_RATIO", 0.49, "PoolwatchConnectionChurn"),  # exactly 0.5 now fires
         ("HEADROOM", 2.0, "poolwatch:pool_size:recommended"),  # 12 becomes 16
+        ("BACKEND_NEAR_LIMIT", 0.79, "PoolwatchBackendNearLimit"),  # exactly 80% now fires
+        ("BACKEND_NEAR_LIMIT", 0.83, "PoolwatchBackendNearLimit"),  # 82.5% no longer fires
+        ("BACKEND_OVERSUBSCRIBED_FOR", "20m", "PoolwatchBackendOversubscribed"),
     ],
 )
 def test_the_unit_tests_notice_a_changed_threshold(
@@ -125,7 +138,11 @@ def test_every_alert_follows_the_mixin_conventions(name: str) -> None:
     assert labels["severity"] in ("info", "warning", "critical")
     assert set(annotations) == {"summary", "description", "runbook_url"}
     assert "{{" not in annotations["summary"]
-    for part in ("$labels.job", "$labels.instance", "$labels.pool_name", "$value"):
+    if name in POOL_ALERTS:
+        parts: tuple[str, ...] = ("$labels.job", "$labels.instance", "$labels.pool_name")
+    else:  # a backend, whichever instances talk to it
+        parts = ("$labels.server_address", "$labels.server_port")
+    for part in (*parts, "$value"):
         assert part in annotations["description"]
     assert annotations["runbook_url"] == f"alerts/runbooks/{name}.md"
     runbook = ALERTS / "runbooks" / f"{name}.md"
@@ -192,13 +209,48 @@ def test_grafana_managed_rules_mirror_the_prometheus_rules() -> None:
         (ALERTS.parent / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text()
     )["datasources"]
     prometheus = _rules()
+    build = _build()
+    alerts = {alert.name: alert for alert in build.alerts()}
     for name, rule in rules.items():
-        query, condition = rule["data"]
+        query, condition, *lookups = rule["data"]
         assert query["datasourceUid"] == datasource["uid"]
         assert query["model"]["expr"] == prometheus[name]["expr"]
         assert (condition["datasourceUid"], rule["condition"]) == ("__expr__", condition["refId"])
         assert rule["for"] == prometheus[name]["for"]
         assert rule["labels"] == prometheus[name]["labels"]
+        # the same description but for the values looked up: Grafana's own queries (L, …)
+        # where Prometheus has its query function
+        alert = alerts[name]
         expected = dict(prometheus[name]["annotations"])  # type: ignore[call-overload]
-        expected["description"] = expected["description"].replace("$value", "$values.A.Value")
+        assert expected["description"] == (build.lookups_for_prometheus(alert) + alert.description)
+        expected["description"] = build.lookups_for_grafana(alert) + alert.description.replace(
+            "$value", "$values.A.Value"
+        )
         assert rule["annotations"] == expected
+        assert [(q["refId"], q["model"]["expr"], q["datasourceUid"]) for q in lookups] == [
+            (chr(ord("L") + i), lookup, datasource["uid"])
+            for i, (_, lookup) in enumerate(alert.lookups)
+        ]
+    assert [len(alerts[name].lookups) for name in BACKEND_ALERTS] == [1, 1]
+    assert build.lookups_for_grafana(alerts["PoolwatchBackendNearLimit"]) == (
+        '{{ $limit := printf "%.0f" $values.L.Value }}'
+    )
+
+
+def test_a_backend_is_what_backend_by_says() -> None:
+    build = _build()
+    by = ("server_address", "server_port", "cluster")
+    document = yaml.safe_load(build.render(BACKEND_BY=by))
+    rules = {r.get("record") or r["alert"]: r for g in document["groups"] for r in g["rules"]}
+    assert rules["poolwatch:backend_connections:sum"]["expr"] == (
+        'sum by (server_address, server_port, cluster) (poolwatch_connections{server_address!=""})'
+    )
+    description = rules["PoolwatchBackendNearLimit"]["annotations"]["description"]
+    assert description.startswith(
+        '{{ $limit := "?" }}{{ with printf "poolwatch:backend_connections_limit:min'
+        '{server_address=%q, server_port=%q, cluster=%q}" $labels.server_address '
+        "$labels.server_port $labels.cluster | query }}"
+    )
+    assert "Connections open to {{ $labels.server_address }}:{{ $labels.server_port }}:" in (
+        description
+    )

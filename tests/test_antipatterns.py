@@ -7,6 +7,7 @@ PostgreSQL for the database pools. No mocks.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
 import threading
@@ -266,6 +267,68 @@ def test_a_non_blocking_pool_discarding_connections(
         assert "requests.adapters.HTTPAdapter(pool_maxsize=…)" in snapshot.antipatterns[0].advice
 
 
+def _active(name: str) -> dict[str, bool]:
+    """Whether each anti-pattern found in the pool ``name`` is still observed (``pools()``)."""
+    [snapshot] = [s for s in poolwatch.pools() if s.name == name]
+    return {a.name: a.active for a in snapshot.antipatterns}
+
+
+def test_overflowing_stops_being_active_when_the_discards_stop(
+    pw: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_antipatterns, "STILL_SEEN", 1.0)  # five minutes in production
+    with ThreadedUpstream(delay=0.2) as slow, requests.Session() as session:
+        session.mount("http://", HTTPAdapter(pool_maxsize=2))
+
+        def burst() -> None:
+            _threads(lambda: session.get(slow.url, timeout=5).raise_for_status(), 6)
+
+        burst()
+        burst()
+        assert _active(slow.origin) == {"pool_overflowing": True}
+        collected = pw.collect()
+        attributes = {"pool__name": slow.origin, "antipattern": "pool_overflowing"}
+        assert collected.value("poolwatch.antipatterns.active", **attributes) == 1
+        # no discard for STILL_SEEN: no longer observed; the detection stays counted
+        _wait_until(lambda: _active(slow.origin) == {"pool_overflowing": False})
+        collected = pw.collect()
+        assert collected.value("poolwatch.antipatterns.active", **attributes) == 0
+        assert collected.value("poolwatch.antipatterns", **attributes) == 1
+        burst()  # discarding again: active again, and still one detection
+        assert _active(slow.origin) == {"pool_overflowing": True}
+        collected = pw.collect()
+        assert collected.value("poolwatch.antipatterns.active", **attributes) == 1
+        assert collected.value("poolwatch.antipatterns", **attributes) == 1
+
+
+def test_a_client_made_per_request_stops_being_active_when_no_more_are_made(
+    pw: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_antipatterns, "STILL_SEEN", 1.0)
+    with ThreadedUpstream() as upstream:
+        for _ in range(_antipatterns.PER_REQUEST_INSTANCES):
+            _get_once(upstream.url)
+        assert _active(upstream.origin) == {"client_per_request": True}
+        _wait_until(lambda: _active(upstream.origin) == {"client_per_request": False})
+        _get_once(upstream.url)  # one more client made for one request: at it again
+        assert _active(upstream.origin) == {"client_per_request": True}
+
+
+def test_a_misconfigured_pool_is_active_while_it_lives(pw: Harness) -> None:
+    with ThreadedUpstream() as upstream:
+        client = httpx.Client(base_url=upstream.url, limits=httpx.Limits(max_connections=None))
+        client.get("/")
+        assert _active(upstream.origin) == {"unbounded_pool": True}
+        client.close()
+        del client
+        gc.collect()  # the pool is gone; its series stays a while, exported with nothing open
+        assert _active(upstream.origin) == {"unbounded_pool": False}
+        attributes = {"pool__name": upstream.origin, "antipattern": "unbounded_pool"}
+        collected = pw.collect()
+        assert collected.value("poolwatch.antipatterns.active", **attributes) == 0
+        assert collected.value("poolwatch.antipatterns", **attributes) == 1
+
+
 # -- keepalive_too_long ----------------------------------------------------------------------
 def test_keep_alive_outliving_the_servers_idle_timeout(pw: Harness) -> None:
     with ThreadedUpstream(idle_timeout=0.05) as dropping, requests.Session() as session:
@@ -329,11 +392,18 @@ def test_connections_older_than_the_configured_age(
         assert database.antipatterns[0].advice == (
             "set create_engine(pool_recycle=…) below connection_max_age"
         )
+        assert _active(_pg_name(postgres)) == {"connection_too_old": True}
+        engine.dispose()  # the old connection is closed: no longer observed
+        assert _active(_pg_name(postgres)) == {"connection_too_old": False}
+        with engine.connect():  # a new one, old in its turn
+            pass
+        time.sleep(0.4)
+        assert _active(_pg_name(postgres)) == {"connection_too_old": True}
     engine.dispose()
 
 
 # -- exported, and healthy ------------------------------------------------------------------
-def test_prometheus_renders_the_antipatterns_counter() -> None:
+def test_prometheus_renders_the_antipatterns_counter_and_level() -> None:
     handle = poolwatch.instrument(prometheus_port=0)
     try:
         assert handle.prometheus_address is not None
@@ -346,12 +416,13 @@ def test_prometheus_renders_the_antipatterns_counter() -> None:
             body = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read()
     finally:
         poolwatch.uninstrument()
-    assert re.search(
-        r'^poolwatch_antipatterns_total\{antipattern="unbounded_pool",otel_scope_name="poolwatch",'
-        r'[^}]*pool_kind="httpx",pool_name="' + re.escape(upstream.origin) + r'"[^}]*\} 1\.0$',
-        body.decode(),
-        re.M,
-    ), body.decode()
+    for name in ("poolwatch_antipatterns_total", "poolwatch_antipatterns_active"):
+        assert re.search(
+            "^" + name + r'\{antipattern="unbounded_pool",otel_scope_name="poolwatch",'
+            r'[^}]*pool_kind="httpx",pool_name="' + re.escape(upstream.origin) + r'"[^}]*\} 1\.0$',
+            body.decode(),
+            re.M,
+        ), body.decode()
 
 
 def test_a_healthy_workload_reports_nothing(

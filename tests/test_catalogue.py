@@ -30,6 +30,7 @@ POOLWATCH_FAMILY = [
     ("poolwatch.leaks.active", "updowncounter", "{checkout}", ()),
     ("poolwatch.checkouts.reused", "counter", "{checkout}", ()),
     ("poolwatch.antipatterns", "counter", "{detection}", ("antipattern",)),
+    ("poolwatch.antipatterns.active", "updowncounter", "{detection}", ("antipattern",)),
 ]
 
 PROCESS_FAMILY = [
@@ -41,6 +42,10 @@ PROCESS_FAMILY = [
         "{connection}",
         ("network.connection.state", "owner"),
     ),
+]
+
+SERVER_FAMILY = [
+    ("poolwatch.server.connections.limit", "updowncounter", "{connection}", ()),
 ]
 
 DB_SEMCONV = [
@@ -127,6 +132,12 @@ def test_process_view_is_pinned() -> None:
         PROCESS_FAMILY
     )
     assert c.OWNERS == ("pool", "untracked", "inbound")
+
+
+def test_server_metrics_are_pinned() -> None:
+    assert [(m.name, m.instrument, m.unit, m.attributes) for m in c.SERVER_METRICS] == (
+        SERVER_FAMILY
+    )
 
 
 def test_database_semconv_mirrors_are_pinned() -> None:
@@ -250,3 +261,56 @@ def test_prometheus_renders_the_http_mirrors() -> None:
         re.M,
     ), text
     assert re.search(r"^http_client_request_time_in_queue_seconds_count\{[^}]*\} 3\.0$", text, re.M)
+
+
+def test_prometheus_renders_each_declared_server_limit() -> None:
+    handle = poolwatch.instrument(
+        prometheus_port=0,
+        process_view="off",
+        server_limits={"db.internal:5432": 97, "[fd00::5]:6379": 10_000},
+    )
+    try:
+        assert handle.prometheus_address is not None
+        host, port = handle.prometheus_address
+        body = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
+    finally:
+        poolwatch.uninstrument()
+    limits = sorted(re.findall(r"^poolwatch_server_connections_limit\{(.*)\} (.*)$", body, re.M))
+    assert limits == [
+        (
+            'otel_scope_name="poolwatch",otel_scope_schema_url="",otel_scope_version="'
+            + poolwatch.__version__
+            + '",server_address="db.internal",server_port="5432"',
+            "97.0",
+        ),
+        (
+            'otel_scope_name="poolwatch",otel_scope_schema_url="",otel_scope_version="'
+            + poolwatch.__version__
+            + '",server_address="fd00::5",server_port="6379"',
+            "10000.0",
+        ),
+    ]
+
+
+def test_a_pool_is_72_series_as_docs_operations_counts() -> None:
+    """docs/operations.md sizes a fleet from this count: a pool of any kind, default buckets."""
+    handle = poolwatch.instrument(prometheus_port=0, process_view="off")
+    try:
+        assert handle.prometheus_address is not None
+        host, port = handle.prometheus_address
+        engine = sa.create_engine("sqlite://", poolclass=sa.pool.QueuePool, pool_size=2)
+        with ThreadedUpstream() as upstream:
+            with engine.connect():
+                pass
+            pool = urllib3.HTTPConnectionPool("127.0.0.1", upstream.port, maxsize=2)
+            pool.request("GET", "/")
+            body = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read()
+            pool.close()
+        engine.dispose()
+    finally:
+        poolwatch.uninstrument()
+    kinds = re.findall(r'^poolwatch_[a-z_]+\{[^}]*pool_kind="([a-z0-9]+)"', body.decode(), re.M)
+    assert {kind: kinds.count(kind) for kind in set(kinds)} == {"sqlalchemy": 72, "urllib3": 72}
+    operations = (Path(__file__).resolve().parent.parent / "docs/operations.md").read_text()
+    assert "| **a pool** | **72** | **always** |" in operations
+    assert "| pools (72 \u00d7 10 \u00d7 1,000) | 720,000 |" in operations

@@ -129,7 +129,8 @@ def test_leak_detection_can_be_disabled() -> None:
             "poolwatch.instrument() got unknown setting(s) 'pool_size': expected one of "
             "buckets, connection_max_age, leak_stacks, leak_threshold, libraries, "
             "lifetime_buckets, max_pools, meter_provider, pool_names, process_view, "
-            "prometheus_host, prometheus_port, semconv, shutdown_timeout",
+            "prometheus_host, prometheus_port, semconv, server_limits, shutdown_timeout, "
+            "tracer_provider, wait_span_threshold",
         ),
         (
             {},
@@ -177,6 +178,128 @@ def test_bad_exporter_environment_is_named(monkeypatch: pytest.MonkeyPatch) -> N
         "poolwatch: environment variable OTEL_METRICS_EXPORTER got 'otlp,statsd': expected a "
         "comma-separated list of otlp, prometheus, console, none"
     )
+
+
+def test_server_limits_are_read_from_arguments_and_the_environment() -> None:
+    assert resolve({}, {}, ADAPTERS).server_limits == {}
+    env = {"POOLWATCH_SERVER_LIMITS": "db.internal:5432=97, [fd00::5]:6379=10000,cache_1:11211=1"}
+    assert resolve({}, env, ADAPTERS).server_limits == {
+        ("db.internal", 5432): 97,
+        ("fd00::5", 6379): 10000,  # server.address holds an IPv6 address without brackets
+        ("cache_1", 11211): 1,
+    }
+    argument = {"db.internal:5432": 480}
+    assert resolve({"server_limits": argument}, env, ADAPTERS).server_limits == {
+        ("db.internal", 5432): 480
+    }
+    most = {f"db-{i}:5432": 10_000_000 for i in range(1000)}
+    assert len(resolve({"server_limits": most}, {}, ADAPTERS).server_limits) == 1000
+
+
+SERVERS_ALLOWED = (
+    "a mapping of server 'host:port' to its connection limit, an int from 1 to 10,000,000 "
+    "(env: 'db.internal:5432=480,[fd00::5]:6379=10000'), at most 1000 servers"
+)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "environ", "message"),
+    [
+        (
+            {"server_limits": {"db.internal": 97}},
+            {},
+            "poolwatch setting 'server_limits' (argument) got {'db.internal': 97} "
+            f"('db.internal' is not host:port): expected {SERVERS_ALLOWED}",
+        ),
+        (
+            {"server_limits": {"db.internal:5432": 0}},
+            {},
+            "poolwatch setting 'server_limits' (argument) got {'db.internal:5432': 0} (the "
+            f"limit of 'db.internal:5432' is 0): expected {SERVERS_ALLOWED}",
+        ),
+        (
+            {"server_limits": {"db:5432": 10_000_001}},
+            {},
+            "poolwatch setting 'server_limits' (argument) got {'db:5432': 10000001} (the "
+            f"limit of 'db:5432' is 10000001): expected {SERVERS_ALLOWED}",
+        ),
+        (
+            {"server_limits": {"db:5432": 97.0}},
+            {},
+            "poolwatch setting 'server_limits' (argument) got {'db:5432': 97.0} (the limit of "
+            f"'db:5432' is 97.0, not an int): expected {SERVERS_ALLOWED}",
+        ),
+        (
+            {"server_limits": {"db:65536": 97}},
+            {},
+            "poolwatch setting 'server_limits' (argument) got {'db:65536': 97} (port 65536 of "
+            f"'db:65536' is not 1-65535): expected {SERVERS_ALLOWED}",
+        ),
+        (
+            {"server_limits": {"db:5432": 97, "db:05432": 3}},
+            {},
+            "poolwatch setting 'server_limits' (argument) got {'db:5432': 97, 'db:05432': 3} "
+            f"('db:05432' is declared twice): expected {SERVERS_ALLOWED}",
+        ),
+        (
+            {"server_limits": ["db:5432"]},
+            {},
+            f"poolwatch setting 'server_limits' (argument) got ['db:5432']: expected "
+            f"{SERVERS_ALLOWED}",
+        ),
+        (
+            {"server_limits": {f"db-{i}:5432": 1 for i in range(1001)}},
+            {},
+            "poolwatch setting 'server_limits' (argument) got {'db-0:5432': 1, 'db-1:5432': 1, "
+            "'db-2:5432': 1, 'db-3:5432': 1, 'db-4:5432': 1, 'db-5:5432': 1, 'db-6:5432': 1, "
+            "'db-7:5432': 1, 'db-8:5432': 1, 'db-9:5432': 1, 'db-10:54… (17909 characters) (more "
+            "than 1000 servers): expected "
+            f"{SERVERS_ALLOWED}",
+        ),
+        (
+            {},
+            {"POOLWATCH_SERVER_LIMITS": "db:5432=97,db:5432=98"},
+            "poolwatch setting 'server_limits' (environment variable POOLWATCH_SERVER_LIMITS) "
+            f"got 'db:5432=97,db:5432=98' ('db:5432' is declared twice): expected "
+            f"{SERVERS_ALLOWED}",
+        ),
+        (
+            {},
+            {"POOLWATCH_SERVER_LIMITS": "db:5432=ninety"},
+            "poolwatch setting 'server_limits' (environment variable POOLWATCH_SERVER_LIMITS) "
+            f"got 'db:5432=ninety': expected {SERVERS_ALLOWED}",
+        ),
+        (  # a server named by its URL, credentials included: redacted, and refused
+            {},
+            {"POOLWATCH_SERVER_LIMITS": "postgresql://bob:secret@db:5432=97"},
+            "poolwatch setting 'server_limits' (environment variable POOLWATCH_SERVER_LIMITS) "
+            "got 'postgresql://***@db:5432=97' ('postgresql://***@db:5432' is not host:port: "
+            "a server is named without a scheme, credentials, path or query string): expected "
+            f"{SERVERS_ALLOWED}",
+        ),
+        (
+            {"server_limits": {"bob:secret@db:5432": 97}},
+            {},
+            "poolwatch setting 'server_limits' (argument) got {'***@db:5432': 97} ('***@db:5432' "
+            "is not host:port: a server is named without a scheme, credentials, path or query "
+            f"string): expected {SERVERS_ALLOWED}",
+        ),
+        (
+            {"server_limits": {"db:5432?password=abc": 97}},
+            {},
+            "poolwatch setting 'server_limits' (argument) got {'db:5432?***': 97} ('db:5432?***' "
+            "is not host:port: a server is named without a scheme, credentials, path or query "
+            f"string): expected {SERVERS_ALLOWED}",
+        ),
+    ],
+)
+def test_bad_server_limits_are_named_without_credentials(
+    arguments: dict[str, object], environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(poolwatch.ConfigError) as caught:
+        resolve(arguments, environ, ADAPTERS)
+    assert str(caught.value) == message
+    assert "secret" not in message and "bob" not in message and "abc" not in message
 
 
 class _Raising:
@@ -278,7 +401,8 @@ LEAK_ALLOWED = "a number of seconds > 0, or None/'off' to disable leak detection
             "poolwatch.instrument() got unknown setting(s) 'postgresql://***@db/orders': "
             "expected one of buckets, connection_max_age, leak_stacks, leak_threshold, "
             "libraries, lifetime_buckets, max_pools, meter_provider, pool_names, process_view, "
-            "prometheus_host, prometheus_port, semconv, shutdown_timeout",
+            "prometheus_host, prometheus_port, semconv, server_limits, shutdown_timeout, "
+            "tracer_provider, wait_span_threshold",
         ),
         (
             {"prometheus_host": "a" * 254},
@@ -361,3 +485,17 @@ def test_a_prometheus_port_out_of_range_in_the_environment_is_a_config_error(
         "TCP port 0-65535"
     )
     assert poolwatch.pools() == []
+
+
+def test_wait_span_threshold_is_seconds_or_off() -> None:
+    assert resolve({}, {}, ("sqlalchemy",)).wait_span_threshold == 0.001
+    assert resolve({"wait_span_threshold": 0.05}, {}, ("sqlalchemy",)).wait_span_threshold == 0.05
+    assert resolve({"wait_span_threshold": None}, {}, ()).wait_span_threshold is None
+    off = {"POOLWATCH_WAIT_SPAN_THRESHOLD": "off"}
+    assert resolve({}, off, ()).wait_span_threshold is None
+    with pytest.raises(poolwatch.ConfigError) as caught:
+        resolve({"wait_span_threshold": -1}, {}, ())
+    assert str(caught.value) == (
+        "poolwatch setting 'wait_span_threshold' (argument) got -1: expected a number of "
+        "seconds > 0, or None/'off' to record no spans"
+    )

@@ -15,8 +15,14 @@ import pytest
 import yaml
 
 DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
-FILES = ["poolwatch-overview.json", "poolwatch-pool.json"]
-VARIABLES = ["datasource", "job", "instance", "kind", "pool"]
+FILES = ["poolwatch-overview.json", "poolwatch-pool.json", "poolwatch-backends.json"]
+VARIABLES = {
+    "poolwatch-overview.json": ["datasource", "job", "instance", "kind", "pool"],
+    "poolwatch-pool.json": ["datasource", "job", "instance", "kind", "pool"],
+    "poolwatch-backends.json": ["datasource", "address", "port"],
+}
+BACKEND_SELECTOR = 'server_address=~"$address", server_port=~"$port"'
+"""Every query of the backends dashboard selects backends, whichever instances hold them."""
 RANGE = re.compile(r"\[([^\]]+)\]")
 """Every range selector of an expression, e.g. ``[$__rate_interval]``."""
 WINDOWED = re.compile(r"\b(rate|irate|increase|avg_over_time)\([^\[()]*\[([^\]]+)\]")
@@ -27,7 +33,7 @@ ALLOWED_WINDOWS = {
     "avg_over_time": {"$__rate_interval"},
     "increase": {"$__rate_interval", "$__range"},  # "in range" stats count the whole range
 }
-WINDOWS = {"poolwatch-overview.json": 4, "poolwatch-pool.json": 20}
+WINDOWS = {"poolwatch-overview.json": 4, "poolwatch-pool.json": 20, "poolwatch-backends.json": 0}
 """Range selectors per dashboard, each checked: a new one is counted, so cannot slip by."""
 
 
@@ -57,6 +63,7 @@ def test_titles_and_uids_are_pinned() -> None:
     assert [(_load(f)["uid"], _load(f)["title"]) for f in FILES] == [
         ("poolwatch-overview", "Connection pools / overview"),
         ("poolwatch-pool", "Connection pool / detail"),
+        ("poolwatch-backends", "Connection pools / backends"),
     ]
 
 
@@ -65,10 +72,10 @@ def test_dashboard_lint(name: str) -> None:
     dashboard = _load(name)
     assert dashboard["schemaVersion"] >= 39
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert list(variables) == VARIABLES
+    assert list(variables) == VARIABLES[name]
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    for variable in VARIABLES[1:]:
+    for variable in VARIABLES[name][1:]:
         assert variables[variable]["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
     windows = 0
     for panel in dashboard["panels"]:
@@ -85,7 +92,9 @@ def test_dashboard_lint(name: str) -> None:
             for function, window in found:
                 assert window in ALLOWED_WINDOWS[function], f"{title}: {function}[{window}]"
                 windows += 1
-            if "poolwatch_process_" in expr:
+            if name == "poolwatch-backends.json":
+                assert BACKEND_SELECTOR in expr, f"{title} ignores the backend variables"
+            elif "poolwatch_process_" in expr:
                 # the process view describes a process, not a pool: job and instance select it
                 assert 'job=~"$job", instance=~"$instance"' in expr, title
                 assert "pool_name" not in expr, title
@@ -140,6 +149,64 @@ def test_the_overview_lists_every_pool_and_its_anti_patterns() -> None:
     )
 
 
+def test_the_backends_dashboard_sets_each_backend_against_its_limit() -> None:
+    panels = {p["title"]: p for p in _load("poolwatch-backends.json")["panels"]}
+    table = panels["Backends"]
+    renames = table["transformations"][1]["options"]["renameByName"]
+    assert list(renames.values()) == [
+        "Connections",
+        "Worst case",
+        "Limit",
+        "Utilization",
+        "Unbounded pools",
+        "Waiting",
+        "Instances",
+        "Services",
+    ]
+    # the backend columns are the recording rules the alerts use
+    rules = [t["expr"].split("{")[0] for t in table["targets"][:6]]
+    assert rules == [
+        "poolwatch:backend_connections:sum",
+        "poolwatch:backend_connections_worst_case:sum",
+        "poolwatch:backend_connections_limit:min",
+        "poolwatch:backend_utilization:ratio",
+        "poolwatch:backend_unbounded_pools:count",
+        "poolwatch:backend_pending_requests:sum",
+    ]
+    unbounded = table["fieldConfig"]["overrides"][1]
+    assert unbounded["matcher"] == {"id": "byName", "options": "Worst case"}
+    [mapping] = unbounded["properties"][0]["value"]
+    assert mapping["options"] == {"from": 1e300, "to": None, "result": {"text": "unbounded"}}
+    threshold = _alerts_config().BACKEND_NEAR_LIMIT
+    above = panels[f"Backends above {threshold:.0%}"]["targets"][0]["expr"]
+    assert f" > {threshold}) or vector(0)" in above
+    share = panels["Top pools by share"]["targets"][0]["expr"]
+    assert share.startswith("topk by (server_address, server_port) (10, ")
+    assert list(panels)[-2:] == ["Instances holding connections", "Top pools by share"]
+
+
+def test_the_wait_and_connect_panels_show_exemplars_that_link_to_traces() -> None:
+    """The p99 line of each carries the exemplars (pool.wait / pool.connect span ids); the
+    other lines do not, or Grafana would draw each exemplar once per line."""
+    panels = {p["title"]: p for p in _load("poolwatch-pool.json")["panels"]}
+    for title, metric in (
+        ("Wait for a connection", "poolwatch_wait_duration_seconds_bucket"),
+        ("Time to open a connection", "poolwatch_connect_duration_seconds_bucket"),
+    ):
+        targets = panels[title]["targets"]
+        assert [t["legendFormat"] for t in targets if t["exemplar"]] == ["p99"], title
+        assert all(metric in t["expr"] for t in targets), title
+        assert "exemplar" in panels[title]["description"].lower(), title
+    exemplars = [
+        title
+        for name in FILES
+        for p in _load(name)["panels"]
+        for title in [p["title"]]
+        if any(t.get("exemplar") for t in p.get("targets", []))
+    ]
+    assert sorted(exemplars) == ["Time to open a connection", "Wait for a connection"]
+
+
 def _alerts_config() -> Any:
     import importlib.util
 
@@ -163,6 +230,8 @@ def test_every_query_parses(tmp_path: Path) -> None:
                 .replace("$instance", ".*")
                 .replace("$kind", ".*")
                 .replace("$pool", ".*")
+                .replace("$address", ".*")
+                .replace("$port", ".*")
             )
             assert "$" not in substituted, substituted
             rules.append(

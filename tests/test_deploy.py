@@ -79,7 +79,7 @@ def test_prometheus_config_is_valid_with_its_rules(tmp_path: Path) -> None:
     shutil.copy(config, tmp_path / "prometheus.yml")
     result = _run("promtool", "check", "config", str(tmp_path / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 17 rules found" in result.stdout
+    assert "SUCCESS: 25 rules found" in result.stdout
 
 
 def test_alertmanager_config_is_valid() -> None:
@@ -113,10 +113,17 @@ def test_the_demo_runs_on_the_stacks_postgresql() -> None:
         f"@postgres:5432/{postgres['POSTGRES_DB']}"
     )
     assert command[command.index("--scenario") + 1] == "${POOLWATCH_DEMO_SCENARIO:-healthy}"
+    # the limit declared for it is the server's, less PostgreSQL's 3 superuser connections
+    server = services["postgres"]["command"]
+    max_connections = int(server[server.index("-c") + 1].removeprefix("max_connections="))
+    assert services["demo"]["environment"]["POOLWATCH_SERVER_LIMITS"] == (
+        f"postgres:5432={max_connections - 3}"
+    )
 
 
 def test_grafana_gets_the_datasource_and_the_dashboards() -> None:
-    [datasource] = _yaml(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")["datasources"]
+    datasources = _yaml(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")["datasources"]
+    datasource = datasources[0]
     assert (datasource["type"], datasource["url"]) == ("prometheus", "http://prometheus:9090")
     [provider] = _yaml(DEPLOY / "grafana/provisioning/dashboards/poolwatch.yml")["providers"]
     mounts = _mounts("grafana")
@@ -134,3 +141,29 @@ def test_the_demo_calls_the_stacks_http_upstream() -> None:
     assert demo[demo.index("--http-url") + 1] == f"http://upstream:{port}"
     assert "ports" not in upstream  # not published on the host at all
     assert upstream["build"] == services["demo"]["build"]
+
+
+def test_traces_flow_from_the_demo_through_the_collector_to_jaeger() -> None:
+    """The demo's spans (its calls, poolwatch's pool.wait and pool.connect) go to Jaeger; the
+    histograms' exemplars reach Prometheus and link to Jaeger in Grafana."""
+    services = _compose()["services"]
+    assert services["demo"]["environment"]["OTEL_TRACES_EXPORTER"] == "otlp"
+    collector = _yaml(DEPLOY / "otel-collector.yml")
+    pipeline = collector["service"]["pipelines"]["traces"]
+    assert (pipeline["receivers"], pipeline["exporters"]) == (["otlp"], ["otlp/jaeger"])
+    jaeger_exporter = collector["exporters"]["otlp/jaeger"]
+    assert jaeger_exporter["endpoint"] == "jaeger:4317"  # Jaeger's OTLP gRPC receiver
+    jaeger = services["jaeger"]
+    assert jaeger["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert jaeger["ports"] == ["127.0.0.1:16686:16686"]  # its UI, on loopback
+    # exemplars: OpenMetrics out of the Collector, exemplar storage in Prometheus
+    assert collector["exporters"]["prometheus"]["enable_open_metrics"] is True
+    assert "--enable-feature=exemplar-storage" in services["prometheus"]["command"]
+    prometheus, jaeger_source = _yaml(DEPLOY / "grafana/provisioning/datasources/prometheus.yml")[
+        "datasources"
+    ]
+    assert (jaeger_source["type"], jaeger_source["url"]) == ("jaeger", "http://jaeger:16686")
+    assert prometheus["jsonData"]["exemplarTraceIdDestinations"] == [
+        {"name": "trace_id", "datasourceUid": jaeger_source["uid"]}
+    ]
+    assert "jaeger" in services["grafana"]["depends_on"]

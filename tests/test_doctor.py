@@ -274,6 +274,31 @@ def test_antipatterns_of_the_process_are_findings_unless_already_said() -> None:
     )
 
 
+def test_antipatterns_no_longer_observed_are_not_findings() -> None:
+    from poolwatch.cli import top as _top
+
+    total = (
+        "# TYPE poolwatch_antipatterns_total counter\n"
+        'poolwatch_antipatterns_total{{antipattern="{0}",pool_kind="requests",pool_name="inv"}} 1\n'
+    )
+    active = (
+        "# TYPE poolwatch_antipatterns_active gauge\n"
+        'poolwatch_antipatterns_active{{antipattern="{0}",pool_kind="requests",pool_name="inv"}} '
+        "{1}\n"
+    )
+    for order in (1, -1):  # whichever family the exposition lists first
+        families = [
+            total.format("pool_overflowing") + total.format("client_per_request"),
+            active.format("pool_overflowing", 1) + active.format("client_per_request", 0),
+        ][::order]
+        [pool] = _top.parse("".join(families) + "# EOF\n").values()
+        assert pool.antipatterns == {"pool_overflowing"}
+        assert pool.antipatterns_stopped == {"client_per_request"}
+    # a process of an earlier poolwatch exports no level: what it detected stands
+    [pool] = _top.parse(total.format("pool_overflowing") + "# EOF\n").values()
+    assert (pool.antipatterns, pool.antipatterns_stopped) == ({"pool_overflowing"}, set())
+
+
 def test_the_process_view_findings_need_both_readings() -> None:
     from poolwatch.diagnostics.advice import ProcessCounts
 

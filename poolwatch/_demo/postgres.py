@@ -112,9 +112,12 @@ class PostgresCluster:
         password: str = "s3cret-pw-never-exported",
         dbname: str = "orders",
         checkpoint: Callable[[], None] | None = None,
+        max_connections: int = 100,
     ) -> None:
         """``checkpoint``: called between the steps of ``start()``; what it raises (the
-        demo's KeyboardInterrupt on a stop signal) stops and removes the cluster."""
+        demo's KeyboardInterrupt on a stop signal) stops and removes the cluster.
+        ``max_connections``: the server's own limit (PostgreSQL keeps 3 of them for
+        superusers: ``superuser_reserved_connections``)."""
         self._bin = find_bin_dir()
         self._checkpoint = checkpoint or (lambda: None)
         self._host = "127.0.0.1"
@@ -122,6 +125,7 @@ class PostgresCluster:
         self._user = user
         self._password = password
         self._dbname = dbname
+        self._max_connections = max_connections
         self._root: Path | None = None
         self._as_os_user = os.geteuid() == 0
         self._start_attempted = False
@@ -288,7 +292,7 @@ class PostgresCluster:
             "listen_addresses": "'127.0.0.1'",
             "unix_socket_directories": f"'{root}'",
             "unix_socket_permissions": "0700",
-            "max_connections": "100",
+            "max_connections": str(self._max_connections),
             "fsync": "off",
             "full_page_writes": "off",
             "synchronous_commit": "off",

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import signal
 import sys
@@ -53,8 +54,11 @@ from types import FrameType
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
+from opentelemetry import trace
+
 import poolwatch
 from poolwatch._demo.scenarios import SCENARIOS
+from poolwatch._demo.tracing import tracer_provider
 from poolwatch._demo.upstream import ThreadedUpstream
 
 
@@ -97,6 +101,8 @@ class Demo:
         self.database_label = "the database --url names"
         self.postgres_url: str | None = None
         """The database as a libpq URL, when it is PostgreSQL (for reports-db)."""
+        self.tracer: trace.Tracer = trace.NoOpTracer()
+        """Each worker call is a span (``demo <pool>``): the parent of poolwatch's waits."""
 
     @property
     def database_pool(self) -> tuple[int, int]:
@@ -126,7 +132,8 @@ class Demo:
         rng = random.Random()
         while not self.stop.is_set():
             try:
-                call()
+                with self.tracer.start_as_current_span(f"demo {pool}"):
+                    call()
             except expected:
                 self._failed(pool)  # the scenario's point: poolwatch reports it
             self.stop.wait(rng.uniform(*self.scenario.pause))
@@ -277,7 +284,8 @@ class Demo:
                 async def worker() -> None:
                     while not self.stop.is_set():
                         try:
-                            (await client.get(url)).raise_for_status()
+                            with self.tracer.start_as_current_span("demo pricing-api-async"):
+                                (await client.get(url)).raise_for_status()
                         except httpx.HTTPError:
                             self._failed("pricing-api-async")
                         await asyncio.sleep(rng.uniform(*self.scenario.pause))
@@ -349,7 +357,8 @@ class Demo:
         for library, start in starts:
             self.signals.checkpoint()
             try:
-                start()
+                with self.tracer.start_as_current_span("demo start", attributes={"lib": library}):
+                    start()
             except ImportError:
                 skipped.append(library)
         return skipped
@@ -379,10 +388,14 @@ class Demo:
         with self._upstream() as url:
             signals.checkpoint()
             names = {_origin(url): "inventory-api"} if s.request_per_call else {}
+            provider = tracer_provider(os.environ)
+            if provider is not None:
+                self.tracer = provider.get_tracer("poolwatch.demo")
             handle = poolwatch.instrument(
                 prometheus_port=self.options.port,
                 leak_threshold=s.leak_threshold,
                 pool_names=names,
+                tracer_provider=provider,
             )
             try:
                 with ExitStack() as stack:
@@ -406,6 +419,8 @@ class Demo:
             finally:
                 self.stop.set()
                 poolwatch.uninstrument()
+                if provider is not None:
+                    provider.shutdown()  # the last spans
         return 0
 
     def _started(self, handle: poolwatch.Instrumentation, skipped: list[str]) -> None:

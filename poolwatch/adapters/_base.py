@@ -99,9 +99,21 @@ class Adapter(abc.ABC):
     Then a connect is not made for one checkout, and the reuse count is checkouts less
     each connection's first: the hooks tell the ledger which checkouts those are
     (``Ledger.acquired(first=…)``)."""
+    connects_in_wait: ClassVar[bool] = False
+    """Whether that connect is part of the caller's wait for a connection (SQLAlchemy,
+    aiohttp): a slow wait's span then shows it as a child (``_tracing``)."""
     family: ClassVar[Literal["database", "http"] | None] = None
     """Which semantic-convention mirrors apply to its pools: ``db.client.connection.*``
     (database) or ``http.client.*`` (http)."""
+    requires: ClassVar[tuple[str, ...]] = ()
+    """The distributions it hooks and the versions supported, e.g.
+    ``("sqlalchemy >= 2.0.0, < 2.2",)``: outside any, the adapter is not activated and one
+    WARNING says so (``poolwatch/_versions.py``). The compat run (``scripts/compat``) tests
+    each range's lower bound and its newest release."""
+    tested_with: ClassVar[tuple[str, ...]] = ()
+    """Libraries hooked only through this adapter's (requests and botocore pools are
+    urllib3 pools), with the versions tested: outside them the adapter still hooks, and one
+    WARNING says what may differ."""
 
     def __init__(self, tracker: Tracker) -> None:
         self.tracker = tracker

@@ -145,7 +145,9 @@ class AiohttpAdapter(Adapter):
     kind = "aiohttp"
     module = "aiohttp"
     connects_in_checkout = True
+    connects_in_wait = True
     family = "http"
+    requires = ("aiohttp >= 3.12.11, < 4",)
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)
@@ -306,7 +308,7 @@ class AiohttpAdapter(Adapter):
         closer = self._closers.get(frame.f_code)
         if closer is None:
             return  # not the pool letting go: counted when the pool does
-        mark = getattr(proto, _MARK)
+        mark = _mark_of(proto)
         if mark is None:
             return  # not a pool's connection, or already counted
         setattr(proto, _MARK, None)
@@ -334,7 +336,7 @@ class AiohttpAdapter(Adapter):
         for pool in pools:
             for proto in list(pool._acquired):
                 start = getattr(proto, _OUT, None)  # a placeholder slot has none
-                if start is not None:
+                if isinstance(start, float):  # not a stand-in's attribute (aiohttp's tests)
                     out[proto] = start
         return out
 
@@ -350,7 +352,7 @@ class AiohttpAdapter(Adapter):
         for proto in acquired:
             if type(proto) is placeholder:
                 continue  # a slot for a connection being opened: counted from _CONNECTING
-            mark = getattr(proto, _MARK, None)
+            mark = _mark_of(proto)
             server = _server(mark[1]) if mark is not None and mark[1] is not None else None
             if server is None:
                 server = _peer(proto)
@@ -412,7 +414,7 @@ class AiohttpAdapter(Adapter):
             transport = protocol.transport
             sock = transport.get_extra_info("socket") if transport is not None else None
             fd = sock.fileno() if sock is not None else -1
-            if fd >= 0:
+            if isinstance(fd, int) and fd >= 0:
                 found.append(fd)
         return tuple(found)
 
@@ -423,9 +425,17 @@ class AiohttpAdapter(Adapter):
         return protocols
 
     def oldest_connection(self, pool: Any) -> float | None:
-        marks = [getattr(p, _MARK, None) for p in self._protocols(pool)]
+        marks = [_mark_of(p) for p in self._protocols(pool)]
         born = [mark[0] for mark in marks if mark is not None and mark[0] is not None]
         return monotonic() - min(born) if born else None
+
+
+def _mark_of(proto: Any) -> tuple[float | None, Any] | None:
+    """A connection's mark (see ``_MARK``), or None — also for whatever stands in for a
+    connection without being one (aiohttp's own tests put ``Mock()`` objects in a
+    connector, whose every attribute is another ``Mock``)."""
+    mark = getattr(proto, _MARK, None)
+    return mark if isinstance(mark, tuple) else None
 
 
 def _forget(obj: Any, attribute: str) -> None:
@@ -512,6 +522,8 @@ def _connect_hook(
                 proto = conn._protocol
                 proto._poolwatch_out = now
                 ledger.waits.append(now - start)
+                if now - start > ledger.span_threshold:  # a wait that waited: a span
+                    ledger.slow_wait(start, now, c.OUTCOME_ACQUIRED)
                 if ledger.capture:  # this pool has leaked (or leak_stacks="always")
                     ledger.stacks[proto] = capture_stack(sys._getframe(1))
             except Exception as error:

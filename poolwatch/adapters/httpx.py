@@ -211,6 +211,7 @@ class HTTPXAdapter(Adapter):
     import would meet a half-initialised httpx. A pool used through httpcore alone is hooked
     once httpx is imported too (httpcore has no users that do not also install httpx)."""
     family = "http"
+    requires = ("httpx >= 0.26.0, < 1", "httpcore >= 1.0.3, < 2")
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)
@@ -641,7 +642,9 @@ def _acquired(adapter: HTTPXAdapter, pool_request: Any, waited: float, now: floa
             ledger = request._poolwatch_ledger
             if ledger.capture:  # this pool has leaked (or leak_stacks="always")
                 ledger.stacks[pool_request] = capture_stack(sys._getframe(2))
-        else:  # given another after the first turned out unavailable: it waited for both
+        else:  # given another after the first turned out unavailable: it waited for both,
+            # and holds the one it is given now (its use, and its wait span, end here)
+            request._poolwatch_out = now
             request._poolwatch_waited = (request._poolwatch_waited or 0.0) + waited
     except Exception as error:  # AttributeError: uninstrument() ran meanwhile
         adapter.report("httpx wait", error)
@@ -664,7 +667,11 @@ def _accepted(adapter: HTTPXAdapter, request: Any) -> None:
             request._poolwatch_waited = None
             # Ledger.acquired, inlined (the hot-path contract in _ledger.py): the request was
             # marked out (_OUT) when it was given its connection.
-            request._poolwatch_ledger.waits.append(waited)
+            ledger = request._poolwatch_ledger
+            ledger.waits.append(waited)
+            if waited > ledger.span_threshold:  # a wait that waited: a span
+                given = request._poolwatch_out
+                ledger.slow_wait(given - waited, given, c.OUTCOME_ACQUIRED)
     except Exception as error:  # AttributeError: uninstrument() ran meanwhile
         adapter.report("httpx accept", error)
 

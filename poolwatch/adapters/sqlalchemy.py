@@ -72,7 +72,9 @@ class SQLAlchemyAdapter(Adapter):
     kind = "sqlalchemy"
     module = "sqlalchemy"
     connects_in_checkout = True
+    connects_in_wait = True
     family = "database"
+    requires = ("sqlalchemy >= 2.0.0, < 2.2",)
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)
@@ -349,6 +351,8 @@ def _checkout_hook(
                 now = perf_counter()
                 ledger.active[fairy._connection_record] = now
                 ledger.waits.append(now - start)
+                if now - start > ledger.span_threshold:  # a wait that waited: a span
+                    ledger.slow_wait(start, now, c.OUTCOME_ACQUIRED)
                 if ledger.capture:  # this pool has leaked (or leak_stacks="always")
                     ledger.stacks[fairy._connection_record] = capture_stack(sys._getframe(1))
             except Exception as error:

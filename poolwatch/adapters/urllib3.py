@@ -175,6 +175,8 @@ class Urllib3Adapter(Adapter):
     kind = "urllib3"
     module = "urllib3"
     family = "http"
+    requires = ("urllib3 >= 2.0.2, < 3",)
+    tested_with = ("requests >= 2.30.0, < 3", "botocore >= 1.31.63, < 2")
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)
@@ -589,6 +591,8 @@ def _get_conn_hook(
                 now = perf_counter()
                 ledger.active[conn] = now
                 ledger.waits.append(now - start)
+                if now - start > ledger.span_threshold:  # a wait that waited: a span
+                    ledger.slow_wait(start, now, c.OUTCOME_ACQUIRED)
                 if ledger.capture:  # this pool has leaked (or leak_stacks="always")
                     ledger.stacks[conn] = capture_stack(sys._getframe(1))
             except Exception as error:
@@ -658,6 +662,8 @@ def _connect_hook(adapter: Urllib3Adapter, original: Callable[..., Any]) -> Call
         try:  # Ledger.connected(ok=True), inlined (the hot-path contract in _ledger.py)
             ledger.connects.append(now - start)
             mark.born = now  # type: ignore[union-attr]  # not None: it has a ledger
+            if now - start > ledger.span_threshold:  # a slow connect: a span
+                ledger.slow_connect(start, now, True)
         except Exception as error:
             report("urllib3 connect", error)
         return None

@@ -119,7 +119,11 @@ def _parser() -> argparse.ArgumentParser:
             "makes none.",
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="scenarios:\n" + "\n".join(_scenario_help(name) for name in SCENARIOS),
+        epilog="scenarios:\n"
+        + "\n".join(_scenario_help(name) for name in SCENARIOS)
+        + "\n\ntraces: OTEL_TRACES_EXPORTER=otlp sends each worker call as a span, with "
+        "poolwatch's\npool.wait and pool.connect spans under it (OTEL_EXPORTER_OTLP_ENDPOINT); "
+        "=console\nprints poolwatch's spans on stderr, one line each.",
     )
     run_demo.add_argument("--scenario", choices=list(SCENARIOS), default="healthy")
     run_demo.add_argument("--duration", type=_positive, default=30.0, help="seconds (default 30)")

@@ -26,10 +26,12 @@ _FLAGS = {  # option -> environment variable
     "leak_threshold": "POOLWATCH_LEAK_THRESHOLD",
     "leak_stacks": "POOLWATCH_LEAK_STACKS",
     "connection_max_age": "POOLWATCH_CONNECTION_MAX_AGE",
+    "wait_span_threshold": "POOLWATCH_WAIT_SPAN_THRESHOLD",
     "process_view": "POOLWATCH_PROCESS_VIEW",
     "shutdown_timeout": "POOLWATCH_SHUTDOWN_TIMEOUT",
     "max_pools": "POOLWATCH_MAX_POOLS",
     "pool_names": "POOLWATCH_POOL_NAMES",
+    "server_limits": "POOLWATCH_SERVER_LIMITS",
     "prometheus_port": "POOLWATCH_PROMETHEUS_PORT",
     "prometheus_host": "POOLWATCH_PROMETHEUS_HOST",
     "service_name": "OTEL_SERVICE_NAME",
@@ -52,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--connection-max-age", help="seconds after which an open connection is too old, or 'off'"
     )
     parser.add_argument(
+        "--wait-span-threshold",
+        help="seconds a caller waits for a connection before the wait is a span, or 'off'",
+    )
+    parser.add_argument(
         "--process-view", help="file descriptors and TCP connections (psutil): auto, on, off"
     )
     parser.add_argument(
@@ -60,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-pools", help="pool series before the overflow series")
     parser.add_argument("--pool-names", help="target=name,target=name")
+    parser.add_argument(
+        "--server-limits", help="servers' connection limits: host:port=limit,host:port=limit"
+    )
     parser.add_argument("--prometheus-port", help="serve Prometheus metrics on this port")
     parser.add_argument("--prometheus-host", help="address of that endpoint (default 127.0.0.1)")
     parser.add_argument("--service-name", help="OTEL_SERVICE_NAME")

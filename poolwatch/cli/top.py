@@ -130,8 +130,13 @@ def parse_process(text: str) -> ProcessCounts | None:
 
 def _add(pool: Counts, name: str, labels: dict[str, str], value: float) -> None:
     if name == "poolwatch_antipatterns_total":
-        if value > 0:
-            pool.antipatterns.add(labels.get("antipattern", ""))
+        antipattern = labels.get("antipattern", "")
+        if value > 0 and antipattern not in pool.antipatterns_stopped:
+            pool.antipatterns.add(antipattern)
+    elif name == "poolwatch_antipatterns_active":
+        if not value:  # found earlier, no longer observed
+            pool.antipatterns_stopped.add(labels.get("antipattern", ""))
+            pool.antipatterns.discard(labels.get("antipattern", ""))
     elif name == "poolwatch_connections_max":
         pool.max = (pool.max or 0.0) + value
     elif name == "poolwatch_wait_duration_seconds_bucket":

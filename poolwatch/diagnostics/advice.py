@@ -55,7 +55,10 @@ class Counts:
     wait_buckets: dict[float, float] = field(default_factory=dict)
     """Cumulative count of successful waits at or below each bound (``le``), seconds."""
     antipatterns: set[str] = field(default_factory=set)
-    """Anti-patterns the process found in this pool (``poolwatch.antipatterns``)."""
+    """Anti-patterns the process found in this pool and still observes
+    (``poolwatch.antipatterns``, less those whose ``poolwatch.antipatterns.active`` is 0)."""
+    antipatterns_stopped: set[str] = field(default_factory=set)
+    """Anti-patterns the process found in this pool earlier and no longer observes."""
 
 
 @dataclass

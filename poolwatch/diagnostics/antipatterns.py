@@ -6,6 +6,24 @@ anti-pattern's name, value 1 — and never on the application's thread: detectio
 the readings of a collection round (``_collect.Collector``), once per round whatever the
 number of readers, and keeps what it found itself, by series.
 
+Once found, an anti-pattern is *active* while it is still observed
+(``Antipattern.active``, ``poolwatch.antipatterns.active`` 1 or 0), so that what alerts on
+it resolves when it stops:
+
+======================  ===================================================================
+anti-pattern            active while
+======================  ===================================================================
+client_per_request      pool instances are still being created at that place: the last one
+                        less than ``STILL_SEEN`` seconds ago
+unbounded_pool,         the series still has pools alive (the configuration is theirs)
+no_pool_timeout
+pool_overflowing        connections are still discarded: the last less than ``STILL_SEEN``
+                        seconds ago
+keepalive_too_long      idle connections are still found closed by the server: the last
+                        less than ``STILL_SEEN`` seconds ago
+connection_too_old      an open connection is still older than ``connection_max_age``
+======================  ===================================================================
+
 ======================  ===================================================================
 anti-pattern            detected when
 ======================  ===================================================================
@@ -38,6 +56,9 @@ healthy workload that must produce none.
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
 from poolwatch import _catalogue as c
 from poolwatch._config import Settings
 from poolwatch._ledger import LedgerSnapshot
@@ -62,6 +83,11 @@ STALE_COLLECTIONS = 3
 """Collection rounds at which stale closes grew: recurring, not one burst."""
 POOLS_CHECKED = 3
 """Pool instances of a series whose configuration is read (they share a creation site)."""
+STILL_SEEN = 300.0
+"""Seconds after the last sign of a usage anti-pattern (a pool instance created at the place,
+a discard, a stale close) during which it is still active. Five minutes: longer than the
+pause between two bursts of a periodic job, short enough that an alert on it resolves
+soon after a fix is deployed."""
 
 NON_BLOCKING_KINDS = frozenset({"urllib3", "requests", "botocore"})
 """Kinds whose pools open connections past their size and discard them (``block=False``)."""
@@ -138,7 +164,18 @@ def advice_for(antipattern: str, kind: str) -> str:
 class Watch:
     """What detection remembers about one series between rounds."""
 
-    __slots__ = ("checked_instances", "found", "last", "stale_rounds", "stale_seen")
+    __slots__ = (
+        "checked_instances",
+        "discards_seen",
+        "found",
+        "instances_seen",
+        "last",
+        "live",
+        "signs",
+        "stale_rounds",
+        "stale_seen",
+        "too_old",
+    )
 
     def __init__(self) -> None:
         self.found: dict[str, Antipattern] = {}
@@ -150,6 +187,26 @@ class Watch:
         self.stale_seen = 0
         self.stale_rounds = 0
         """Rounds at which stale closes had grown."""
+        self.instances_seen = 0
+        self.discards_seen = 0
+        self.signs: dict[str, float] = {}
+        """By usage anti-pattern: when (monotonic) its last sign was seen."""
+        self.live = False
+        """Whether the series had pools alive at the last round."""
+        self.too_old = False
+        """Whether an open connection was older than ``connection_max_age`` at the last round."""
+
+    def active(self, name: str, now: float) -> bool:
+        """Whether the anti-pattern ``name``, once found, is still observed."""
+        if name in _CONFIGURED:
+            return self.live
+        if name == c.ANTIPATTERN_CONNECTION_TOO_OLD:
+            return self.too_old
+        return now - self.signs.get(name, -STILL_SEEN) < STILL_SEEN
+
+
+_CONFIGURED = frozenset({c.ANTIPATTERN_UNBOUNDED_POOL, c.ANTIPATTERN_NO_POOL_TIMEOUT})
+"""Anti-patterns of a pool's configuration: active while the series has pools alive."""
 
 
 class Detector:
@@ -160,9 +217,16 @@ class Detector:
         self._watches: dict[int, Watch] = {}
 
     def found(self, serial: int) -> tuple[Antipattern, ...]:
-        """The anti-patterns found in the series ``serial``, in the order found."""
+        """The anti-patterns found in the series ``serial``, in the order found, each with
+        whether it is still observed (``active``)."""
         watch = self._watches.get(serial)
-        return tuple(watch.found.values()) if watch is not None else ()
+        if watch is None or not watch.found:
+            return ()
+        now = time.monotonic()
+        return tuple(
+            found if watch.active(name, now) else dataclasses.replace(found, active=False)
+            for name, found in watch.found.items()
+        )
 
     def forget(self, serial: int) -> None:
         """A series was removed."""
@@ -180,6 +244,7 @@ class Detector:
         if watch is None:
             watch = self._watches[series.serial] = Watch()
         found = watch.found
+        watch.live = bool(pools)
         if (
             ledger is watch.last  # an idle series hands out the same snapshot: nothing new
             and watch.checked_instances == reading.instances_created
@@ -202,10 +267,15 @@ class Detector:
         if ledger is not watch.last:
             watch.last = ledger
             new.extend(_observed(reading, watch))
-        if self._max_age is not None and pools and c.ANTIPATTERN_CONNECTION_TOO_OLD not in found:
+        if self._max_age is not None:  # every round: it stops once old connections are closed
             ages = [series.adapter.oldest_connection(pool) for pool in pools]
             oldest = max((age for age in ages if age is not None), default=None)
-            if oldest is not None and oldest > self._max_age:
+            watch.too_old = oldest is not None and oldest > self._max_age
+            if (
+                oldest is not None
+                and oldest > self._max_age
+                and c.ANTIPATTERN_CONNECTION_TOO_OLD not in found
+            ):
                 new.append(
                     Antipattern(
                         c.ANTIPATTERN_CONNECTION_TOO_OLD,
@@ -244,6 +314,15 @@ def _observed(reading: SeriesReading, watch: Watch) -> list[Antipattern]:
     checkouts = ledger.checkouts
     out: list[Antipattern] = []
     instances = reading.instances_created
+    now = time.monotonic()
+    if instances > watch.instances_seen:  # signs of the usage anti-patterns, once found
+        watch.instances_seen = instances
+        watch.signs[c.ANTIPATTERN_CLIENT_PER_REQUEST] = now
+    if ledger.closed[c.REASON_POOL_FULL] > watch.discards_seen:
+        watch.discards_seen = ledger.closed[c.REASON_POOL_FULL]
+        watch.signs[c.ANTIPATTERN_POOL_OVERFLOWING] = now
+    if ledger.closed[c.REASON_STALE] > watch.stale_seen:
+        watch.signs[c.ANTIPATTERN_KEEPALIVE_TOO_LONG] = now
     if (
         c.ANTIPATTERN_CLIENT_PER_REQUEST not in found
         and instances >= PER_REQUEST_INSTANCES

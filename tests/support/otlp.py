@@ -17,6 +17,8 @@ class Receiver:
 
     def __init__(self) -> None:
         self.bodies: list[bytes] = []
+        self.by_path: list[tuple[str, bytes]] = []
+        """Every request's path (``/v1/metrics``, ``/v1/traces``) and body."""
         self._lock = threading.Lock()
 
     def requests(self) -> list[ExportMetricsServiceRequest]:
@@ -61,6 +63,7 @@ def receiver() -> Iterator[tuple[Receiver, int]]:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             with kept._lock:
                 kept.bodies.append(body)
+                kept.by_path.append((self.path, body))
             self.send_response(200)
             self.send_header("Content-Type", "application/x-protobuf")
             self.send_header("Content-Length", "0")

@@ -83,9 +83,13 @@ class Processes:
     def __init__(self) -> None:
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def start(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    def start(
+        self, args: list[str], log: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         with log.open("wb") as out:
-            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+            process = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env
+            )
         self.started.append(process)
         return process
 
@@ -110,7 +114,10 @@ class Prometheus:
         targets: dict[str, list[str]],
         rules_text: str,
         alertmanager: str | None = None,
+        *,
+        exemplars: bool = False,
     ) -> None:
+        """``exemplars``: with exemplar storage on (Prometheus then scrapes OpenMetrics)."""
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         (directory / "rules.yml").write_text(rules_text)
@@ -130,9 +137,18 @@ class Prometheus:
                 f"--config.file={directory / 'prometheus.yml'}",
                 f"--storage.tsdb.path={directory / 'prom-data'}",
                 f"--web.listen-address=127.0.0.1:{port}",
+                *(["--enable-feature=exemplar-storage"] if exemplars else []),
             ],
             directory / "prometheus.log",
         )
+
+    def query_exemplars(self, expr: str, start: float, end: float) -> list[Any]:
+        """The exemplars of the series ``expr`` selects, between two Unix times."""
+        params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}"}
+        body = get_json(f"{self.url}/api/v1/query_exemplars?" + urllib.parse.urlencode(params))
+        assert body["status"] == "success", body
+        result: list[Any] = body["data"]
+        return result
 
     def query(self, expr: str) -> list[Any]:
         url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})

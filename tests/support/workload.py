@@ -23,8 +23,9 @@ Beside the cycles, all the time:
 * ``reports-db`` — one connection taken and never returned: a leak past the 2 s threshold;
 * ``replica-db``, ``down-api``, ``down-pricing``, ``down-dynamodb`` — a SQLAlchemy engine,
   a requests Session, an httpx Client and a boto3 client for a loopback port that refuses
-  connections, called twice a second: connect errors for every kind, and for SQLAlchemy,
-  whose wait includes opening the connection, wait errors too.
+  connections, called twice a second: connect errors for every kind, and for SQLAlchemy
+  (whose checkout includes opening the connection) and httpx (whose checkout is counted
+  when the connection accepts the request), wait errors too.
 
 Every pool kind thus has levels, waits, connects, holds and closes to show. It stops after
 ``--seconds`` (bounded: at most 300) or on SIGTERM.
