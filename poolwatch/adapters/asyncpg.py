@@ -162,6 +162,7 @@ class AsyncpgAdapter(Adapter):
     module = "asyncpg"
     connects_in_checkout = True
     opens_ahead = True
+    connects_in_wait = True  # acquire() opens a holder's missing connection itself
     family = "database"
 
     def __init__(self, tracker: Tracker) -> None:
@@ -471,13 +472,12 @@ def _acquire_hook(
         end = perf_counter()
         try:
             failing = _failed_connect.get()
-            connecting = failing is not None and failing() is watch
-            if connecting:
+            if connecting := failing is not None and failing() is watch:
                 _failed_connect.set(None)
             ledger = watch.ledger if watch is not None else None
-            if ledger is not None:
-                timeout = isinstance(error, timeout_error) and not connecting
-                ledger.failed(start, end, timeout=timeout)
+            if ledger is not None:  # a timeout unless the connect made in it timed out
+                timed_out = isinstance(error, timeout_error)
+                ledger.failed(start, end, timeout=timed_out and not connecting)
         except Exception as bookkeeping:
             report("asyncpg acquire", bookkeeping)
 
@@ -514,6 +514,8 @@ def _acquire_hook(
                 if not proxy._con._pool_release_ctr:
                     ledger.firsts.append(None)
                 ledger.waits.append(now - start)
+                if now - start > ledger.span_threshold:  # a wait that waited: a span
+                    ledger.slow_wait(start, now, c.OUTCOME_ACQUIRED)
                 if ledger.capture:  # this pool has leaked (or leak_stacks="always")
                     ledger.stacks[proxy] = capture_stack(sys._getframe(1))
             except Exception as error:

@@ -123,6 +123,7 @@ class PsycopgPoolAdapter(Adapter):
     kind = "psycopg_pool"
     module = "psycopg_pool"
     opens_ahead = True
+    connects_in_wait = False  # the pool's workers connect; a null pool's ledger: True
     family = "database"
 
     def __init__(self, tracker: Tracker) -> None:
@@ -194,6 +195,8 @@ class PsycopgPoolAdapter(Adapter):
         ledger = self.tracker.track(
             pool, self, target=target, site=site, name=name, attributes=attributes
         )
+        if isinstance(pool, self._null):  # a null pool connects in the caller's getconn
+            ledger.connects_in_wait = True
         pool._poolwatch_ledger = ledger
         pop_attribute(pool, _SITE)
         self._tracked.add(pool)
@@ -439,6 +442,8 @@ def _getconn_hook(
                     conn._poolwatch_used = True
                     ledger.firsts.append(None)
                 ledger.waits.append(now - start)
+                if now - start > ledger.span_threshold:  # a wait that waited: a span
+                    ledger.slow_wait(start, now, c.OUTCOME_ACQUIRED)
                 if ledger.capture:  # this pool has leaked (or leak_stacks="always")
                     ledger.stacks[conn] = capture_stack(sys._getframe(1))
             except Exception as error:
@@ -481,6 +486,8 @@ def _agetconn_hook(
                     conn._poolwatch_used = True
                     ledger.firsts.append(None)
                 ledger.waits.append(now - start)
+                if now - start > ledger.span_threshold:  # a wait that waited: a span
+                    ledger.slow_wait(start, now, c.OUTCOME_ACQUIRED)
                 if ledger.capture:  # this pool has leaked (or leak_stacks="always")
                     ledger.stacks[conn] = capture_stack(sys._getframe(1))
             except Exception as error:
