@@ -162,8 +162,9 @@ def getters(pool: Any) -> int:
 
 
 def quiet(pool: Any) -> bool:
-    """Whether asyncpg does nothing in the background: not restoring its floor."""
-    return pool._maintenance_task is None
+    """Whether asyncpg does nothing in the background: not restoring its floor (asyncpg
+    before 0.32 has no such task: always quiet)."""
+    return getattr(pool, "_maintenance_task", None) is None
 
 
 class Workload:
@@ -258,7 +259,14 @@ class Workload:
         holder = r.choice(idle)
         killed = holder._con
         self.admin.terminate(killed.get_server_pid())
-        await self._gone("kill_idle", lambda: holder._con is not killed)
+        # asyncpg 0.32+ lets go of the holder's connection at once; before (no maintenance
+        # task), the connection only knows itself closed, and the holder's next acquire()
+        # reconnects.
+        before_032 = not hasattr(p.pool, "_maintenance_task")
+        await self._gone(
+            "kill_idle",
+            lambda: holder._con is not killed or (before_032 and killed.is_closed()),
+        )
         p.tally.add("killed")
 
     async def task(self, index: int, gate: TaskGate) -> None:

@@ -163,6 +163,7 @@ class AsyncpgAdapter(Adapter):
     connects_in_checkout = True
     opens_ahead = True
     connects_in_wait = True  # acquire() opens a holder's missing connection itself
+    requires = ("asyncpg >= 0.30.0, < 1",)
     family = "database"
 
     def __init__(self, tracker: Tracker) -> None:

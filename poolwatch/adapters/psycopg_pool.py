@@ -124,6 +124,7 @@ class PsycopgPoolAdapter(Adapter):
     module = "psycopg_pool"
     opens_ahead = True
     connects_in_wait = False  # the pool's workers connect; a null pool's ledger: True
+    requires = ("psycopg-pool >= 3.3.0, < 4",)
     family = "database"
 
     def __init__(self, tracker: Tracker) -> None:
