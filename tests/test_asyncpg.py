@@ -12,6 +12,8 @@ import asyncio
 import gc
 import socket
 import time
+import warnings
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -340,6 +342,70 @@ def test_connect_failures(pw: Harness) -> None:
     assert got.count("poolwatch.connect.duration", pool__name=name, outcome="error") == 1
     assert got.count("poolwatch.wait.duration", pool__name=name, outcome="error") == 1
     assert got.value("poolwatch.timeouts", pool__name=name) == 0
+
+
+def test_a_connect_function_returning_no_connection_is_a_failed_connect(
+    pw: Harness, pg: PostgresCluster
+) -> None:
+    """A ``connect=`` function that returns something else than a connection: asyncpg
+    refuses it (InterfaceError); poolwatch counts a failed connect and an errored wait, and
+    no internal error (it tried to keep a weak reference to the int: found by asyncpg's
+    own test_pool.py in the compat run)."""
+    name = pool_name(pg)
+
+    async def not_a_connection(*args: Any, **kwargs: Any) -> int:
+        return 1
+
+    async def scenario() -> None:
+        async with asyncpg.create_pool(
+            dsn(pg), min_size=0, max_size=1, connect=not_a_connection
+        ) as pool:
+            with pytest.raises(asyncpg.InterfaceError):
+                await pool.acquire(timeout=5)
+
+    _run(scenario)
+    got = pw.collect()
+    assert pw.handle is not None and pw.handle.errors == {}
+    assert got.count("poolwatch.connect.duration", pool__name=name, outcome="error") == 1
+    assert got.count("poolwatch.connect.duration", pool__name=name, outcome="ok") == 0
+    assert got.count("poolwatch.wait.duration", pool__name=name, outcome="error") == 1
+
+
+def test_a_pool_dropped_unclosed_is_freed(pw: Harness, pg: PostgresCluster) -> None:
+    """poolwatch keeps no asyncpg pool alive: one the application drops with its
+    connections open, never closed, is freed by the garbage collector (its connections
+    warn that they were not closed, as they do without poolwatch). Its connections' ledger
+    entries must not lead back to the pool (found by asyncpg's own test_pool.py)."""
+
+    class WeakPool(asyncpg.Pool):  # type: ignore[misc]  # asyncpg's Pool has no __weakref__
+        pass
+
+    async def scenario() -> weakref.ref[Any]:
+        pool = WeakPool(
+            dsn(pg),
+            min_size=2,
+            max_size=2,
+            max_queries=50_000,
+            max_inactive_connection_lifetime=0,
+            connect=None,
+            setup=None,
+            init=None,
+            reset=None,
+            loop=None,
+            connection_class=asyncpg.Connection,
+            record_class=asyncpg.Record,
+        )
+        await pool
+        await pool.release(await pool.acquire())
+        ref = weakref.ref(pool)
+        del pool
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)  # its unclosed connections
+            gc.collect()
+        return ref
+
+    assert _run(scenario)() is None
+    assert pw.handle is not None and pw.handle.errors == {}
 
 
 def test_an_acquire_that_times_out_while_connecting_is_not_exhaustion(pw: Harness) -> None:

@@ -128,9 +128,12 @@ class _Watch:
             ledger = self.ledger
             if ledger is None:
                 return
-            ledger.connected(duration, ok=con is not None)
-            if con is not None:
-                self.adapter._born(con, self, monotonic())
+            # A connect= function may return something else: asyncpg refuses it next
+            # (InterfaceError), a failed connect.
+            ok = isinstance(con, self.adapter._connection_class)
+            ledger.connected(duration, ok=ok)
+            if ok:
+                self.adapter._born(con, ledger, monotonic())
         except Exception as error:
             self.adapter.report("asyncpg connect", error)
 
@@ -169,11 +172,16 @@ class AsyncpgAdapter(Adapter):
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)
         self._watches: weakref.WeakSet[_Watch] = weakref.WeakSet()
-        self._conns: weakref.WeakKeyDictionary[Any, tuple[_Watch, float | None]] = (
+        self._connection_class: type = type(None)
+        """``asyncpg.Connection``, once instrumented."""
+        self._conns: weakref.WeakKeyDictionary[Any, tuple[Ledger, float | None]] = (
             weakref.WeakKeyDictionary()
         )
-        """Every open connection of a tracked pool: its pool's wrapper and when it opened
-        (None: before poolwatch saw it). Popped when the connection closes: counted once."""
+        """Every open connection of a tracked pool: its pool's ledger and when it opened
+        (None: before poolwatch saw it). Popped when the connection closes: counted once.
+        Never the pool or its wrapper: a value is held strongly, and one that led back to
+        its key (pool, holder, connection) would keep a pool the application dropped
+        unclosed alive, with its connections, for as long as poolwatch runs."""
         self._codes: _Codes | None = None
 
     # -- patching ----------------------------------------------------------------------
@@ -181,6 +189,7 @@ class AsyncpgAdapter(Adapter):
         from asyncpg import connection, pool
 
         holder, pool_class, conn = pool.PoolConnectionHolder, pool.Pool, connection.Connection
+        self._connection_class = conn
         self._codes = _Codes(
             close=conn.close.__code__,
             terminate=conn.terminate.__code__,
@@ -233,11 +242,11 @@ class AsyncpgAdapter(Adapter):
         for holder in list(pool._holders):  # connections opened before poolwatch saw them
             con = holder._con
             if con is not None and con not in self._conns:
-                self._conns[con] = (watch, None)
+                self._conns[con] = (ledger, None)
         return watch
 
-    def _born(self, con: Any, watch: _Watch, when: float | None) -> None:
-        self._conns[con] = (watch, when)
+    def _born(self, con: Any, ledger: Ledger, when: float | None) -> None:
+        self._conns[con] = (ledger, when)
 
     def _discover(self, pool: Any) -> Ledger | None:
         """A pool first seen at its first ``acquire()``."""
@@ -273,10 +282,7 @@ class AsyncpgAdapter(Adapter):
         entry = self._conns.pop(con, None)
         if entry is None:
             return  # not a tracked pool's connection, or already counted
-        watch, born = entry
-        ledger = watch.ledger
-        if ledger is None:
-            return
+        ledger, born = entry
         reason = self._reason(con, caller)
         ledger.closed_connection(reason, monotonic() - born if born is not None else None)
 
