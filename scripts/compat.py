@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -39,7 +40,7 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,7 @@ LONGEST_FIRST = (
     "aiohttp",
     "httpcore",
     "botocore",
+    "asyncpg",
 )
 """Suites in the order they are started: the slowest first (measured here)."""
 """Suites run at once (each is two pytest processes). Most of the suites' time is spent
@@ -92,6 +94,9 @@ class Suite:
     """``(file, text, replacement)`` made in the unpacked tests where ``text`` is found:
     a later release's own fix of a flaw in its tests, applied to the older release."""
     env: dict[str, str] = field(default_factory=dict)
+    server: str = ""
+    """``postgres``: the suite's runs connect to a throw-away PostgreSQL that compat.py
+    starts before the suites and stops after them (``server_env``)."""
 
 
 SUITES = (
@@ -172,6 +177,18 @@ SUITES = (
         args=("-o", "addopts=", "-m", "not dev_mode and not autobahn and not internal"),
         remove=("aiohttp",),
     ),
+    # asyncpg's own pool tests (its sdist has them; psycopg_pool's sdist has no tests, and
+    # psycopg's none either: they live in its repository only, so there is no psycopg_pool
+    # suite). With PGHOST set, asyncpg's test base uses that running server as its
+    # "cluster", reached through libpq's environment variables.
+    Suite(
+        "asyncpg",
+        "asyncpg",
+        "asyncpg",
+        ("tests/test_pool.py",),
+        remove=("asyncpg",),
+        server="postgres",
+    ),
 )
 
 # The tests' own requirements, as each project lists them for its test runs (lint, docs,
@@ -196,6 +213,9 @@ TEST_REQUIREMENTS: dict[str, tuple[str, ...]] = {
     "httpcore": ("anyio", "trio", "pytest-trio", "h2", "socksio", "pytest-httpbin", "trustme"),
     # chardet 5.2: httpx's own pin (its tests assert what that detector guesses).
     "httpx": ("anyio", "trio", "uvicorn", "trustme", "chardet==5.2.0", "brotli", "zstandard", "h2"),
+    # asyncpg's test_pool.py needs nothing beyond pytest (its test extra is linters, uvloop
+    # and Kerberos for other modules).
+    "asyncpg": (),
     "aiohttp": (
         "blockbuster",
         "coverage",  # its pytest.ini names coverage's warning class
@@ -216,6 +236,49 @@ OLDEST_TEST_REQUIREMENTS: dict[str, tuple[str, ...]] = {
     # 6.3+ its servers answer nothing to 200 of the tests.
     "urllib3": ("tornado==6.2",),
 }
+
+
+SERVER_ENV: dict[str, dict[str, str]] = {}
+"""By ``Suite.server``: the environment its runs get (set by ``servers()``)."""
+
+
+@contextlib.contextmanager
+def servers(suites: list[Suite]) -> Iterator[None]:
+    """Start the servers the chosen suites need, on this machine, and stop them after.
+
+    PostgreSQL: the test suite's throw-away cluster (``poolwatch/_demo/postgres.py``), as
+    a superuser with a password; the runs reach it through its Unix socket, the one way
+    into the host's server from a network namespace of their own (each has its own
+    loopback)."""
+    with contextlib.ExitStack() as stack:
+        if any(s.server == "postgres" for s in suites):
+            sys.path.insert(0, str(ROOT))
+            from poolwatch._demo.postgres import PostgresCluster
+
+            pg = stack.enter_context(PostgresCluster())
+            log(f"  PostgreSQL {pg.socket_dir} (port {pg.port}) for the asyncpg suite")
+            SERVER_ENV["postgres"] = {
+                "PGHOST": str(pg.socket_dir),
+                "PGPORT": str(pg.port),
+                "PGUSER": pg.user,
+                "PGPASSWORD": pg.password,
+                "PGDATABASE": pg.dbname,
+            }
+        try:
+            yield
+        finally:
+            SERVER_ENV.clear()
+
+
+def started_servers(suites: list[Suite]) -> contextlib.ExitStack:
+    """``servers(suites)`` entered, to be closed by the caller (on an early return, the
+    cluster stops at interpreter exit)."""
+    serving = contextlib.ExitStack()
+    try:
+        serving.enter_context(servers(suites))
+    except Exception as error:  # PostgresError: no server binaries, or it did not start
+        raise SetupError(f"a server the suites need: {error}") from error
+    return serving
 
 
 def log(message: str) -> None:
@@ -439,6 +502,7 @@ def pytest_run(
     environ = {
         **os.environ,
         **suite.env,
+        **SERVER_ENV.get(suite.server, {}),
         "PYTHONPATH": f"{SCRIPTS / 'compat_site'}:{SCRIPTS}",
         "POOLWATCH_COMPAT_MODE": mode,
         "POOLWATCH_COMPAT_OUT": str(out),
@@ -828,6 +892,7 @@ def main(argv: list[str] | None = None) -> int:
     envs = [Environment(end) for end in ends]
     try:
         known = known_bare()
+        serving = started_servers(suites)  # closed after the reruns
     except SetupError as error:
         log(f"error: {error}")
         return 2
@@ -869,6 +934,7 @@ def main(argv: list[str] | None = None) -> int:
     step = time.monotonic()
     for done in checked:
         run_again(done, known, prefix)
+    serving.close()
     timings.append(f"tests run again alone: {time.monotonic() - step:.0f} s")
     failures: dict[str, list[str]] = {}
     for done in sorted(checked, key=lambda c: (ENDS.index(c.env.end), SUITES.index(c.suite))):
