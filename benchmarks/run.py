@@ -2,7 +2,7 @@
 
 Usage (from anywhere; paths are resolved from this file)::
 
-    python benchmarks/run.py            # all but instructions, 28-31 minutes on 2 cores
+    python benchmarks/run.py            # all but instructions, 30-35 minutes on 2 cores
     python benchmarks/run.py --quick    # smaller sizes and fewer rounds (a smoke test)
     python benchmarks/run.py --only hotpath,collect
     python benchmarks/run.py --only instructions   # valgrind, 25-40 minutes
@@ -28,6 +28,9 @@ Sections (see each module's docstring for the method):
 * ``redis`` (bench_redis.py) — acquire+release of redis-py's pools (sync, blocking,
   asyncio) and a loopback ``PING``, bare and poolwatch, against a throw-away redis-server
   (skipped, and said so, when none can run);
+* ``postgres`` (bench_postgres.py) — acquire+release of psycopg_pool (sync and async) and
+  asyncpg pools on a throw-away PostgreSQL, bare and with poolwatch, against a loopback
+  ``SELECT 1``; and psycopg_pool's in situ (skipped when the server binaries are missing);
 * ``traces`` (bench_traces.py) — a free checkout with poolwatch's wait spans on and off,
   against a span per checkout; the cost of one wait that is recorded as spans;
 * ``instructions`` (bench_instructions.py, only with ``--only``) — instructions poolwatch
@@ -55,8 +58,17 @@ REPO = HERE.parent
 VENV = HERE / ".venv"
 REQUIREMENTS = HERE / "requirements.txt"
 STAMP = VENV / ".requirements-installed"
-SECTIONS = ("hotpath", "collect", "memory", "http", "redis", "traces", "instructions")
-DEFAULT_SECTIONS = ("hotpath", "collect", "memory", "http", "redis", "traces")
+SECTIONS = (
+    "hotpath",
+    "collect",
+    "memory",
+    "http",
+    "redis",
+    "postgres",
+    "traces",
+    "instructions",
+)
+DEFAULT_SECTIONS = ("hotpath", "collect", "memory", "http", "redis", "postgres", "traces")
 """What a plain run measures; ``instructions`` (valgrind, minutes) only with ``--only``."""
 CORE_PACKAGES = ("SQLAlchemy", "opentelemetry-sdk", "opentelemetry-instrumentation-sqlalchemy")
 HTTP_PACKAGES = (
@@ -71,6 +83,8 @@ HTTP_PACKAGES = (
     "redis",
 )
 """The libraries the http and redis sections measure, printed with their versions."""
+POSTGRES_PACKAGES = ("psycopg", "psycopg-binary", "psycopg-pool", "asyncpg")
+"""The libraries the postgres section measures, printed with their versions."""
 HTTP_CONTRIB_PACKAGES = (
     "opentelemetry-instrumentation-urllib3",
     "opentelemetry-instrumentation-requests",
@@ -174,6 +188,7 @@ def environment() -> str:
     packages = f"poolwatch {poolwatch.__version__} ({Path(poolwatch.__file__).parent}), "
     packages += ", ".join(f"{name} {_version(name)}" for name in CORE_PACKAGES)
     http = ", ".join(f"{name} {_version(name)}" for name in HTTP_PACKAGES)
+    postgres = ", ".join(f"{name} {_version(name)}" for name in POSTGRES_PACKAGES)
     contrib = ", ".join(f"{name} {_version(name)}" for name in HTTP_CONTRIB_PACKAGES)
     return "\n".join(
         [
@@ -182,6 +197,7 @@ def environment() -> str:
             f"({sys.executable})",
             f"packages: {packages}",
             f"http:     {http}",
+            f"postgres: {postgres}",
             f"contrib:  {contrib}",
             f"commit:  {_commit()}",
         ]
@@ -197,6 +213,7 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
     import bench_http
     import bench_instructions
     import bench_memory
+    import bench_postgres
     import bench_redis
     import bench_sqlalchemy
     import bench_traces
@@ -255,6 +272,23 @@ def run_sections(sections: Sequence[str], quick: bool) -> None:
             else bench_http.HTTPConfig()
         )
         print(bench_redis.main(redis_config), flush=True)
+    if "postgres" in sections:
+        from poolwatch._demo.postgres import PostgresError, find_bin_dir
+
+        try:
+            find_bin_dir()
+        except PostgresError as missing:
+            print(f"\npostgres section skipped: {missing}", flush=True)
+        else:
+            pg_config = (
+                bench_postgres.PostgresConfig(
+                    rounds=5, ops=1_000, warmup=50, round_trips=200, in_situ_pairs=20
+                )
+                if quick
+                else bench_postgres.PostgresConfig()
+            )
+            measured_pg = bench_postgres.run_postgres(pg_config)
+            print(bench_postgres.render_postgres(measured_pg, pg_config), flush=True)
     if "traces" in sections:
         bench_traces.main(quick)
     if "instructions" in sections:

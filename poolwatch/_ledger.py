@@ -242,6 +242,7 @@ class Ledger:
     __slots__ = (
         "_auto_stacks",
         "_changes",
+        "_firsts",
         "_last",
         "_leaked",
         "_lock",
@@ -257,10 +258,12 @@ class Ledger:
         "connects_in_checkout",
         "connects_in_wait",
         "exemplars",
+        "firsts",
         "leak_threshold",
         "leaks",
         "lifetime",
         "lifetime_bounds",
+        "opens_ahead",
         "span_threshold",
         "stacks",
         "timeouts",
@@ -278,12 +281,22 @@ class Ledger:
         lifetime_bounds: tuple[float, ...] = c.LIFETIME_BUCKETS,
         leak_threshold: float | None = None,
         leak_stacks: str = "auto",
+        *,
         connects_in_checkout: bool = False,
+        opens_ahead: bool = False,
     ) -> None:
         self._lock = threading.RLock()
         self.connects_in_checkout = connects_in_checkout
         """Whether its pools open a connection inside the checkout (a failed connect fails
         the checkout) rather than after it (``Adapter.connects_in_checkout``)."""
+        self.opens_ahead = opens_ahead
+        """Whether its pools open connections ahead of demand (``Adapter.opens_ahead``): the
+        reuse count is then checkouts less first checkouts (``firsts``), not less connects."""
+        self.firsts: list[None] = []
+        """One entry per checkout that was its connection's first, not counted yet (pools
+        that open connections ahead of demand tell them; the others never do)."""
+        self._firsts = 0
+        """First checkouts counted (folded from ``firsts``)."""
         self.connects_in_wait = False
         """Whether that connect is part of the caller's wait (``Adapter.connects_in_wait``):
         then a slow wait's span shows it as a child, else a slow connect has a span of its
@@ -345,16 +358,27 @@ class Ledger:
     # checkout, a timeout and a late return, and checks that its ledger ends as this
     # reference leaves one.
     def acquired(
-        self, key: Hashable, start: float, end: float, borrower: FrameType | None = None
+        self,
+        key: Hashable,
+        start: float,
+        end: float,
+        borrower: FrameType | None = None,
+        first: bool = False,
     ) -> None:
         """A caller got connection ``key`` after waiting from ``start`` to ``end``;
-        ``borrower``: its frame, whose stack is kept while ``capture`` is on.
+        ``borrower``: its frame, whose stack is kept while ``capture`` is on; ``first``:
+        the connection's first checkout (told by the hooks of pools that open connections
+        ahead of demand, ``opens_ahead``).
 
         Out first, counted second: a collection between the two sees a checkout out and
         not yet counted, never one counted and not out — the reuse count (checkouts less
-        those that connect, or are out and connecting) is then at worst too low for an
-        instant, never too high, and it never goes down once exported."""
+        those that connect, or are out and connecting; or less first checkouts) is then at
+        worst too low for an instant, never too high, and it never goes down once
+        exported. A first checkout is told before the checkout is counted, for the same
+        reason."""
         self.active[key] = end
+        if first:
+            self.firsts.append(None)
         self.waits.append(end - start)
         if end - start > self.span_threshold:  # a wait that waited: a span
             self.slow_wait(start, end, c.OUTCOME_ACQUIRED)
@@ -571,6 +595,11 @@ class Ledger:
         if self.pending:
             self._changes += 1
         _fold(self.waits, self.wait[c.OUTCOME_ACQUIRED])
+        firsts = self.firsts
+        if firsts:  # after the waits: a first checkout is told before it is counted
+            n = len(firsts)
+            del firsts[:n]
+            self._firsts += n
         _fold(self.uses, self.use)
         _fold(self.connects, self.connect[c.CONNECT_OK])
         for reason, pending in self.closes.items():
@@ -591,7 +620,8 @@ class Ledger:
     def pending(self) -> int:
         """Values waiting to be folded (the janitor folds past ``DRAIN_AT``)."""
         closes = sum(len(pending) for pending in self.closes.values())
-        return len(self.waits) + len(self.uses) + len(self.connects) + closes
+        firsts = len(self.firsts)
+        return len(self.waits) + len(self.uses) + len(self.connects) + closes + firsts
 
     def snapshot(
         self,
@@ -624,6 +654,7 @@ class Ledger:
             and not self.waits
             and not self.uses
             and not self.connects
+            and not self.firsts
             and not any(self.closes.values())
             and last[1] == self._changes
         ):
@@ -675,7 +706,17 @@ class Ledger:
         (SQLAlchemy, aiohttp), a connect before its connection shows as connected (urllib3,
         httpx); a count caught between two such steps is only ever too low, and the
         exported count, which never goes down, waits for the next collection.
+
+        Pools that open connections ahead of demand (psycopg_pool's and asyncpg's
+        ``min_size``, connections opened in the background) break the premise: a connect
+        is not made for a checkout, and a connection may serve its first checkout long
+        after it opened, or none. Their hooks tell each connection's first checkout
+        instead (``firsts``), and every other checkout reused a connection.
         """
+        if self.opens_ahead:
+            reused = sum(self.wait[c.OUTCOME_ACQUIRED].counts) - self._firsts
+            self._reused = max(self._reused, reused)
+            return self._reused
         opened = sum(self.connect[c.CONNECT_OK].counts)
         if not self.connects_in_checkout:
             opened += sum(self.connect[c.CONNECT_ERROR].counts)
@@ -690,6 +731,7 @@ class Ledger:
             self.lifetime_bounds,
             None,
             connects_in_checkout=self.connects_in_checkout,
+            opens_ahead=self.opens_ahead,
         )
         fresh.leak_threshold = self.leak_threshold
         fresh.capture, fresh._auto_stacks = self.capture, self._auto_stacks

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -40,7 +41,7 @@ import sys
 import tarfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,7 @@ LONGEST_FIRST = (
     "aiohttp",
     "httpcore",
     "botocore",
+    "asyncpg",
 )
 """Suites in the order they are started: the slowest first (measured here)."""
 """Suites run at once (each is two pytest processes). Most of the suites' time is spent
@@ -95,9 +97,11 @@ class Suite:
     a later release's own fix of a flaw in its tests, applied to the older release."""
     env: dict[str, str] = field(default_factory=dict)
     server: str = ""
-    """A server the suite needs, started for each pytest run inside its network namespace
-    (``redis``: a throw-away ``redis-server`` on a free loopback port, its URL given to
-    the suite as ``--redis-url``; stopped after the run)."""
+    """A server the suite needs. ``redis``: a throw-away ``redis-server`` on a free loopback
+    port started for each pytest run inside its network namespace, its URL given to the
+    suite as ``--redis-url``, stopped after the run. ``postgres``: one throw-away PostgreSQL
+    that compat.py starts before the suites and stops after them, reached through its Unix
+    socket (``SERVER_ENV``)."""
 
 
 SUITES = (
@@ -188,6 +192,18 @@ SUITES = (
         remove=("redis",),
         server="redis",
     ),
+    # asyncpg's own pool tests (its sdist has them; psycopg_pool's sdist has no tests, and
+    # psycopg's none either: they live in its repository only, so there is no psycopg_pool
+    # suite). With PGHOST set, asyncpg's test base uses that running server as its
+    # "cluster", reached through libpq's environment variables.
+    Suite(
+        "asyncpg",
+        "asyncpg",
+        "asyncpg",
+        ("tests/test_pool.py",),
+        remove=("asyncpg",),
+        server="postgres",
+    ),
 )
 
 # The tests' own requirements, as each project lists them for its test runs (lint, docs,
@@ -215,6 +231,9 @@ TEST_REQUIREMENTS: dict[str, tuple[str, ...]] = {
     # redis-py's dev_requirements.txt, for what its pool tests import (numpy, uvloop,
     # redis-entraid and the OTLP exporter serve other modules).
     "redis": ("pytest-asyncio", "packaging", "ujson", "pybreaker", "xxhash"),
+    # asyncpg's test_pool.py needs nothing beyond pytest (its test extra is linters, uvloop
+    # and Kerberos for other modules).
+    "asyncpg": (),
     "aiohttp": (
         "blockbuster",
         "coverage",  # its pytest.ini names coverage's warning class
@@ -241,6 +260,49 @@ OLDEST_TEST_REQUIREMENTS: dict[str, tuple[str, ...]] = {
     # 6.3+ its servers answer nothing to 200 of the tests.
     "urllib3": ("tornado==6.2",),
 }
+
+
+SERVER_ENV: dict[str, dict[str, str]] = {}
+"""By ``Suite.server``: the environment its runs get (set by ``servers()``)."""
+
+
+@contextlib.contextmanager
+def servers(suites: list[Suite]) -> Iterator[None]:
+    """Start the servers the chosen suites need, on this machine, and stop them after.
+
+    PostgreSQL: the test suite's throw-away cluster (``poolwatch/_demo/postgres.py``), as
+    a superuser with a password; the runs reach it through its Unix socket, the one way
+    into the host's server from a network namespace of their own (each has its own
+    loopback)."""
+    with contextlib.ExitStack() as stack:
+        if any(s.server == "postgres" for s in suites):
+            sys.path.insert(0, str(ROOT))
+            from poolwatch._demo.postgres import PostgresCluster
+
+            pg = stack.enter_context(PostgresCluster())
+            log(f"  PostgreSQL {pg.socket_dir} (port {pg.port}) for the asyncpg suite")
+            SERVER_ENV["postgres"] = {
+                "PGHOST": str(pg.socket_dir),
+                "PGPORT": str(pg.port),
+                "PGUSER": pg.user,
+                "PGPASSWORD": pg.password,
+                "PGDATABASE": pg.dbname,
+            }
+        try:
+            yield
+        finally:
+            SERVER_ENV.clear()
+
+
+def started_servers(suites: list[Suite]) -> contextlib.ExitStack:
+    """``servers(suites)`` entered, to be closed by the caller (on an early return, the
+    cluster stops at interpreter exit)."""
+    serving = contextlib.ExitStack()
+    try:
+        serving.enter_context(servers(suites))
+    except Exception as error:  # PostgresError: no server binaries, or it did not start
+        raise SetupError(f"a server the suites need: {error}") from error
+    return serving
 
 
 def log(message: str) -> None:
@@ -473,7 +535,7 @@ sys.exit(code)
 
 def server_wrapper(suite: Suite) -> list[str]:
     """The command prefix that starts the server ``suite`` needs around its pytest run."""
-    if not suite.server:
+    if not suite.server or suite.server == "postgres":  # postgres: one for all (servers())
         return []
     if suite.server != "redis":
         raise SetupError(f"suite {suite.name}: unknown server {suite.server!r}")
@@ -519,6 +581,7 @@ def pytest_run(
     environ = {
         **os.environ,
         **suite.env,
+        **SERVER_ENV.get(suite.server, {}),
         "PYTHONPATH": f"{SCRIPTS / 'compat_site'}:{SCRIPTS}",
         "POOLWATCH_COMPAT_MODE": mode,
         "POOLWATCH_COMPAT_OUT": str(out),
@@ -926,17 +989,20 @@ def conclude(
     checked: list[Checked],
     known: list[Known],
     prefix: list[str] | None,
+    *,
     verbose: bool,
     started: float,
+    serving: contextlib.ExitStack,
 ) -> int:
-    """Unsettled tests run again alone, then each suite's verdict, timings and the exit
-    code."""
+    """Unsettled tests run again alone (then the servers the suites used stop), then each
+    suite's verdict, timings and the exit code."""
     ends = sorted({c.env.end for c in checked}, key=ENDS.index)
     suites = {c.suite.name for c in checked}
     timings = [f"suites: {time.monotonic() - started:.0f} s from the start"]
     step = time.monotonic()
     for done in checked:
         run_again(done, known, prefix)
+    serving.close()
     timings.append(f"tests run again alone: {time.monotonic() - step:.0f} s")
     failures: dict[str, list[str]] = {}
     for done in sorted(checked, key=lambda c: (ENDS.index(c.env.end), SUITES.index(c.suite))):
@@ -980,6 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
         options.jobs = 1
     try:
         known = known_bare()
+        serving = started_servers(suites)  # closed after the reruns
     except SetupError as error:
         log(f"error: {error}")
         return 2
@@ -1017,7 +1084,9 @@ def main(argv: list[str] | None = None) -> int:
         for future in concurrent.futures.as_completed(futures):
             checked.append(future.result())
             log(f"  {elapsed()} ran {checked[-1].env.end} {checked[-1].suite.name}")
-    return conclude(checked, known, prefix, options.verbose, started)
+    return conclude(
+        checked, known, prefix, verbose=options.verbose, started=started, serving=serving
+    )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,16 @@ import pytest
 MODE = os.environ.get("POOLWATCH_COMPAT_MODE", "bare")
 OUT = os.environ.get("POOLWATCH_COMPAT_OUT", "compat-result.json")
 COLLECT_EVERY = 0.02
-LIBRARIES = ("sqlalchemy", "urllib3", "requests", "botocore", "httpx", "httpcore", "aiohttp")
+LIBRARIES = (
+    "sqlalchemy",
+    "urllib3",
+    "requests",
+    "botocore",
+    "httpx",
+    "httpcore",
+    "aiohttp",
+    "asyncpg",
+)
 
 # -- loopback only ---------------------------------------------------------------------------
 # The libraries' suites include tests that connect to the Internet or to a non-routable
@@ -243,7 +252,11 @@ def _phase_outcome(report: pytest.TestReport) -> str:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    _phases.setdefault(_test_id(report.nodeid), {})[report.when] = _phase_outcome(report)
+    phases = _phases.setdefault(_test_id(report.nodeid), {})
+    # A failed subtest (unittest's subTest, asyncpg's suite) reports its phase failed, and
+    # the test's own report of that phase, passed, comes after it: the failure stands.
+    if phases.get(report.when) != "failed":
+        phases[report.when] = _phase_outcome(report)
 
 
 def pytest_collectreport(report: pytest.CollectReport) -> None:

@@ -63,7 +63,7 @@ def test_render_is_one_line_per_pool(sample_snapshot: PoolSnapshot) -> None:
         "TIMEOUTS", "DISCARDS", "STALE", "LEAKS", "WAIT", "P99",
     ]  # fmt: skip
     assert row == (
-        "postgresql://db:5432/orders      sqlalchemy     8/10 ########..    2    3      1200"
+        "postgresql://db:5432/orders      sqlalchemy       8/10 ########..    2    3      1200"
         "       10        4        0     0     0   12.3ms"
     )
 

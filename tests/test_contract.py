@@ -244,6 +244,48 @@ def _async_redis(server: Any, refused: int) -> None:
     asyncio.run(asyncio.wait_for(_async_redis_scenario(server, refused), 20))
 
 
+def _psycopg_pool(dsn: str) -> None:
+    import psycopg_pool
+
+    pool = psycopg_pool.ConnectionPool(dsn, min_size=1, max_size=1, timeout=0.05, open=True)
+    poolwatch.track(pool, name="contract")
+    pool.wait()
+    with pool.connection():
+        pass
+    late = pool.getconn()
+    time.sleep(HELD)
+    pool.putconn(late)
+    holder = pool.getconn()
+    with pytest.raises(psycopg_pool.PoolTimeout):
+        pool.getconn()
+    pool.putconn(holder)
+    pool.close()
+    with pytest.raises(psycopg_pool.PoolClosed):
+        pool.getconn()
+
+
+def _asyncpg(dsn: str) -> None:
+    import asyncpg
+
+    async def scenario() -> None:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+        poolwatch.track(pool, name="contract")
+        async with pool.acquire():
+            pass
+        late = await pool.acquire()
+        await asyncio.sleep(HELD)
+        await pool.release(late)
+        holder = await pool.acquire()
+        with pytest.raises(TimeoutError):
+            await pool.acquire(timeout=0.05)
+        await pool.release(holder)
+        await pool.close()
+        with pytest.raises(asyncpg.InterfaceError):
+            await pool.acquire()
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+
+
 SCENARIOS: dict[str, Callable[..., None]] = {
     "sqlalchemy": _sqlalchemy,
     "urllib3": _urllib3,
@@ -251,10 +293,19 @@ SCENARIOS: dict[str, Callable[..., None]] = {
     "aiohttp": _aiohttp,
     "redis": _redis,
     "redis.asyncio": _async_redis,
+    "psycopg_pool": _psycopg_pool,
+    "asyncpg": _asyncpg,
 }
+ON_POSTGRES = ("psycopg_pool", "asyncpg")
 
 
-@pytest.mark.parametrize("library", list(SCENARIOS))
+@pytest.mark.parametrize(
+    "library",
+    [
+        pytest.param(name, marks=pytest.mark.postgres) if name in ON_POSTGRES else name
+        for name in SCENARIOS
+    ],
+)
 def test_every_adapter_ends_its_ledger_as_the_reference_does(
     harness: Harness, tmp_path: Path, library: str, request: pytest.FixtureRequest
 ) -> None:
@@ -270,6 +321,10 @@ def test_every_adapter_ends_its_ledger_as_the_reference_does(
     elif library.startswith("redis"):
         with refusing_port() as refused:
             SCENARIOS[library](request.getfixturevalue("redis_server"), refused)
+    elif library in ON_POSTGRES:
+        from tests.support.pgadmin import dsn
+
+        SCENARIOS[library](dsn(request.getfixturevalue("postgres")))
     else:
         with AsyncioUpstream() as upstream, refusing_port() as refused:
             _aiohttp(upstream, refused)

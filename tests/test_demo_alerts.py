@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from poolwatch._demo.workload import SCENARIOS
-from tests.support.demo import POOLS
+from tests.support.demo import ON_POSTGRESQL, POOLS
 from tests.support.prometheus import Processes, Prometheus, build, free_port, rules, until
 
 WINDOW = {"RATE_WINDOW": "10s"}
@@ -71,7 +71,7 @@ def healthy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
         prometheus = Prometheus(processes, tmp_path, {"healthy": [target]}, rules(**WINDOW))
         until(
             "the healthy demo's pools in Prometheus",
-            lambda: _pools_scraped(prometheus, "healthy") == POOLS,
+            lambda: _pools_scraped(prometheus, "healthy") == POOLS | ON_POSTGRESQL,
             90,
         )
         yield prometheus
@@ -103,7 +103,7 @@ def test_the_healthy_demo_makes_no_alert_condition_happen(healthy: Prometheus) -
     # and the expressions had data to judge: every pool kind, reusing its connections
     reuse = healthy.query('poolwatch:checkout_reuse:ratio{job="healthy"}')
     assert {r["metric"]["pool_name"]: float(r["value"][1]) > 0.9 for r in reuse} == dict.fromkeys(
-        POOLS, True
+        POOLS | ON_POSTGRESQL, True
     )
 
 

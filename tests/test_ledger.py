@@ -164,3 +164,32 @@ def test_reset_starts_from_zero() -> None:
     assert snap.checkouts == 0
     assert snap.closed["pool_full"] == 0
     assert ledger.leak_threshold == 5.0
+
+
+def test_a_pool_opening_connections_ahead_reuses_all_but_first_checkouts() -> None:
+    """psycopg_pool and asyncpg open connections before any checkout wants one: a connect
+    is not a checkout that did not reuse, a connection's first checkout is."""
+    ahead, plain = Ledger(opens_ahead=True), Ledger()
+    for ledger in (ahead, plain):
+        for _ in range(3):  # min_size=3: opened at start
+            ledger.connected(0.01, ok=True)
+        one, two = object(), object()
+        for i in range(6):
+            key = two if i == 5 else one
+            ledger.acquired(key, 0.0, 0.001, first=i in (0, 5))
+            ledger.released(key, 0.002)
+    assert ahead.snapshot().reused == 4  # six checkouts, two connections' first
+    assert plain.snapshot().reused == 3  # every connect taken for one checkout
+
+
+def test_a_first_checkout_is_told_before_it_is_counted() -> None:
+    """A collection between the two appends reads the reuse count too low, never too high
+    (it never goes down once exported)."""
+    ledger = Ledger(opens_ahead=True)
+    ledger.acquired(object(), 0.0, 0.001, first=True)
+    ledger.firsts.append(None)  # the next checkout's first, its wait not appended yet
+    assert ledger.snapshot().reused == 0
+    ledger.waits.append(0.001)
+    assert ledger.snapshot().reused == 0
+    ledger.acquired(object(), 0.0, 0.001)  # a reuse
+    assert ledger.snapshot().reused == 1

@@ -133,8 +133,10 @@ def test_disguise_dresses_a_matching_hook_as_the_original() -> None:
 
 def _import_every_library() -> None:
     import aiohttp  # noqa: F401
+    import asyncpg  # noqa: F401
     import botocore.httpsession  # noqa: F401
     import httpx  # noqa: F401
+    import psycopg_pool  # noqa: F401
     import redis.asyncio  # noqa: F401
     import requests  # noqa: F401
     import sqlalchemy  # noqa: F401
@@ -155,7 +157,9 @@ def _patched_functions() -> list[tuple[type, str, Any, Any]]:
 
 def _constructed_classes() -> list[type]:
     import aiohttp
+    import asyncpg
     import httpx
+    import psycopg_pool
     import redis
     import redis.asyncio
     import urllib3
@@ -175,6 +179,11 @@ def _constructed_classes() -> list[type]:
         redis.BlockingConnectionPool,
         redis.asyncio.ConnectionPool,
         redis.asyncio.BlockingConnectionPool,
+        psycopg_pool.ConnectionPool,
+        psycopg_pool.AsyncConnectionPool,
+        psycopg_pool.NullConnectionPool,
+        psycopg_pool.AsyncNullConnectionPool,
+        asyncpg.Pool,
     ]
 
 
@@ -185,7 +194,15 @@ def test_every_patched_callable_keeps_the_librarys_signature_and_code_parameters
     classes = _constructed_classes()
     before = {cls: inspect.signature(cls) for cls in classes}
     handle = harness.instrument()
-    assert sorted(handle.libraries) == ["aiohttp", "httpx", "redis", "sqlalchemy", "urllib3"]
+    assert sorted(handle.libraries) == [
+        "aiohttp",
+        "asyncpg",
+        "httpx",
+        "psycopg_pool",
+        "redis",
+        "sqlalchemy",
+        "urllib3",
+    ]
     patched = _patched_functions()
     assert len(patched) >= 30  # every adapter's hooks: a check that the list is not empty
     for owner, attribute, original, replacement in patched:

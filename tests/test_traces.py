@@ -391,6 +391,185 @@ def test_httpx_waits_are_spans_of_the_request_that_waited(
     assert _seconds(wait) >= HOLD / 2
 
 
+# -- PostgreSQL pools (the session's throw-away cluster) -------------------------------------
+@pytest.mark.postgres
+def test_psycopg_pool_waiting_threads_and_a_timeout_get_wait_spans(
+    harness: Harness, traced: Traced, postgres: Any
+) -> None:
+    """Free checkouts make no span; two threads waiting for the pool's one connection each
+    get an ``acquired`` wait under their own span; a ``PoolTimeout`` is a ``timeout`` wait.
+    The pool's workers open its connections, outside any wait (their slow connects, if any,
+    are spans of their own: not counted here)."""
+    import psycopg_pool
+
+    from tests.support.pgadmin import dsn
+
+    harness.instrument(tracer_provider=traced.provider, wait_span_threshold=THRESHOLD)
+    with psycopg_pool.ConnectionPool(dsn(postgres), min_size=1, max_size=1, open=True) as pool:
+        poolwatch.track(pool, name="reports-db")
+        pool.wait()
+        with traced.tracer.start_as_current_span("free checkouts"):
+            for _ in range(50):
+                pool.putconn(pool.getconn())
+        held = pool.getconn()
+
+        def request(i: int) -> None:
+            with traced.tracer.start_as_current_span(f"request {i}"), pool.connection():
+                pass
+
+        threads = [threading.Thread(target=request, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: pool.get_stats()["requests_waiting"] == 2)
+        time.sleep(HOLD)
+        pool.putconn(held)
+        for thread in threads:
+            thread.join(10)
+        held = pool.getconn()
+        with (
+            traced.tracer.start_as_current_span("timed out"),
+            pytest.raises(psycopg_pool.PoolTimeout),
+        ):
+            pool.getconn(timeout=0.1)
+        pool.putconn(held)
+    spans = traced.by_id()
+    waits = sorted(traced.spans(SPAN_WAIT), key=lambda s: _parent_name(s, spans) or "")
+    assert [(_parent_name(w, spans), (w.attributes or {})["outcome"]) for w in waits] == [
+        ("request 0", "acquired"),
+        ("request 1", "acquired"),
+        ("timed out", "timeout"),
+    ]
+    for wait in waits:
+        attributes = dict(wait.attributes or {})
+        assert attributes["pool.name"] == "reports-db"
+        assert attributes["pool.kind"] == "psycopg_pool"
+        assert attributes["server.address"] == "127.0.0.1"
+        assert attributes["server.port"] == postgres.port
+        assert _seconds(wait) >= (0.1 if attributes["outcome"] == "timeout" else HOLD)
+    assert waits[0].status.status_code == StatusCode.UNSET
+    assert waits[2].status.status_code == StatusCode.ERROR
+
+
+@pytest.mark.postgres
+def test_psycopg_null_pool_connects_inside_the_wait_as_its_child(
+    harness: Harness, traced: Traced, postgres: Any
+) -> None:
+    """A null pool opens the connection in the caller's ``getconn()``: a slow connect (its
+    ``configure`` callback is part of it) is the wait's ``pool.connect`` child."""
+    import psycopg_pool
+
+    from tests.support.pgadmin import dsn
+
+    def slow_configure(conn: Any) -> None:
+        time.sleep(THRESHOLD * 2)
+
+    harness.instrument(tracer_provider=traced.provider, wait_span_threshold=THRESHOLD)
+    with psycopg_pool.NullConnectionPool(
+        dsn(postgres), max_size=1, configure=slow_configure, open=True
+    ) as pool:
+        poolwatch.track(pool, name="reports-db")
+        with traced.tracer.start_as_current_span("request"), pool.connection():
+            pass
+    [wait] = traced.spans(SPAN_WAIT)
+    [connect] = traced.spans(SPAN_CONNECT)
+    assert _parent_name(wait, traced.by_id()) == "request"
+    assert (wait.attributes or {})["outcome"] == "acquired"
+    assert connect.parent is not None and connect.parent.span_id == wait.context.span_id
+    assert (connect.attributes or {})["outcome"] == "ok"
+    assert _seconds(connect) >= THRESHOLD * 2
+
+
+@pytest.mark.postgres
+def test_asyncpg_waiting_task_and_a_timeout_get_wait_spans(
+    harness: Harness, traced: Traced, postgres: Any
+) -> None:
+    """Tasks on one event loop: free acquires make no span; the task waiting for the pool's
+    one connection gets an ``acquired`` wait under its own span, never the holder's; an
+    ``acquire(timeout=)`` that times out is a ``timeout`` wait."""
+    import asyncpg
+
+    from tests.support.pgadmin import dsn
+
+    harness.instrument(tracer_provider=traced.provider, wait_span_threshold=THRESHOLD)
+
+    async def scenario() -> None:
+        async with asyncpg.create_pool(dsn(postgres), min_size=1, max_size=1) as pool:
+            poolwatch.track(pool, name="orders-pg")
+            with traced.tracer.start_as_current_span("free acquires"):
+                for _ in range(20):
+                    await pool.release(await pool.acquire())
+
+            async def holder() -> None:
+                with traced.tracer.start_as_current_span("holder"):
+                    async with pool.acquire():
+                        await asyncio.sleep(HOLD * 2)
+
+            async def waiter() -> None:
+                with traced.tracer.start_as_current_span("waiter"):
+                    async with pool.acquire():
+                        pass
+
+            first = asyncio.ensure_future(holder())
+            await asyncio.sleep(HOLD / 2)
+            await asyncio.gather(first, waiter())
+            async with pool.acquire():
+                with (
+                    traced.tracer.start_as_current_span("timed out"),
+                    pytest.raises(asyncio.TimeoutError),
+                ):
+                    await pool.acquire(timeout=0.1)
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+    spans = traced.by_id()
+    waits = sorted(traced.spans(SPAN_WAIT), key=lambda s: _parent_name(s, spans) or "")
+    assert [(_parent_name(w, spans), (w.attributes or {})["outcome"]) for w in waits] == [
+        ("timed out", "timeout"),
+        ("waiter", "acquired"),
+    ]
+    timeout, acquired = waits
+    assert (acquired.attributes or {})["pool.kind"] == "asyncpg"
+    assert (acquired.attributes or {})["pool.name"] == "orders-pg"
+    assert _seconds(acquired) >= HOLD
+    assert timeout.status.status_code == StatusCode.ERROR
+    assert 0.1 <= _seconds(timeout) < 1.0
+
+
+@pytest.mark.postgres
+def test_asyncpg_connect_inside_acquire_is_the_waits_child(
+    harness: Harness, traced: Traced, postgres: Any
+) -> None:
+    """asyncpg opens a holder's missing connection inside the caller's ``acquire()``: a slow
+    connect (a ``connect=`` function that takes its time, then connects) is the wait's
+    ``pool.connect`` child; the next acquire reuses the connection and makes no span."""
+    import asyncpg
+
+    from tests.support.pgadmin import dsn
+
+    async def slow_connect(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(THRESHOLD * 2)
+        return await asyncpg.connect(*args, **kwargs)
+
+    harness.instrument(tracer_provider=traced.provider, wait_span_threshold=THRESHOLD)
+
+    async def scenario() -> None:
+        async with asyncpg.create_pool(
+            dsn(postgres), min_size=0, max_size=1, connect=slow_connect
+        ) as pool:
+            poolwatch.track(pool, name="orders-pg")
+            with traced.tracer.start_as_current_span("first request"):
+                await pool.release(await pool.acquire())
+            with traced.tracer.start_as_current_span("second request"):
+                await pool.release(await pool.acquire())
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+    [wait] = traced.spans(SPAN_WAIT)
+    [connect] = traced.spans(SPAN_CONNECT)
+    assert _parent_name(wait, traced.by_id()) == "first request"
+    assert connect.parent is not None and connect.parent.span_id == wait.context.span_id
+    assert (connect.attributes or {})["outcome"] == "ok"
+    assert _seconds(connect) >= THRESHOLD * 2
+
+
 # -- off -----------------------------------------------------------------------------------
 def test_no_spans_when_turned_off_or_no_provider_records_them(
     harness: Harness, traced: Traced, tmp_path: Path

@@ -147,8 +147,10 @@ def test_a_malformed_requirement_says_what_is_wrong(text: str, error: str) -> No
 
 SUPPORTED = {
     "aiohttp": (("aiohttp >= 3.12.11, < 4",), ()),
+    "asyncpg": (("asyncpg >= 0.30.0, < 1",), ()),
     "httpx": (("httpx >= 0.26.0, < 1", "httpcore >= 1.0.3, < 2"), ()),
     "redis": (("redis >= 8.2.0, < 9",), ()),
+    "psycopg_pool": (("psycopg-pool >= 3.3.0, < 4",), ()),
     "sqlalchemy": (("sqlalchemy >= 2.0.0, < 2.2",), ()),
     "urllib3": (
         ("urllib3 >= 2.0.2, < 3",),

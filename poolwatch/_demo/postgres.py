@@ -164,6 +164,13 @@ class PostgresCluster:
         """Whether the cluster has been started and not yet stopped."""
         return self._root is not None
 
+    @property
+    def socket_dir(self) -> Path:
+        """The directory of the server's Unix socket (a libpq ``host``), while it runs."""
+        if self._root is None:
+            raise PostgresError("the cluster is not running")
+        return self._root
+
     def url(self, driver: str = "psycopg") -> str:
         """A SQLAlchemy URL with the credentials, e.g. ``postgresql+psycopg://u:p@h:port/db``."""
         credentials = f"{quote(self.user, safe='')}:{quote(self.password, safe='')}"

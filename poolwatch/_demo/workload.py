@@ -5,6 +5,8 @@ Pools (each where its library is installed; the demo says which it skipped):
 * ``orders-db`` — SQLAlchemy on a throw-away PostgreSQL cluster when the server binaries
   are on the machine (``--database auto``, the default), else a throw-away SQLite file, or
   the database ``--url`` names;
+* ``reports-db`` — a psycopg_pool ``ConnectionPool`` on the same database, when it is
+  PostgreSQL (sized with room to spare in every scenario: no alert is about it);
 * ``inventory-api`` — a requests Session against the HTTP upstream (``requests.get()`` per
   call in the *churn* scenario: a new pool, so a new connection, per request);
 * ``pricing-api`` — an httpx Client; ``pricing-api-async`` — an httpx AsyncClient;
@@ -102,6 +104,8 @@ class Demo:
         self._lock = threading.Lock()
         self.signals = StopSignals()
         self.database_label = "the database --url names"
+        self.postgres_url: str | None = None
+        """The database as a libpq URL, when it is PostgreSQL (for reports-db)."""
         self.tracer: trace.Tracer = trace.NoOpTracer()
         """Each worker call is a span (``demo <pool>``): the parent of poolwatch's waits."""
 
@@ -179,6 +183,9 @@ class Demo:
     def _database_url(self, stack: ExitStack) -> str:
         """--url, else a throw-away PostgreSQL (when possible or asked for), else SQLite."""
         if self.options.url:
+            scheme, _, rest = self.options.url.partition("://")
+            if scheme.split("+")[0] in ("postgresql", "postgres"):
+                self.postgres_url = f"postgresql://{rest}"
             return self.options.url
         if self.options.database != "sqlite":
             from poolwatch._demo.postgres import PostgresCluster, PostgresError, find_bin_dir
@@ -194,6 +201,7 @@ class Demo:
                 print("poolwatch demo: starting a throw-away PostgreSQL …", file=sys.stderr)
                 cluster = stack.enter_context(PostgresCluster(checkpoint=self.signals.checkpoint))
                 self.database_label = f"PostgreSQL on 127.0.0.1:{cluster.port} (throw-away)"
+                self.postgres_url = "postgresql://" + cluster.url().partition("://")[2]
                 return cluster.url()
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="poolwatch-demo-"))
         self.database_label = "SQLite (throw-away file)"
@@ -208,6 +216,28 @@ class Demo:
         self.stop.wait()
         for conn in kept:
             conn.close()
+
+    def reports(self, stack: ExitStack) -> None:
+        """reports-db: a psycopg_pool pool on the demo's PostgreSQL, always with room."""
+        import psycopg_pool
+
+        if self.postgres_url is None:
+            return
+        workers = self.options.workers
+        pool = psycopg_pool.ConnectionPool(
+            self.postgres_url, min_size=workers, max_size=2 * workers, timeout=10, open=False
+        )
+        _name(pool, "reports-db")
+        pool.open(wait=True, timeout=60)
+        stack.callback(pool.close)
+        rng = random.Random()
+
+        def report() -> None:
+            with pool.connection() as conn:
+                conn.execute("SELECT count(*) FROM orders").fetchone()
+                self.stop.wait(rng.uniform(*self.scenario.hold))
+
+        self.workers("reports-db", report, workers, psycopg_pool.PoolTimeout)
 
     def requests_session(self, stack: ExitStack, url: str) -> None:
         import requests
@@ -358,6 +388,7 @@ class Demo:
         skipped = []
         starts: list[tuple[str, Callable[[], None]]] = [
             ("sqlalchemy", lambda: self.database(stack)),
+            ("psycopg_pool", lambda: self.reports(stack)),
             ("requests", lambda: self.requests_session(stack, url)),
             ("httpx", lambda: self.httpx_clients(stack, url)),
             ("boto3 and moto", lambda: self.dynamodb(stack)),

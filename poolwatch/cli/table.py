@@ -40,7 +40,7 @@ _NAME = 32
 
 def render(snapshots: Sequence[PoolSnapshot]) -> str:
     """The pool table the demo prints: one line per pool series."""
-    layout = "{:<32} {:<10} {:>8} {:<10} {:>4} {:>4} {:>9} {:>8} {:>8} {:>8} {:>5} {:>5} {:>8}"
+    layout = "{:<32} {:<12} {:>8} {:<10} {:>4} {:>4} {:>9} {:>8} {:>8} {:>8} {:>5} {:>5} {:>8}"
     lines = [layout.format(*COLUMNS)]
     for s in snapshots:
         limit = "-" if s.max is None else str(s.max)

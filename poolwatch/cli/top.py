@@ -283,7 +283,7 @@ def _rate(value: float | None) -> str:
 
 
 HEADER = (
-    f"{'POOL':<36} {'KIND':<10} {'USED/MAX':>9} {'UTIL':<10} {'%':>4} {'IDLE':>4} "
+    f"{'POOL':<36} {'KIND':<12} {'USED/MAX':>9} {'UTIL':<10} {'%':>4} {'IDLE':>4} "
     f"{'PEND':>4} {'WAIT P99':>9} {'TMO/S':>6} {'DISC/S':>6} {'LEAKS':>5}"
 )
 
@@ -302,7 +302,7 @@ def render(table: Sequence[Row], *, colour: bool) -> str:
             tint = _RED if r.utilization >= CRITICAL_AT else _YELLOW
             util = tint + util + _RESET
         lines.append(
-            f"{name:<36} {kind:<10} {f'{r.used}/{limit}':>9} {util} {r.idle:>4} "
+            f"{name:<36} {kind:<12} {f'{r.used}/{limit}':>9} {util} {r.idle:>4} "
             f"{r.pending:>4} {p99:>9} {_rate(r.timeouts_per_s):>6} "
             f"{_rate(r.discards_per_s):>6} {r.leaks_active:>5}"
         )

@@ -102,6 +102,9 @@ SIZE_KNOB = {
     "aiohttp": "aiohttp.TCPConnector(limit=…)",
     "redis": "max_connections=… of the redis.ConnectionPool / BlockingConnectionPool "
     "(Redis.from_url(…, max_connections=…))",
+    "psycopg_pool": "psycopg_pool.ConnectionPool(max_size=…) (NullConnectionPool(max_size=…) "
+    "for a null pool)",
+    "asyncpg": "asyncpg.create_pool(max_size=…)",
 }
 STALE_FIX = {
     "sqlalchemy": "create_engine(pool_pre_ping=True), and pool_recycle below the server's or "
@@ -111,7 +114,18 @@ STALE_FIX = {
     "redis": "redis.Redis(health_check_interval=…) shorter than the server's `timeout` (CONFIG GET "
     "timeout) or a proxy's or firewall's idle timeout, and socket_keepalive=True; redis-py "
     "reconnects a dropped connection at checkout (each costs a connect)",
+    "psycopg_pool": "ConnectionPool(check=ConnectionPool.check_connection) so that a dead "
+    "connection is replaced before a caller gets it, and max_idle=… below the server's or the "
+    "network's idle timeout",
+    "asyncpg": "asyncpg.create_pool(max_inactive_connection_lifetime=…) below the server's or "
+    "the network's idle timeout (asyncpg replaces a connection the server ended at once; "
+    "frequent ones mean the server or a proxy drops idle connections)",
 }
+UNBOUNDED_BY_CONFIGURATION = frozenset({"httpx", "aiohttp", "psycopg_pool", "redis"})
+"""Kinds whose pools export no maximum only when configured without one (httpx
+``max_connections=None``, aiohttp ``limit=0``, a psycopg ``NullConnectionPool`` with
+``max_size=0``, redis-py ``max_connections=None``): a finding. SQLAlchemy's ``NullPool``
+and friends have no limit by design."""
 STALE_DEFAULT = (
     "urllib3 re-opens dropped connections itself (each costs a connect); if they are frequent, "
     "the server's keep-alive timeout is shorter than your request gaps: send requests more "
@@ -270,7 +284,7 @@ def findings(now: Counts, before: Counts, seconds: float) -> list[Finding]:
             "return every connection (a with block or try/finally around each checkout); "
             "look for transactions left open across slow calls",
         )
-    if now.max is None and kind in ("httpx", "aiohttp", "redis"):
+    if now.max is None and kind in UNBOUNDED_BY_CONFIGURATION:
         add(
             "warning",
             "unbounded",

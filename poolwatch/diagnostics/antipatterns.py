@@ -33,13 +33,16 @@ client_per_request      at least 10 pool instances were created at one place in 
 unbounded_pool          the pool has no connection limit by configuration (the adapter
                         says which setting: httpx ``max_connections=None``, aiohttp
                         ``limit=0``, SQLAlchemy ``max_overflow=-1``, redis-py
-                        ``max_connections=None`` before redis-py 8)
+                        ``max_connections=None`` before redis-py 8, psycopg_pool
+                        ``NullConnectionPool(max_size=0)``, its default)
 no_pool_timeout         a caller can wait for a connection for ever (requests
                         ``pool_block=True``, urllib3 ``block=True`` seen waiting without a
                         ``pool_timeout``, httpx ``Timeout(pool=None)``, SQLAlchemy
                         ``pool_timeout=None``, aiohttp without ``total`` or ``connect``,
                         redis-py ``BlockingConnectionPool(timeout=None)``, aiobotocore seen
-                        waiting: it sets no bound)
+                        waiting: it sets no bound, asyncpg ``acquire()`` without
+                        ``timeout=`` seen with callers waiting; psycopg_pool always has a
+                        timeout)
 pool_overflowing        a non-blocking pool (urllib3, requests, botocore) discarded at
                         least 5 connections opened past its size, 1% of checkouts or more
 keepalive_too_long      an HTTP pool found at least 3 idle connections closed by the server
@@ -107,6 +110,10 @@ _PER_REQUEST_FIX = {
     "redis": "create one redis.Redis (or redis.ConnectionPool) per process at start-up and share "
     "it: clients are thread-safe (asyncio: one redis.asyncio.Redis per event loop); "
     "Redis.from_url() or Redis() per call makes a pool, and a connection, per call",
+    "psycopg_pool": "open one ConnectionPool per process (at start-up, a FastAPI lifespan, "
+    "Django's OPTIONS['pool']) and share it, instead of a pool per request",
+    "asyncpg": "create one pool per process and event loop with asyncpg.create_pool() (a "
+    "FastAPI lifespan) and share it, instead of a pool or asyncpg.connect() per request",
 }
 _TIMEOUT_FIX = {
     "requests": "requests passes no pool timeout: keep pool_block=False (the default) and "
@@ -125,6 +132,10 @@ _TIMEOUT_FIX = {
     "total or connect timeout): bound each call (asyncio.timeout(…) around it), size "
     "AioConfig(max_pool_connections=…) to the calls in flight, and read or close every "
     "streaming body so that its connection comes back",
+    "psycopg_pool": "set ConnectionPool(timeout=…) so that an exhausted pool fails fast with "
+    "psycopg_pool.PoolTimeout",
+    "asyncpg": "pass timeout=… to Pool.acquire() (asyncpg waits for ever by default) so that "
+    "an exhausted pool fails fast with TimeoutError",
 }
 _AGE_FIX = {
     "sqlalchemy": "set create_engine(pool_recycle=…) below connection_max_age",
@@ -135,6 +146,9 @@ _AGE_FIX = {
     "redis": "redis-py closes no connection for its age: to follow DNS changes (a failover "
     "behind a name), call pool.disconnect() periodically, or use Sentinel or cluster clients, "
     "which follow topology changes themselves",
+    "psycopg_pool": "set ConnectionPool(max_lifetime=…) below connection_max_age",
+    "asyncpg": "asyncpg has no connection age limit: lower create_pool(max_queries=…), or call "
+    "Pool.expire_connections() periodically, to replace connections",
 }
 _AGE_DEFAULT = (
     "urllib3 has no connection age limit: to follow DNS changes, close the pools "

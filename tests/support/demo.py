@@ -16,6 +16,9 @@ POOLS = {
 }
 """Every pool the demo starts, by name, with its ``pool.kind`` (all its libraries are
 installed for the tests)."""
+ON_POSTGRESQL = {"reports-db": "psycopg_pool"}
+"""The pools the demo starts besides when its database is PostgreSQL (the default, when
+the server binaries are on the machine)."""
 
 
 def until_serving(url: str, seconds: float = 60.0) -> None:
