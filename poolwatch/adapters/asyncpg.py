@@ -1,68 +1,9 @@
 """asyncpg pools: every ``asyncpg.Pool`` (``asyncpg.create_pool()``), made before or after
 ``instrument()``.
 
-An asyncpg ``Pool`` has ``max_size`` connection holders in a LIFO queue; a holder opens its
-connection when first acquired (or ahead of demand: ``init_size`` at start, ``min_size``
-kept open in the background). Where each figure comes from:
-
-==================  ==========================================================================
-figure              source
-==================  ==========================================================================
-used                holders checked out, as asyncpg marks them (``_in_use``): from the end of
-                    ``acquire()`` until the connection is back, its reset included
-idle                holders in the pool's queue with an open connection (a slot whose
-                    connection is closed, or not opened yet, is neither used nor idle)
-max                 ``max_size``
-pending             callers waiting in ``acquire()`` for a holder (the queue's getters)
-idle.max, idle.min  ``max_size``, ``min_size``
-every count         poolwatch's hooks (asyncpg keeps no counters)
-==================  ==========================================================================
-
-The pool object itself cannot carry poolwatch's state: ``Pool`` has ``__slots__`` and no
-``__weakref__``. Its one per-pool callable, ``_connect`` (``asyncpg.connect`` or the
-application's ``connect=``), is wrapped instead by a small object of poolwatch's
-(``_Watch``): it times each connect, holds the pool's ledger, and is what poolwatch tracks
-(weakly) in the pool's place. It refers to the pool, and the pool to it: the two go
-together, as the pool and its holders already do (they refer to each other).
-
-Where it hooks, and why there:
-
-* ``Pool.__init__`` (generated with its own parameters) — a new pool, its name (the server
-  and database of its DSN or keyword arguments, never the user or password) and the place
-  in user code that made it; the wrapper is installed as its ``_connect``. Pools made
-  before ``instrument()`` are found once by a heap walk.
-* ``Pool._acquire`` — the caller's whole wait: the queue, and when its holder has no open
-  connection, the connect and the ``setup`` callback. An ``acquire(timeout=…)`` that ran
-  out waiting for a holder is a ``timeout``; one that ran out while the pool opened a
-  connection for it is a failed connect and a wait of outcome ``error`` (not exhaustion:
-  as for aiohttp); anything else is ``error``.
-* ``PoolConnectionHolder._release`` — end of use, however the holder comes back:
-  ``Pool.release()`` after the reset, or the connection closing while out (the server
-  ended it: the borrower's ``release()`` later does nothing).
-* ``pool._connect`` (the wrapper) — connect time: ``asyncpg.connect`` (or ``connect=``)
-  alone, ``init`` not included; a failure or a cancellation is ``outcome=error``.
-* ``Connection._cleanup`` — closes, once per connection of a tracked pool, by who closed
-  it:
-
-  ==============================================  ========================================
-  closed by                                        reason
-  ==============================================  ========================================
-  ``_deactivate_inactive_connection``              ``idle_expired``
-  (``max_inactive_connection_lifetime``)
-  ``release()``: ``max_queries`` reached           ``max_lifetime``
-  ``release()`` / ``acquire()`` after              ``invalidated`` (the application asked
-  ``expire_connections()``; the application        for it)
-  closing a connection it holds
-  the server or the network (the connection        ``stale``: asyncpg notices at once, idle
-  lost), or found closed on release                or not
-  ``release()``: the reset failed; ``setup`` or    ``error``
-  ``init`` failed
-  ``Pool.close()``, ``terminate()``                ``disposed``
-  ==============================================  ========================================
-
-Reuse: asyncpg opens connections ahead of demand (``Adapter.opens_ahead``); a checkout
-reused a connection unless it was that connection's first, which asyncpg's own count of
-the connection's returns to the pool tells (``_pool_release_ctr`` is 0).
+Where each figure comes from (asyncpg's holders for used, idle and pending; every count from
+the hooks: asyncpg keeps none), where it hooks, and each close reason:
+docs/architecture.md, "asyncpg adapter".
 """
 
 from __future__ import annotations

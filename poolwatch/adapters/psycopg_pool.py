@@ -1,76 +1,10 @@
 """psycopg_pool pools: ``ConnectionPool``, ``AsyncConnectionPool``, ``NullConnectionPool`` and
 ``AsyncNullConnectionPool`` (psycopg 3), made before or after ``instrument()``.
 
-Where each figure comes from:
-
-==================  ==========================================================================
-figure              source
-==================  ==========================================================================
-used                poolwatch's checkout table: connections handed out by ``getconn()`` and
-                    not yet given back (psycopg_pool keeps no record of them; its
-                    ``pool_size`` counts connections being opened and returned too)
-idle                the pool's deque of connections ready (``pool_available`` in its
-                    ``get_stats()``)
-max                 ``max_size``; absent for a null pool with ``max_size=0`` (no limit)
-pending             the pool's queue of waiting clients, less those that gave up: psycopg_pool
-                    leaves a client that timed out in its queue until a connection comes
-                    back, so its own ``requests_waiting`` counts them
-idle.max, idle.min  ``max_size`` and ``min_size`` (a null pool keeps none idle)
-every count         poolwatch's hooks, not the pool's ``get_stats()`` counters:
-                    ``pop_stats()`` resets those, and an exported counter never goes down
-==================  ==========================================================================
-
-Where it hooks (each sync hook has an async twin, a thin shell over the same helper):
-
-* ``__init__`` (generated with its own parameters) — the place in user code that made the
-  pool; ``_open`` — the pool is tracked before its first connection is opened, so that
-  connections opened at once by ``open=True`` are counted. Pools made before
-  ``instrument()`` are found once by a heap walk, any other at its first ``getconn()``.
-* ``getconn`` — the caller's whole wait: queue wait, the ``check`` callback and its
-  retries, and for a null pool the connect. ``PoolTimeout`` is a timeout; so is
-  ``TooManyRequests`` (``max_waiting`` reached: the pool refused the caller because it is
-  exhausted). A ``PoolTimeout`` raised because the connect the null pool made for this
-  caller timed out is a failed connect and a wait of outcome ``error``, not exhaustion (as
-  for aiohttp). Anything else (``PoolClosed``, a cancelled task) is ``error``.
-* ``putconn`` — end of use (also ``connection()``'s exit, and ``close()`` of a connection
-  with ``close_returns=True``).
-* ``_connect`` — connect time: the connection string and keyword arguments resolved (a
-  callable's time included), psycopg's connect, and the ``configure`` callback; a failure
-  of any is ``outcome=error``.
-* ``_close_connection``, ``_return_connection``, ``check_connection`` — closes:
-
-  ====================================  ====================================================
-  closed by                             reason
-  ====================================  ====================================================
-  ``_return_connection``: past          ``max_lifetime`` (its ``_expire_at``)
-  ``max_lifetime``
-  ``_return_connection``: opened        ``invalidated`` (the application asked for fresh
-  before ``drain()``; ``drain()``       connections)
-  ``_return_connection``: returned      ``stale``: the server or the network ended it (a
-  broken or closed                      killed backend is found when the borrower's query
-                                        fails); the pool drops it without closing it
-  ``_return_connection``: ``check``     ``stale`` (found broken before it was handed out)
-  failed on a broken connection
-  ``check()``: broken / expired         ``stale`` / ``max_lifetime``
-  ``_shrink_pool``                      ``idle_expired`` (unused for ``max_idle``)
-  ``_reset_connection``                 ``error``: returned in a transaction whose rollback
-                                        failed, mid-query, or the ``reset`` callback failed
-  null pool, on return                  ``disposed`` (a connection per checkout, by design:
-                                        like SQLAlchemy's ``NullPool``); ``stale`` if broken
-  ``close()`` of the pool, a            ``disposed``
-  connection back to a closed pool
-  ====================================  ====================================================
-
-  Lifetimes are read from the pool's own mark, ``_created_at``.
-
-Reuse: psycopg_pool opens ``min_size`` connections ahead of demand and grows in the
-background, so a connect is not made for one checkout (``Adapter.opens_ahead``); a
-checkout reused a connection unless it was that connection's first, which the ``getconn``
-hook tells by a mark on the connection (``_poolwatch_used``).
-
-psycopg_pool's own ``name`` (``pool-1`` unless given) is not the pool's name: an automatic
-one depends on the order pools are made. Name a pool with ``pool_names=`` or
-``track(name=)``.
+Where each figure comes from (the pool's own state for idle, max and pending; poolwatch's
+checkout table for used; every count from the hooks, since ``pop_stats()`` resets the
+pool's own counters), where it hooks, and each close reason: docs/architecture.md,
+"psycopg_pool adapter".
 """
 
 from __future__ import annotations
