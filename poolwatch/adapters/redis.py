@@ -188,12 +188,6 @@ class RedisAdapter(Adapter):
         self._unix: tuple[type, ...] = ()
         self._tls: tuple[type, ...] = ()
         self._exhaustion: tuple[type, ...] = ()
-        self._holding: frozenset[int] = frozenset()
-        """``id()`` of the code of every function that takes a connection for the life of
-        its object — PubSub's and Monitor's methods, a single-connection client's
-        ``__init__``/``initialize`` — whose code objects live as long as their classes.
-        By ``id``: a code object's own hash is computed from its contents at every call
-        (a thousand instructions, measured with valgrind), an int's is itself."""
         self._own_close: dict[int, tuple[CodeType, bool]] = {}
 
     # -- patching ----------------------------------------------------------------------
@@ -209,7 +203,6 @@ class RedisAdapter(Adapter):
         self._tls = (connection.SSLConnection, aconnection.SSLConnection)
         self._blocking = (connection.BlockingConnectionPool, aconnection.BlockingConnectionPool)
         self._sync_pools = (connection.ConnectionPool,)
-        self._holding = _holding_codes()
 
         pools = (connection.ConnectionPool, aconnection.ConnectionPool)
         sync_conn = connection.AbstractConnection
@@ -254,6 +247,7 @@ class RedisAdapter(Adapter):
         )
         if "_close" in vars(async_conn):
             self._hook(async_conn, "_close", lambda original: _close_hook(self, original))
+        self._wrap_all((cls, attribute, _holder_hook) for cls, attribute in _holders_of(_HOLDERS))
         if imported_before:
             self._track_existing(pools)
 
@@ -510,41 +504,47 @@ class RedisAdapter(Adapter):
         return frozenset(emitted)
 
 
-def _holding_codes() -> frozenset[int]:
-    """``id()`` of the code of every redis-py function that takes a connection for the
-    life of its object: every method of ``PubSub`` and ``Monitor`` (sync, asyncio, and the
-    cluster's ``ClusterPubSub``), and the client methods that take a single-connection
-    client's one connection (``Redis.__init__``, asyncio ``Redis.initialize``)."""
-    codes: list[CodeType] = []
-    for module_name, holders, clients in (
-        ("redis.client", ("PubSub", "Monitor"), ("__init__",)),
-        ("redis.asyncio.client", ("PubSub", "Monitor"), ("initialize",)),
-        ("redis.cluster", ("ClusterPubSub",), ()),
-        ("redis.asyncio.cluster", ("ClusterPubSub",), ()),
-    ):
+_HOLDERS = (
+    ("redis.client", "Redis", ("__init__",)),
+    ("redis.client", "PubSub", ("execute_command",)),
+    ("redis.client", "Monitor", ("__init__", "__enter__")),
+    ("redis.cluster", "ClusterPubSub", ("execute_command",)),
+    ("redis.asyncio.client", "Redis", ("initialize",)),
+    ("redis.asyncio.client", "PubSub", ("connect",)),
+    ("redis.asyncio.client", "Monitor", ("connect",)),
+)
+"""Where redis-py takes a connection for the life of its object, into its ``connection``
+attribute: a single-connection client (sync ``Redis.__init__``, asyncio
+``Redis.initialize``), a ``PubSub`` (its first command; asyncio: ``connect``, which the
+cluster's ``ClusterPubSub`` inherits) and a ``Monitor``. (module, class, methods)."""
+
+
+def _holders_of(table: tuple[tuple[str, str, tuple[str, ...]], ...]) -> list[tuple[type, str]]:
+    """The (class, method) pairs of ``table`` that this redis-py has (its own methods only:
+    a subclass that inherits one is covered by its base's hook)."""
+    found: list[tuple[type, str]] = []
+    for module_name, class_name, methods in table:
         module = sys.modules.get(module_name)
         if module is None:
             with contextlib.suppress(ImportError):
                 module = importlib.import_module(module_name)
-        for name in holders:
-            cls = getattr(module, name, None)
-            if isinstance(cls, type):
-                codes.extend(_codes_of(vars(cls).values()))
-        client = getattr(module, "Redis", None)
-        if isinstance(client, type):
-            codes.extend(_codes_of(vars(client).get(name) for name in clients))
-    return frozenset(id(code) for code in codes)
-
-
-def _codes_of(attributes: Any) -> list[CodeType]:
-    found = []
-    for attribute in attributes:
-        function = getattr(attribute, "__func__", attribute)  # classmethod, staticmethod
-        function = inspect.unwrap(function) if callable(function) else function
-        code = getattr(function, "__code__", None)
-        if isinstance(code, CodeType):
-            found.append(code)
+        cls = getattr(module, class_name, None)
+        if isinstance(cls, type):
+            found.extend((cls, name) for name in methods if name in vars(cls))
     return found
+
+
+def _dedicate(holder: Any) -> None:
+    """``holder`` (a PubSub, Monitor or single-connection client) may have just taken its
+    connection out of a tracked pool: that checkout is its hold, neither a use nor a leak."""
+    conn = getattr(holder, "connection", None)
+    mark: _Mark | None = getattr(conn, _MARK, None)
+    if mark is None or mark.out is None or mark.dedicated:
+        return
+    mark.dedicated = True
+    ledger = mark.ledger
+    if ledger is not None and ledger.stacks:
+        ledger.stacks.pop(conn, None)  # its borrower's stack, taken at the checkout
 
 
 def _connected(conn: Any) -> bool:
@@ -614,7 +614,6 @@ def _get_connection_hook(
     adapter: RedisAdapter, original: Callable[..., Any], exact: bool
 ) -> Callable[..., Any]:
     report = adapter.report
-    holding = adapter._holding
     depth = 1 if exact else CALLER  # the frame that asked for a connection
 
     def get_connection(*args: Any, **kwargs: Any) -> Any:
@@ -640,15 +639,12 @@ def _get_connection_hook(
                 if mark is None or mark.ledger is not ledger:
                     mark = adapter._adopt(pool, conn, ledger)
                 if mark.out is None:  # else counted by a hook it called (super())
-                    caller = sys._getframe(depth)
-                    dedicated = id(caller.f_code) in holding
-                    mark.dedicated = dedicated
                     mark.out = now
                     ledger.waits.append(now - start)
                     if now - start > ledger.span_threshold:  # a wait that waited: a span
                         ledger.slow_wait(start, now, c.OUTCOME_ACQUIRED)
-                    if ledger.capture and not dedicated:  # it has leaked, or "always"
-                        ledger.stacks[conn] = capture_stack(caller)
+                    if ledger.capture:  # it has leaked, or "always" (a holder pops it)
+                        ledger.stacks[conn] = capture_stack(sys._getframe(depth))
             except Exception as error:
                 report("redis checkout", error)
         return conn
@@ -660,7 +656,6 @@ def _async_get_connection_hook(
     adapter: RedisAdapter, original: Callable[..., Coroutine[Any, Any, Any]], exact: bool
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
     report = adapter.report
-    holding = adapter._holding
     depth = 1 if exact else CALLER  # the frame that awaits a connection
 
     async def get_connection(*args: Any, **kwargs: Any) -> Any:
@@ -685,15 +680,12 @@ def _async_get_connection_hook(
                 if mark is None or mark.ledger is not ledger:
                     mark = adapter._adopt(pool, conn, ledger)
                 if mark.out is None:
-                    caller = sys._getframe(depth)
-                    dedicated = id(caller.f_code) in holding
-                    mark.dedicated = dedicated
                     mark.out = now
                     ledger.waits.append(now - start)
                     if now - start > ledger.span_threshold:  # a wait that waited: a span
                         ledger.slow_wait(start, now, c.OUTCOME_ACQUIRED)
-                    if ledger.capture and not dedicated:
-                        ledger.stacks[conn] = capture_stack(caller)
+                    if ledger.capture:
+                        ledger.stacks[conn] = capture_stack(sys._getframe(depth))
             except Exception as error:
                 report("redis checkout", error)
         return conn
@@ -713,9 +705,12 @@ def _returned(conn: Any) -> None:
     if start is None:
         return
     mark.out = None
+    if mark.dedicated:  # held for the life of its holder: not a use, never a leak
+        mark.dedicated = False
+        return
     ledger = mark.ledger
-    if ledger is None or mark.dedicated:
-        return  # held for the life of its holder: not a use, never a leak
+    if ledger is None:
+        return
     held = perf_counter() - start
     ledger.uses.append(held)
     if held > ledger.leak_threshold:
@@ -749,7 +744,9 @@ def _release_hook(
             if start is not None:
                 mark.out = None  # type: ignore[union-attr]  # not None: it had a start
                 ledger = mark.ledger  # type: ignore[union-attr]
-                if ledger is not None and not mark.dedicated:  # type: ignore[union-attr]
+                if mark.dedicated:  # type: ignore[union-attr]  # its holder let it go
+                    mark.dedicated = False  # type: ignore[union-attr]
+                elif ledger is not None:
                     held = perf_counter() - start
                     ledger.uses.append(held)
                     if held > ledger.leak_threshold:
@@ -788,7 +785,9 @@ def _async_release_hook(
             if start is not None:
                 mark.out = None  # type: ignore[union-attr]  # not None: it had a start
                 ledger = mark.ledger  # type: ignore[union-attr]
-                if ledger is not None and not mark.dedicated:  # type: ignore[union-attr]
+                if mark.dedicated:  # type: ignore[union-attr]  # its holder let it go
+                    mark.dedicated = False  # type: ignore[union-attr]
+                elif ledger is not None:
                     held = perf_counter() - start
                     ledger.uses.append(held)
                     if held > ledger.leak_threshold:
@@ -971,6 +970,36 @@ def _close_hook(adapter: RedisAdapter, original: Callable[[Any], Any]) -> Callab
         return original(self)
 
     return _close
+
+
+def _holder_hook(adapter: RedisAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
+    """A method that may take a connection for the life of its object (``_HOLDERS``):
+    afterwards, the connection it holds is marked as held (also when it raised: it may
+    hold one still)."""
+    report = adapter.report
+    if _is_coroutine(original):
+
+        async def take_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await original(self, *args, **kwargs)
+            finally:
+                try:
+                    _dedicate(self)
+                except Exception as error:
+                    report("redis holder", error)
+
+        return take_async
+
+    def take(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            try:
+                _dedicate(self)
+            except Exception as error:
+                report("redis holder", error)
+
+    return take
 
 
 def _pool_init_hook(adapter: RedisAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
