@@ -689,3 +689,34 @@ def test_a_connection_that_is_not_redis_pys_is_left_alone(pw: Harness) -> None:
     with pytest.raises(KeyError):  # the asyncio pool's own answer to a foreign connection
         asyncio.run(apool.release(_StandIn()))  # type: ignore[arg-type]
     assert pw.handle is not None and pw.handle.errors == {}
+
+
+def test_get_connection_warns_of_deprecated_arguments_as_bare_and_counts_either_call(
+    pw: Harness, redis_server: RedisServer
+) -> None:
+    """The checkout hook calls the pool's own get_connection past redis-py's
+    @deprecated_args wrapper only for a call without arguments; a call with the deprecated
+    command name still goes through the wrapper, which warns as it does bare."""
+    import warnings
+
+    pool = redis.ConnectionPool.from_url(redis_server.url(25))
+    apool = aredis.ConnectionPool.from_url(redis_server.url(26))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pool.release(pool.get_connection())
+        assert caught == []
+        pool.release(pool.get_connection("GET"))
+
+        async def scenario() -> None:
+            await apool.release(await apool.get_connection())
+            assert len(caught) == 1
+            await apool.release(await apool.get_connection("GET"))
+            await apool.disconnect()
+
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert [w.category for w in caught] == [DeprecationWarning, DeprecationWarning]
+    assert all("get_connection() without args" in str(w.message) for w in caught)
+    for db, idle in ((25, 1), (26, 0)):  # the asyncio pool is disconnected already
+        snap = _only(_name(redis_server, db))
+        assert (snap.checkouts, snap.connects, snap.used, snap.idle) == (2, 1, 0, idle)
+    pool.disconnect()

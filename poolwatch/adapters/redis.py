@@ -17,6 +17,8 @@ Where it hooks, and why there:
   connections")`` (a ``ConnectionError``), raised at once when ``max_connections`` are out:
   the pool is exhausted either way; ``error`` for anything else (a failed connect).
 * ``release`` of each pool class — end of use.
+* the methods that take a connection for the life of their object (``_HOLDERS``: a
+  single-connection client's, a ``PubSub``'s, a ``Monitor``'s) — that checkout is a hold.
 * ``make_connection`` — marks a new connection with its pool's ledger before its connect.
 * the connection's connect (``connect_check_health``; ``connect`` before redis-py 6) —
   connect time: TCP (or the Unix socket), TLS, and the handshake (``HELLO``/``AUTH``,
@@ -51,7 +53,9 @@ in ``Ledger.active``: the pool itself records which connections are out, and
 ``checkouts()`` reads them from it at collection. A connection taken for the life of a
 ``PubSub``, a ``Monitor`` or a ``single_connection_client`` is a checkout and is used while
 it is out, but holding it is what it is for: its hold is neither a use
-(``poolwatch.use.duration``) nor ever a leak.
+(``poolwatch.use.duration``) nor ever a leak. The methods that take such a connection
+(``_HOLDERS``) are hooked, and mark the connection held once they ran: the checkout hook
+itself never asks who its caller is.
 
 Levels, read from the pool at collection: used — connections out (``ConnectionPool``: its
 in-use set; ``BlockingConnectionPool``: the slots taken from its queue); idle — connected
@@ -610,11 +614,38 @@ def _failed(
         adapter.report("redis checkout", bookkeeping)
 
 
+def _undecorated(original: Callable[..., Any]) -> Callable[..., Any] | None:
+    """The pool's own ``get_connection`` when ``original`` is exactly redis-py's
+    ``@deprecated_args`` wrapper around it (redis-py 5.3+), else None.
+
+    The wrapper only checks the arguments for deprecated ones before calling the function;
+    a call with none but the pool (``get_connection()``, every caller in redis-py since
+    5.3) has nothing to check, so the hook calls the function itself and saves the
+    wrapper's frame; a call with arguments goes through the wrapper, which warns."""
+    utils = sys.modules.get("redis.utils")
+    layers = getattr(original, "_deprecated_args_layers", None)
+    inner = getattr(original, "__wrapped__", None)
+    code = getattr(original, "__code__", None)
+    if (
+        utils is None
+        or not isinstance(layers, tuple)
+        or not layers
+        or inner is not layers[0]
+        or code is None
+        or code.co_filename != getattr(utils, "__file__", None)
+        or not callable(inner)
+    ):
+        return None
+    function: Callable[..., Any] = inner
+    return function
+
+
 def _get_connection_hook(
     adapter: RedisAdapter, original: Callable[..., Any], exact: bool
 ) -> Callable[..., Any]:
     report = adapter.report
     depth = 1 if exact else CALLER  # the frame that asked for a connection
+    inner = _undecorated(original) if exact else None
 
     def get_connection(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -626,7 +657,10 @@ def _get_connection_hook(
             ledger = None
         start = perf_counter()
         try:
-            conn = original(*args, **kwargs)
+            if inner is not None and len(args) == 1 and not kwargs:  # get_connection()
+                conn = inner(*args)
+            else:
+                conn = original(*args, **kwargs)
         except BaseException as error:
             _failed(adapter, ledger, start, error)
             raise
@@ -640,8 +674,9 @@ def _get_connection_hook(
                     mark = adapter._adopt(pool, conn, ledger)
                 if mark.out is None:  # else counted by a hook it called (super())
                     mark.out = now
-                    ledger.waits.append(now - start)
-                    if now - start > ledger.span_threshold:  # a wait that waited: a span
+                    waited = now - start
+                    ledger.waits.append(waited)
+                    if waited > ledger.span_threshold:  # a wait that waited: a span
                         ledger.slow_wait(start, now, c.OUTCOME_ACQUIRED)
                     if ledger.capture:  # it has leaked, or "always" (a holder pops it)
                         ledger.stacks[conn] = capture_stack(sys._getframe(depth))
@@ -657,6 +692,7 @@ def _async_get_connection_hook(
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
     report = adapter.report
     depth = 1 if exact else CALLER  # the frame that awaits a connection
+    inner = _undecorated(original) if exact else None
 
     async def get_connection(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -668,7 +704,10 @@ def _async_get_connection_hook(
             ledger = None
         start = perf_counter()
         try:
-            conn = await original(*args, **kwargs)
+            if inner is not None and len(args) == 1 and not kwargs:  # get_connection()
+                conn = await inner(*args)
+            else:
+                conn = await original(*args, **kwargs)
         except BaseException as error:
             _failed(adapter, ledger, start, error)
             raise
@@ -681,8 +720,9 @@ def _async_get_connection_hook(
                     mark = adapter._adopt(pool, conn, ledger)
                 if mark.out is None:
                     mark.out = now
-                    ledger.waits.append(now - start)
-                    if now - start > ledger.span_threshold:  # a wait that waited: a span
+                    waited = now - start
+                    ledger.waits.append(waited)
+                    if waited > ledger.span_threshold:  # a wait that waited: a span
                         ledger.slow_wait(start, now, c.OUTCOME_ACQUIRED)
                     if ledger.capture:
                         ledger.stacks[conn] = capture_stack(sys._getframe(depth))
@@ -739,7 +779,10 @@ def _release_hook(
             # _returned, inlined (a frame is a fifth of these hooks' cost)
             # None also for a connection poolwatch never marked (a class not redis-py's,
             # as redis-py's own tests use) and once uninstrument() took the class default
-            mark: _Mark | None = getattr(connection, _MARK, None)
+            try:
+                mark: _Mark | None = connection._poolwatch
+            except AttributeError:
+                mark = None
             start = mark.out if mark is not None else None
             if start is not None:
                 mark.out = None  # type: ignore[union-attr]  # not None: it had a start
@@ -780,7 +823,10 @@ def _async_release_hook(
             # _returned, inlined: the sync hook's statements, one for one.
             # None also for a connection poolwatch never marked (a class not redis-py's,
             # as redis-py's own tests use) and once uninstrument() took the class default
-            mark: _Mark | None = getattr(connection, _MARK, None)
+            try:
+                mark: _Mark | None = connection._poolwatch
+            except AttributeError:
+                mark = None
             start = mark.out if mark is not None else None
             if start is not None:
                 mark.out = None  # type: ignore[union-attr]  # not None: it had a start
