@@ -258,6 +258,66 @@ def test_a_single_connection_client_holds_one_connection_for_its_life(
     assert (snap.used, snap.idle, snap.leaks) == (0, 0, 0)
 
 
+def test_a_monitor_holds_its_connection_and_gives_it_back_as_a_use_again(
+    harness: Harness, redis_server: RedisServer
+) -> None:
+    # leak_stacks="always": the holder's checkout drops the stack its checkout took
+    harness.instrument(leak_threshold=0.1, leak_stacks="always")
+    pool = redis.ConnectionPool.from_url(redis_server.url(23))
+    client = redis.Redis(connection_pool=pool)
+    with client.monitor() as monitor:
+        client.ping()  # a second connection: the first is the monitor's
+        seen = [monitor.next_command()["command"] for _ in range(3)]
+        assert seen[-1] == "PING", seen  # after the new connection's HELLO and SELECT
+        time.sleep(0.3)  # past the leak threshold
+        snap = _only(_name(redis_server, 23))
+        assert (snap.used, snap.checkouts, snap.leaks, snap.leaks_active) == (1, 2, 0, 0)
+        assert pool._poolwatch_ledger.stacks == {}  # type: ignore[attr-defined]
+    # Monitor.__exit__ gives it back (closed: it was in monitor mode); a checkout of the
+    # same connection object afterwards is an ordinary use again
+    pool.release(pool.get_connection())
+    name = _name(redis_server, 23)
+    snap = _only(name)
+    assert (snap.used, snap.checkouts, snap.leaks) == (0, 3, 0)
+    got = harness.collect()
+    assert got.count("poolwatch.use.duration", pool__name=name) == 2  # the ping's, the last
+    assert got.count("poolwatch.wait.duration", pool__name=name) == 3
+    assert got.value("poolwatch.leaks", pool__name=name) == 0
+    pool.disconnect()
+
+
+def test_asyncio_pubsub_and_single_connection_clients_hold_without_using_or_leaking(
+    harness: Harness, redis_server: RedisServer
+) -> None:
+    harness.instrument(leak_threshold=0.1, leak_stacks="always")
+    name = _name(redis_server, 24)
+
+    async def scenario() -> None:
+        client = aredis.Redis.from_url(redis_server.url(24))
+        pubsub = client.pubsub()
+        await pubsub.subscribe("pw-async-channel")
+        assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"  # type: ignore[index]
+        single = aredis.Redis(connection_pool=client.connection_pool, single_connection_client=True)
+        assert await single.ping() is True
+        assert await single.ping() is True
+        await asyncio.sleep(0.3)  # past the leak threshold
+        snap = _only(name)
+        assert (snap.used, snap.checkouts, snap.leaks, snap.leaks_active) == (2, 2, 0, 0)
+        assert client.connection_pool._poolwatch_ledger.stacks == {}  # type: ignore[attr-defined]
+        await single.aclose()  # gives its connection back: not a use
+        await pubsub.aclose()
+        assert await client.ping() is True  # an ordinary checkout: a use
+        snap = _only(name)
+        assert (snap.used, snap.checkouts, snap.leaks) == (0, 3, 0)
+        await client.aclose()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    got = harness.collect()
+    assert got.count("poolwatch.use.duration", pool__name=name) == 1
+    assert got.count("poolwatch.wait.duration", pool__name=name) == 3
+    assert got.value("poolwatch.leaks", pool__name=name) == 0
+
+
 def test_a_connection_kept_past_the_threshold_is_a_leak(
     harness: Harness, redis_server: RedisServer
 ) -> None:
@@ -629,3 +689,34 @@ def test_a_connection_that_is_not_redis_pys_is_left_alone(pw: Harness) -> None:
     with pytest.raises(KeyError):  # the asyncio pool's own answer to a foreign connection
         asyncio.run(apool.release(_StandIn()))  # type: ignore[arg-type]
     assert pw.handle is not None and pw.handle.errors == {}
+
+
+def test_get_connection_warns_of_deprecated_arguments_as_bare_and_counts_either_call(
+    pw: Harness, redis_server: RedisServer
+) -> None:
+    """The checkout hook calls the pool's own get_connection past redis-py's
+    @deprecated_args wrapper only for a call without arguments; a call with the deprecated
+    command name still goes through the wrapper, which warns as it does bare."""
+    import warnings
+
+    pool = redis.ConnectionPool.from_url(redis_server.url(25))
+    apool = aredis.ConnectionPool.from_url(redis_server.url(26))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pool.release(pool.get_connection())
+        assert caught == []
+        pool.release(pool.get_connection("GET"))
+
+        async def scenario() -> None:
+            await apool.release(await apool.get_connection())
+            assert len(caught) == 1
+            await apool.release(await apool.get_connection("GET"))
+            await apool.disconnect()
+
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert [w.category for w in caught] == [DeprecationWarning, DeprecationWarning]
+    assert all("get_connection() without args" in str(w.message) for w in caught)
+    for db, idle in ((25, 1), (26, 0)):  # the asyncio pool is disconnected already
+        snap = _only(_name(redis_server, db))
+        assert (snap.checkouts, snap.connects, snap.used, snap.idle) == (2, 1, 0, idle)
+    pool.disconnect()

@@ -17,6 +17,8 @@ Where it hooks, and why there:
   connections")`` (a ``ConnectionError``), raised at once when ``max_connections`` are out:
   the pool is exhausted either way; ``error`` for anything else (a failed connect).
 * ``release`` of each pool class — end of use.
+* the methods that take a connection for the life of their object (``_HOLDERS``: a
+  single-connection client's, a ``PubSub``'s, a ``Monitor``'s) — that checkout is a hold.
 * ``make_connection`` — marks a new connection with its pool's ledger before its connect.
 * the connection's connect (``connect_check_health``; ``connect`` before redis-py 6) —
   connect time: TCP (or the Unix socket), TLS, and the handshake (``HELLO``/``AUTH``,
@@ -51,7 +53,9 @@ in ``Ledger.active``: the pool itself records which connections are out, and
 ``checkouts()`` reads them from it at collection. A connection taken for the life of a
 ``PubSub``, a ``Monitor`` or a ``single_connection_client`` is a checkout and is used while
 it is out, but holding it is what it is for: its hold is neither a use
-(``poolwatch.use.duration``) nor ever a leak.
+(``poolwatch.use.duration``) nor ever a leak. The methods that take such a connection
+(``_HOLDERS``) are hooked, and mark the connection held once they ran: the checkout hook
+itself never asks who its caller is.
 
 Levels, read from the pool at collection: used — connections out (``ConnectionPool``: its
 in-use set; ``BlockingConnectionPool``: the slots taken from its queue); idle — connected
@@ -188,12 +192,6 @@ class RedisAdapter(Adapter):
         self._unix: tuple[type, ...] = ()
         self._tls: tuple[type, ...] = ()
         self._exhaustion: tuple[type, ...] = ()
-        self._holding: frozenset[int] = frozenset()
-        """``id()`` of the code of every function that takes a connection for the life of
-        its object — PubSub's and Monitor's methods, a single-connection client's
-        ``__init__``/``initialize`` — whose code objects live as long as their classes.
-        By ``id``: a code object's own hash is computed from its contents at every call
-        (a thousand instructions, measured with valgrind), an int's is itself."""
         self._own_close: dict[int, tuple[CodeType, bool]] = {}
 
     # -- patching ----------------------------------------------------------------------
@@ -209,7 +207,6 @@ class RedisAdapter(Adapter):
         self._tls = (connection.SSLConnection, aconnection.SSLConnection)
         self._blocking = (connection.BlockingConnectionPool, aconnection.BlockingConnectionPool)
         self._sync_pools = (connection.ConnectionPool,)
-        self._holding = _holding_codes()
 
         pools = (connection.ConnectionPool, aconnection.ConnectionPool)
         sync_conn = connection.AbstractConnection
@@ -254,6 +251,7 @@ class RedisAdapter(Adapter):
         )
         if "_close" in vars(async_conn):
             self._hook(async_conn, "_close", lambda original: _close_hook(self, original))
+        self._wrap_all((cls, attribute, _holder_hook) for cls, attribute in _holders_of(_HOLDERS))
         if imported_before:
             self._track_existing(pools)
 
@@ -510,41 +508,47 @@ class RedisAdapter(Adapter):
         return frozenset(emitted)
 
 
-def _holding_codes() -> frozenset[int]:
-    """``id()`` of the code of every redis-py function that takes a connection for the
-    life of its object: every method of ``PubSub`` and ``Monitor`` (sync, asyncio, and the
-    cluster's ``ClusterPubSub``), and the client methods that take a single-connection
-    client's one connection (``Redis.__init__``, asyncio ``Redis.initialize``)."""
-    codes: list[CodeType] = []
-    for module_name, holders, clients in (
-        ("redis.client", ("PubSub", "Monitor"), ("__init__",)),
-        ("redis.asyncio.client", ("PubSub", "Monitor"), ("initialize",)),
-        ("redis.cluster", ("ClusterPubSub",), ()),
-        ("redis.asyncio.cluster", ("ClusterPubSub",), ()),
-    ):
+_HOLDERS = (
+    ("redis.client", "Redis", ("__init__",)),
+    ("redis.client", "PubSub", ("execute_command",)),
+    ("redis.client", "Monitor", ("__init__", "__enter__")),
+    ("redis.cluster", "ClusterPubSub", ("execute_command",)),
+    ("redis.asyncio.client", "Redis", ("initialize",)),
+    ("redis.asyncio.client", "PubSub", ("connect",)),
+    ("redis.asyncio.client", "Monitor", ("connect",)),
+)
+"""Where redis-py takes a connection for the life of its object, into its ``connection``
+attribute: a single-connection client (sync ``Redis.__init__``, asyncio
+``Redis.initialize``), a ``PubSub`` (its first command; asyncio: ``connect``, which the
+cluster's ``ClusterPubSub`` inherits) and a ``Monitor``. (module, class, methods)."""
+
+
+def _holders_of(table: tuple[tuple[str, str, tuple[str, ...]], ...]) -> list[tuple[type, str]]:
+    """The (class, method) pairs of ``table`` that this redis-py has (its own methods only:
+    a subclass that inherits one is covered by its base's hook)."""
+    found: list[tuple[type, str]] = []
+    for module_name, class_name, methods in table:
         module = sys.modules.get(module_name)
         if module is None:
             with contextlib.suppress(ImportError):
                 module = importlib.import_module(module_name)
-        for name in holders:
-            cls = getattr(module, name, None)
-            if isinstance(cls, type):
-                codes.extend(_codes_of(vars(cls).values()))
-        client = getattr(module, "Redis", None)
-        if isinstance(client, type):
-            codes.extend(_codes_of(vars(client).get(name) for name in clients))
-    return frozenset(id(code) for code in codes)
-
-
-def _codes_of(attributes: Any) -> list[CodeType]:
-    found = []
-    for attribute in attributes:
-        function = getattr(attribute, "__func__", attribute)  # classmethod, staticmethod
-        function = inspect.unwrap(function) if callable(function) else function
-        code = getattr(function, "__code__", None)
-        if isinstance(code, CodeType):
-            found.append(code)
+        cls = getattr(module, class_name, None)
+        if isinstance(cls, type):
+            found.extend((cls, name) for name in methods if name in vars(cls))
     return found
+
+
+def _dedicate(holder: Any) -> None:
+    """``holder`` (a PubSub, Monitor or single-connection client) may have just taken its
+    connection out of a tracked pool: that checkout is its hold, neither a use nor a leak."""
+    conn = getattr(holder, "connection", None)
+    mark: _Mark | None = getattr(conn, _MARK, None)
+    if mark is None or mark.out is None or mark.dedicated:
+        return
+    mark.dedicated = True
+    ledger = mark.ledger
+    if ledger is not None and ledger.stacks:
+        ledger.stacks.pop(conn, None)  # its borrower's stack, taken at the checkout
 
 
 def _connected(conn: Any) -> bool:
@@ -610,12 +614,38 @@ def _failed(
         adapter.report("redis checkout", bookkeeping)
 
 
+def _undecorated(original: Callable[..., Any]) -> Callable[..., Any] | None:
+    """The pool's own ``get_connection`` when ``original`` is exactly redis-py's
+    ``@deprecated_args`` wrapper around it (redis-py 5.3+), else None.
+
+    The wrapper only checks the arguments for deprecated ones before calling the function;
+    a call with none but the pool (``get_connection()``, every caller in redis-py since
+    5.3) has nothing to check, so the hook calls the function itself and saves the
+    wrapper's frame; a call with arguments goes through the wrapper, which warns."""
+    utils = sys.modules.get("redis.utils")
+    layers = getattr(original, "_deprecated_args_layers", None)
+    inner = getattr(original, "__wrapped__", None)
+    code = getattr(original, "__code__", None)
+    if (
+        utils is None
+        or not isinstance(layers, tuple)
+        or not layers
+        or inner is not layers[0]
+        or code is None
+        or code.co_filename != getattr(utils, "__file__", None)
+        or not callable(inner)
+    ):
+        return None
+    function: Callable[..., Any] = inner
+    return function
+
+
 def _get_connection_hook(
     adapter: RedisAdapter, original: Callable[..., Any], exact: bool
 ) -> Callable[..., Any]:
     report = adapter.report
-    holding = adapter._holding
     depth = 1 if exact else CALLER  # the frame that asked for a connection
+    inner = _undecorated(original) if exact else None
 
     def get_connection(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -627,7 +657,10 @@ def _get_connection_hook(
             ledger = None
         start = perf_counter()
         try:
-            conn = original(*args, **kwargs)
+            if inner is not None and len(args) == 1 and not kwargs:  # get_connection()
+                conn = inner(*args)
+            else:
+                conn = original(*args, **kwargs)
         except BaseException as error:
             _failed(adapter, ledger, start, error)
             raise
@@ -640,15 +673,13 @@ def _get_connection_hook(
                 if mark is None or mark.ledger is not ledger:
                     mark = adapter._adopt(pool, conn, ledger)
                 if mark.out is None:  # else counted by a hook it called (super())
-                    caller = sys._getframe(depth)
-                    dedicated = id(caller.f_code) in holding
-                    mark.dedicated = dedicated
                     mark.out = now
-                    ledger.waits.append(now - start)
-                    if now - start > ledger.span_threshold:  # a wait that waited: a span
+                    waited = now - start
+                    ledger.waits.append(waited)
+                    if waited > ledger.span_threshold:  # a wait that waited: a span
                         ledger.slow_wait(start, now, c.OUTCOME_ACQUIRED)
-                    if ledger.capture and not dedicated:  # it has leaked, or "always"
-                        ledger.stacks[conn] = capture_stack(caller)
+                    if ledger.capture:  # it has leaked, or "always" (a holder pops it)
+                        ledger.stacks[conn] = capture_stack(sys._getframe(depth))
             except Exception as error:
                 report("redis checkout", error)
         return conn
@@ -660,8 +691,8 @@ def _async_get_connection_hook(
     adapter: RedisAdapter, original: Callable[..., Coroutine[Any, Any, Any]], exact: bool
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
     report = adapter.report
-    holding = adapter._holding
     depth = 1 if exact else CALLER  # the frame that awaits a connection
+    inner = _undecorated(original) if exact else None
 
     async def get_connection(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -673,7 +704,10 @@ def _async_get_connection_hook(
             ledger = None
         start = perf_counter()
         try:
-            conn = await original(*args, **kwargs)
+            if inner is not None and len(args) == 1 and not kwargs:  # get_connection()
+                conn = await inner(*args)
+            else:
+                conn = await original(*args, **kwargs)
         except BaseException as error:
             _failed(adapter, ledger, start, error)
             raise
@@ -685,15 +719,13 @@ def _async_get_connection_hook(
                 if mark is None or mark.ledger is not ledger:
                     mark = adapter._adopt(pool, conn, ledger)
                 if mark.out is None:
-                    caller = sys._getframe(depth)
-                    dedicated = id(caller.f_code) in holding
-                    mark.dedicated = dedicated
                     mark.out = now
-                    ledger.waits.append(now - start)
-                    if now - start > ledger.span_threshold:  # a wait that waited: a span
+                    waited = now - start
+                    ledger.waits.append(waited)
+                    if waited > ledger.span_threshold:  # a wait that waited: a span
                         ledger.slow_wait(start, now, c.OUTCOME_ACQUIRED)
-                    if ledger.capture and not dedicated:
-                        ledger.stacks[conn] = capture_stack(caller)
+                    if ledger.capture:
+                        ledger.stacks[conn] = capture_stack(sys._getframe(depth))
             except Exception as error:
                 report("redis checkout", error)
         return conn
@@ -713,9 +745,12 @@ def _returned(conn: Any) -> None:
     if start is None:
         return
     mark.out = None
+    if mark.dedicated:  # held for the life of its holder: not a use, never a leak
+        mark.dedicated = False
+        return
     ledger = mark.ledger
-    if ledger is None or mark.dedicated:
-        return  # held for the life of its holder: not a use, never a leak
+    if ledger is None:
+        return
     held = perf_counter() - start
     ledger.uses.append(held)
     if held > ledger.leak_threshold:
@@ -744,12 +779,17 @@ def _release_hook(
             # _returned, inlined (a frame is a fifth of these hooks' cost)
             # None also for a connection poolwatch never marked (a class not redis-py's,
             # as redis-py's own tests use) and once uninstrument() took the class default
-            mark: _Mark | None = getattr(connection, _MARK, None)
+            try:
+                mark: _Mark | None = connection._poolwatch
+            except AttributeError:
+                mark = None
             start = mark.out if mark is not None else None
             if start is not None:
                 mark.out = None  # type: ignore[union-attr]  # not None: it had a start
                 ledger = mark.ledger  # type: ignore[union-attr]
-                if ledger is not None and not mark.dedicated:  # type: ignore[union-attr]
+                if mark.dedicated:  # type: ignore[union-attr]  # its holder let it go
+                    mark.dedicated = False  # type: ignore[union-attr]
+                elif ledger is not None:
                     held = perf_counter() - start
                     ledger.uses.append(held)
                     if held > ledger.leak_threshold:
@@ -783,12 +823,17 @@ def _async_release_hook(
             # _returned, inlined: the sync hook's statements, one for one.
             # None also for a connection poolwatch never marked (a class not redis-py's,
             # as redis-py's own tests use) and once uninstrument() took the class default
-            mark: _Mark | None = getattr(connection, _MARK, None)
+            try:
+                mark: _Mark | None = connection._poolwatch
+            except AttributeError:
+                mark = None
             start = mark.out if mark is not None else None
             if start is not None:
                 mark.out = None  # type: ignore[union-attr]  # not None: it had a start
                 ledger = mark.ledger  # type: ignore[union-attr]
-                if ledger is not None and not mark.dedicated:  # type: ignore[union-attr]
+                if mark.dedicated:  # type: ignore[union-attr]  # its holder let it go
+                    mark.dedicated = False  # type: ignore[union-attr]
+                elif ledger is not None:
                     held = perf_counter() - start
                     ledger.uses.append(held)
                     if held > ledger.leak_threshold:
@@ -971,6 +1016,36 @@ def _close_hook(adapter: RedisAdapter, original: Callable[[Any], Any]) -> Callab
         return original(self)
 
     return _close
+
+
+def _holder_hook(adapter: RedisAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
+    """A method that may take a connection for the life of its object (``_HOLDERS``):
+    afterwards, the connection it holds is marked as held (also when it raised: it may
+    hold one still)."""
+    report = adapter.report
+    if _is_coroutine(original):
+
+        async def take_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await original(self, *args, **kwargs)
+            finally:
+                try:
+                    _dedicate(self)
+                except Exception as error:
+                    report("redis holder", error)
+
+        return take_async
+
+    def take(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            try:
+                _dedicate(self)
+            except Exception as error:
+                report("redis holder", error)
+
+    return take
 
 
 def _pool_init_hook(adapter: RedisAdapter, original: Callable[..., Any]) -> Callable[..., Any]:
