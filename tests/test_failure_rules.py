@@ -302,6 +302,8 @@ def test_only_installed_libraries_are_watched_and_the_finder_leaves_when_done() 
         [finder] = [f for f in sys.meta_path if isinstance(f, PostImportHooks)]
         print(sorted(finder._hooks))
         import sqlalchemy
+        print(sorted(finder._hooks))
+        import asyncpg, psycopg_pool, redis
         print(sorted(handle.libraries))
         print([f for f in sys.meta_path if isinstance(f, PostImportHooks)])
         """
@@ -311,8 +313,9 @@ def test_only_installed_libraries_are_watched_and_the_finder_leaves_when_done() 
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "['sqlalchemy']",
-        "['httpx', 'sqlalchemy', 'urllib3']",
+        "['asyncpg', 'psycopg_pool', 'redis', 'sqlalchemy']",
+        "['asyncpg', 'psycopg_pool', 'redis']",
+        "['asyncpg', 'httpx', 'psycopg_pool', 'redis', 'sqlalchemy', 'urllib3']",
         "[]",
     ]
 

@@ -672,7 +672,13 @@ def test_transports_and_bare_httpcore_pools_are_tracked(pw: Harness) -> None:
 
 def test_a_client_made_before_instrument_is_found(harness: Harness) -> None:
     with ThreadedUpstream() as upstream:
-        with httpx.Client(base_url=upstream.url) as client, httpcore.ConnectionPool() as bare:
+        # keep-alive for longer than instrument() can take on a loaded machine (its heap walk
+        # took more than httpx's default 5 s in a CI run beside two other test processes)
+        limits = httpx.Limits(keepalive_expiry=120)
+        with (
+            httpx.Client(base_url=upstream.url, limits=limits) as client,
+            httpcore.ConnectionPool(keepalive_expiry=120) as bare,
+        ):
             client.get("/")
             bare.request("GET", upstream.url)
             harness.instrument()

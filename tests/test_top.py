@@ -196,6 +196,7 @@ def test_top_once_against_a_real_process(exhausted_process: str) -> None:
         "pricing-api": ("httpx", "2"),
         "pricing-api-async": ("httpx", "2"),
         "sessions-dynamodb": ("botocore", "2"),
+        "sessions-cache": ("redis", "2"),
     }
     for name, row in rows.items():
         used = int(row["used"])
@@ -204,7 +205,8 @@ def test_top_once_against_a_real_process(exhausted_process: str) -> None:
         assert row["bar"] == "#" * min(10, used * 5) + "." * (10 - min(10, used * 5)), row
         assert row["leaks"] == "0", row
         assert row["p99"] == "-" or row["p99"].endswith("ms"), row
-        if name in ("orders-db", "pricing-api", "pricing-api-async"):  # blocking: they wait
+        if name in ("orders-db", "pricing-api", "pricing-api-async", "sessions-cache"):
+            # blocking pools: their callers wait
             assert used <= 2, row
             assert row["disc"] == "0.0", row
         else:  # non-blocking urllib3 pools: nobody waits, the extra connections are discarded
@@ -362,13 +364,13 @@ def test_w_and_d_sort_a_live_process_by_wait_and_discards(discarding_process: st
             os.write(controller, key)
             # the frame a key press draws covers only the moment since the last one: judge
             # the next, a whole interval's rates
-            pattern = rf"sort: {title}.*sort: {title}(?:[^\n]*\n){{8}}"
+            pattern = rf"sort: {title}.*sort: {title}(?:[^\n]*\n){{9}}"
             frames[title] = read_until(controller, pattern).rsplit(f"sort: {title}", 1)[1]
         os.write(controller, b"q")
         assert process.wait(10) == 0
     for title, column in (("wait_p99", "p99"), ("discards_per_s", "disc")):
         values = _column(frames[title], column)
-        assert len(values) == 5, frames[title]
+        assert len(values) == 6, frames[title]  # the discard scenario's six pools
         assert values == sorted(values, reverse=True), (title, frames[title])
     # real values lead: callers waited, connections were discarded
     assert _column(frames["wait_p99"], "p99")[0] > 0
