@@ -22,6 +22,8 @@ from poolwatch._demo.workload import SCENARIOS
 from tests.support.demo import ON_POSTGRESQL, POOLS
 from tests.support.prometheus import Processes, Prometheus, build, free_port, rules, until
 
+pytestmark = pytest.mark.serial  # demos judged by timing: run alone (scripts/test)
+
 WINDOW = {"RATE_WINDOW": "10s"}
 WARM_UP = 15.0
 """Seconds the demo runs before the expressions are judged: the 10 s window is then full

@@ -27,6 +27,8 @@ from tests.support.demo import until_serving
 from tests.support.terminal import on_terminal, read_until
 from tests.support.upstream import ThreadedUpstream, refusing_port
 
+pytestmark = pytest.mark.serial  # six demos judged by timing: run alone (scripts/test)
+
 POOLWATCH = [sys.executable, "-m", "poolwatch"]
 
 

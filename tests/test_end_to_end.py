@@ -33,7 +33,7 @@ from tests.support.prometheus import (
     until,
 )
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.serial]
 
 BUDGET = 180.0
 """Seconds the whole test may take, the workload's and the servers' start-up included."""

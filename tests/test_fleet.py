@@ -44,7 +44,7 @@ from tests.support.prometheus import (
 )
 from tests.support.upstream import ThreadedUpstream
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.serial]
 
 SECONDS = 150.0
 """The most each process of the fleet lives (they are stopped at the end of the test)."""

@@ -21,7 +21,7 @@ from tests.support.pgadmin import dsn
 from tests.support.postgres import PostgresCluster
 from tests.support.prometheus import ROOT, Processes, Prometheus, build, rules, until
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+pytestmark = [pytest.mark.postgres, pytest.mark.slow, pytest.mark.serial]
 
 BUDGET = 120.0
 """Seconds the workload may run (the test stops it once it has seen everything)."""

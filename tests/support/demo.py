@@ -21,7 +21,7 @@ ON_POSTGRESQL = {"reports-db": "psycopg_pool"}
 the server binaries are on the machine)."""
 
 
-def until_serving(url: str, seconds: float = 60.0) -> None:
+def until_serving(url: str, seconds: float = 180.0) -> None:
     """Until the demo's metrics at ``url`` show every one of its pools.
 
     The pools start one after another, the httpx AsyncClient in a thread of its own and
