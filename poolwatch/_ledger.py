@@ -583,6 +583,11 @@ class Ledger:
             reports, self._reports = self._reports, []
             return reports
 
+    @property
+    def has_reports(self) -> bool:
+        """Whether leak reports wait for the next :meth:`sweep` (returns counted late)."""
+        return bool(self._reports)
+
     # -- collection time ---------------------------------------------------------------
     def drain(self) -> None:
         """Bucket the values the hot path left pending."""

@@ -435,15 +435,15 @@ class Registry:
         found: list[Upkeep] = []
         expiring: list[tuple[tuple[str, str], Series]] = []
         for key, series in everything:
-            pools = series.pools.live()
-            if pools:
+            # A pool's reference leaves the set as the pool is freed: no need to call each.
+            if series.pools:
                 series.gone_since = None
             elif series.gone_since is None:
                 series.gone_since = now_monotonic
             elif now_monotonic - series.gone_since >= RETENTION:
                 expiring.append((key, series))
             try:
-                reports = self._upkeep_series(series, pools, now)
+                reports = self._upkeep_series(series, now)
             except Exception as error:
                 self._errors.report("ledger sweep", error)
                 continue
@@ -453,10 +453,12 @@ class Registry:
             self._expiring = expiring
         return found
 
-    def _upkeep_series(self, series: Series, pools: list[Any], now: float) -> list[LeakReport]:
+    def _upkeep_series(self, series: Series, now: float) -> list[LeakReport]:
         ledger, adapter = series.ledger, series.adapter
+        if not ledger.active and not ledger.has_reports and not _reads_checkouts(adapter):
+            return []  # nothing out, nothing to log: most series of a process with many
         try:
-            active = adapter.checkouts(pools)
+            active = adapter.checkouts(series.pools.live())
             table = ledger.active if active is None else active
             if table:
                 adapter.find_abandoned(ledger, table)
@@ -491,3 +493,9 @@ class Registry:
             series.ledger.reset()
             series.created_ns = time.time_ns()
             series.instances_created = len(series.pools)
+
+
+def _reads_checkouts(adapter: Adapter) -> bool:
+    """Whether ``adapter`` reads what is out from its pools (``Adapter.checkouts``), rather
+    than keeping it in ``Ledger.active``."""
+    return type(adapter).checkouts is not Adapter.checkouts
