@@ -336,3 +336,33 @@ def test_poolwatchs_thread_works_with_the_garbage_collector_off() -> None:
         assert not gc.isenabled()  # the application's choice stands
     finally:
         gc.enable()
+
+
+def test_the_heap_walk_judges_each_type_once_and_survives_odd_classes() -> None:
+    """Pools made before instrument() are found by one pass over the heap that judges each
+    type once; a class that cannot be hashed, or whose subclass check raises, is skipped."""
+    from poolwatch.adapters._base import heap_objects
+
+    class Unhashable(type):
+        __hash__ = None  # type: ignore[assignment]
+
+    class Odd(metaclass=Unhashable):
+        pass
+
+    class Wanted:
+        pass
+
+    odd, wanted = [Odd() for _ in range(3)], [Wanted() for _ in range(3)]
+    judged: list[type] = []
+
+    def select(cls: type) -> bool:
+        judged.append(cls)
+        if cls is Odd:
+            raise RuntimeError("a metaclass's check failing")
+        return cls is Wanted
+
+    found = heap_objects(select)
+    assert {id(obj) for obj in found if isinstance(obj, Wanted)} == {id(obj) for obj in wanted}
+    assert not any(isinstance(obj, Odd) for obj in found)
+    assert judged.count(Wanted) == 1  # once per type, not per object
+    assert judged.count(Odd) == len(odd)  # unhashable: judged each time, never fatal

@@ -298,6 +298,8 @@ def test_celery_each_prefork_child_reports_its_own_pools(
     db = data / "app.db"
     env = _environment(CELERY_EXAMPLE_DIR=str(data), DATABASE_URL=f"sqlite:///{db}")
     monkeypatch.setenv("CELERY_EXAMPLE_DIR", str(data))  # the client below: same folders
+    import celery.exceptions
+
     tasks = _load(EXAMPLES / "celery" / "tasks.py", "poolwatch_example_celery_tasks")
     args = [PYTHON, "-m", "celery", "-A", "tasks", "worker", "--pool=prefork",
             "--concurrency=2", "-O", "fair", "--loglevel=INFO", "--without-gossip",
@@ -307,7 +309,12 @@ def test_celery_each_prefork_child_reports_its_own_pools(
         try:
             for _ in range(10):  # rounds of two tasks at once: each child takes one
                 sent = [tasks.pool_report.delay(0.3) for _ in range(2)]
-                reports += [result.get(timeout=30) for result in sent]
+                try:
+                    reports += [result.get(timeout=30) for result in sent]
+                except celery.exceptions.TimeoutError as error:
+                    raise AssertionError(
+                        f"a task did not finish in 30 s; the worker's log:\n{worker.output()}"
+                    ) from error
                 if len({r["pid"] for r in reports}) == 2 and len(reports) >= 4:
                     break
         finally:

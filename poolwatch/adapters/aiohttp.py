@@ -91,7 +91,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import gc
 import sys
 import threading
 import weakref
@@ -105,7 +104,7 @@ from poolwatch import _catalogue as c
 from poolwatch._ledger import Ledger, capture_stack
 from poolwatch._models import HostLevels, Levels, Misconfiguration
 from poolwatch._naming import creation_site, target_name
-from poolwatch.adapters._base import Adapter, Tracker
+from poolwatch.adapters._base import Adapter, Tracker, heap_objects
 from poolwatch.adapters._patching import CALLER
 
 _LEDGER = "_poolwatch_ledger"
@@ -342,7 +341,12 @@ class AiohttpAdapter(Adapter):
         sessions: list[Any] = []
         connectors: list[Any] = []
         endpoints: list[Any] = []
-        for obj in gc.get_objects():
+        for obj in heap_objects(
+            lambda cls: (
+                issubclass(cls, (session_cls, connector_cls))
+                or cls.__module__ == "aiobotocore.endpoint"
+            )
+        ):
             cls = type(obj)  # not isinstance(): a proxy's __class__ may run code, or raise
             if issubclass(cls, session_cls):
                 sessions.append(obj)

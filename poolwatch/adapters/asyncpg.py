@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import gc
 import sys
 import weakref
 from collections.abc import Callable, Coroutine, Hashable
@@ -22,7 +21,7 @@ from poolwatch import _catalogue as c
 from poolwatch._ledger import Ledger, capture_stack
 from poolwatch._models import Levels, Misconfiguration
 from poolwatch._naming import creation_site
-from poolwatch.adapters._base import Adapter, Tracker
+from poolwatch.adapters._base import Adapter, Tracker, heap_objects
 from poolwatch.adapters._patching import CALLER
 from poolwatch.adapters._postgres import from_environment, postgres_target
 
@@ -200,9 +199,7 @@ class AsyncpgAdapter(Adapter):
             return None
 
     def _track_existing(self, pool_class: type) -> None:
-        for obj in gc.get_objects():
-            if not issubclass(type(obj), pool_class):
-                continue
+        for obj in heap_objects(lambda cls: issubclass(cls, pool_class)):
             try:
                 if not obj._closed and type(obj._connect) is not _Watch:
                     self._watch(obj, None)

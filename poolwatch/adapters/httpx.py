@@ -94,7 +94,6 @@ through ``__dict__``, which would make every later attribute read on the object 
 from __future__ import annotations
 
 import contextlib
-import gc
 import sys
 import time
 import weakref
@@ -107,7 +106,7 @@ from poolwatch import _catalogue as c
 from poolwatch._ledger import Ledger, capture_stack
 from poolwatch._models import HostLevels, Levels, Misconfiguration
 from poolwatch._naming import creation_site, target_name
-from poolwatch.adapters._base import Adapter, HookFactory, Tracker
+from poolwatch.adapters._base import Adapter, HookFactory, Tracker, heap_objects
 from poolwatch.adapters._patching import CALLER
 
 _LEDGER = "_poolwatch_ledger"
@@ -296,7 +295,7 @@ class HTTPXAdapter(Adapter):
         clients: list[Any] = []
         pools: list[Any] = []
         client_types, pool_types = types[:2], types[2:]
-        for obj in gc.get_objects():
+        for obj in heap_objects(lambda cls: issubclass(cls, (*client_types, *pool_types))):
             if isinstance(obj, client_types):
                 clients.append(obj)
             elif isinstance(obj, pool_types):

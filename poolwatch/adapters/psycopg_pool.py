@@ -10,7 +10,6 @@ pool's own counters), where it hooks, and each close reason: docs/architecture.m
 from __future__ import annotations
 
 import contextvars
-import gc
 import sys
 import weakref
 from collections.abc import Callable, Coroutine, Hashable
@@ -22,7 +21,7 @@ from poolwatch import _catalogue as c
 from poolwatch._ledger import Ledger, capture_stack
 from poolwatch._models import Levels, Misconfiguration
 from poolwatch._naming import creation_site
-from poolwatch.adapters._base import Adapter, Tracker, pop_attribute
+from poolwatch.adapters._base import Adapter, Tracker, heap_objects, pop_attribute
 from poolwatch.adapters._patching import CALLER
 from poolwatch.adapters._postgres import from_environment, postgres_target
 
@@ -148,10 +147,7 @@ class PsycopgPoolAdapter(Adapter):
             return None
 
     def _track_existing(self, classes: tuple[type, ...]) -> None:
-        for obj in gc.get_objects():
-            cls = type(obj)  # not isinstance(): a proxy's __class__ may run code, or raise
-            if not issubclass(cls, classes):
-                continue
+        for obj in heap_objects(lambda cls: issubclass(cls, classes)):
             try:
                 if not (obj._opened and obj._closed) and obj._poolwatch_ledger is None:
                     self._track_pool(obj, None)

@@ -75,7 +75,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import gc
 import importlib
 import inspect
 import sys
@@ -89,7 +88,7 @@ from poolwatch import _catalogue as c
 from poolwatch._ledger import UNKNOWN_LIFETIME, Ledger, capture_stack
 from poolwatch._models import Levels, Misconfiguration
 from poolwatch._naming import creation_site, target_name
-from poolwatch.adapters._base import Adapter, Tracker, pop_attribute
+from poolwatch.adapters._base import Adapter, Tracker, heap_objects, pop_attribute
 from poolwatch.adapters._patching import CALLER, Parameters, function_of
 
 _LEDGER = "_poolwatch_ledger"
@@ -317,12 +316,7 @@ class RedisAdapter(Adapter):
             return None
 
     def _track_existing(self, pools: tuple[type, ...]) -> None:
-        found = []
-        for obj in gc.get_objects():
-            cls = type(obj)  # not isinstance(): a proxy's __class__ may run code, or raise
-            if issubclass(cls, pools):
-                found.append(obj)
-        for pool in found:
+        for pool in heap_objects(lambda cls: issubclass(cls, pools)):
             try:
                 if getattr(pool, _LEDGER) is None:
                     self._track_pool(pool, None)

@@ -24,7 +24,6 @@ pending 0. ``AssertionPool`` has a max of 1.
 from __future__ import annotations
 
 import functools
-import gc
 import sys
 import time
 import weakref
@@ -37,7 +36,7 @@ from poolwatch import _catalogue as c
 from poolwatch._ledger import Ledger, capture_stack
 from poolwatch._models import Levels, Misconfiguration
 from poolwatch._naming import creation_site, target_name
-from poolwatch.adapters._base import Adapter, Tracker, pop_attribute
+from poolwatch.adapters._base import Adapter, Tracker, heap_objects, pop_attribute
 from poolwatch.adapters._patching import CALLER, around
 
 _LEDGER = "_poolwatch_ledger"
@@ -169,12 +168,11 @@ class SQLAlchemyAdapter(Adapter):
             return None
 
     def _track_existing(self, engine_cls: type) -> None:
-        for obj in gc.get_objects():
-            if type(obj) is engine_cls:
-                try:
-                    self._track_engine(obj, None)
-                except Exception as error:
-                    self.report("sqlalchemy existing engine", error)
+        for obj in heap_objects(lambda cls: cls is engine_cls):
+            try:
+                self._track_engine(obj, None)
+            except Exception as error:
+                self.report("sqlalchemy existing engine", error)
 
     def track(self, obj: Any, name: str | None) -> bool:
         from sqlalchemy.engine.base import Engine

@@ -50,7 +50,6 @@ connections the pool is alive, so that connection stays visible until it is clos
 from __future__ import annotations
 
 import contextlib
-import gc
 import sys
 import threading
 import weakref
@@ -63,7 +62,7 @@ from poolwatch import _catalogue as c
 from poolwatch._ledger import UNKNOWN_LIFETIME, Ledger, capture_stack
 from poolwatch._models import Levels, Misconfiguration
 from poolwatch._naming import creation_site, target_name
-from poolwatch.adapters._base import Adapter, Tracker, pop_attribute
+from poolwatch.adapters._base import Adapter, Tracker, heap_objects, pop_attribute
 from poolwatch.adapters._patching import CALLER
 
 _LEDGER = "_poolwatch_ledger"
@@ -271,7 +270,9 @@ class Urllib3Adapter(Adapter):
         found_pools: list[Any] = []
         candidates: list[tuple[Any, _Maker | None]] = []
         makers: dict[int, _Maker] = {}
-        for obj in gc.get_objects():
+        for obj in heap_objects(
+            lambda cls: issubclass(cls, (managers, pools)) or cls.__module__ in _MAKER_MODULES
+        ):
             if isinstance(obj, managers):
                 found_managers.append(obj)
             elif isinstance(obj, pools):
@@ -532,6 +533,10 @@ def _managers_of(obj: Any, manager_cls: type) -> list[Any]:
         found.append(manager)
         found.extend(getattr(session, "_proxy_managers", {}).values())
     return found
+
+
+_MAKER_MODULES = frozenset({"requests.adapters", "botocore.httpsession", "botocore.endpoint"})
+"""Modules of the objects that own PoolManagers (``_existing_maker``)."""
 
 
 def _existing_maker(obj: Any) -> tuple[Any, _Maker] | None:
