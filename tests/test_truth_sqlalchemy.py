@@ -512,7 +512,12 @@ def test_queue_pools_under_threads_on_sqlite(rng: Seeded, readers: Readers, tmp_
     _run(rng, readers, f"sqlite:///{tmp_path}/truth.db")
 
 
+# Alone (scripts/test's serial run): beside two other test processes on two cores it read
+# checkouts.reused one above the truth at a pause, twice in five runs of 2026-12-07 (seeds
+# 1713245952 and one not kept; neither replays it alone). Under investigation: the count
+# never goes down, so a transient over-count stays until the truth catches up.
 @pytest.mark.postgres
+@pytest.mark.serial
 def test_queue_pools_under_threads_on_postgresql(
     rng: Seeded, readers: Readers, postgres: PostgresCluster
 ) -> None:
