@@ -118,9 +118,10 @@ def test_demo_runs_every_pool_kind(scenarios: dict[str, dict[str, dict[str, str]
         ), row
         # twice the workers (8, or 4 for boto3): 16 connections each
         assert row["USED/MAX"].endswith("/16"), row
-        # keep-alive everywhere, moto included: connections opened once, never past the
-        # pool's size (a churning pool opens hundreds in these seconds)
-        assert int(row["CONNECTS"]) <= 16, row
+        # keep-alive everywhere, moto included: connections opened about once — a churning
+        # pool opens hundreds in these seconds. Not at most 16: on a loaded machine a gap
+        # between requests can pass httpx's keepalive_expiry (5 s), and the pool reopens one.
+        assert int(row["CONNECTS"]) <= 2 * 16, row
 
 
 def test_demo_exhaustion_times_callers_out(demo_outputs: dict[str, str]) -> None:

@@ -65,6 +65,11 @@ def moto_endpoint() -> Iterator[str]:
         server.stop()
 
 
+BUCKET = "truth-aiobotocore"
+"""Its own name: moto's state is the process's, shared with tests/test_truth_botocore.py when
+both run in one test process (made "truth" twice: BucketAlreadyOwnedByYou)."""
+
+
 def _args(service: str, endpoint: str, **config: Any) -> dict[str, Any]:
     return {
         "service_name": service,
@@ -105,7 +110,7 @@ class Workload:
     async def _get(self, index: int, key: str = "object") -> Any:
         self.asking[index] = True
         try:
-            response = await self.client.get_object(Bucket="truth", Key=key)
+            response = await self.client.get_object(Bucket=BUCKET, Key=key)
         finally:
             del self.asking[index]
         self.tally.add("checkouts")
@@ -129,7 +134,7 @@ class Workload:
         elif roll < 0.45:
             self.asking[index] = True
             try:
-                await self.client.get_object(Bucket="truth", Key="missing")
+                await self.client.get_object(Bucket=BUCKET, Key="missing")
             except ClientError as error:  # the server's answer: NoSuchKey
                 assert error.response["Error"]["Code"] == "NoSuchKey"
                 self.tally.add("checkouts")
@@ -202,9 +207,9 @@ def test_an_s3_client_shared_by_tasks(rng: Seeded, readers: Readers, moto_endpoi
         ) as client:
             poolwatch.track(client, name="truth")  # before its first request: no pool yet
             await client.create_bucket(
-                Bucket="truth", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
+                Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
             )
-            await client.put_object(Bucket="truth", Key="object", Body=b"x" * BODY)
+            await client.put_object(Bucket=BUCKET, Key="object", Body=b"x" * BODY)
             [aiohttp_session] = client._endpoint.http_session._sessions.values()
             connector = aiohttp_session.connector
             workload = Workload(rng, client)
