@@ -263,9 +263,9 @@ class Ledger:
         "leaks",
         "lifetime",
         "lifetime_bounds",
-        "opens_ahead",
         "span_threshold",
         "stacks",
+        "tells_firsts",
         "timeouts",
         "trace_attributes",
         "tracer",
@@ -283,14 +283,14 @@ class Ledger:
         leak_stacks: str = "auto",
         *,
         connects_in_checkout: bool = False,
-        opens_ahead: bool = False,
+        tells_firsts: bool = False,
     ) -> None:
         self._lock = threading.RLock()
         self.connects_in_checkout = connects_in_checkout
         """Whether its pools open a connection inside the checkout (a failed connect fails
         the checkout) rather than after it (``Adapter.connects_in_checkout``)."""
-        self.opens_ahead = opens_ahead
-        """Whether its pools open connections ahead of demand (``Adapter.opens_ahead``): the
+        self.tells_firsts = tells_firsts
+        """Whether its pools open connections ahead of demand (``Adapter.tells_firsts``): the
         reuse count is then checkouts less first checkouts (``firsts``), not less connects."""
         self.firsts: list[None] = []
         """One entry per checkout that was its connection's first, not counted yet (pools
@@ -368,7 +368,7 @@ class Ledger:
         """A caller got connection ``key`` after waiting from ``start`` to ``end``;
         ``borrower``: its frame, whose stack is kept while ``capture`` is on; ``first``:
         the connection's first checkout (told by the hooks of pools that open connections
-        ahead of demand, ``opens_ahead``).
+        ahead of demand, ``tells_firsts``).
 
         Out first, counted second: a collection between the two sees a checkout out and
         not yet counted, never one counted and not out — the reuse count (checkouts less
@@ -700,25 +700,32 @@ class Ledger:
 
         Every pool poolwatch knows opens a connection for the checkout that needs one, so
         successful checkouts minus the connects made for them reused one. Where the
-        connect happens inside the checkout (SQLAlchemy, aiohttp), a failed connect failed
-        its checkout, which is not among the successful ones: only successful connects are
-        subtracted. Where it follows the checkout (urllib3, httpx), a failed connect was
+        connect happens inside the checkout (aiohttp, redis-py; httpx, whose checkout is
+        counted when the connection accepts the request), a failed connect failed its
+        checkout, which is not among the successful ones: only successful connects are
+        subtracted. Where it follows the checkout (urllib3), a failed connect was
         made for a successful checkout, and is subtracted too — and a checkout out now
         whose connect has not been counted yet (``unconnected``: it is connecting, or about
         to) is not a reuse either, though nothing says so yet: left in, it read as one
         until its connect was counted, and the count, which never goes down, kept it.
         Everything is counted before it can be mistaken: a connect before its checkout
-        (SQLAlchemy, aiohttp), a connect before its connection shows as connected (urllib3,
-        httpx); a count caught between two such steps is only ever too low, and the
+        (aiohttp, redis-py, httpx), a connect before its connection shows as connected
+        (urllib3); a count caught between two such steps is only ever too low, and the
         exported count, which never goes down, waits for the next collection.
 
-        Pools that open connections ahead of demand (psycopg_pool's and asyncpg's
-        ``min_size``, connections opened in the background) break the premise: a connect
-        is not made for a checkout, and a connection may serve its first checkout long
-        after it opened, or none. Their hooks tell each connection's first checkout
-        instead (``firsts``), and every other checkout reused a connection.
+        That premise, one successful connect per successful checkout that opened one, fails
+        in two ways, and those pools' hooks tell each connection's first checkout instead
+        (``firsts``, ``tells_firsts``): every other checkout reused a connection. Pools
+        that open connections ahead of demand (psycopg_pool's and asyncpg's ``min_size``,
+        connections opened in the background): a connect is not made for a checkout, and a
+        connection may serve its first checkout long after it opened, or none. And
+        SQLAlchemy, whose checkout reconnects when its pre-ping or a ``checkout`` listener
+        finds the connection dead (two connects, one checkout), and fails after a connect
+        when a listener raises: the difference then drifts below the truth for good, and
+        the exported count, which keeps its highest value, reads above it until the
+        reuses catch up (seen under load on PostgreSQL with backends being killed).
         """
-        if self.opens_ahead:
+        if self.tells_firsts:
             reused = sum(self.wait[c.OUTCOME_ACQUIRED].counts) - self._firsts
             self._reused = max(self._reused, reused)
             return self._reused
@@ -736,7 +743,7 @@ class Ledger:
             self.lifetime_bounds,
             None,
             connects_in_checkout=self.connects_in_checkout,
-            opens_ahead=self.opens_ahead,
+            tells_firsts=self.tells_firsts,
         )
         fresh.leak_threshold = self.leak_threshold
         fresh.capture, fresh._auto_stacks = self.capture, self._auto_stacks

@@ -233,7 +233,7 @@ class Registry:
             s.leak_threshold,
             s.leak_stacks,
             connects_in_checkout=adapter.connects_in_checkout,
-            opens_ahead=adapter.opens_ahead,
+            tells_firsts=adapter.tells_firsts,
         )
         ledger.connects_in_wait = adapter.connects_in_wait
         if self._tracer is not None and s.wait_span_threshold is not None:

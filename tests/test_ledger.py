@@ -169,7 +169,7 @@ def test_reset_starts_from_zero() -> None:
 def test_a_pool_opening_connections_ahead_reuses_all_but_first_checkouts() -> None:
     """psycopg_pool and asyncpg open connections before any checkout wants one: a connect
     is not a checkout that did not reuse, a connection's first checkout is."""
-    ahead, plain = Ledger(opens_ahead=True), Ledger()
+    ahead, plain = Ledger(tells_firsts=True), Ledger()
     for ledger in (ahead, plain):
         for _ in range(3):  # min_size=3: opened at start
             ledger.connected(0.01, ok=True)
@@ -185,7 +185,7 @@ def test_a_pool_opening_connections_ahead_reuses_all_but_first_checkouts() -> No
 def test_a_first_checkout_is_told_before_it_is_counted() -> None:
     """A collection between the two appends reads the reuse count too low, never too high
     (it never goes down once exported)."""
-    ledger = Ledger(opens_ahead=True)
+    ledger = Ledger(tells_firsts=True)
     ledger.acquired(object(), 0.0, 0.001, first=True)
     ledger.firsts.append(None)  # the next checkout's first, its wait not appended yet
     assert ledger.snapshot().reused == 0

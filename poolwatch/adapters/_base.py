@@ -94,12 +94,14 @@ class Adapter(abc.ABC):
     (SQLAlchemy, aiohttp: a failed connect fails that checkout) rather than after it
     (urllib3, httpx: the checkout succeeded, the request then fails to connect). Tells the
     ledger which failed connects to leave out of the reuse count."""
-    opens_ahead: ClassVar[bool] = False
-    """Whether the library opens connections ahead of demand (a ``min_size`` kept open,
-    connections opened in the background) rather than only for a checkout that needs one.
-    Then a connect is not made for one checkout, and the reuse count is checkouts less
-    each connection's first: the hooks tell the ledger which checkouts those are
-    (``Ledger.acquired(first=…)``)."""
+    tells_firsts: ClassVar[bool] = False
+    """Whether the hooks tell each connection's first checkout (``Ledger.acquired(first=…)``):
+    the reuse count is then checkouts less those firsts, not less the connects made for
+    them. A connect is not one checkout's when the library opens connections ahead of
+    demand (psycopg_pool's and asyncpg's ``min_size``, connections opened in the
+    background), nor when one checkout can open two (SQLAlchemy reconnects inside a
+    checkout whose pre-ping or ``checkout`` listener finds the connection dead) or open
+    one and still fail."""
     connects_in_wait: ClassVar[bool] = False
     """Whether that connect is part of the caller's wait for a connection (SQLAlchemy,
     aiohttp): a slow wait's span then shows it as a child (``_tracing``)."""

@@ -104,7 +104,7 @@ class AsyncpgAdapter(Adapter):
     kind = "asyncpg"
     module = "asyncpg"
     connects_in_checkout = True
-    opens_ahead = True
+    tells_firsts = True
     connects_in_wait = True  # acquire() opens a holder's missing connection itself
     requires = ("asyncpg >= 0.30.0, < 1",)
     family = "database"

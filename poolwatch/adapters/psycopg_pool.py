@@ -55,7 +55,7 @@ class PsycopgPoolAdapter(Adapter):
     name = "psycopg_pool"
     kind = "psycopg_pool"
     module = "psycopg_pool"
-    opens_ahead = True
+    tells_firsts = True
     connects_in_wait = False  # the pool's workers connect; a null pool's ledger: True
     requires = ("psycopg-pool >= 3.3.0, < 4",)
     family = "database"

@@ -42,6 +42,8 @@ from poolwatch.adapters._patching import CALLER, around
 _LEDGER = "_poolwatch_ledger"
 _ORIGINAL = "__poolwatch_original__"
 _REASON = "_poolwatch_close_reason"
+_FRESH = "_poolwatch_fresh"
+"""On a ``_ConnectionRecord``: its connection was opened and has served no checkout yet."""
 
 _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433, "oracle": 1521}
 
@@ -71,6 +73,7 @@ class SQLAlchemyAdapter(Adapter):
     kind = "sqlalchemy"
     module = "sqlalchemy"
     connects_in_checkout = True
+    tells_firsts = True
     connects_in_wait = True
     family = "database"
     requires = ("sqlalchemy >= 2.0.0, < 2.2",)
@@ -94,6 +97,8 @@ class SQLAlchemyAdapter(Adapter):
         self._patch(base.Pool, _LEDGER, None)
         # Read on every close (a NullPool closes at every return): a default, not a raise.
         self._patch(record, _REASON, None)
+        # Read at every checkout: a record connected before instrument() is no first.
+        self._patch(record, _FRESH, False)
         self._hook(fairy, "_checkout", lambda original: _checkout_hook(self, original, timeout))
         self._hook(record, "checkin", lambda original: _checkin_hook(self, original))
         self._hook(record, "invalidate", lambda original: _invalidate_hook(self, original))
@@ -347,12 +352,16 @@ def _checkout_hook(
                 # Ledger.acquired, inlined (the hot-path contract in _ledger.py): two atomic
                 # C operations and no method call — measured in benchmarks/.
                 now = perf_counter()
-                ledger.active[fairy._connection_record] = now
+                record = fairy._connection_record
+                ledger.active[record] = now
+                if record._poolwatch_fresh:  # this checkout has its connection's first use
+                    record._poolwatch_fresh = False
+                    ledger.firsts.append(None)
                 ledger.waits.append(now - start)
                 if now - start > ledger.span_threshold:  # a wait that waited: a span
                     ledger.slow_wait(start, now, c.OUTCOME_ACQUIRED)
                 if ledger.capture:  # this pool has leaked (or leak_stacks="always")
-                    ledger.stacks[fairy._connection_record] = capture_stack(sys._getframe(1))
+                    ledger.stacks[record] = capture_stack(sys._getframe(1))
             except Exception as error:
                 report("sqlalchemy checkout", error)
         return fairy
@@ -454,7 +463,9 @@ def _dispose_hook(adapter: SQLAlchemyAdapter, original: Callable[..., Any]) -> C
 def _timed_creator(
     pool_ref: weakref.ref[Any], creator: Callable[..., Any], tracker: Tracker
 ) -> Callable[..., Any]:
-    """A pool's ``_invoke_creator`` (the DBAPI connect), timed."""
+    """A pool's ``_invoke_creator`` (the DBAPI connect), timed. SQLAlchemy passes it the
+    ``_ConnectionRecord`` it connects, which a successful connect marks: the checkout that
+    gets the record next is its connection's first (``Adapter.tells_firsts``)."""
 
     def create(*args: Any, **kwargs: Any) -> Any:
         start = perf_counter()
@@ -463,7 +474,7 @@ def _timed_creator(
         except BaseException:
             _report_connect(pool_ref, perf_counter() - start, False, tracker)
             raise
-        _report_connect(pool_ref, perf_counter() - start, True, tracker)
+        _report_connect(pool_ref, perf_counter() - start, True, tracker, args[0] if args else None)
         return connection
 
     if isinstance(creator, FunctionType):  # SQLAlchemy's lambda, or the user's creator
@@ -475,12 +486,14 @@ def _timed_creator(
 
 
 def _report_connect(
-    pool_ref: weakref.ref[Any], duration: float, ok: bool, tracker: Tracker
+    pool_ref: weakref.ref[Any], duration: float, ok: bool, tracker: Tracker, record: Any = None
 ) -> None:
     try:
         pool = pool_ref()
         ledger = pool._poolwatch_ledger if pool is not None else None
         if ledger is not None:
+            if record is not None:
+                setattr(record, _FRESH, True)
             ledger.connected(duration, ok=ok)
     except Exception as error:
         tracker.report("sqlalchemy connect", error)
