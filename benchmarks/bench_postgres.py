@@ -16,7 +16,9 @@ paired differences:
   ``await pool.acquire()`` + ``await pool.release(con)``, whose release runs asyncpg's
   reset query (a round trip to the server), as every release in an application does.
 
-Each poolwatch round checks that poolwatch counted every checkout (warm-up included).
+Each poolwatch round checks that poolwatch counted every checkout (warm-up included). The
+sync psycopg_pool row times a third variant in the same rounds: the floor's hooks
+(``_floor.py``), the least any hook reporting a wait and a use can add.
 
 The round trip the 1% target is read against: ``SELECT 1`` on a connection held
 throughout, psycopg (``conn.execute("SELECT 1")``) and asyncpg (``con.fetchval("SELECT 1")``),
@@ -54,12 +56,15 @@ from _common import (
     summarize,
     verdict,
 )
+from _floor import floor_hooks, floor_line
 from bench_http import HookSwitch, MeasurementError, checkouts_of
 
 import poolwatch
 
 TARGET_ACQUIRE_US = 1.0
 TARGET_SHARE_PCT = 1.0
+FLOORED = ("psycopg_pool getconn()+putconn()",)
+"""Rows also timed with the floor's hooks (``_floor.py``) as a third variant."""
 
 
 @dataclass(frozen=True)
@@ -102,12 +107,16 @@ def _counted(label: str, variant: str, kind: str, expected: int) -> None:
 
 
 def _psycopg_sync(dsn: str, variant: str, config: PostgresConfig) -> float:
-    """µs per ``getconn()`` + ``putconn()``."""
+    """µs per ``getconn()`` + ``putconn()``; variant ``floor``: the floor's hooks instead
+    of poolwatch's (``_floor.py``)."""
     import psycopg_pool
 
     _instrumented(variant)
     try:
-        with psycopg_pool.ConnectionPool(dsn, min_size=2, max_size=2, open=True) as pool:
+        with (
+            floor_hooks(variant, psycopg_pool.ConnectionPool, "getconn", "putconn") as timed,
+            psycopg_pool.ConnectionPool(dsn, min_size=2, max_size=2, open=True) as pool,
+        ):
             pool.wait()
             for _ in range(config.warmup):
                 pool.putconn(pool.getconn())
@@ -116,6 +125,7 @@ def _psycopg_sync(dsn: str, variant: str, config: PostgresConfig) -> float:
                 pool.putconn(pool.getconn())
             elapsed = (perf_counter() - start) / config.ops * 1e6
             _counted("psycopg_pool", variant, "psycopg_pool", config.warmup + config.ops)
+            timed.check(config.warmup + config.ops)
         return elapsed
     finally:
         poolwatch.uninstrument()
@@ -274,10 +284,14 @@ def run_postgres(config: PostgresConfig) -> PostgresResults:
         }
         acquire: dict[str, dict[str, Summary]] = {}
         for label, one in cases.items():
-            runs = {variant: functools.partial(one, variant) for variant in ("bare", "poolwatch")}
+            variants = ("bare", "poolwatch", "floor") if label in FLOORED else ("bare", "poolwatch")
+            runs = {variant: functools.partial(one, variant) for variant in variants}
             samples = interleave(runs, config.rounds)
             result = {name: summarize(values) for name, values in samples.items()}
             result["added"] = summarize(paired_differences(samples["poolwatch"], samples["bare"]))
+            if "floor" in samples:
+                floor = paired_differences(samples["floor"], samples["bare"])
+                result["floor added"] = summarize(floor)
             acquire[label] = result
         trips = interleave(
             {
@@ -312,6 +326,8 @@ def render_postgres(measured: PostgresResults, config: PostgresConfig) -> str:
             f"{verdict(added <= TARGET_ACQUIRE_US)}), {share:.2f}% of a SELECT 1 "
             f"(target <= {TARGET_SHARE_PCT:.0f}%: {verdict(share <= TARGET_SHARE_PCT)})"
         )
+        if "floor added" in row:
+            lines.append(floor_line(row["floor added"].median, added))
     s = measured.in_situ
     median, low, high = s.added
     lines.append(

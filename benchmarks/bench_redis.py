@@ -12,7 +12,9 @@ section (``bench_http.py``, whose machinery this reuses):
   the connect hook's check runs) and whether it has unread data (a non-blocking poll of
   its socket) — without a command. ``bare`` and ``poolwatch`` in interleaved rounds of
   ``acquire_ops``; added = the median of the rounds' paired differences; target <= 1 µs.
-  Each round checks that poolwatch counted every checkout (nothing, when bare).
+  Each round checks that poolwatch counted every checkout (nothing, when bare). The two
+  sync rows time a third variant in the same rounds: the floor's hooks (``_floor.py``),
+  the least any hook reporting a wait and a use can add.
 * **PING** — ``client.ping()`` on a ``Redis`` and an asyncio ``Redis`` client, sequential:
   ``bare``, ``poolwatch`` and, when ``opentelemetry-instrumentation-redis`` is installed,
   ``contrib`` (spans to an in-memory exporter), in interleaved rounds, as the http
@@ -34,6 +36,7 @@ from time import perf_counter
 from typing import Any
 
 from _common import Summary, heading, interleave, paired_differences, summarize, verdict
+from _floor import floor_hooks, floor_line
 from bench_http import (
     TARGET_ACQUIRE_US,
     HTTPConfig,
@@ -49,6 +52,12 @@ from bench_http import (
 )
 
 import poolwatch
+
+FLOORED = (
+    "redis ConnectionPool get_connection()+release()",
+    "redis BlockingConnectionPool get_connection()+release()",
+)
+"""Rows also timed with the floor's hooks (``_floor.py``) as a third variant."""
 
 
 def _instrumented(variant: str) -> None:
@@ -72,17 +81,19 @@ def _acquire_sync(url: str, variant: str, ops: int, *, blocking: bool) -> float:
     import redis
 
     _instrumented(variant)
+    cls = redis.BlockingConnectionPool if blocking else redis.ConnectionPool
     try:
-        cls = redis.BlockingConnectionPool if blocking else redis.ConnectionPool
-        pool = cls.from_url(url, max_connections=1)
-        pool.release(pool.get_connection())  # one live idle connection
-        get, release = pool.get_connection, pool.release
-        start = perf_counter()
-        for _ in range(ops):
-            release(get())
-        elapsed = (perf_counter() - start) / ops * 1e6
-        _counted(cls.__name__, variant, ops + 1)
-        pool.disconnect()
+        with floor_hooks(variant, cls, "get_connection", "release") as timed:
+            pool = cls.from_url(url, max_connections=1)
+            pool.release(pool.get_connection())  # one live idle connection
+            get, release = pool.get_connection, pool.release
+            start = perf_counter()
+            for _ in range(ops):
+                release(get())
+            elapsed = (perf_counter() - start) / ops * 1e6
+            _counted(cls.__name__, variant, ops + 1)
+            timed.check(ops + 1)
+            pool.disconnect()
         return elapsed
     finally:
         poolwatch.uninstrument()
@@ -127,10 +138,13 @@ def run_acquire(url: str, config: HTTPConfig) -> dict[str, dict[str, Summary]]:
     }
     results: dict[str, dict[str, Summary]] = {}
     for label, one in cases.items():
-        runs = {variant: functools.partial(one, variant) for variant in ("bare", "poolwatch")}
+        variants = ("bare", "poolwatch", "floor") if label in FLOORED else ("bare", "poolwatch")
+        runs = {variant: functools.partial(one, variant) for variant in variants}
         samples = interleave(runs, config.acquire_rounds)
         result = {name: summarize(values) for name, values in samples.items()}
         result["added"] = summarize(paired_differences(samples["poolwatch"], samples["bare"]))
+        if "floor" in samples:
+            result["floor added"] = summarize(paired_differences(samples["floor"], samples["bare"]))
         results[label] = result
     return results
 
@@ -183,6 +197,8 @@ def render_redis(measured: RedisResults, config: HTTPConfig) -> str:
             f"adds {added:.2f} µs (IQR {row['added'].spread()}) per acquire+release "
             f"(target <= {TARGET_ACQUIRE_US:.0f} µs): {verdict(added <= TARGET_ACQUIRE_US)}"
         )
+        if "floor added" in row:
+            lines.append(floor_line(row["floor added"].median, added))
     lines.append("")
     lines.append(
         f"PING: {config.rounds} interleaved rounds x {config.requests} requests (after "
