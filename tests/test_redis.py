@@ -696,7 +696,9 @@ def test_get_connection_warns_of_deprecated_arguments_as_bare_and_counts_either_
 ) -> None:
     """The checkout hook calls the pool's own get_connection past redis-py's
     @deprecated_args wrapper only for a call without arguments; a call with the deprecated
-    command name still goes through the wrapper, which warns as it does bare."""
+    command name is checked by redis-py's own check, which warns as it does bare: at the
+    application's line (where filters by module, and Python's default filter for
+    ``__main__``, judge it), not at poolwatch's hook."""
     import warnings
 
     pool = redis.ConnectionPool.from_url(redis_server.url(25))
@@ -705,18 +707,49 @@ def test_get_connection_warns_of_deprecated_arguments_as_bare_and_counts_either_
         warnings.simplefilter("always")
         pool.release(pool.get_connection())
         assert caught == []
+        sync_line = sys._getframe().f_lineno + 1
         pool.release(pool.get_connection("GET"))
 
-        async def scenario() -> None:
+        async def scenario() -> int:
             await apool.release(await apool.get_connection())
             assert len(caught) == 1
+            line = sys._getframe().f_lineno + 1
             await apool.release(await apool.get_connection("GET"))
             await apool.disconnect()
+            return line
 
-        asyncio.run(asyncio.wait_for(scenario(), 30))
+        async_line = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert [w.category for w in caught] == [DeprecationWarning, DeprecationWarning]
     assert all("get_connection() without args" in str(w.message) for w in caught)
+    assert [(w.filename, w.lineno) for w in caught] == [
+        (__file__, sync_line),
+        (__file__, async_line),
+    ]
     for db, idle in ((25, 1), (26, 0)):  # the asyncio pool is disconnected already
         snap = _only(_name(redis_server, db))
         assert (snap.checkouts, snap.connects, snap.used, snap.idle) == (2, 1, 0, idle)
+    pool.disconnect()
+
+
+def test_a_deprecation_warning_raised_as_an_error_is_no_failed_checkout(
+    pw: Harness, redis_server: RedisServer
+) -> None:
+    """Under ``-W error``, redis-py's check raises the warning before any checkout, bare and
+    with poolwatch: nothing waited, nothing failed, and the pool lends nothing."""
+    import warnings
+
+    pool = redis.ConnectionPool.from_url(redis_server.url(27))
+    pool.release(pool.get_connection())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DeprecationWarning):
+            pool.get_connection("GET")
+    snap = _only(_name(redis_server, 27))
+    assert (snap.checkouts, snap.used, snap.idle) == (1, 0, 1)
+    got = pw.collect()
+    assert got.count("poolwatch.wait.duration", pool__name=_name(redis_server, 27)) == 1
+    assert (
+        got.count("poolwatch.wait.duration", pool__name=_name(redis_server, 27), outcome="error")
+        == 0
+    )
     pool.disconnect()

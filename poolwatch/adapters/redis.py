@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import inspect
 import sys
@@ -634,14 +635,54 @@ def _undecorated(original: Callable[..., Any]) -> Callable[..., Any] | None:
     return function
 
 
+def _argument_check(
+    original: Callable[..., Any], inner: Callable[..., Any] | None
+) -> tuple[Callable[[tuple[Any, ...], dict[str, Any]], None], Callable[..., Any]]:
+    """For a call with arguments: what checks them, and what to call after the check.
+
+    With ``original`` exactly redis-py's ``@deprecated_args`` wrapper around ``inner``:
+    redis-py's own check, as the wrapper makes it, then ``inner``. The check warns at
+    stacklevel 4, the caller of the frame that calls it: called by the hook in the
+    wrapper's place, it leaves a deprecation warning at the application's line, as bare.
+    The wrapper called from the hook would leave it at the hook's line, where filters by
+    module (and Python's default one, which shows a DeprecationWarning raised in
+    ``__main__``) judge it otherwise. A ``functools.partial`` adds no frame. Otherwise:
+    no check, then ``original``."""
+    if inner is None:
+        return _no_check, original
+    function: Callable[..., Any] = inner
+    check = getattr(sys.modules.get("redis.utils"), "_check_deprecated_layers", None)
+    code = getattr(original, "__code__", None)
+    if callable(check) and code is not None:
+        try:
+            cells = original.__closure__ or ()
+            found = dict(zip(code.co_freevars, (c.cell_contents for c in cells), strict=True))
+        except ValueError:  # an empty cell
+            found = {}
+        checks = found.get("checks")
+        if found.get("func") is function and isinstance(checks, tuple):
+            return functools.partial(check, function, checks), function
+    return _no_check, original
+
+
+def _no_check(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """The check of a call whose function warns for itself."""
+
+
 def _get_connection_hook(
     adapter: RedisAdapter, original: Callable[..., Any], exact: bool
 ) -> Callable[..., Any]:
     report = adapter.report
     depth = 1 if exact else CALLER  # the frame that asked for a connection
     inner = _undecorated(original) if exact else None
+    check, checked = _argument_check(original, inner)
 
     def get_connection(*args: Any, **kwargs: Any) -> Any:
+        if inner is not None and len(args) == 1 and not kwargs:  # get_connection()
+            called = inner
+        else:  # deprecated arguments: redis-py's own check, called from this frame
+            check(args, kwargs)
+            called = checked
         try:
             pool = args[0]
             ledger: Ledger | None = pool._poolwatch_ledger
@@ -651,10 +692,7 @@ def _get_connection_hook(
             ledger = None
         start = perf_counter()
         try:
-            if inner is not None and len(args) == 1 and not kwargs:  # get_connection()
-                conn = inner(*args)
-            else:
-                conn = original(*args, **kwargs)
+            conn = called(*args, **kwargs)
         except BaseException as error:
             _failed(adapter, ledger, start, error)
             raise
@@ -687,8 +725,14 @@ def _async_get_connection_hook(
     report = adapter.report
     depth = 1 if exact else CALLER  # the frame that awaits a connection
     inner = _undecorated(original) if exact else None
+    check, checked = _argument_check(original, inner)
 
     async def get_connection(*args: Any, **kwargs: Any) -> Any:
+        if inner is not None and len(args) == 1 and not kwargs:  # get_connection()
+            called = inner
+        else:  # deprecated arguments: redis-py's own check, called from this frame
+            check(args, kwargs)
+            called = checked
         try:
             pool = args[0]
             ledger: Ledger | None = pool._poolwatch_ledger
@@ -698,10 +742,7 @@ def _async_get_connection_hook(
             ledger = None
         start = perf_counter()
         try:
-            if inner is not None and len(args) == 1 and not kwargs:  # get_connection()
-                conn = await inner(*args)
-            else:
-                conn = await original(*args, **kwargs)
+            conn = await called(*args, **kwargs)
         except BaseException as error:
             _failed(adapter, ledger, start, error)
             raise
