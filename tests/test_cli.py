@@ -189,8 +189,13 @@ def test_demo_discard_throws_connections_away(
 @pytest.mark.postgres
 def test_demo_runs_against_a_database_url(postgres: PostgresCluster) -> None:
     output = _demo("--scenario", "exhaustion", "--duration", "2", "--url", postgres.url())
+    used = [t["orders-db"]["USED/MAX"] for t in _tables(output)]
     db = _rows(output)["orders-db"]
-    assert (db["KIND"], db["USED/MAX"]) == ("sqlalchemy", "2/2")
+    # Each table an instant: one may fall between a release and the next waiter's checkout
+    # (1/2, seen on a loaded CI clone), as in test_demo_exhaustion_times_callers_out.
+    assert db["KIND"] == "sqlalchemy"
+    assert "2/2" in used, used
+    assert all(u in ("1/2", "2/2") for u in used), used
     assert int(db["TIMEOUTS"]) > 0
     assert postgres.password not in output
 
