@@ -698,32 +698,29 @@ class Ledger:
     def _reuses(self, unconnected: int) -> int:
         """Checkouts that opened no connection (the caller holds the lock).
 
-        Every pool poolwatch knows opens a connection for the checkout that needs one, so
-        successful checkouts minus the connects made for them reused one. Where the
-        connect happens inside the checkout (aiohttp, redis-py; httpx, whose checkout is
-        counted when the connection accepts the request), a failed connect failed its
-        checkout, which is not among the successful ones: only successful connects are
-        subtracted. Where it follows the checkout (urllib3), a failed connect was
-        made for a successful checkout, and is subtracted too — and a checkout out now
-        whose connect has not been counted yet (``unconnected``: it is connecting, or about
-        to) is not a reuse either, though nothing says so yet: left in, it read as one
-        until its connect was counted, and the count, which never goes down, kept it.
-        Everything is counted before it can be mistaken: a connect before its checkout
-        (aiohttp, redis-py, httpx), a connect before its connection shows as connected
-        (urllib3); a count caught between two such steps is only ever too low, and the
-        exported count, which never goes down, waits for the next collection.
+        Where the hooks tell each connection's first checkout (``tells_firsts``: SQLAlchemy,
+        aiohttp, redis-py, psycopg_pool, asyncpg), every other checkout reused a
+        connection. Checkouts less connects is not the count there: pools that open
+        connections ahead of demand (psycopg_pool's and asyncpg's ``min_size``, connections
+        opened in the background) make connects no checkout asked for; one SQLAlchemy
+        checkout can make two (it reconnects when its pre-ping or a ``checkout`` listener
+        finds the connection dead); and a connect can succeed while its checkout fails (a
+        SQLAlchemy ``checkout`` listener or an aiohttp trace callback raising after it,
+        redis-py finding unread data on a connection it just opened). The difference then
+        drifts below the truth for good, and the exported count, which keeps its highest
+        value, reads above it until the reuses catch up (seen under load on PostgreSQL with
+        backends being killed).
 
-        That premise, one successful connect per successful checkout that opened one, fails
-        in two ways, and those pools' hooks tell each connection's first checkout instead
-        (``firsts``, ``tells_firsts``): every other checkout reused a connection. Pools
-        that open connections ahead of demand (psycopg_pool's and asyncpg's ``min_size``,
-        connections opened in the background): a connect is not made for a checkout, and a
-        connection may serve its first checkout long after it opened, or none. And
-        SQLAlchemy, whose checkout reconnects when its pre-ping or a ``checkout`` listener
-        finds the connection dead (two connects, one checkout), and fails after a connect
-        when a listener raises: the difference then drifts below the truth for good, and
-        the exported count, which keeps its highest value, reads above it until the
-        reuses catch up (seen under load on PostgreSQL with backends being killed).
+        The others (urllib3, httpx) open a connection after the checkout, for the request
+        that needs it, once: a checkout reused a connection unless a connect (successful or
+        not) was counted for it. For httpx the checkout is counted when the connection
+        accepts the request (``_accepted``), after its connect, so only successful connects
+        are subtracted (``connects_in_checkout``). For urllib3 a checkout out now whose
+        connect has not been counted yet (``unconnected``: it is connecting, or about to)
+        is not a reuse either, though nothing says so yet: left in, it read as one until
+        its connect was counted, and the count, which never goes down, kept it. A count
+        caught between two steps is only ever too low, and the exported count waits for
+        the next collection.
         """
         if self.tells_firsts:
             reused = sum(self.wait[c.OUTCOME_ACQUIRED].counts) - self._firsts

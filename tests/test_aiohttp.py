@@ -15,7 +15,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import aiohttp
 import pytest
@@ -106,6 +106,45 @@ def test_keep_alive_requests_reuse_one_connection(pw: Harness) -> None:
         got = pw.collect()
         assert got.value("poolwatch.connections.closed", pool__name=NAME, reason="disposed") == 1
         assert got.count("http.client.connection.duration", pool__name=NAME) == 1
+
+    with AsyncioUpstream() as up:
+        run(scenario(up))
+
+
+def test_reuse_counts_firsts_when_a_connect_fails_its_checkout(pw: Harness) -> None:
+    """A trace callback that raises after a connect fails that checkout (aiohttp closes
+    nothing: the connection it opened is dropped). Reuse counted as checkouts less connects
+    read 2 here, not 3."""
+    failing = [True]
+
+    async def created(*_: Any) -> None:
+        if failing and failing.pop():
+            raise RuntimeError("raised by the test's trace callback")
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(created)
+
+    class Recording(aiohttp.TCPConnector):  # keeps what it opened, to close the dropped one
+        made: ClassVar[list[Any]] = []
+
+        async def _create_connection(self, req: Any, traces: Any, timeout: Any) -> Any:
+            proto = await super()._create_connection(req, traces, timeout)
+            self.made.append(proto)
+            return proto
+
+    async def scenario(up: AsyncioUpstream) -> None:
+        async with aiohttp.ClientSession(connector=Recording(), trace_configs=[trace]) as session:
+            with pytest.raises(RuntimeError):
+                await _get(session, up.url)
+            Recording.made[0].close()
+            for _ in range(4):  # the first opens a connection; three reuse it
+                assert await _get(session, up.url) == b"ok\n"
+            snap = _pool()
+            assert (snap.checkouts, snap.connects, snap.reused) == (4, 2, 3)
+            assert up.connections == 2
+            got = pw.collect()
+            assert got.value("poolwatch.checkouts.reused", pool__name=NAME) == 3
+            assert got.count("poolwatch.wait.duration", pool__name=NAME, outcome="error") == 1
 
     with AsyncioUpstream() as up:
         run(scenario(up))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
+import socket
 import subprocess
 import sys
 import textwrap
@@ -27,6 +29,7 @@ from redis.retry import Retry
 
 import poolwatch
 from tests.support.harness import Harness
+from tests.support.loopback import LoopbackServer
 from tests.support.redis import RedisServer
 
 
@@ -729,6 +732,55 @@ def test_get_connection_warns_of_deprecated_arguments_as_bare_and_counts_either_
         snap = _only(_name(redis_server, db))
         assert (snap.checkouts, snap.connects, snap.used, snap.idle) == (2, 1, 0, idle)
     pool.disconnect()
+
+
+class _Chatty(LoopbackServer):
+    """A stand-in for a server that writes before it is asked, to its first ``chatty``
+    connections (a proxy's greeting, a server's error before it hangs up); silent to the
+    others, which is all a checkout without a command needs. Not redis-server: it cannot be
+    made to do this."""
+
+    def __init__(self, chatty: int) -> None:
+        super().__init__()
+        self.chatty = chatty
+
+    def serve(self, sock: socket.socket) -> None:
+        with sock:
+            if self.connections <= self.chatty:
+                sock.sendall(b"+OK\r\n")
+            sock.settimeout(0.05)
+            while not self._stop.is_set():
+                try:
+                    if not sock.recv(4096):
+                        return
+                except TimeoutError:
+                    continue
+
+
+def test_reuse_counts_firsts_when_a_checkout_connects_and_fails(pw: Harness) -> None:
+    """redis-py's get_connection connects, finds unread data, reconnects, finds it again
+    and fails ("Connection not ready"): two connects for no checkout. Reuse counted as
+    checkouts less connects read 1 here, not 3."""
+    with _Chatty(chatty=2) as server:
+        # The connect's handshake, redis-py's redis_connect_func: send nothing, wait a
+        # moment for what the server says first (so that the pool's check finds it).
+        def handshake(conn: Any) -> None:
+            conn._parser.on_connect(conn)  # as redis-py's own handshake starts
+            select.select([conn._sock], [], [], 0.2)
+
+        pool = redis.ConnectionPool(
+            host="127.0.0.1", port=server.port, protocol=2, redis_connect_func=handshake
+        )
+        poolwatch.track(pool, name="chatty")
+        with pytest.raises(redis.exceptions.ConnectionError, match="Connection not ready"):
+            pool.get_connection()
+        for _ in range(4):  # the first connects; three reuse its connection
+            pool.release(pool.get_connection())
+        snap = _only("chatty")
+        assert (snap.checkouts, snap.connects, snap.reused) == (4, 3, 3)
+        assert server.connections == 3
+        assert pw.collect().value("poolwatch.checkouts.reused", pool__name="chatty") == 3
+        pool.disconnect()
 
 
 def test_a_deprecation_warning_raised_as_an_error_is_no_failed_checkout(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy import exc, pool
+from sqlalchemy import event, exc, pool
 from sqlalchemy.pool import base
 
 import poolwatch
@@ -267,7 +267,16 @@ def test_uninstrument_restores_everything(harness: Harness, tmp_path: Path) -> N
     engine = sa.create_engine(_url(tmp_path))
     creator = engine.pool._invoke_creator
     engine.connect().close()
+    engine.pool.dispose()
+    # A checkout that connects, then fails: the record goes back to the pool with the
+    # connect's mark (its next checkout is a first), which uninstrument() must take too.
+    event.listen(engine, "checkout", _reject, once=True)
+    with pytest.raises(RuntimeError):
+        engine.connect()
+    idle = list(engine.pool._pool.queue)
+    assert [hasattr(record, "_poolwatch_fresh") for record in idle] == [True]
     poolwatch.uninstrument()
+    assert [k for record in idle for k in vars(record) if "poolwatch" in k] == []
     assert originals == (
         base._ConnectionFairy.__dict__["_checkout"],
         base._ConnectionRecord.__dict__["checkin"],
@@ -283,6 +292,10 @@ def test_uninstrument_restores_everything(harness: Harness, tmp_path: Path) -> N
         assert conn.execute(sa.text("select 1")).scalar() == 1
     assert harness.collect().names() == set()
     assert poolwatch.pools() == []
+
+
+def _reject(*_: object) -> None:
+    raise RuntimeError("rejected by the test's checkout listener")
 
 
 def test_instrument_is_idempotent(harness: Harness) -> None:

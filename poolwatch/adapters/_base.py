@@ -101,7 +101,7 @@ class Adapter(abc.ABC):
     demand (psycopg_pool's and asyncpg's ``min_size``, connections opened in the
     background), nor when one checkout can open two (SQLAlchemy reconnects inside a
     checkout whose pre-ping or ``checkout`` listener finds the connection dead) or open
-    one and still fail."""
+    one and still fail (SQLAlchemy, aiohttp, redis-py). ``Ledger._reuses`` says more."""
     connects_in_wait: ClassVar[bool] = False
     """Whether that connect is part of the caller's wait for a connection (SQLAlchemy,
     aiohttp): a slow wait's span then shows it as a child (``_tracing``)."""

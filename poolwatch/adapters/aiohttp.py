@@ -117,6 +117,9 @@ _OUT = "_poolwatch_out"
 default is None). Kept on the connection rather than in ``Ledger.active``: a dict set and
 pop per request cost about a third of the hooks' time inside a request (measured in situ,
 benchmarks/bench_http.py); ``checkouts`` reads them from the connectors at collection."""
+_FRESH = "_poolwatch_fresh"
+"""On a connection: opened, not handed out yet (the class default is False): the checkout
+that gets it is its first (``Adapter.tells_firsts``)."""
 _CONNECTING = "_poolwatch_connecting"
 """On a connector: connections being opened, by ``ConnectionKey`` (for per-host used)."""
 _SITE = "_poolwatch_site"
@@ -199,6 +202,9 @@ class AiohttpAdapter(Adapter):
     kind = "aiohttp"
     module = "aiohttp"
     connects_in_checkout = True
+    tells_firsts = True
+    """Not checkouts less connects: a connect can succeed and its checkout still fail (a
+    trace callback raising after it, the connector closed meanwhile)."""
     connects_in_wait = True
     family = "http"
     requires = ("aiohttp >= 3.12.11, < 4",)
@@ -242,6 +248,7 @@ class AiohttpAdapter(Adapter):
         handler = client_proto.ResponseHandler
         self._patch(handler, _MARK, None)
         self._patch(handler, _OUT, None)
+        self._patch(handler, _FRESH, False)
         self._hook_all(
             [
                 (base, "connect", _connect_hook),
@@ -283,6 +290,7 @@ class AiohttpAdapter(Adapter):
         for proto in protocols + list(connector._acquired):
             _forget(proto, _MARK)
             _forget(proto, _OUT)
+            _forget(proto, _FRESH)
 
     # -- tracking ----------------------------------------------------------------------
     def _track_connector(
@@ -641,6 +649,9 @@ def _connect_hook(
                 now = perf_counter()
                 proto = conn._protocol
                 proto._poolwatch_out = now
+                if proto._poolwatch_fresh:  # its first checkout
+                    proto._poolwatch_fresh = False
+                    ledger.firsts.append(None)
                 ledger.waits.append(now - start)
                 if now - start > ledger.span_threshold:  # a wait that waited: a span
                     ledger.slow_wait(start, now, c.OUTCOME_ACQUIRED)
@@ -708,6 +719,7 @@ def _create_hook(
         _connect_done(self, connecting, key, perf_counter() - start, ok=True, report=report)
         try:
             proto._poolwatch_mark = (monotonic(), key)
+            proto._poolwatch_fresh = True
         except Exception as error:
             report("aiohttp connect", error)
         return proto

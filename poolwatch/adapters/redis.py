@@ -121,7 +121,7 @@ tasks of their own (``asyncio.gather``), which copy it when they are made."""
 class _Mark:
     """poolwatch's state on one connection of a tracked pool, kept in one attribute."""
 
-    __slots__ = ("born", "dedicated", "ledger", "open", "out", "owner")
+    __slots__ = ("born", "dedicated", "fresh", "ledger", "open", "out", "owner")
 
     def __init__(self, ledger: Ledger, owner: int, *, open_: bool) -> None:
         self.ledger: Ledger | None = ledger
@@ -135,6 +135,11 @@ class _Mark:
         """Connected, as poolwatch saw it: its next close is to be counted."""
         self.born: float | None = None
         """``perf_counter()`` of the connect that opened it; None if unknown."""
+        self.fresh = False
+        """Opened while not checked out (inside a checkout's ``get_connection``, or between
+        checkouts), not handed out since: the next checkout is its first
+        (``Adapter.tells_firsts``). A reconnect while it is out serves that checkout, which
+        was handed an open connection."""
 
 
 def pool_target(
@@ -179,6 +184,9 @@ class RedisAdapter(Adapter):
     module = "redis"
     requires = ("redis >= 8.2.0, < 9",)
     connects_in_checkout = True
+    tells_firsts = True
+    """Not checkouts less connects: ``get_connection`` can connect and still fail (the
+    connection connected, then found with unread data, twice: "Connection not ready")."""
     connects_in_wait = True
     """``get_connection`` opens a new connection inside the caller's wait: a slow wait's
     span has that connect as its child."""
@@ -706,6 +714,9 @@ def _get_connection_hook(
                     mark = adapter._adopt(pool, conn, ledger)
                 if mark.out is None:  # else counted by a hook it called (super())
                     mark.out = now
+                    if mark.fresh:  # its first checkout
+                        mark.fresh = False
+                        ledger.firsts.append(None)
                     waited = now - start
                     ledger.waits.append(waited)
                     if waited > ledger.span_threshold:  # a wait that waited: a span
@@ -755,6 +766,9 @@ def _async_get_connection_hook(
                     mark = adapter._adopt(pool, conn, ledger)
                 if mark.out is None:
                     mark.out = now
+                    if mark.fresh:  # its first checkout
+                        mark.fresh = False
+                        ledger.firsts.append(None)
                     waited = now - start
                     ledger.waits.append(waited)
                     if waited > ledger.span_threshold:  # a wait that waited: a span
@@ -1008,6 +1022,8 @@ def _connect_done(timing: tuple[_Mark, Ledger], start: float, *, ok: bool, open_
     ledger.connects.append(now - start)
     mark.born = now
     mark.open = True
+    if mark.out is None:
+        mark.fresh = True
     if ledger.tracer is not None:  # kept for the span of the wait it is part of
         ledger.slow_connect(start, now, True)
 

@@ -43,7 +43,9 @@ _LEDGER = "_poolwatch_ledger"
 _ORIGINAL = "__poolwatch_original__"
 _REASON = "_poolwatch_close_reason"
 _FRESH = "_poolwatch_fresh"
-"""On a ``_ConnectionRecord``: its connection was opened and has served no checkout yet."""
+"""On a ``_ConnectionRecord``: its connection was opened and has served no checkout yet. Set
+by the connect, deleted by the checkout: only idle records can hold it, which
+``uninstrument()`` clears."""
 
 _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433, "oracle": 1521}
 
@@ -110,6 +112,12 @@ class SQLAlchemyAdapter(Adapter):
 
     def _forget_pools(self) -> None:
         for pool in list(self._tracked):
+            try:
+                for record in self._records_of(pool):  # idle ones may hold a mark
+                    pop_attribute(record, _FRESH)
+                    pop_attribute(record, _REASON)
+            except Exception as error:
+                self.report("sqlalchemy uninstrument", error)
             pop_attribute(pool, _LEDGER)
             creator = getattr(pool, "_invoke_creator", None)
             original = getattr(creator, _ORIGINAL, None)
@@ -220,7 +228,7 @@ class SQLAlchemyAdapter(Adapter):
         if reason is None:
             reason = _close_reason(record, pool, caller)
         else:
-            record._poolwatch_close_reason = None
+            del record._poolwatch_close_reason  # the class default (None) shows again
         lifetime = time.time() - record.starttime if record.starttime else None
         ledger.closed_connection(reason, lifetime)
 
@@ -355,7 +363,7 @@ def _checkout_hook(
                 record = fairy._connection_record
                 ledger.active[record] = now
                 if record._poolwatch_fresh:  # this checkout has its connection's first use
-                    record._poolwatch_fresh = False
+                    del record._poolwatch_fresh  # the class default (False) shows again
                     ledger.firsts.append(None)
                 ledger.waits.append(now - start)
                 if now - start > ledger.span_threshold:  # a wait that waited: a span
