@@ -290,8 +290,9 @@ class Ledger:
         """Whether its pools open a connection inside the checkout (a failed connect fails
         the checkout) rather than after it (``Adapter.connects_in_checkout``)."""
         self.tells_firsts = tells_firsts
-        """Whether its pools open connections ahead of demand (``Adapter.tells_firsts``): the
-        reuse count is then checkouts less first checkouts (``firsts``), not less connects."""
+        """Whether its pools' hooks tell each connection's first checkout
+        (``Adapter.tells_firsts``): the reuse count is then checkouts less first checkouts
+        (``firsts``), not less connects (``_reuses``)."""
         self.firsts: list[None] = []
         """One entry per checkout that was its connection's first, not counted yet (pools
         that open connections ahead of demand tell them; the others never do)."""
@@ -367,8 +368,8 @@ class Ledger:
     ) -> None:
         """A caller got connection ``key`` after waiting from ``start`` to ``end``;
         ``borrower``: its frame, whose stack is kept while ``capture`` is on; ``first``:
-        the connection's first checkout (told by the hooks of pools that open connections
-        ahead of demand, ``tells_firsts``).
+        the connection's first checkout (told by the hooks of pools whose ledger
+        ``tells_firsts``).
 
         Out first, counted second: a collection between the two sees a checkout out and
         not yet counted, never one counted and not out — the reuse count (checkouts less
