@@ -294,8 +294,8 @@ class Ledger:
         (``Adapter.tells_firsts``): the reuse count is then checkouts less first checkouts
         (``firsts``), not less connects (``_reuses``)."""
         self.firsts: list[None] = []
-        """One entry per checkout that was its connection's first, not counted yet (pools
-        that open connections ahead of demand tell them; the others never do)."""
+        """One entry per checkout that was its connection's first, not counted yet (the
+        hooks of pools whose ledger ``tells_firsts`` tell them; the others never do)."""
         self._firsts = 0
         """First checkouts counted (folded from ``firsts``)."""
         self.connects_in_wait = False
