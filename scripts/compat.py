@@ -65,6 +65,7 @@ LONGEST_FIRST = (
     "httpcore",
     "botocore",
     "asyncpg",
+    "aiobotocore",
 )
 """Suites in the order they are started: the slowest first (measured here)."""
 """Suites run at once (each is two pytest processes). Most of the suites' time is spent
@@ -96,6 +97,11 @@ class Suite:
     """``(file, text, replacement)`` made in the unpacked tests where ``text`` is found:
     a later release's own fix of a flaw in its tests, applied to the older release."""
     env: dict[str, str] = field(default_factory=dict)
+    ends: tuple[str, ...] = ENDS
+    """The ends it runs at."""
+    apart: tuple[str, ...] = ()
+    """The distributions of an environment of its own (``.compat/<end>-<name>``), for a
+    library that cannot be installed beside the others; empty: its end's shared one."""
     server: str = ""
     """A server the suite needs. ``redis``: a throw-away ``redis-server`` on a free loopback
     port started for each pytest run inside its network namespace, its URL given to the
@@ -204,7 +210,33 @@ SUITES = (
         remove=("asyncpg",),
         server="postgres",
     ),
+    # aiobotocore's pools are aiohttp connectors, hooked by the aiohttp adapter (poolwatch
+    # patches nothing of aiobotocore's; it reads the stack that makes a connector to name
+    # it). Its HTTP session's tests and its S3 tests against moto's server, on the aiohttp
+    # backend (HTTP_BACKEND unset); the localonly ones need real AWS credentials. Apart:
+    # each aiobotocore release pins the botocore releases it was made for (3.10.0: 1.43.115
+    # to 1.43.117), which is neither end's botocore (1.31.63; the newest, 1.44.x). Its range
+    # (3.10 up to 4) holds one release so far: the newest end is both of its ends.
+    Suite(
+        "aiobotocore",
+        "aiobotocore",
+        "aiohttp",
+        ("tests/test_httpsession.py", "tests/test_basic_s3.py"),
+        args=("-o", "addopts=--import-mode=importlib", "-m", "not localonly"),
+        remove=("aiobotocore",),
+        ends=("newest",),
+        apart=("aiohttp", "aiobotocore"),
+    ),
 )
+
+KEPT_APART = frozenset(s.distribution for s in SUITES if s.apart)
+"""Distributions only their own suite's environment installs."""
+
+
+def runs_in(suite: Suite, env: Environment) -> bool:
+    """Whether ``suite`` runs in ``env``: its end, and its own environment or the shared one."""
+    return env.end in suite.ends and env.apart is (suite if suite.apart else None)
+
 
 # The tests' own requirements, as each project lists them for its test runs (lint, docs,
 # coverage and xdist left out), at each end. Unpinned: the newest that installs beside the
@@ -234,6 +266,8 @@ TEST_REQUIREMENTS: dict[str, tuple[str, ...]] = {
     # asyncpg's test_pool.py needs nothing beyond pytest (its test extra is linters, uvloop
     # and Kerberos for other modules).
     "asyncpg": (),
+    # aiobotocore's test group, for these two modules (its conftest starts moto's server).
+    "aiobotocore": ("moto[server,s3]", "pytest-mock", "anyio", "trio"),
     "aiohttp": (
         "blockbuster",
         "coverage",  # its pytest.ini names coverage's warning class
@@ -327,11 +361,14 @@ def run(command: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 class Environment:
-    """``.compat/<end>``: poolwatch from the checkout, the libraries at one end."""
+    """``.compat/<end>``: poolwatch from the checkout, the libraries at one end; or
+    ``.compat/<end>-<suite>``, the environment of a suite kept ``apart``."""
 
-    def __init__(self, end: str) -> None:
+    def __init__(self, end: str, apart: Suite | None = None) -> None:
         self.end = end
-        self.venv = WORK / end
+        self.apart = apart
+        self.label = end if apart is None else f"{end}-{apart.name}"
+        self.venv = WORK / self.label
         self.python = self.venv / "bin" / "python"
         self.versions: dict[str, str] = {}
         self.ready: concurrent.futures.Future[None] | None = None
@@ -364,7 +401,11 @@ class Environment:
             run([sys.executable, "-m", "venv", str(self.venv)])
             self.pip("install", "--quiet", "--upgrade", "pip")
             self.pip("install", "--quiet", "-e", str(ROOT))
-        ranges = self.ranges()
+        ranges = {
+            distribution: spec
+            for distribution, spec in self.ranges().items()
+            if (distribution in self.apart.apart if self.apart else distribution not in KEPT_APART)
+        }
         wanted = []
         for distribution, (specifier, lowest) in sorted(ranges.items()):
             wanted.append(
@@ -389,7 +430,7 @@ class Environment:
             self.versions[name.lower().replace("_", "-")] = version
         missing = [d for d in ranges if d not in self.versions]
         if missing:
-            raise SetupError(f"{self.end}: not installed after pip install: {missing}")
+            raise SetupError(f"{self.label}: not installed after pip install: {missing}")
 
     def sdist(self, distribution: str) -> Path:
         """The source distribution of ``distribution`` at the installed version, downloaded
@@ -970,7 +1011,7 @@ def prepare_only(envs: list[Environment], suites: list[Suite], fresh: bool) -> i
 
     def ready(env: Environment) -> None:
         env.prepare(fresh)
-        for distribution in sorted({s.distribution for s in suites}):
+        for distribution in sorted({s.distribution for s in suites if runs_in(s, env)}):
             env.sdist(distribution)
 
     with concurrent.futures.ThreadPoolExecutor(len(envs)) as setting_up:
@@ -981,7 +1022,7 @@ def prepare_only(envs: list[Environment], suites: list[Suite], fresh: bool) -> i
             except SetupError as error:
                 log(f"error: {error}")
                 return 2
-            log(f"compat: {env.end} environment ready ({env.venv.relative_to(ROOT)})")
+            log(f"compat: {env.label} environment ready ({env.venv.relative_to(ROOT)})")
     return 0
 
 
@@ -1034,7 +1075,8 @@ def main(argv: list[str] | None = None) -> int:
     def elapsed() -> str:
         return f"[{time.monotonic() - started:4.0f}s]"
 
-    envs = [Environment(end) for end in ends]
+    own = [Environment(end, s) for s in suites if s.apart for end in s.ends if end in ends]
+    envs = [Environment(end) for end in ends] + own
     if options.prepare:
         return prepare_only(envs, suites, options.fresh)
     prefix = isolation()
@@ -1064,6 +1106,7 @@ def main(argv: list[str] | None = None) -> int:
             pool.submit(run_suite, env, suite, known, prefix, options.serial)
             for suite in order
             for env in envs
+            if runs_in(suite, env)
         ]
         for env in envs:
             ready = env.ready
@@ -1076,9 +1119,10 @@ def main(argv: list[str] | None = None) -> int:
                     future.cancel()
                 return 2
             log(
-                f"  {elapsed()} {env.end}: "
+                f"  {elapsed()} {env.label}: "
                 + ", ".join(
-                    f"{d} {env.versions[d]}" for d in sorted({s.distribution for s in SUITES})
+                    f"{d} {env.versions[d]}"
+                    for d in sorted({s.distribution for s in SUITES if runs_in(s, env)})
                 )
             )
         for future in concurrent.futures.as_completed(futures):

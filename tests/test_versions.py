@@ -146,7 +146,7 @@ def test_a_malformed_requirement_says_what_is_wrong(text: str, error: str) -> No
 # -- the ranges (a contract: README's status table shows them) -------------------------------
 
 SUPPORTED = {
-    "aiohttp": (("aiohttp >= 3.12.11, < 4",), ()),
+    "aiohttp": (("aiohttp >= 3.12.11, < 4",), ("aiobotocore >= 3.10.0, < 4",)),
     "asyncpg": (("asyncpg >= 0.30.0, < 1",), ()),
     "httpx": (("httpx >= 0.26.0, < 1", "httpcore >= 1.0.3, < 2"), ()),
     "redis": (("redis >= 8.2.0, < 9",), ()),

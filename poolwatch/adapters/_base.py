@@ -115,8 +115,8 @@ class Adapter(abc.ABC):
     each range's lower bound and its newest release."""
     tested_with: ClassVar[tuple[str, ...]] = ()
     """Libraries hooked only through this adapter's (requests and botocore pools are
-    urllib3 pools), with the versions tested: outside them the adapter still hooks, and one
-    WARNING says what may differ."""
+    urllib3 pools, aiobotocore's are aiohttp connectors), with the versions tested: outside
+    them the adapter still hooks, and one WARNING says what may differ."""
 
     def __init__(self, tracker: Tracker) -> None:
         self.tracker = tracker

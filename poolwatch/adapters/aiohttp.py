@@ -208,6 +208,7 @@ class AiohttpAdapter(Adapter):
     connects_in_wait = True
     family = "http"
     requires = ("aiohttp >= 3.12.11, < 4",)
+    tested_with = ("aiobotocore >= 3.10.0, < 4",)
 
     def __init__(self, tracker: Tracker) -> None:
         super().__init__(tracker)
