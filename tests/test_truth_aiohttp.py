@@ -33,6 +33,7 @@ from tests.support.truth import (
     Seeded,
     Tally,
     TaskGate,
+    assert_cycled_cleanly,
     class_attributes,
     cycle,
     deadline_after,
@@ -457,7 +458,7 @@ def test_instrument_cycles_under_load_reach_no_task(rng: Seeded, readers: Reader
         loop = threading.Thread(target=lambda: asyncio.run(load(server.url)), daemon=True)
         loop.start()
         try:
-            cycles, errors = cycle(
+            made = cycle(
                 rng,
                 readers,
                 "aiohttp",
@@ -469,7 +470,4 @@ def test_instrument_cycles_under_load_reach_no_task(rng: Seeded, readers: Reader
         finally:
             stop.set()
             loop.join(30)
-    assert cycles >= 2 and tally["requests"] > 0, (cycles, tally.counts)
-    tally.assert_expected(rng)
-    assert not errors, f"{rng.replay}: poolwatch's internal errors by cycle: {errors}"
-    assert class_attributes(_aiohttp_classes()) == before
+    assert_cycled_cleanly(rng, tally, made, "requests", classes=_aiohttp_classes(), before=before)

@@ -43,6 +43,7 @@ from tests.support.truth import (
     Seeded,
     Tally,
     TaskGate,
+    assert_cycled_cleanly,
     class_attributes,
     cycle,
     deadline_after,
@@ -462,7 +463,7 @@ def test_instrument_cycles_under_load_reach_no_task(
     loop = threading.Thread(target=lambda: asyncio.run(load()), daemon=True)
     loop.start()
     try:
-        cycles, errors = cycle(
+        made = cycle(
             rng,
             readers,
             "asyncpg",
@@ -474,7 +475,4 @@ def test_instrument_cycles_under_load_reach_no_task(
     finally:
         stop.set()
         loop.join(30)
-    assert cycles >= 2 and tally["checkouts"] > 0, (cycles, tally.counts)
-    tally.assert_expected(rng)
-    assert not errors, f"{rng.replay}: poolwatch's internal errors by cycle: {errors}"
-    assert class_attributes(_asyncpg_classes()) == before
+    assert_cycled_cleanly(rng, tally, made, "checkouts", classes=_asyncpg_classes(), before=before)

@@ -47,6 +47,7 @@ from tests.support.truth import (
     Tally,
     TaskGate,
     ThreadGate,
+    assert_cycled_cleanly,
     class_attributes,
     cycle,
     deadline_after,
@@ -565,7 +566,7 @@ def test_instrument_cycles_under_load_reach_no_worker(
     for t in threads:
         t.start()
     try:
-        cycles, errors = cycle(
+        made = cycle(
             rng,
             readers,
             "psycopg_pool",
@@ -579,7 +580,6 @@ def test_instrument_cycles_under_load_reach_no_worker(
         for t in threads:
             t.join(30)
         pool.close()
-    assert cycles >= 2 and tally["checkouts"] > 0, (cycles, tally.counts)
-    tally.assert_expected(rng)
-    assert not errors, f"{rng.replay}: poolwatch's internal errors by cycle: {errors}"
-    assert class_attributes(_psycopg_pool_classes()) == before
+    assert_cycled_cleanly(
+        rng, tally, made, "checkouts", classes=_psycopg_pool_classes(), before=before
+    )

@@ -42,6 +42,7 @@ from tests.support.truth import (
     Tally,
     TaskGate,
     ThreadGate,
+    assert_cycled_cleanly,
     class_attributes,
     cycle,
     deadline_after,
@@ -503,7 +504,7 @@ def test_instrument_cycles_under_load_reach_no_worker(
     for thread in threads:
         thread.start()
     try:
-        cycles, errors = cycle(
+        made = cycle(
             rng,
             readers,
             "redis",
@@ -516,9 +517,6 @@ def test_instrument_cycles_under_load_reach_no_worker(
         stop.set()
         for thread in threads:
             thread.join(30)
-    assert cycles >= 2 and tally["commands"] > 0, (cycles, tally.counts)
-    tally.assert_expected(rng)
-    assert not errors, f"{rng.replay}: poolwatch's internal errors by cycle: {errors}"
-    assert class_attributes(_redis_classes()) == before
+    assert_cycled_cleanly(rng, tally, made, "commands", classes=_redis_classes(), before=before)
     assert all(getattr(conn, "_poolwatch", None) is None for conn in pool._connections)
     pool.disconnect()

@@ -43,6 +43,7 @@ from tests.support.truth import (
     Tally,
     TaskGate,
     ThreadGate,
+    assert_cycled_cleanly,
     class_attributes,
     cycle,
     deadline_after,
@@ -947,7 +948,7 @@ def test_instrument_cycles_under_load_reach_no_worker(
     for t in threads:
         t.start()
     try:
-        cycles, errors = cycle(
+        made = cycle(
             rng,
             readers,
             "sqlalchemy",
@@ -960,8 +961,7 @@ def test_instrument_cycles_under_load_reach_no_worker(
         stop.set()
         for t in threads:
             t.join(30)
-    assert cycles >= 2 and tally["checkouts"] > 0, (cycles, tally.counts)
-    tally.assert_expected(rng)
-    assert not errors, f"{rng.replay}: poolwatch's internal errors by cycle: {errors}"
-    assert class_attributes(_sqlalchemy_classes()) == before
+    assert_cycled_cleanly(
+        rng, tally, made, "checkouts", classes=_sqlalchemy_classes(), before=before
+    )
     engine.dispose()

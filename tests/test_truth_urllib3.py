@@ -36,6 +36,7 @@ from tests.support.truth import (
     Seeded,
     Tally,
     ThreadGate,
+    assert_cycled_cleanly,
     class_attributes,
     cycle,
     deadline_after,
@@ -509,7 +510,7 @@ def test_instrument_cycles_under_load_reach_no_worker(rng: Seeded, readers: Read
         for t in threads:
             t.start()
         try:
-            cycles, errors = cycle(
+            made = cycle(
                 rng,
                 readers,
                 "urllib3",
@@ -524,7 +525,4 @@ def test_instrument_cycles_under_load_reach_no_worker(rng: Seeded, readers: Read
                 t.join(30)
         for pool in pools:
             pool.close()
-    assert cycles >= 2 and tally["requests"] > 0, (cycles, tally.counts)
-    tally.assert_expected(rng)
-    assert not errors, f"{rng.replay}: poolwatch's internal errors by cycle: {errors}"
-    assert class_attributes(_urllib3_classes()) == before
+    assert_cycled_cleanly(rng, tally, made, "requests", classes=_urllib3_classes(), before=before)

@@ -930,6 +930,26 @@ def cycle(
     return made, errors
 
 
+def assert_cycled_cleanly(
+    rng: Seeded,
+    tally: Tally,
+    made: tuple[int, list[dict[str, int]]],
+    work: str,
+    *,
+    classes: list[type],
+    before: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    """After :func:`cycle` (``made``: what it returned): two cycles at least, with ``work``
+    counted in ``tally``; no exception the workload did not cause; no internal error in
+    any cycle; and every attribute of ``classes`` the library's own again (as ``before``,
+    :func:`class_attributes` read before the first ``instrument()``)."""
+    cycles, errors = made
+    assert cycles >= 2 and tally[work] > 0, (cycles, tally.counts)
+    tally.assert_expected(rng)
+    assert not errors, f"{rng.replay}: poolwatch's internal errors by cycle: {errors}"
+    assert class_attributes(classes) == before
+
+
 def poolwatch_frames(error: BaseException) -> list[str]:
     """Frames of poolwatch's own code in ``error``'s traceback ("file:line function")."""
     frames = []
