@@ -994,10 +994,12 @@ def test_aiobotocore_waits_are_spans_named_as_the_botocore_pool(
 
             waiting = asyncio.ensure_future(waiter())
             await asyncio.sleep(HOLD)
+            reading.append(time.time_ns())  # the waiter is waiting; reading frees the slot
             assert len(await held["Body"].read()) == 4 << 20
             held["Body"].close()
             await waiting
 
+    reading: list[int] = []
     asyncio.run(asyncio.wait_for(scenario(), 60))
     [wait] = traced.spans(SPAN_WAIT)
     assert _parent_name(wait, traced.by_id()) == "waiter"
@@ -1008,4 +1010,7 @@ def test_aiobotocore_waits_are_spans_named_as_the_botocore_pool(
         "server.port": urlsplit(moto_endpoint).port,
         "outcome": "acquired",
     }
-    assert _seconds(wait) >= HOLD
+    # It began during the hold (once the waiter's request was built and signed, so not at
+    # the hold's first instant, nor HOLD long) and ended once the body had been read.
+    assert wait.start_time is not None and wait.end_time is not None
+    assert wait.start_time < reading[0] < wait.end_time
