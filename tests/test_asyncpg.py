@@ -211,7 +211,8 @@ def test_a_killed_held_connection_is_stale_and_its_use_ends(
     name = pool_name(pg)
 
     async def scenario() -> tuple[poolwatch.PoolSnapshot, poolwatch.PoolSnapshot]:
-        async with asyncpg.create_pool(dsn(pg), min_size=1, max_size=1) as pool:
+        # min_size=0: nothing replaces the lost connection (asyncpg 0.32+ restores a floor)
+        async with asyncpg.create_pool(dsn(pg), min_size=0, max_size=1) as pool:
             con = await pool.acquire()
             admin.terminate(con.get_server_pid())
             await _until(lambda: pool.get_size() == 0)
@@ -226,6 +227,38 @@ def test_a_killed_held_connection_is_stale_and_its_use_ends(
     gone, after = _run(scenario)
     assert _levels(gone) == (0, 0, 1, 0)
     assert (gone.closed["stale"], after.checkouts) == (1, 2)
+    got = pw.collect()
+    assert got.count("poolwatch.use.duration", pool__name=name) == 2
+    assert _closed(got, name) == {"stale": 1, "disposed": 1}
+
+
+@pytest.mark.skipif(
+    not hasattr(asyncpg.pool.Pool, "_maintain_min_size"),
+    reason="asyncpg restores its min_size floor from 0.32 on",
+)
+def test_a_killed_floor_connection_is_stale_and_its_replacement_a_connect(
+    pw: Harness, pg: PostgresCluster, admin: Admin
+) -> None:
+    name = pool_name(pg)
+
+    async def scenario() -> tuple[poolwatch.PoolSnapshot, poolwatch.PoolSnapshot, int]:
+        async with asyncpg.create_pool(dsn(pg), min_size=1, max_size=1) as pool:
+            con = await pool.acquire()
+            killed = con.get_server_pid()
+            admin.terminate(killed)
+            # asyncpg takes the holder back, and its maintenance task opens a replacement
+            await _until(lambda: _snapshot(name).closed["stale"] == 1 and pool.get_size() == 1)
+            restored = _snapshot(name)
+            assert (pool.get_size(), pool.get_idle_size()) == (1, 1)
+            async with pool.acquire(timeout=5) as again:
+                replacement = again.get_server_pid()
+            return restored, _snapshot(name), replacement != killed
+
+    restored, after, replaced = _run(scenario)
+    assert replaced
+    assert _levels(restored) == (0, 1, 1, 0)
+    assert (restored.connects, restored.checkouts) == (2, 1)
+    assert (after.checkouts, after.reused) == (2, 0)  # the replacement's first checkout
     got = pw.collect()
     assert got.count("poolwatch.use.duration", pool__name=name) == 2
     assert _closed(got, name) == {"stale": 1, "disposed": 1}
