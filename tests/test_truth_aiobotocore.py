@@ -269,7 +269,7 @@ def test_a_client_per_call_keeps_one_monotonic_series(
     with Racing(readers):
         asyncio.run(main())
     readers.assert_clean()
-    got = figures(readers.collect_settled(), f"dynamodb {moto_endpoint}")
+    got = figures(readers.collect_observed(), f"dynamodb {moto_endpoint}")
     cmp = Comparison(f"after {calls} clients", rng, got)
     cmp.expect("checkouts", workload=calls)
     cmp.expect("connects", workload=calls)

@@ -887,7 +887,7 @@ def test_an_engine_per_call_keeps_one_monotonic_series(
                 # every pool made so far freed, as the app's own collector would
                 gc.collect(1 if calls % 20 else 2)
                 readers.collect()
-    got = readers.collect_settled()
+    got = readers.collect_observed()
     name = f"sqlite:///{tmp_path}/truth.db"
     cmp = Comparison(f"after {calls} engines", rng, figures(got, name))
     cmp.expect("checkouts", workload=calls)

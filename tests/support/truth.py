@@ -91,6 +91,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 
 import poolwatch
+from poolwatch._collect import OBSERVE_EVERY
 from tests.support.upstream import AsyncioUpstream, ThreadedUpstream
 
 SEED_VARIABLE = "POOLWATCH_TRUTH_SEED"
@@ -358,6 +359,13 @@ class Readers:
             assert cumulative is not None
             self.last = cumulative
             return cumulative
+
+    def collect_observed(self) -> Collection:
+        """:meth:`collect_settled` once poolwatch's detection can run again: it runs at most
+        every ``OBSERVE_EVERY`` seconds, so a workload that ended sooner after the last run
+        would be read before detection saw it (a WARNING not logged yet, by design)."""
+        time.sleep(OBSERVE_EVERY)
+        return self.collect_settled()
 
     def collect_settled(self, rounds: int = 3) -> Collection:
         """Collect at a quiescent moment, then the deltas summed against the cumulative.
