@@ -31,6 +31,9 @@ _SITE = "_poolwatch_site"
 """On a pool being made: where in user code, until it is tracked."""
 _USED = "_poolwatch_used"
 """On a connection: checked out before (the class default False: never yet)."""
+_CLOSED = "_poolwatch_closed"
+"""On a connection: closed by its pool, its close counted by reason (the class default
+False: not by the pool)."""
 
 _failed_connect: contextvars.ContextVar[weakref.ref[Any] | None] = contextvars.ContextVar(
     "poolwatch_psycopg_pool_failed_connect", default=None
@@ -83,6 +86,7 @@ class PsycopgPoolAdapter(Adapter):
             self._patch(pool_class, _SITE, None)
         for connection_class in (psycopg.Connection, psycopg.AsyncConnection):
             self._patch(connection_class, _USED, False)
+            self._patch(connection_class, _CLOSED, False)
 
         def getconn(adapter: Any, original: Any) -> Any:
             return _getconn_hook(adapter, original, timeouts)
@@ -96,19 +100,24 @@ class PsycopgPoolAdapter(Adapter):
                 (sync, "putconn", _putconn_hook),
                 (sync, "_connect", _connect_hook),
                 (sync, "_close_connection", _close_hook),
-                (sync, "_return_connection", _return_hook),
                 (sync, "check_connection", _check_hook),
                 (sync, "_open", _open_hook),
                 (asynchronous, "getconn", agetconn),
                 (asynchronous, "putconn", _aputconn_hook),
                 (asynchronous, "_connect", _aconnect_hook),
                 (asynchronous, "_close_connection", _aclose_hook),
-                (asynchronous, "_return_connection", _areturn_hook),
                 (asynchronous, "check_connection", _acheck_hook),
                 (asynchronous, "_open", _open_hook),
             ]
         )
-        self._wrap_all([(sync, "__init__", _init_hook), (asynchronous, "__init__", _init_hook)])
+        self._wrap_all(
+            [
+                (sync, "__init__", _init_hook),
+                (asynchronous, "__init__", _init_hook),
+                (psycopg_pool.pool.AddConnection, "__init__", _replace_hook),
+                (psycopg_pool.pool_async.AddConnection, "__init__", _replace_hook),
+            ]
+        )
         if imported_before:
             self._track_existing((sync, asynchronous))
 
@@ -165,6 +174,7 @@ class PsycopgPoolAdapter(Adapter):
     # -- closes ------------------------------------------------------------------------
     def _closing(self, pool: Any, conn: Any, caller: FrameType) -> None:
         """``pool`` closes ``conn``, asked by the function running ``caller``."""
+        conn._poolwatch_closed = True  # not dropped broken: _replacing counts no stale close
         ledger: Ledger | None = pool._poolwatch_ledger
         if ledger is None:
             return
@@ -181,16 +191,25 @@ class PsycopgPoolAdapter(Adapter):
             reason = c.REASON_DISPOSED
         ledger.closed_connection(reason, _lifetime(conn))
 
-    def _dropped(self, pool: Any, conn: Any) -> None:
-        """``conn`` comes back to ``pool`` closed or broken (from ``putconn``, or a failed
-        ``check``): the pool drops it without closing it (a stale close)."""
-        ledger: Ledger | None = pool._poolwatch_ledger
+    def _replacing(self, caller: FrameType) -> None:
+        """``_return_connection``, running ``caller``, asks for a connection to replace the
+        one it was given back. When that one is broken and the pool did not close it itself
+        (past ``max_lifetime``, a failed reset: counted by ``_closing``), it came back
+        closed or broken (from ``putconn``, from a failed ``check`` callback of
+        ``getconn``, or to a caller that gave up waiting) and the pool drops it without
+        closing it: a stale close. Off the hot path: a return that keeps its connection
+        asks for no replacement."""
+        local = caller.f_locals
+        pool, conn = local.get("self"), local.get("conn")
+        if conn is None or conn._poolwatch_closed or not self._broken(conn):
+            return
+        ledger: Ledger | None = getattr(pool, _LEDGER, None)
         if ledger is not None:
             ledger.closed_connection(c.REASON_STALE, _lifetime(conn))
 
     def _check_failed(self, conn: Any, caller: FrameType) -> None:
         """``check_connection`` raised for ``conn``: ``check()`` drops such a connection
-        (a failed ``check`` callback of ``getconn`` is counted by ``_dropped``)."""
+        (a failed ``check`` callback of ``getconn`` is counted by ``_replacing``)."""
         if caller.f_code.co_name != "check":
             return
         pool = caller.f_locals.get("self")
@@ -547,36 +566,6 @@ def _aclose_hook(
     return _close_connection
 
 
-def _return_hook(adapter: PsycopgPoolAdapter, original: Callable[..., None]) -> Any:
-    unknown = adapter._unknown
-
-    def _return_connection(self: Any, conn: Any, from_getconn: bool) -> None:
-        try:  # every return: one status read, a close only for a broken connection
-            if conn.pgconn.transaction_status == unknown:
-                adapter._dropped(self, conn)
-        except Exception as error:
-            adapter.report("psycopg_pool return", error)
-        original(self, conn, from_getconn)
-
-    return _return_connection
-
-
-def _areturn_hook(
-    adapter: PsycopgPoolAdapter, original: Callable[..., Coroutine[Any, Any, None]]
-) -> Any:
-    unknown = adapter._unknown
-
-    async def _return_connection(self: Any, conn: Any, from_getconn: bool) -> None:
-        try:  # every return: one status read, a close only for a broken connection
-            if conn.pgconn.transaction_status == unknown:
-                adapter._dropped(self, conn)
-        except Exception as error:
-            adapter.report("psycopg_pool return", error)
-        await original(self, conn, from_getconn)
-
-    return _return_connection
-
-
 def _check_hook(adapter: PsycopgPoolAdapter, original: Callable[..., None]) -> Any:
     def check_connection(conn: Any) -> None:
         try:
@@ -618,6 +607,19 @@ def _open_hook(adapter: PsycopgPoolAdapter, original: Callable[..., None]) -> An
         original(self)
 
     return _open
+
+
+def _replace_hook(adapter: PsycopgPoolAdapter, original: Callable[..., None]) -> Any:
+    def add_connection(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            caller = sys._getframe(CALLER)
+            if caller.f_code.co_name == _RETURNED:
+                adapter._replacing(caller)
+        except Exception as error:
+            adapter.report("psycopg_pool return", error)
+        original(self, *args, **kwargs)
+
+    return add_connection
 
 
 def _init_hook(adapter: PsycopgPoolAdapter, original: Callable[..., None]) -> Any:
