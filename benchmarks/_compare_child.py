@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import sys
 from time import perf_counter
 from typing import Any
@@ -19,6 +20,10 @@ import poolwatch
 from poolwatch._demo.upstream import ThreadedUpstream
 
 WARMUP = 500
+POSTGRES = "POOLWATCH_COMPARE_POSTGRES"
+"""The libpq URL of the PostgreSQL server ``compare.py`` started (``psycopg_pool``)."""
+REDIS = "POOLWATCH_COMPARE_REDIS"
+"""The URL of the redis-server ``compare.py`` started (``redis``)."""
 
 
 def _timed(step: Any, ops: int) -> float:
@@ -108,6 +113,24 @@ def aiohttp(ops: int) -> float:
 
     with ThreadedUpstream() as upstream:
         return asyncio.run(run(upstream.url))
+
+
+def psycopg_pool(ops: int) -> float:
+    import psycopg_pool as p
+
+    with p.ConnectionPool(os.environ[POSTGRES], min_size=2, max_size=2, open=True) as pool:
+        pool.wait()
+        return _timed(lambda: pool.putconn(pool.getconn()), ops)
+
+
+def redis(ops: int) -> float:
+    import redis as r
+
+    pool = r.ConnectionPool.from_url(os.environ[REDIS], max_connections=1)
+    try:
+        return _timed(lambda: pool.release(pool.get_connection()), ops)
+    finally:
+        pool.disconnect()
 
 
 def collect(ops: int, reader: InMemoryMetricReader) -> float:

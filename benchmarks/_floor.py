@@ -9,37 +9,51 @@ leak, trace or reuse checks: not an instrumentation anyone could ship, only the 
 could. Timed side by side with bare and poolwatch (a third variant of the same rows), it
 tells how much of what poolwatch adds is the floor, which no bookkeeping could remove,
 and how much is poolwatch's own.
+
+A fourth variant, ``frames``, is the floor's pair with its three clock reads left out (the
+same frames, dict set and pop and appends, of a constant): the floor minus it is what the
+three clock reads cost inside the library's acquire+release, where the target is read.
+``clock_read_ns`` times one ``perf_counter()`` read in a tight loop beside it: on a virtual
+machine whose hypervisor traps the processor's time-stamp counter, a read costs several
+times what it does on bare metal, and no hook can time a wait and a use without three.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import statistics
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from time import perf_counter
+from time import perf_counter, perf_counter_ns
 from typing import Any
+
+from _common import Summary, paired_differences, summarize
+
+VARIANTS = ("bare", "poolwatch", "floor", "frames")
+"""The variants of a row timed against the floor, in the order ``interleave`` rotates."""
 
 
 class Timed(list[float]):
     """The durations the floor's hooks recorded (none for another variant)."""
 
-    def __init__(self, label: str, floor: bool) -> None:
+    def __init__(self, label: str, hooked: bool) -> None:
         super().__init__()
-        self.label, self.floor = label, floor
+        self.label, self.hooked = label, hooked
 
     def check(self, ops: int) -> None:
         """Every acquire and release of ``ops`` was timed (by the floor's hooks alone)."""
-        wanted = 2 * ops if self.floor else 0
+        wanted = 2 * ops if self.hooked else 0
         if len(self) != wanted:
             raise RuntimeError(f"{self.label}: {len(self)} durations for {ops} acquire+release")
 
 
 @contextmanager
 def floor_hooks(variant: str, cls: type, acquire: str, release: str) -> Iterator[Timed]:
-    """For variant ``floor``: ``cls.acquire``/``cls.release`` (functions of the class
-    itself, the acquire called with ``self`` alone) replaced by the floor's pair while the
-    block runs. Yields what the pair recorded; for any other variant, nothing is replaced."""
-    timed = Timed(f"{cls.__name__} {variant}", variant == "floor")
-    if not timed.floor:
+    """For variants ``floor`` and ``frames``: ``cls.acquire``/``cls.release`` (functions of
+    the class itself, the acquire called with ``self`` alone) replaced by the floor's pair
+    (``frames``: without its clock reads) while the block runs. Yields what the pair
+    recorded; for any other variant, nothing is replaced."""
+    timed = Timed(f"{cls.__name__} {variant}", variant in ("floor", "frames"))
+    if not timed.hooked:
         yield timed
         return
     get: Callable[..., Any] = cls.__dict__[acquire]
@@ -61,8 +75,23 @@ def floor_hooks(variant: str, cls: type, acquire: str, release: str) -> Iterator
             append(perf_counter() - start)
         return put(self, conn)
 
-    setattr(cls, acquire, acquire_hook)
-    setattr(cls, release, release_hook)
+    def acquire_frame(self: Any) -> Any:
+        start = 0.0
+        conn = get(self)
+        now = 1.0
+        out[conn] = now
+        append(now - start)
+        return conn
+
+    def release_frame(self: Any, conn: Any) -> Any:
+        start = out.pop(conn, None)
+        if start is not None:
+            append(2.0 - start)
+        return put(self, conn)
+
+    clocked = variant == "floor"
+    setattr(cls, acquire, acquire_hook if clocked else acquire_frame)
+    setattr(cls, release, release_hook if clocked else release_frame)
     try:
         yield timed
     finally:
@@ -70,10 +99,55 @@ def floor_hooks(variant: str, cls: type, acquire: str, release: str) -> Iterator
         setattr(cls, release, put)
 
 
-def floor_line(floor: float, added: float) -> str:
-    """The line that follows a row timed with the floor too."""
-    return (
+def floor_results(samples: Mapping[str, Sequence[float]]) -> dict[str, Summary]:
+    """What the floor's variants add over bare, per round paired, when they were timed."""
+    found = {}
+    for variant in ("floor", "frames"):
+        if variant in samples:
+            found[f"{variant} added"] = summarize(
+                paired_differences(samples[variant], samples["bare"])
+            )
+    return found
+
+
+def clock_read_ns(rounds: int = 9, reads: int = 200_000) -> float:
+    """The median over ``rounds`` of ns per ``perf_counter()`` read in a tight loop (the
+    loop's own cost, timed with nothing in it, taken off)."""
+    per_read = []
+    for _ in range(rounds):
+        start = perf_counter_ns()
+        for _ in range(reads):
+            perf_counter()
+        read = perf_counter_ns() - start
+        start = perf_counter_ns()
+        for _ in range(reads):
+            pass
+        empty = perf_counter_ns() - start
+        per_read.append((read - empty) / reads)
+    return statistics.median(per_read)
+
+
+def floor_lines(row: Mapping[str, Summary], added: float) -> list[str]:
+    """The lines that follow a row timed with the floor too."""
+    floor = row["floor added"].median
+    lines = [
         f"  the floor's hooks (benchmarks/_floor.py: two frames, three clock reads, no "
         f"bookkeeping) add {floor:.2f} µs in the same rounds: poolwatch's own work above "
         f"the floor is {added - floor:.2f} µs"
+    ]
+    if "frames added" in row:
+        frames = row["frames added"].median
+        lines.append(
+            f"  of the floor, its frames (the same hooks without their clock reads) add "
+            f"{frames:.2f} µs and its three clock reads {floor - frames:.2f} µs "
+            f"({(floor - frames) / 3 * 1000:.0f} ns a read, in situ)"
+        )
+    return lines
+
+
+def clock_line(ns: float) -> str:
+    """The line that gives a clock read's cost on this machine."""
+    return (
+        f"one perf_counter() read in a tight loop on this machine: {ns:.0f} ns "
+        "(each wait and use a hook times takes three)"
     )

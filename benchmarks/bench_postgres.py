@@ -17,8 +17,9 @@ paired differences:
   reset query (a round trip to the server), as every release in an application does.
 
 Each poolwatch round checks that poolwatch counted every checkout (warm-up included). The
-sync psycopg_pool row times a third variant in the same rounds: the floor's hooks
-(``_floor.py``), the least any hook reporting a wait and a use can add.
+sync psycopg_pool row times two more variants in the same rounds: the floor's hooks
+(``_floor.py``), the least any hook reporting a wait and a use can add, and the same hooks
+without their clock reads; a clock read's cost in a tight loop is printed beside them.
 
 The round trip the 1% target is read against: ``SELECT 1`` on a connection held
 throughout, psycopg (``conn.execute("SELECT 1")``) and asyncpg (``con.fetchval("SELECT 1")``),
@@ -56,7 +57,7 @@ from _common import (
     summarize,
     verdict,
 )
-from _floor import floor_hooks, floor_line
+from _floor import VARIANTS, clock_line, clock_read_ns, floor_hooks, floor_lines, floor_results
 from bench_http import HookSwitch, MeasurementError, checkouts_of
 
 import poolwatch
@@ -64,7 +65,7 @@ import poolwatch
 TARGET_ACQUIRE_US = 1.0
 TARGET_SHARE_PCT = 1.0
 FLOORED = ("psycopg_pool getconn()+putconn()",)
-"""Rows also timed with the floor's hooks (``_floor.py``) as a third variant."""
+"""Rows also timed with the floor's hooks, and with their frames alone (``_floor.py``)."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,7 @@ class PostgresResults:
     acquire: dict[str, dict[str, Summary]]
     round_trip: dict[str, Summary]
     in_situ: InSitu
+    clock_ns: float
 
 
 def run_postgres(config: PostgresConfig) -> PostgresResults:
@@ -284,14 +286,12 @@ def run_postgres(config: PostgresConfig) -> PostgresResults:
         }
         acquire: dict[str, dict[str, Summary]] = {}
         for label, one in cases.items():
-            variants = ("bare", "poolwatch", "floor") if label in FLOORED else ("bare", "poolwatch")
+            variants = VARIANTS if label in FLOORED else ("bare", "poolwatch")
             runs = {variant: functools.partial(one, variant) for variant in variants}
             samples = interleave(runs, config.rounds)
             result = {name: summarize(values) for name, values in samples.items()}
             result["added"] = summarize(paired_differences(samples["poolwatch"], samples["bare"]))
-            if "floor" in samples:
-                floor = paired_differences(samples["floor"], samples["bare"])
-                result["floor added"] = summarize(floor)
+            result.update(floor_results(samples))
             acquire[label] = result
         trips = interleave(
             {
@@ -302,7 +302,7 @@ def run_postgres(config: PostgresConfig) -> PostgresResults:
         )
         round_trip = {name: summarize(values) for name, values in trips.items()}
         in_situ = _psycopg_in_situ(dsn, config)
-    return PostgresResults(acquire, round_trip, in_situ)
+    return PostgresResults(acquire, round_trip, in_situ, clock_read_ns())
 
 
 def render_postgres(measured: PostgresResults, config: PostgresConfig) -> str:
@@ -314,6 +314,7 @@ def render_postgres(measured: PostgresResults, config: PostgresConfig) -> str:
         f"SELECT 1 round trip: psycopg {trip['psycopg'].median:.1f} µs "
         f"(IQR {trip['psycopg'].spread(1)}), asyncpg {trip['asyncpg'].median:.1f} µs "
         f"(IQR {trip['asyncpg'].spread(1)})",
+        clock_line(measured.clock_ns),
     ]
     for label, row in measured.acquire.items():
         added = row["added"].median
@@ -327,7 +328,7 @@ def render_postgres(measured: PostgresResults, config: PostgresConfig) -> str:
             f"(target <= {TARGET_SHARE_PCT:.0f}%: {verdict(share <= TARGET_SHARE_PCT)})"
         )
         if "floor added" in row:
-            lines.append(floor_line(row["floor added"].median, added))
+            lines.extend(floor_lines(row, added))
     s = measured.in_situ
     median, low, high = s.added
     lines.append(

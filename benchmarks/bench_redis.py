@@ -13,8 +13,9 @@ section (``bench_http.py``, whose machinery this reuses):
   its socket) — without a command. ``bare`` and ``poolwatch`` in interleaved rounds of
   ``acquire_ops``; added = the median of the rounds' paired differences; target <= 1 µs.
   Each round checks that poolwatch counted every checkout (nothing, when bare). The two
-  sync rows time a third variant in the same rounds: the floor's hooks (``_floor.py``),
-  the least any hook reporting a wait and a use can add.
+  sync rows time two more variants in the same rounds: the floor's hooks (``_floor.py``),
+  the least any hook reporting a wait and a use can add, and the same hooks without their
+  clock reads; a clock read's cost in a tight loop is printed beside them.
 * **PING** — ``client.ping()`` on a ``Redis`` and an asyncio ``Redis`` client, sequential:
   ``bare``, ``poolwatch`` and, when ``opentelemetry-instrumentation-redis`` is installed,
   ``contrib`` (spans to an in-memory exporter), in interleaved rounds, as the http
@@ -36,7 +37,7 @@ from time import perf_counter
 from typing import Any
 
 from _common import Summary, heading, interleave, paired_differences, summarize, verdict
-from _floor import floor_hooks, floor_line
+from _floor import VARIANTS, clock_line, clock_read_ns, floor_hooks, floor_lines, floor_results
 from bench_http import (
     TARGET_ACQUIRE_US,
     HTTPConfig,
@@ -57,7 +58,7 @@ FLOORED = (
     "redis ConnectionPool get_connection()+release()",
     "redis BlockingConnectionPool get_connection()+release()",
 )
-"""Rows also timed with the floor's hooks (``_floor.py``) as a third variant."""
+"""Rows also timed with the floor's hooks, and with their frames alone (``_floor.py``)."""
 
 
 def _instrumented(variant: str) -> None:
@@ -138,13 +139,12 @@ def run_acquire(url: str, config: HTTPConfig) -> dict[str, dict[str, Summary]]:
     }
     results: dict[str, dict[str, Summary]] = {}
     for label, one in cases.items():
-        variants = ("bare", "poolwatch", "floor") if label in FLOORED else ("bare", "poolwatch")
+        variants = VARIANTS if label in FLOORED else ("bare", "poolwatch")
         runs = {variant: functools.partial(one, variant) for variant in variants}
         samples = interleave(runs, config.acquire_rounds)
         result = {name: summarize(values) for name, values in samples.items()}
         result["added"] = summarize(paired_differences(samples["poolwatch"], samples["bare"]))
-        if "floor" in samples:
-            result["floor added"] = summarize(paired_differences(samples["floor"], samples["bare"]))
+        result.update(floor_results(samples))
         results[label] = result
     return results
 
@@ -157,6 +157,7 @@ class RedisResults:
     pings: list[LibraryResult]
     acquire: dict[str, dict[str, Summary]]
     in_situ: list[InSituResult]
+    clock_ns: float
 
 
 def run_redis(config: HTTPConfig, *, in_situ: bool = True) -> RedisResults:
@@ -174,7 +175,7 @@ def run_redis(config: HTTPConfig, *, in_situ: bool = True) -> RedisResults:
         libraries: list[Any] = [Redis(), RedisAsync()]
         pings = [run_library(library, url, config) for library in libraries]
         situ = [run_in_situ(library, url, config) for library in libraries] if in_situ else []
-    return RedisResults(line.split(":", 1)[1].strip(), pings, acquire, situ)
+    return RedisResults(line.split(":", 1)[1].strip(), pings, acquire, situ, clock_read_ns())
 
 
 def _text(reply: Any) -> str:
@@ -188,6 +189,7 @@ def render_redis(measured: RedisResults, config: HTTPConfig) -> str:
         f"redis-server {measured.server} on 127.0.0.1, in its own process",
         f"acquire+release: {config.acquire_rounds} interleaved rounds x {config.acquire_ops} "
         "ops, one live idle connection; added = median of per-round paired differences",
+        clock_line(measured.clock_ns),
     ]
     for label, row in measured.acquire.items():
         added = row["added"].median
@@ -198,7 +200,7 @@ def render_redis(measured: RedisResults, config: HTTPConfig) -> str:
             f"(target <= {TARGET_ACQUIRE_US:.0f} µs): {verdict(added <= TARGET_ACQUIRE_US)}"
         )
         if "floor added" in row:
-            lines.append(floor_line(row["floor added"].median, added))
+            lines.extend(floor_lines(row, added))
     lines.append("")
     lines.append(
         f"PING: {config.rounds} interleaved rounds x {config.requests} requests (after "

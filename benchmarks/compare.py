@@ -19,6 +19,10 @@ Operations, each instrumented (poolwatch with an in-memory reader, as an applica
 * ``httpx`` — httpcore ``handle_request()`` + ``close()`` on a connection that answers at
   once (no I/O: what is left is the pool's own checkout and return);
 * ``aiohttp`` — ``connector.connect()`` + ``release()`` with a live connection;
+* ``psycopg_pool`` — ``getconn()`` + ``putconn()`` of a ``ConnectionPool`` with its
+  connections open, against a throw-away PostgreSQL on 127.0.0.1 this script starts;
+* ``redis`` — a redis-py ``ConnectionPool``'s ``get_connection()`` + ``release()`` with a
+  live connection, against a throw-away redis-server on 127.0.0.1 this script starts;
 * ``collect`` — one ``get_metrics_data()`` with 100 pool series, per series.
 """
 
@@ -29,19 +33,48 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CHILD = HERE / "_compare_child.py"
-KINDS = ("sqlalchemy", "urllib3", "httpx", "aiohttp", "collect")
-OPS = {"sqlalchemy": 20_000, "urllib3": 20_000, "httpx": 20_000, "aiohttp": 20_000, "collect": 40}
+KINDS = ("sqlalchemy", "urllib3", "httpx", "aiohttp", "psycopg_pool", "redis", "collect")
+OPS = {
+    "sqlalchemy": 20_000,
+    "urllib3": 20_000,
+    "httpx": 20_000,
+    "aiohttp": 20_000,
+    "psycopg_pool": 20_000,
+    "redis": 20_000,
+    "collect": 40,
+}
 
 
-def _measure(tree: Path, kind: str, ops: int) -> float:
+@contextmanager
+def _servers(kinds: list[str]) -> Iterator[dict[str, str]]:
+    """The servers the chosen operations need, started once for every round: their URLs,
+    by the environment variable the child reads them from."""
+    found: dict[str, str] = {}
+    with ExitStack() as stack:
+        if "psycopg_pool" in kinds:
+            from poolwatch._demo.postgres import PostgresCluster
+
+            pg = stack.enter_context(PostgresCluster())
+            dsn = f"postgresql://{pg.user}:{pg.password}@{pg.host}:{pg.port}/{pg.dbname}"
+            found["POOLWATCH_COMPARE_POSTGRES"] = dsn
+        if "redis" in kinds:
+            from poolwatch._demo.redis import RedisServer
+
+            found["POOLWATCH_COMPARE_REDIS"] = stack.enter_context(RedisServer()).url()
+        yield found
+
+
+def _measure(tree: Path, kind: str, ops: int, servers: dict[str, str]) -> float:
     done = subprocess.run(
         [sys.executable, str(CHILD), kind, str(ops)],
-        env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"},
+        env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0", **servers},
         capture_output=True,
         text=True,
         timeout=300,
@@ -62,7 +95,10 @@ def main() -> int:
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         parser.error(f"unknown operation(s) {', '.join(unknown)}; known: {', '.join(KINDS)}")
-    with tempfile.TemporaryDirectory(prefix="poolwatch-before-") as scratch:
+    with (
+        tempfile.TemporaryDirectory(prefix="poolwatch-before-") as scratch,
+        _servers(kinds) as servers,
+    ):
         before = Path(scratch) / "tree"
         subprocess.run(
             ["git", "-C", str(REPO), "worktree", "add", "--detach", str(before), args.before],
@@ -79,7 +115,7 @@ def main() -> int:
                     )
                     pair = [0.0, 0.0]
                     for tree, side in order:
-                        pair[side] = _measure(tree, kind, OPS[kind])
+                        pair[side] = _measure(tree, kind, OPS[kind], servers)
                     pairs.append(pair)
                     done = f"before {pair[0]:.3f} µs, after {pair[1]:.3f} µs"
                     print(f"  {kind} round {round_ + 1}: {done}", file=sys.stderr)
