@@ -301,7 +301,7 @@ class Ledger:
         self.connects_in_wait = False
         """Whether that connect is part of the caller's wait (``Adapter.connects_in_wait``):
         then a slow wait's span shows it as a child, else a slow connect has a span of its
-        own."""
+        own. A hook that knows better for one connect says so (``in_wait``)."""
         self.span_threshold = inf
         """Waits and connects longer than this (seconds) are recorded as spans (inf: none):
         the one comparison the hot path makes for tracing."""
@@ -425,9 +425,9 @@ class Ledger:
         if end - start > self.span_threshold:
             self.slow_wait(start, end, outcome)
 
-    def connected(self, duration: float, *, ok: bool) -> None:
+    def connected(self, duration: float, *, ok: bool, in_wait: bool | None = None) -> None:
         """A new connection was opened (``ok``) or failed to open, taking ``duration``, just
-        now.
+        now; ``in_wait``: whether inside a caller's wait (None: ``connects_in_wait``).
 
         A successful connect is deferred like a wait (one append): a server that closes
         every connection makes a connect, and a close, per request.
@@ -440,7 +440,7 @@ class Ledger:
                 self.connect[c.CONNECT_ERROR].observe(duration)
         if self.tracer is not None:
             end = time.perf_counter()
-            self.slow_connect(end - duration, end, ok)
+            self.slow_connect(end - duration, end, ok, in_wait)
 
     # -- traces: after the fact, for what was slow -------------------------------------
     def slow_wait(self, start: float, end: float, outcome: str) -> None:
@@ -468,13 +468,14 @@ class Ledger:
                     f"connect {outcome}", self.connect[outcome], duration, connect_ids
                 )
 
-    def slow_connect(self, start: float, end: float, ok: bool) -> None:
+    def slow_connect(self, start: float, end: float, ok: bool, in_wait: bool | None = None) -> None:
         """A connect just made: kept for its wait's span where the connect is part of the
-        wait; else, past ``span_threshold``, a span of its own and an exemplar."""
+        wait (``in_wait``; None: ``connects_in_wait``); else, past ``span_threshold``, a
+        span of its own and an exemplar."""
         tracer = self.tracer
         if tracer is None:
             return
-        if self.connects_in_wait:
+        if self.connects_in_wait if in_wait is None else in_wait:
             _inner_connect.set((start, end, ok))
             return
         if end - start <= self.span_threshold:

@@ -480,6 +480,47 @@ def test_psycopg_null_pool_connects_inside_the_wait_as_its_child(
 
 
 @pytest.mark.postgres
+def test_a_psycopg_pool_sharing_a_series_with_a_null_pool_keeps_its_connects_apart(
+    harness: Harness, traced: Traced, postgres: Any
+) -> None:
+    """A null pool's connect is part of its caller's wait; a pool's worker connects are in
+    no wait, and stay spans of their own when both pools report into one series."""
+    import psycopg_pool
+
+    from tests.support.pgadmin import dsn
+
+    def slow_configure(conn: Any) -> None:
+        time.sleep(THRESHOLD * 2)
+
+    harness.instrument(tracer_provider=traced.provider, wait_span_threshold=THRESHOLD)
+    null = psycopg_pool.NullConnectionPool(
+        dsn(postgres), max_size=1, configure=slow_configure, open=False
+    )
+    pooled = psycopg_pool.ConnectionPool(
+        dsn(postgres), min_size=1, max_size=1, configure=slow_configure, open=False
+    )
+    poolwatch.track(null, name="reports-db")  # first: the series is a null pool's
+    poolwatch.track(pooled, name="reports-db")
+    try:
+        pooled.open(wait=True)  # its worker's connect
+        null.open()
+        with traced.tracer.start_as_current_span("request"), null.connection():
+            pass
+    finally:
+        pooled.close()
+        null.close()
+    [wait] = traced.spans(SPAN_WAIT)
+    connects = traced.spans(SPAN_CONNECT)
+    inside = [
+        s for s in connects if s.parent is not None and s.parent.span_id == wait.context.span_id
+    ]
+    apart = [s for s in connects if s not in inside]
+    assert (len(inside), len(apart)) == (1, 1)
+    assert apart[0].parent is None  # the worker's: a root span of its own
+    assert _seconds(apart[0]) >= THRESHOLD * 2
+
+
+@pytest.mark.postgres
 def test_asyncpg_waiting_task_and_a_timeout_get_wait_spans(
     harness: Harness, traced: Traced, postgres: Any
 ) -> None:

@@ -59,7 +59,7 @@ class PsycopgPoolAdapter(Adapter):
     kind = "psycopg_pool"
     module = "psycopg_pool"
     tells_firsts = True
-    connects_in_wait = False  # the pool's workers connect; a null pool's ledger: True
+    connects_in_wait = False  # the pool's workers connect (a null pool's: told per connect)
     requires = ("psycopg-pool >= 3.3.0, < 4",)
     family = "database"
 
@@ -138,8 +138,6 @@ class PsycopgPoolAdapter(Adapter):
         ledger = self.tracker.track(
             pool, self, target=target, site=site, name=name, attributes=attributes
         )
-        if isinstance(pool, self._null):  # a null pool connects in the caller's getconn
-            ledger.connects_in_wait = True
         pool._poolwatch_ledger = ledger
         pop_attribute(pool, _SITE)
         self._tracked.add(pool)
@@ -507,7 +505,9 @@ def _connect_done(adapter: PsycopgPoolAdapter, pool: Any, duration: float, *, ok
             _failed_connect.set(weakref.ref(pool))
         ledger: Ledger | None = pool._poolwatch_ledger
         if ledger is not None:
-            ledger.connected(duration, ok=ok)
+            # A null pool connects in the caller's getconn; a pool's workers, in no wait.
+            # Told per connect: both kinds of pool may report into one series.
+            ledger.connected(duration, ok=ok, in_wait=isinstance(pool, adapter._null))
     except Exception as error:
         adapter.report("psycopg_pool connect", error)
 
