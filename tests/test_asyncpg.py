@@ -264,6 +264,33 @@ def test_a_killed_floor_connection_is_stale_and_its_replacement_a_connect(
     assert _closed(got, name) == {"stale": 1, "disposed": 1}
 
 
+@pytest.mark.skipif(
+    not hasattr(asyncpg.pool.Pool, "_maintain_min_size"),
+    reason="asyncpg keeps its min_size floor open whatever its inactivity from 0.32 on",
+)
+def test_a_floor_connection_outlives_max_inactive_connection_lifetime(
+    pw: Harness, pg: PostgresCluster
+) -> None:
+    """What the stale advice for asyncpg says of asyncpg 0.32+: a ``min_size`` connection is
+    not closed for inactivity (one above the floor is: ``test_closes_by_reason``)."""
+    name = pool_name(pg)
+
+    async def scenario() -> tuple[int, int, poolwatch.PoolSnapshot]:
+        async with asyncpg.create_pool(
+            dsn(pg), min_size=1, max_size=1, max_inactive_connection_lifetime=0.2
+        ) as pool:
+            async with pool.acquire() as con:
+                before = con.get_server_pid()
+            await asyncio.sleep(0.6)  # three lifetimes idle
+            async with pool.acquire(timeout=5) as con:
+                after = con.get_server_pid()
+            return before, after, _snapshot(name)
+
+    before, after, snap = _run(scenario)
+    assert after == before
+    assert (snap.connects, snap.closed["idle_expired"], snap.reused) == (1, 0, 1)
+
+
 def test_closes_by_reason(pw: Harness, pg: PostgresCluster) -> None:
     name = pool_name(pg)
 

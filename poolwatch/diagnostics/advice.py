@@ -119,7 +119,9 @@ STALE_FIX = {
     "network's idle timeout",
     "asyncpg": "asyncpg.create_pool(max_inactive_connection_lifetime=…) below the server's or "
     "the network's idle timeout (asyncpg replaces a connection the server ended at once; "
-    "frequent ones mean the server or a proxy drops idle connections)",
+    "frequent ones mean the server or a proxy drops idle connections); from asyncpg 0.32 the "
+    "min_size connections stay open however long idle, so lower min_size if they are the "
+    "ones dropped",
 }
 UNBOUNDED_BY_CONFIGURATION = frozenset({"httpx", "aiohttp", "psycopg_pool", "redis"})
 """Kinds whose pools export no maximum only when configured without one (httpx
