@@ -29,6 +29,12 @@ from tests.support.postgres import PostgresCluster
 pytestmark = pytest.mark.postgres
 
 
+_KEEPS_A_FLOOR = pytest.mark.skipif(
+    not hasattr(asyncpg.pool.Pool, "_maintain_min_size"),
+    reason="asyncpg keeps min_size connections open (restored, never closed idle) from 0.32 on",
+)
+
+
 @pytest.fixture
 def pg(postgres: PostgresCluster) -> PostgresCluster:
     return postgres
@@ -232,10 +238,7 @@ def test_a_killed_held_connection_is_stale_and_its_use_ends(
     assert _closed(got, name) == {"stale": 1, "disposed": 1}
 
 
-@pytest.mark.skipif(
-    not hasattr(asyncpg.pool.Pool, "_maintain_min_size"),
-    reason="asyncpg restores its min_size floor from 0.32 on",
-)
+@_KEEPS_A_FLOOR
 def test_a_killed_floor_connection_is_stale_and_its_replacement_a_connect(
     pw: Harness, pg: PostgresCluster, admin: Admin
 ) -> None:
@@ -264,10 +267,7 @@ def test_a_killed_floor_connection_is_stale_and_its_replacement_a_connect(
     assert _closed(got, name) == {"stale": 1, "disposed": 1}
 
 
-@pytest.mark.skipif(
-    not hasattr(asyncpg.pool.Pool, "_maintain_min_size"),
-    reason="asyncpg keeps its min_size floor open whatever its inactivity from 0.32 on",
-)
+@_KEEPS_A_FLOOR
 def test_a_floor_connection_outlives_max_inactive_connection_lifetime(
     pw: Harness, pg: PostgresCluster
 ) -> None:
