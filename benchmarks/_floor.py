@@ -20,6 +20,7 @@ times what it does on bare metal, and no hook can time a wait and a use without 
 
 from __future__ import annotations
 
+import inspect
 import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -46,20 +47,35 @@ class Timed(list[float]):
             raise RuntimeError(f"{self.label}: {len(self)} durations for {ops} acquire+release")
 
 
+Hook = Callable[..., Any]
+
+
 @contextmanager
 def floor_hooks(variant: str, cls: type, acquire: str, release: str) -> Iterator[Timed]:
     """For variants ``floor`` and ``frames``: ``cls.acquire``/``cls.release`` (functions of
-    the class itself, the acquire called with ``self`` alone) replaced by the floor's pair
+    the class itself, the acquire called with ``self`` alone; coroutine functions for an
+    asyncio pool, replaced by coroutine functions) replaced by the floor's pair
     (``frames``: without its clock reads) while the block runs. Yields what the pair
     recorded; for any other variant, nothing is replaced."""
     timed = Timed(f"{cls.__name__} {variant}", variant in ("floor", "frames"))
     if not timed.hooked:
         yield timed
         return
-    get: Callable[..., Any] = cls.__dict__[acquire]
-    put: Callable[..., Any] = cls.__dict__[release]
+    get: Hook = cls.__dict__[acquire]
+    put: Hook = cls.__dict__[release]
+    make = _async_pair if inspect.iscoroutinefunction(get) else _sync_pair
+    acquire_hook, release_hook = make(get, put, timed.append, clocked=variant == "floor")
+    setattr(cls, acquire, acquire_hook)
+    setattr(cls, release, release_hook)
+    try:
+        yield timed
+    finally:
+        setattr(cls, acquire, get)
+        setattr(cls, release, put)
+
+
+def _sync_pair(get: Hook, put: Hook, append: Hook, *, clocked: bool) -> tuple[Hook, Hook]:
     out: dict[Any, float] = {}
-    append = timed.append
 
     def acquire_hook(self: Any) -> Any:
         start = perf_counter()
@@ -89,14 +105,42 @@ def floor_hooks(variant: str, cls: type, acquire: str, release: str) -> Iterator
             append(2.0 - start)
         return put(self, conn)
 
-    clocked = variant == "floor"
-    setattr(cls, acquire, acquire_hook if clocked else acquire_frame)
-    setattr(cls, release, release_hook if clocked else release_frame)
-    try:
-        yield timed
-    finally:
-        setattr(cls, acquire, get)
-        setattr(cls, release, put)
+    return (acquire_hook, release_hook) if clocked else (acquire_frame, release_frame)
+
+
+def _async_pair(get: Hook, put: Hook, append: Hook, *, clocked: bool) -> tuple[Hook, Hook]:
+    """:func:`_sync_pair` as coroutine functions, awaiting the library's."""
+    out: dict[Any, float] = {}
+
+    async def acquire_hook(self: Any) -> Any:
+        start = perf_counter()
+        conn = await get(self)
+        now = perf_counter()
+        out[conn] = now
+        append(now - start)
+        return conn
+
+    async def release_hook(self: Any, conn: Any) -> Any:
+        start = out.pop(conn, None)
+        if start is not None:
+            append(perf_counter() - start)
+        return await put(self, conn)
+
+    async def acquire_frame(self: Any) -> Any:
+        start = 0.0
+        conn = await get(self)
+        now = 1.0
+        out[conn] = now
+        append(now - start)
+        return conn
+
+    async def release_frame(self: Any, conn: Any) -> Any:
+        start = out.pop(conn, None)
+        if start is not None:
+            append(2.0 - start)
+        return await put(self, conn)
+
+    return (acquire_hook, release_hook) if clocked else (acquire_frame, release_frame)
 
 
 def floor_results(samples: Mapping[str, Sequence[float]]) -> dict[str, Summary]:

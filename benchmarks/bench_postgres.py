@@ -17,7 +17,7 @@ paired differences:
   reset query (a round trip to the server), as every release in an application does.
 
 Each poolwatch round checks that poolwatch counted every checkout (warm-up included). The
-sync psycopg_pool row times two more variants in the same rounds: the floor's hooks
+psycopg_pool rows, sync and async, time two more variants in the same rounds: the floor's hooks
 (``_floor.py``), the least any hook reporting a wait and a use can add, and the same hooks
 without their clock reads; a clock read's cost in a tight loop is printed beside them.
 
@@ -64,7 +64,7 @@ import poolwatch
 
 TARGET_ACQUIRE_US = 1.0
 TARGET_SHARE_PCT = 1.0
-FLOORED = ("psycopg_pool getconn()+putconn()",)
+FLOORED = ("psycopg_pool getconn()+putconn()", "psycopg_pool async getconn()+putconn()")
 """Rows also timed with the floor's hooks, and with their frames alone (``_floor.py``)."""
 
 
@@ -150,7 +150,11 @@ def _psycopg_async(dsn: str, variant: str, config: PostgresConfig) -> float:
 
     _instrumented(variant)
     try:
-        return asyncio.run(run())
+        pool_class = psycopg_pool.AsyncConnectionPool
+        with floor_hooks(variant, pool_class, "getconn", "putconn") as timed:
+            elapsed = asyncio.run(run())
+            timed.check(config.warmup + config.ops)
+        return elapsed
     finally:
         poolwatch.uninstrument()
 

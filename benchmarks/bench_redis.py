@@ -13,7 +13,7 @@ section (``bench_http.py``, whose machinery this reuses):
   its socket) — without a command. ``bare`` and ``poolwatch`` in interleaved rounds of
   ``acquire_ops``; added = the median of the rounds' paired differences; target <= 1 µs.
   Each round checks that poolwatch counted every checkout (nothing, when bare). The two
-  sync rows time two more variants in the same rounds: the floor's hooks (``_floor.py``),
+  rows time two more variants in the same rounds: the floor's hooks (``_floor.py``),
   the least any hook reporting a wait and a use can add, and the same hooks without their
   clock reads; a clock read's cost in a tight loop is printed beside them.
 * **PING** — ``client.ping()`` on a ``Redis`` and an asyncio ``Redis`` client, sequential:
@@ -57,6 +57,7 @@ import poolwatch
 FLOORED = (
     "redis ConnectionPool get_connection()+release()",
     "redis BlockingConnectionPool get_connection()+release()",
+    "redis.asyncio ConnectionPool get_connection()+release()",
 )
 """Rows also timed with the floor's hooks, and with their frames alone (``_floor.py``)."""
 
@@ -118,7 +119,12 @@ def _acquire_async(url: str, variant: str, ops: int) -> float:
 
     _instrumented(variant)
     try:
-        return asyncio.run(run())
+        with floor_hooks(
+            variant, redis.asyncio.ConnectionPool, "get_connection", "release"
+        ) as timed:
+            elapsed = asyncio.run(run())
+            timed.check(ops + 1)
+        return elapsed
     finally:
         poolwatch.uninstrument()
 
