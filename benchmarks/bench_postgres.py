@@ -17,9 +17,9 @@ paired differences:
   reset query (a round trip to the server), as every release in an application does.
 
 Each poolwatch round checks that poolwatch counted every checkout (warm-up included). The
-psycopg_pool rows, sync and async, time two more variants in the same rounds: the floor's hooks
-(``_floor.py``), the least any hook reporting a wait and a use can add, and the same hooks
-without their clock reads; a clock read's cost in a tight loop is printed beside them.
+psycopg_pool rows, sync and async, time two more variants in the same rounds: the floor's
+hooks (``_floor.py``), the least any hook reporting a wait and a use can add, and the same
+hooks without their clock reads; a clock read's cost in a tight loop is printed beside them.
 
 The round trip the 1% target is read against: ``SELECT 1`` on a connection held
 throughout, psycopg (``conn.execute("SELECT 1")``) and asyncpg (``con.fetchval("SELECT 1")``),
