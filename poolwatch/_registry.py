@@ -93,6 +93,10 @@ class WeakPools:
         found = [ref() for ref in list(self._refs.values())]
         return [pool for pool in found if pool is not None]
 
+    def refs(self) -> tuple[weakref.ref[Any], ...]:
+        """The weak references themselves (a copy; some may have died since)."""
+        return tuple(self._refs.values())
+
     def __len__(self) -> int:
         return len(self._refs)
 
@@ -170,8 +174,10 @@ class SeriesReading(NamedTuple):
     """Live pools behind it."""
     instances_created: int
     """Pools that have joined it since it was made."""
-    pools: tuple[Any, ...]
-    """Its live pools, for the diagnostics' reads of their configuration (never written)."""
+    pools: tuple[weakref.ref[Any], ...]
+    """Its pools, for the diagnostics' reads of their configuration (never written), held
+    weakly: a reading outlives the read (an exporter turns it into points), and a pool the
+    application drops meanwhile is freed at once, as it is without poolwatch."""
 
 
 class Upkeep(NamedTuple):
@@ -414,7 +420,7 @@ class Registry:
             snapshot,
             len(pools),
             series.instances_created,
-            tuple(pools),
+            series.pools.refs(),
         )
 
     def upkeep(self) -> list[Upkeep]:

@@ -186,6 +186,26 @@ def test_pools_are_tracked_weakly(
     assert pw.collect().names() == set()
 
 
+def test_a_pool_dropped_while_a_round_is_exported_is_freed_at_once(
+    pw: Harness, tmp_path: Path
+) -> None:
+    """A round's readings outlive the read (an exporter turns them into points, while the
+    application runs on): they hold the pools weakly, so that a pool dropped meanwhile is
+    freed as it would be without poolwatch (asyncpg's own test_pool_gc_does_not_restore_
+    min_size caught a round in flight keeping one alive)."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path}/x.db")
+    engine.connect().close()
+    handle = pw.handle
+    assert handle is not None
+    collection = handle._collector.collect(observe=True)  # a round, held as an exporter would
+    assert [r.instances for r in collection.readings] == [1]
+    ref = weakref.ref(engine)
+    del engine
+    gc.collect()
+    assert ref() is None
+    assert [pool() for pool in collection.readings[0].pools] == [None]
+
+
 def test_without_a_reader_a_gone_pool_is_removed_after_retention(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

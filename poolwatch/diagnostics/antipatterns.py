@@ -250,17 +250,12 @@ class Detector:
 
     def check(self, reading: SeriesReading) -> None:
         """Look at one series as just read; report what is new."""
-        series, levels, ledger, pools = (
-            reading.series,
-            reading.levels,
-            reading.ledger,
-            reading.pools,
-        )
+        series, levels, ledger = reading.series, reading.levels, reading.ledger
         watch = self._watches.get(series.serial)
         if watch is None:
             watch = self._watches[series.serial] = Watch()
         found = watch.found
-        watch.live = bool(pools)
+        watch.live = reading.instances > 0
         if (
             ledger is watch.last  # an idle series hands out the same snapshot: nothing new
             and watch.checked_instances == reading.instances_created
@@ -269,6 +264,7 @@ class Detector:
         ):
             return
         new: list[Antipattern] = []
+        pools = [pool for pool in (ref() for ref in reading.pools) if pool is not None]
         if pools and (
             watch.checked_instances != reading.instances_created
             or (levels.pending and c.ANTIPATTERN_NO_POOL_TIMEOUT not in found)
