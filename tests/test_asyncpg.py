@@ -244,7 +244,7 @@ def test_a_killed_floor_connection_is_stale_and_its_replacement_a_connect(
 ) -> None:
     name = pool_name(pg)
 
-    async def scenario() -> tuple[poolwatch.PoolSnapshot, poolwatch.PoolSnapshot, int]:
+    async def scenario() -> tuple[poolwatch.PoolSnapshot, poolwatch.PoolSnapshot, bool]:
         async with asyncpg.create_pool(dsn(pg), min_size=1, max_size=1) as pool:
             con = await pool.acquire()
             killed = con.get_server_pid()
