@@ -624,7 +624,7 @@ def _undecorated(original: Callable[..., Any]) -> Callable[..., Any] | None:
     The wrapper only checks the arguments for deprecated ones before calling the function;
     a call with none but the pool (``get_connection()``, every caller in redis-py since
     5.3) has nothing to check, so the hook calls the function itself and saves the
-    wrapper's frame; a call with arguments goes through the wrapper, which warns."""
+    wrapper's frame; a call with arguments is checked first (``_argument_check``)."""
     utils = sys.modules.get("redis.utils")
     layers = getattr(original, "_deprecated_args_layers", None)
     inner = getattr(original, "__wrapped__", None)
