@@ -527,7 +527,10 @@ def test_lambda_handler_reuses_its_pools_across_warm_invocations(
             },
         }
     assert logged == [{"poolwatch": {k: r[k] for k in r if k != "order_id"}} for r in results]
-    assert database.sizing is not None and database.sizing.size == 1
+    # One invocation at a time holds at most one connection, so Little's law puts at most
+    # one connection busy on average, and x 1.5 headroom sizes the pool at 1 or 2: which of
+    # the two depends on how much of the run the holds took (the machine's load).
+    assert database.sizing is not None and database.sizing.size in (1, 2)
     assert dataclasses.replace(database, wait_p99=None, sizing=None) == poolwatch.PoolSnapshot(
         name=f"sqlite:///{db}",
         kind="sqlalchemy",
