@@ -546,20 +546,20 @@ def test_http2_counts_connections_not_streams(pw: Harness) -> None:
     # share the connection from asyncio tasks, not threads: httpcore's sync HTTP/2 connection
     # changes its h2 state outside its locks (stream ids, HPACK, frames to send), so threads
     # sharing one now and then lose a request on the wire, a race of httpcore's own.
-    async def main(server: H2Upstream) -> tuple[poolwatch.PoolSnapshot, list[str]]:
+    async def main(server: H2Upstream) -> tuple[int, poolwatch.PoolSnapshot, list[str]]:
         async with httpx.AsyncClient(base_url=server.url, http1=False, http2=True) as client:
             calls = [asyncio.create_task(client.get("/")) for _ in range(4)]
             for _ in range(1000):  # bounded: until the four are in flight on the server
                 if server.streams == 4:
                     break
                 await asyncio.sleep(0.005)
-            during = _pool(server.url)
+            in_flight, during = server.streams, _pool(server.url)
             responses = await asyncio.gather(*calls)
-            return during, [r.http_version for r in responses]
+            return in_flight, during, [r.http_version for r in responses]
 
     with H2Upstream(delay=0.5) as server:
-        during, versions = asyncio.run(main(server))
-        assert server.streams == 4 and server.connections == 1
+        in_flight, during, versions = asyncio.run(main(server))
+        assert (in_flight, server.streams, server.connections) == (4, 4, 1)
     assert versions == ["HTTP/2"] * 4
     assert (during.used, during.idle, during.pending) == (1, 0, 0)  # one connection
     snap = _pool(server.url)
