@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Coroutine, Iterator
 from typing import Any, ClassVar, TypeVar
 
 import aiohttp
@@ -24,6 +24,7 @@ from aiohttp import client, client_proto, connector
 import poolwatch
 from tests.support.harness import Harness
 from tests.support.pools import one_pool
+from tests.support.threads import until
 from tests.support.upstream import AsyncioUpstream, ThreadedUpstream, refusing_port
 
 T = TypeVar("T")
@@ -49,14 +50,6 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
 
 def _pool(name: str = NAME) -> poolwatch.PoolSnapshot:
     return one_pool(name, kind="aiohttp")
-
-
-async def _until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
-    """Yield to the loop until ``condition`` holds (bounded in time)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 async def _get(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> bytes:
@@ -156,7 +149,7 @@ def test_limit_queues_callers_shows_them_pending_and_times_their_wait(pw: Harnes
     async def scenario(up: AsyncioUpstream) -> None:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2)) as session:
             requests = asyncio.gather(*(_get(session, up.url) for _ in range(6)))
-            await _until(lambda: _pool().pending == 4)
+            await until(lambda: _pool().pending == 4)
             snap = _pool()
             seen.append((snap.used, snap.idle, snap.max, snap.pending))
             got = pw.collect()
@@ -188,7 +181,7 @@ def test_a_full_pool_times_out_waiting_callers_exactly(pw: Harness) -> None:
     async def scenario(up: AsyncioUpstream) -> None:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
             holder = asyncio.ensure_future(_get(session, up.url + "/?delay=0.8"))
-            await _until(lambda: _pool().used == 1)
+            await until(lambda: _pool().used == 1)
             for timeout in (
                 aiohttp.ClientTimeout(connect=0.1),
                 aiohttp.ClientTimeout(connect=0.1),
@@ -251,7 +244,7 @@ def test_levels_per_host_with_two_upstreams(pw: Harness) -> None:
                 _get(session, a.url + "/?delay=0.4"),
                 _get(session, b.url + "/?delay=0.4"),
             )
-            await _until(lambda: _pool().used == 3)
+            await until(lambda: _pool().used == 3)
             got = pw.collect()
             used = {
                 p.attributes["server.port"]: p.value
@@ -301,10 +294,10 @@ def test_pending_is_exported_per_server(pw: Harness) -> None:
     async def scenario(a: AsyncioUpstream, b: ThreadedUpstream) -> None:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2)) as session:
             holders = [asyncio.create_task(_get(session, a.url + "/?delay=1")) for _ in "ab"]
-            await _until(lambda: _pool().used == 2)
+            await until(lambda: _pool().used == 2)
             urls = [a.url] * 2 + [b.url] * 3
             tasks = [asyncio.create_task(_get(session, url)) for url in urls]
-            await _until(lambda: _queued(tasks) == 5)
+            await until(lambda: _queued(tasks) == 5)
             got = pw.collect()
             pending = got.points("poolwatch.pending_requests", pool__name=NAME)
             assert {
@@ -334,7 +327,7 @@ def test_limit_per_host_queues_per_server_below_max(pw: Harness) -> None:
         made = aiohttp.TCPConnector(limit=10, limit_per_host=1)
         async with aiohttp.ClientSession(connector=made) as session:
             requests = asyncio.gather(*(_get(session, up.url + "/?delay=0.2") for _ in range(3)))
-            await _until(lambda: _pool().pending == 2)
+            await until(lambda: _pool().pending == 2)
             snap = _pool()
             assert (snap.used, snap.max, snap.pending) == (1, 10, 2)
             await requests
@@ -350,7 +343,7 @@ def test_keepalive_timeout_expiry_closes_as_idle_expired(pw: Harness) -> None:
         async with aiohttp.ClientSession(connector=made) as session:
             await _get(session, up.url)
             assert _pool().idle == 1
-            await _until(lambda: _pool().closed["idle_expired"] == 1)
+            await until(lambda: _pool().closed["idle_expired"] == 1)
             assert _pool().idle == 0
             await _get(session, up.url)
             snap = _pool()
@@ -371,8 +364,8 @@ def test_server_closing_idle_connections_makes_stale_closes_and_no_failure(pw: H
     async def scenario(up: AsyncioUpstream) -> None:
         async with aiohttp.ClientSession() as session:
             await _get(session, up.url)
-            await _until(lambda: up.closed_idle == 1)
-            await _until(lambda: _pool().idle == 0)  # the client has seen the EOF
+            await until(lambda: up.closed_idle == 1)
+            await until(lambda: _pool().idle == 0)  # the client has seen the EOF
             assert await _get(session, up.url) == b"ok\n"
             snap = _pool()
             assert (snap.checkouts, snap.connects, up.connections, up.requests) == (2, 2, 2, 2)
@@ -514,7 +507,7 @@ def test_semconv_mirrors_while_requests_are_in_flight(pw: Harness) -> None:
             slow = asyncio.create_task(_get(session, a.url + "/?delay=0.5"))
             # Handed its connection (a slot counts as used from the moment it is being
             # opened, so used == 1 alone may come before the checkout).
-            await _until(lambda: _pool().used == 1 and _pool().checkouts == 2)
+            await until(lambda: _pool().used == 1 and _pool().checkouts == 2)
             got = pw.collect()
             mirrors = got.points("http.client.open_connections", pool__name=NAME)
             assert {

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
-import time
 import warnings
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,6 +24,7 @@ from tests.support.harness import Harness
 from tests.support.metrics import Collected
 from tests.support.pgadmin import Admin, dsn, pool_name
 from tests.support.postgres import PostgresCluster
+from tests.support.threads import until
 
 pytestmark = pytest.mark.postgres
 
@@ -68,13 +68,6 @@ def _closed(got: Collected, name: str) -> dict[str, int]:
 
 def _run(scenario: Callable[[], Awaitable[Any]], seconds: float = 60.0) -> Any:
     return asyncio.run(asyncio.wait_for(scenario(), seconds))
-
-
-async def _until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.005)
 
 
 def test_checkouts_levels_and_reuse_are_exact(pw: Harness, pg: PostgresCluster) -> None:
@@ -141,7 +134,7 @@ def test_exhaustion_gives_exact_timeouts_and_visible_pending(
                 return "acquired"
 
             tasks = [asyncio.create_task(caller()) for _ in range(3)]
-            await _until(lambda: _snapshot(name).pending == 3)
+            await until(lambda: _snapshot(name).pending == 3)
             during = _snapshot(name)
             outcomes = list(await asyncio.gather(*tasks))
             assert _snapshot(name).pending == 0
@@ -171,7 +164,7 @@ def test_callers_waiting_without_a_timeout_are_an_antipattern(
         async with asyncpg.create_pool(dsn(pg), min_size=1, max_size=1) as pool:
             held = await pool.acquire()
             waiter = asyncio.create_task(pool.fetchval("SELECT 1"))  # acquire() for ever
-            await _until(lambda: _snapshot(name).pending == 1)
+            await until(lambda: _snapshot(name).pending == 1)
             snap = _snapshot(name)
             await pool.release(held)
             assert await waiter == 1
@@ -196,7 +189,7 @@ def test_a_killed_idle_connection_is_stale_at_once(
                 pid = con.get_server_pid()
             assert _snapshot(name).idle == 1
             admin.terminate(pid)
-            await _until(lambda: pool.get_size() == 0)  # asyncpg saw the connection go
+            await until(lambda: pool.get_size() == 0)  # asyncpg saw the connection go
             snap = _snapshot(name)
             async with pool.acquire() as con:  # a new connection
                 assert con.get_server_pid() != pid
@@ -221,7 +214,7 @@ def test_a_killed_held_connection_is_stale_and_its_use_ends(
         async with asyncpg.create_pool(dsn(pg), min_size=0, max_size=1) as pool:
             con = await pool.acquire()
             admin.terminate(con.get_server_pid())
-            await _until(lambda: pool.get_size() == 0)
+            await until(lambda: pool.get_size() == 0)
             gone = _snapshot(name)  # asyncpg took the holder back when the server ended it
             with pytest.raises(asyncpg.InterfaceError):  # "released back to the pool"
                 await con.fetchval("SELECT 1")
@@ -252,7 +245,7 @@ def test_a_killed_floor_connection_is_stale_and_its_replacement_a_connect(
             killed = con.get_server_pid()
             admin.terminate(killed)
             # asyncpg takes the holder back (0.32+: its maintenance task opens a replacement)
-            await _until(lambda: _snapshot(name).closed["stale"] == 1 and pool.get_size() == floor)
+            await until(lambda: _snapshot(name).closed["stale"] == 1 and pool.get_size() == floor)
             restored = _snapshot(name)
             assert (pool.get_size(), pool.get_idle_size()) == (floor, floor)
             async with pool.acquire(timeout=5) as again:
@@ -311,7 +304,7 @@ def test_closes_by_reason(pw: Harness, pg: PostgresCluster) -> None:
         # max_inactive_connection_lifetime: closed while idle (idle_expired)
         async with make(max_inactive_connection_lifetime=0.3) as pool:
             await pool.fetchval("SELECT 1")
-            await _until(lambda: pool.get_size() == 0)
+            await until(lambda: pool.get_size() == 0)
         # max_queries: closed on release once it served that many (max_lifetime)
         async with make(max_queries=2) as pool, pool.acquire() as con:
             for _ in range(2):
@@ -325,7 +318,7 @@ def test_closes_by_reason(pw: Harness, pg: PostgresCluster) -> None:
                 await pool.expire_connections()
             async with pool.acquire() as con:
                 await con.close()
-            await _until(lambda: _snapshot(name).closed["invalidated"] == 3)
+            await until(lambda: _snapshot(name).closed["invalidated"] == 3)
         # the reset failing: terminated on release, and release() raises (error, 2)
         async with make(reset=failing_reset) as pool:
             for _ in range(2):
@@ -583,7 +576,7 @@ def test_a_pool_made_before_instrument_is_found(harness: Harness, pg: PostgresCl
                 pass
             # asyncpg closes the expired connection in a task of its own, which can end
             # after the acquire() that replaced it.
-            await _until(lambda: _snapshot(name).closed["invalidated"] > 0)
+            await until(lambda: _snapshot(name).closed["invalidated"] > 0)
             return _snapshot(name)
 
     snap = _run(scenario)
@@ -627,7 +620,7 @@ def test_an_acquire_waiting_while_uninstrument_runs_completes(
         async with asyncpg.create_pool(dsn(pg), min_size=1, max_size=1) as pool:
             held = await pool.acquire()
             waiter = asyncio.create_task(pool.fetchval("SELECT 1"))
-            await _until(lambda: _snapshot(name).pending == 1)
+            await until(lambda: _snapshot(name).pending == 1)
             poolwatch.uninstrument()
             await pool.release(held)
             return await asyncio.wait_for(waiter, 10)

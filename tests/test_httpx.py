@@ -27,7 +27,7 @@ from tests.support.harness import Harness
 from tests.support.loopback import H2Upstream
 from tests.support.pools import one_pool
 from tests.support.proxy import ConnectProxy
-from tests.support.threads import blocked_in, wait_until
+from tests.support.threads import blocked_in, until, wait_until
 from tests.support.upstream import AsyncioUpstream, ThreadedUpstream, refusing_port
 
 _pool = functools.partial(one_pool, kind="httpx")
@@ -546,20 +546,17 @@ def test_http2_counts_connections_not_streams(pw: Harness) -> None:
     # share the connection from asyncio tasks, not threads: httpcore's sync HTTP/2 connection
     # changes its h2 state outside its locks (stream ids, HPACK, frames to send), so threads
     # sharing one now and then lose a request on the wire, a race of httpcore's own.
-    async def main(server: H2Upstream) -> tuple[int, poolwatch.PoolSnapshot, list[str]]:
+    async def main(server: H2Upstream) -> tuple[poolwatch.PoolSnapshot, list[str]]:
         async with httpx.AsyncClient(base_url=server.url, http1=False, http2=True) as client:
             calls = [asyncio.create_task(client.get("/")) for _ in range(4)]
-            for _ in range(1000):  # bounded: until the four are in flight on the server
-                if server.streams == 4:
-                    break
-                await asyncio.sleep(0.005)
-            in_flight, during = server.streams, _pool(server.url)
+            await until(lambda: server.streams == 4)  # the four in flight on the server
+            during = _pool(server.url)
             responses = await asyncio.gather(*calls)
-            return in_flight, during, [r.http_version for r in responses]
+            return during, [r.http_version for r in responses]
 
     with H2Upstream(delay=0.5) as server:
-        in_flight, during, versions = asyncio.run(main(server))
-        assert (in_flight, server.streams, server.connections) == (4, 4, 1)
+        during, versions = asyncio.run(main(server))
+        assert (server.streams, server.connections) == (4, 1)
     assert versions == ["HTTP/2"] * 4
     assert (during.used, during.idle, during.pending) == (1, 0, 0)  # one connection
     snap = _pool(server.url)
